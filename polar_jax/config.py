@@ -1,0 +1,224 @@
+"""Model configuration: one frozen dataclass, named presets, and a constructor from HF config.json.
+
+OPT and LLaMA differ only through the fields below; nothing is inferred from file names.
+
+Letter vocabulary used in shape comments across the project:
+  B batch, T query length, S cache length, N query heads, K kv heads, G heads per group (N // K),
+  H head dim, D model dim, E word-embedding dim (OPT project_in/out), F MLP width, L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1 style frequency-dependent RoPE scaling (HF rope_type 'llama3')."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: str  # "opt" | "llama": informational; behaviour follows the fields below
+    vocab_size: int  # V
+    dim: int  # D
+    n_layers: int  # L
+    n_heads: int  # N
+    n_kv_heads: int  # K
+    mlp_dim: int  # F
+    max_positions: int
+    head_dim: int = 0  # H; 0 means dim // n_heads
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-5
+    post_norm: bool = False  # OPT-350m: norms after the residual add, no final norm
+    positions: str = "rope"  # "rope" | "learned" (OPT: table with offset 2)
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    activation: str = "silu"  # "relu" | "gelu" | "silu"
+    gated_mlp: bool = True  # SwiGLU: act(x @ gate) * (x @ up)
+    qkv_bias: bool = False
+    out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    embed_dim: int = 0  # E; 0 means dim. OPT-350m: 512 with project_in/out
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.embed_dim == 0:
+            object.__setattr__(self, "embed_dim", self.dim)
+        checks = [
+            (self.n_heads % self.n_kv_heads == 0, f"{self.n_heads=} must be a multiple of {self.n_kv_heads=}"),
+            (self.norm in ("rms", "layer"), f"{self.norm=} must be 'rms' or 'layer'"),
+            (self.positions in ("rope", "learned"), f"{self.positions=} must be 'rope' or 'learned'"),
+            (self.activation in ("relu", "gelu", "silu"), f"{self.activation=} must be relu, gelu or silu"),
+            (not (self.post_norm and self.norm != "layer"), "post_norm is only defined for LayerNorm models"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid model config {self.name!r}: {msg}")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def has_project(self) -> bool:
+        return self.embed_dim != self.dim
+
+    @property
+    def has_final_norm(self) -> bool:
+        return not self.post_norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def _opt(name, dim, layers, heads, vocab=50272, embed_dim=0, post_norm=False, max_positions=2048):
+    return ModelConfig(
+        name=name, family="opt", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
+        n_kv_heads=heads, mlp_dim=4 * dim, max_positions=max_positions, norm="layer", post_norm=post_norm,
+        positions="learned", activation="relu", gated_mlp=False, qkv_bias=True, out_bias=True,
+        mlp_bias=True, tie_embeddings=True, embed_dim=embed_dim, bos_token_id=2, eos_token_ids=(2,),
+        pad_token_id=1,
+    )
+
+
+def _llama(name, dim, layers, heads, kv_heads, mlp_dim, vocab=32000, theta=10000.0, max_positions=4096,
+           scaling=None, tie=False, bos=1, eos=(2,), eps=1e-5):
+    return ModelConfig(
+        name=name, family="llama", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
+        n_kv_heads=kv_heads, mlp_dim=mlp_dim, max_positions=max_positions, norm="rms", norm_eps=eps,
+        positions="rope", rope_theta=theta, rope_scaling=scaling, activation="silu", gated_mlp=True,
+        tie_embeddings=tie, bos_token_id=bos, eos_token_ids=eos, pad_token_id=0,
+    )
+
+
+_LLAMA31 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
+    _opt("opt-125m", 768, 12, 12),
+    _opt("opt-350m", 1024, 24, 16, embed_dim=512, post_norm=True),
+    _opt("opt-1.3b", 2048, 24, 32),
+    _opt("opt-2.7b", 2560, 32, 32),
+    _opt("opt-6.7b", 4096, 32, 32),
+    _opt("opt-13b", 5120, 40, 40),
+    _opt("opt-30b", 7168, 48, 56),
+    _opt("opt-66b", 9216, 64, 72),
+    _llama("llama-2-7b", 4096, 32, 32, 32, 11008),
+    _llama("llama-2-13b", 5120, 40, 40, 40, 13824),
+    _llama("llama-2-70b", 8192, 80, 64, 8, 28672),
+    _llama("llama-3-8b", 4096, 32, 32, 8, 14336, vocab=128256, theta=500000.0, max_positions=8192,
+           bos=128000, eos=(128001, 128009)),
+    _llama("llama-3-70b", 8192, 80, 64, 8, 28672, vocab=128256, theta=500000.0, max_positions=8192,
+           bos=128000, eos=(128001, 128009)),
+    _llama("llama-3.1-8b", 4096, 32, 32, 8, 14336, vocab=128256, theta=500000.0, max_positions=131072,
+           scaling=_LLAMA31, bos=128000, eos=(128001, 128008, 128009)),
+    _llama("llama-3.1-70b", 8192, 80, 64, 8, 28672, vocab=128256, theta=500000.0, max_positions=131072,
+           scaling=_LLAMA31, bos=128000, eos=(128001, 128008, 128009)),
+    _llama("smollm2-135m", 576, 30, 9, 3, 1536, vocab=49152, theta=100000.0, max_positions=8192, tie=True,
+           bos=1, eos=(2,)),
+    # Tiny configs for tests: odd sizes on purpose.
+    _opt("tiny-opt", 64, 3, 4, vocab=101, max_positions=64),
+    _opt("tiny-opt-350m", 64, 3, 4, vocab=101, embed_dim=48, post_norm=True, max_positions=64),
+    _llama("tiny-llama", 64, 3, 4, 4, 96, vocab=103, max_positions=64),
+    _llama("tiny-llama-gqa", 96, 3, 6, 2, 160, vocab=103, max_positions=64, tie=True),
+    _llama("tiny-llama3", 64, 2, 4, 2, 96, vocab=103, theta=500000.0, max_positions=64,
+           scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
+]}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _rope_scaling_from_hf(rs: dict | None) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+    return RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                       int(rs["original_max_position_embeddings"]))
+
+
+def _eos_tuple(eos) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def from_hf_config(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+    """Build a ModelConfig from a transformers config.json dict (OPT, LLaMA, Mistral, Qwen2)."""
+    arch = hf.get("model_type")
+    if arch == "opt":
+        if hf.get("activation_function", "relu") != "relu":
+            raise ValueError(f"unsupported OPT activation {hf['activation_function']!r} (supported: relu)")
+        dim = hf["hidden_size"]
+        return ModelConfig(
+            name=name, family="opt", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_attention_heads"], mlp_dim=hf["ffn_dim"],
+            max_positions=hf["max_position_embeddings"], norm="layer", norm_eps=1e-5,
+            post_norm=not hf.get("do_layer_norm_before", True), positions="learned", activation="relu",
+            gated_mlp=False, qkv_bias=hf.get("enable_bias", True), out_bias=hf.get("enable_bias", True),
+            mlp_bias=hf.get("enable_bias", True), tie_embeddings=hf.get("tie_word_embeddings", True),
+            embed_dim=hf.get("word_embed_proj_dim", dim) or dim, bos_token_id=hf.get("bos_token_id", 2),
+            eos_token_ids=_eos_tuple(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id", 1) or 0,
+        )
+    if arch in ("llama", "mistral", "qwen2"):
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported {arch} activation {hf['hidden_act']!r} (supported: silu)")
+        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+        qkv_bias = arch == "qwen2" or bool(hf.get("attention_bias", False))
+        return ModelConfig(
+            name=name, family="llama", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
+            max_positions=hf.get("max_position_embeddings", 4096),
+            head_dim=hf.get("head_dim") or dim // heads, norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-5),
+            positions="rope", rope_theta=float(hf.get("rope_theta", hf.get("rope_parameters", {}).get(
+                "rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or hf.get("rope_parameters")),
+            activation="silu", gated_mlp=True, qkv_bias=qkv_bias, out_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id") or 0,
+        )
+    raise ValueError(f"unsupported architecture model_type={arch!r} (supported: opt, llama, mistral, qwen2)")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read our own config.json (written by `polar convert`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config not found: {path}")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"corrupt model config {path}: {e}") from e
