@@ -1,0 +1,149 @@
+"""The decoder shared by OPT and LLaMA: one functional forward over the parameter pytree.
+
+`forward` appends T tokens to every sequence of a head-major KV cache and returns their logits. T > 1 is
+prefill (dense, XLA attention over the cache); T == 1 is a decode step through the Pallas kernels, where
+sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`, so compile time does not grow
+with depth. The kernels receive the whole stacked cache / weights plus the layer index: inside the scan a
+per-layer slice handed to a custom call would be materialised as a copy of every byte it reads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.selective_gemm import selective_mlp
+from polar_jax import layers
+from polar_jax.cache import KVCache
+from polar_jax.config import ModelConfig
+from polar_jax.sparsity import SparsityConfig, attention_heads, mlp_neurons
+
+
+class Collected(NamedTuple):
+    """Per-layer activations recorded for router training (prefill only)."""
+
+    router_in: jax.Array  # [L, B, T, D] attention-norm output (the router input)
+    mlp_hidden: jax.Array  # [L, B, T, F] activations entering the down projection
+    head_norms: jax.Array  # [L, B, T, N] L2 norm of each head's attention output
+
+
+def _at(tree: dict, layer) -> dict:
+    return jax.tree_util.tree_map(lambda a: a[layer], tree)
+
+
+def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    x = params["embed"][tokens]  # [B, T, E]
+    if cfg.has_project:
+        x = x @ params["project_in"]  # [B, T, D]
+    if cfg.positions == "learned":
+        table = params["pos_embed"]
+        x = x + table[jnp.clip(positions + 2, 0, table.shape[0] - 1)]  # OPT: offset 2
+    return x
+
+
+def unembed(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    if cfg.has_final_norm:
+        x = layers.norm(cfg, params["final_norm"], x)
+    if cfg.has_project:
+        x = x @ params["project_out"]  # [..., E]
+    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...e,ve->...v", x, head, preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new: jax.Array | None = None,
+            sparsity: SparsityConfig | None = None, key: jax.Array | None = None, last_only: bool = False,
+            collect: bool = False):
+    """Append tokens [B, T] at each sequence's current length; return (logits, cache, collected).
+
+    n_new [B]: how many of the T tokens are real for each sequence (ragged prompts; default T). Padding
+    tokens are neither cached nor counted. logits: [B, T, V] fp32, or [B, V] at each sequence's last real
+    token when last_only. collected: a Collected when collect (prefill only), else None.
+    """
+    B, T = tokens.shape
+    N, K, H, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len
+    decode = T == 1
+    sp = sparsity or SparsityConfig()
+    if collect and decode:
+        raise ValueError("collect=True records prefill activations; pass more than one token")
+    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+    key = jax.random.key(sp.seed) if key is None else key
+    lp, routers = params["layers"], params.get("routers")
+    sm_scale = H ** -0.5
+
+    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    write_pos = jnp.where(jnp.arange(T)[None, :] < n_new[:, None], positions, S)  # S: dropped
+    rows = jnp.arange(B)[:, None]  # [B, 1]
+    x = embed(cfg, params, tokens, positions)
+    if cfg.positions == "rope":
+        cos, sin = layers.rope_tables(cfg, positions)
+
+    def attention(l, h, k_all, v_all, n_heads):
+        q = h @ lp["wq"][l]  # [B, T, N*H]
+        k = h @ lp["wk"][l]  # [B, T, K*H]
+        v = h @ lp["wv"][l]
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"][l], k + lp["bk"][l], v + lp["bv"][l]
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+        if cfg.positions == "rope":
+            q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        k_all = k_all.at[l, rows, :, write_pos].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[l, rows, :, write_pos].set(v.astype(v_all.dtype), mode="drop")
+        if decode:
+            q1, lengths = q[:, 0], positions[:, 0] + 1  # [B, N, H], [B]
+
+            def dense_norms():  # oracle: [B, K] norms of each KV group's output
+                o = decode_attention(q1, k_all, v_all, lengths, layer=l, sm_scale=sm_scale)
+                return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(B, K, -1), axis=-1))
+
+            head_idx = attention_heads(sp, cfg, l, n_heads, h[:, 0], routers, key, dense_norms)
+            out = decode_attention(q1, k_all, v_all, lengths, head_idx, layer=l, sm_scale=sm_scale)[:, None]
+        else:
+            out = layers.prefill_attention(q, k_all[l], v_all[l], positions, sm_scale)  # [B, T, N, H]
+        return out, k_all, v_all
+
+    def mlp(l, h, n_neurons):
+        if decode and sp.mlp != "all":
+            h1 = h[:, 0]  # [B, D]
+            sel = mlp_neurons(sp, cfg, l, n_neurons, h1, routers, key,
+                              dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
+            idx, n = sel
+            y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
+                              w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
+                              layer=l)
+            return y[:, None], None
+        hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
+        return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
+
+    def layer_step(carry, xs):
+        x, k_all, v_all = carry
+        l, n_heads, n_neurons = xs
+        h = x if cfg.post_norm else layers.norm(cfg, _at(lp["attn_norm"], l), x)
+        attn, k_all, v_all = attention(l, h, k_all, v_all, n_heads)
+        o = attn.reshape(B, T, N * H) @ lp["wo"][l]
+        if cfg.out_bias:
+            o = o + lp["bo"][l]
+        x = x + o
+        if cfg.post_norm:
+            x = layers.norm(cfg, _at(lp["attn_norm"], l), x)
+        h2 = x if cfg.post_norm else layers.norm(cfg, _at(lp["mlp_norm"], l), x)
+        y, hidden = mlp(l, h2, n_neurons)
+        x = x + y
+        if cfg.post_norm:
+            x = layers.norm(cfg, _at(lp["mlp_norm"], l), x)
+        rec = None
+        if collect:
+            norms = jnp.sqrt(jnp.sum(jnp.square(attn.astype(jnp.float32)), axis=-1))  # [B, T, N]
+            rec = Collected(h, hidden, norms)
+        return (x, k_all, v_all), rec
+
+    xs = (jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(sp.head_counts(cfg)),
+          jnp.asarray(sp.neuron_counts(cfg)))
+    (x, k_all, v_all), collected = jax.lax.scan(layer_step, (x, cache.k, cache.v), xs)
+
+    if last_only:
+        x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)]  # [B, D]
+    logits = unembed(cfg, params, x)
+    return logits, KVCache(k_all, v_all, cache.lengths + n_new), collected

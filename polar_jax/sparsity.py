@@ -1,0 +1,139 @@
+"""Where the decode path gets its sparsity: per layer, which KV heads (groups) and which MLP neurons.
+
+Sparsity enters the model at exactly two call sites, attention and MLP, through `attention_heads` and
+`mlp_neurons` below. Dense is "everything selected": the same kernels run with all heads / neurons.
+Prefill is always dense; layers in `dense_layers` (layer 0 by default) are always dense.
+
+Sources:
+  all     every head / neuron (the dense model)
+  oracle  heads: top-k KV groups by the L2 norm of their attention output (computed densely first);
+          neurons: the union over the batch of truly active neurons (act > 0; ReLU models)
+  random  heads: k KV groups drawn per sequence; neurons: k drawn for the batch
+  router  learned routers in params["routers"] (training/): heads = top-k router logits per sequence;
+          neurons = union over the batch of each token's top-k router logits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polar_jax.config import ModelConfig
+
+SOURCES = ("all", "oracle", "random", "router")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    attn: str = "all"
+    attn_density: float | tuple[float, ...] = 1.0  # fraction of KV heads kept, per layer or one for all
+    mlp: str = "all"
+    mlp_k: int | tuple[int, ...] | None = None  # neurons per layer (random: union size; router: per token)
+    dense_layers: tuple[int, ...] = (0,)
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ("attn", "mlp"):
+            if getattr(self, field) not in SOURCES:
+                raise ValueError(f"sparsity {field}={getattr(self, field)!r}; choose one of {SOURCES}")
+        dens = np.atleast_1d(np.asarray(self.attn_density, dtype=np.float64))
+        if np.any(dens <= 0) or np.any(dens > 1):
+            raise ValueError(f"attention density must lie in (0, 1], got {self.attn_density}")
+        if self.mlp in ("random", "router") and self.mlp_k is None:
+            raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer)")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.attn == "all" and self.mlp == "all"
+
+    def head_counts(self, cfg: ModelConfig) -> np.ndarray:
+        """[L] KV heads (groups) kept per layer, at least 1; all of them in dense layers."""
+        dens = np.broadcast_to(np.asarray(self.attn_density, dtype=np.float64), (cfg.n_layers,))
+        counts = np.clip(np.round(dens * cfg.n_kv_heads), 1, cfg.n_kv_heads).astype(np.int32)
+        if self.attn == "all":
+            counts[:] = cfg.n_kv_heads
+        counts[list(self.dense_layers)] = cfg.n_kv_heads
+        return counts
+
+    def neuron_counts(self, cfg: ModelConfig) -> np.ndarray:
+        """[L] neurons per layer (random: union size; router: top-k per token); F in dense layers."""
+        if self.mlp in ("all", "oracle"):
+            return np.full(cfg.n_layers, cfg.mlp_dim, np.int32)
+        k = np.broadcast_to(np.asarray(self.mlp_k, dtype=np.int64), (cfg.n_layers,))
+        counts = np.clip(k, 1, cfg.mlp_dim).astype(np.int32)
+        counts[list(self.dense_layers)] = cfg.mlp_dim
+        return counts
+
+    def to_json(self, path: str | Path) -> None:
+        d = dataclasses.asdict(self)
+        Path(path).write_text(json.dumps(d, indent=1))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SparsityConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sparsity config not found: {path}")
+        d = json.loads(path.read_text())
+        for key in ("attn_density", "mlp_k", "dense_layers"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _top_slots(scores: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
+    """Ids of the `count` largest scores per row, padded with -1 to `capacity`: [B, X] -> [B, C]."""
+    _, ids = jax.lax.top_k(scores, capacity)
+    return jnp.where(jnp.arange(capacity)[None, :] < count, ids, -1).astype(jnp.int32)
+
+
+def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.Array, routers: dict | None,
+                    key: jax.Array, dense_norms=None) -> jax.Array | None:
+    """Head (KV-group) ids [B, C] for one decode step of one layer, -1 padded; None means all heads.
+
+    h [B, D] is the router input (the attention-norm output). dense_norms() computes [B, K] output norms
+    for the oracle (only called for it).
+    """
+    capacity = cfg.n_kv_heads
+    if sp.attn == "all":
+        return None
+    if sp.attn == "random":
+        scores = jax.random.uniform(jax.random.fold_in(key, layer), (h.shape[0], capacity))
+    elif sp.attn == "oracle":
+        scores = dense_norms()
+    else:
+        r = routers["attn"]
+        scores = jnp.einsum("bd,dk->bk", h, r["w"][layer], preferred_element_type=jnp.float32) + r["b"][layer]
+    return _top_slots(scores, count, capacity)
+
+
+def mlp_neurons(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.Array, routers: dict | None,
+                key: jax.Array, dense_hidden=None) -> tuple[jax.Array, jax.Array] | None:
+    """(idx [C], n) neuron union over the batch for one layer; None means dense.
+
+    h [B, D] is the router input; dense_hidden() computes the dense activations [B, F] (oracle only).
+    """
+    F = cfg.mlp_dim
+    if sp.mlp == "all":
+        return None
+    if sp.mlp == "random":
+        capacity = int(sp.neuron_counts(cfg).max())
+        idx = jax.random.permutation(jax.random.fold_in(key, layer), F)[:capacity]
+        return idx.astype(jnp.int32), count
+    if sp.mlp == "oracle":
+        union = jnp.any(dense_hidden() != 0, axis=0)  # [F]
+    else:
+        r = routers["mlp"]
+        z = jnp.einsum("bd,dr->br", h, r["w1"][layer], preferred_element_type=jnp.float32) + r["b1"][layer]
+        logits = jnp.einsum("br,rf->bf", z.astype(h.dtype), r["w2"][layer],
+                            preferred_element_type=jnp.float32) + r["b2"][layer]  # [B, F]
+        kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (F - count)[None, None], axis=-1)  # [B, 1]
+        union = jnp.any(logits >= kth, axis=0)  # [F]
+    n = jnp.sum(union).astype(jnp.int32)
+    idx = jnp.nonzero(union, size=F, fill_value=0)[0].astype(jnp.int32)  # ascending; all = arange(F)
+    return idx, n
