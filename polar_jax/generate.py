@@ -8,6 +8,7 @@ created there and updated in place.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import NamedTuple, Sequence
 
 import jax
@@ -57,6 +58,12 @@ class GenerateOutput(NamedTuple):
     tokens: np.ndarray  # [B, max_new_tokens] int32, padded with pad_token_id after each sequence ends
     lengths: np.ndarray  # [B] generated tokens per sequence, a stop token included
     steps: int  # decode steps run (the loop stops when every sequence is done)
+    compile_s: float  # seconds spent compiling (0 when this shape bucket was compiled before)
+    run_s: float  # seconds spent running prefill and the decode loop
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.lengths.sum()) / max(self.run_s, 1e-9)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -101,6 +108,16 @@ def _generate(params, tokens, prompt_lens, max_new_each, key, *, cfg: ModelConfi
 
 
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "max_new", "max_len", "sampling", "sparsity", "stop"))
+_compiled: dict = {}  # (static args, argument shapes) -> compiled executable
+
+
+def _compile(args: tuple, static: dict):
+    """Compile once per (static arguments, shapes and dtypes), so compile and run time can be told apart."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves), tuple(sorted(static.items(), key=str)))
+    if key not in _compiled:
+        _compiled[key] = _generate_jit.lower(*args, **static).compile()
+    return _compiled[key]
 
 
 def prepare(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
@@ -146,7 +163,11 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     """
     tokens, lens, max_new_each, max_new, max_len = prepare(cfg, prompts, max_new_tokens, max_len)
     stop = tuple(cfg.eos_token_ids if stop_tokens is None else stop_tokens)
-    out, n_gen, steps = _generate_jit(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(max_new_each),
-                                      jax.random.key(seed), cfg=cfg, max_new=max_new, max_len=max_len,
-                                      sampling=sampling, sparsity=sparsity, stop=stop)
-    return GenerateOutput(np.asarray(out), np.asarray(n_gen), int(steps))
+    args = (params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(max_new_each), jax.random.key(seed))
+    static = dict(cfg=cfg, max_new=max_new, max_len=max_len, sampling=sampling, sparsity=sparsity, stop=stop)
+    t0 = time.perf_counter()
+    compiled = _compile(args, static)
+    t1 = time.perf_counter()
+    out, n_gen, steps = jax.block_until_ready(compiled(*args))
+    t2 = time.perf_counter()
+    return GenerateOutput(np.asarray(out), np.asarray(n_gen), int(steps), t1 - t0, t2 - t1)

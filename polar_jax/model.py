@@ -13,12 +13,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.selective_gemm import selective_mlp
 from polar_jax import layers
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
+from polar_jax.params import init_params
 from polar_jax.sparsity import SparsityConfig, attention_heads, mlp_neurons
 
 
@@ -147,3 +149,19 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)]  # [B, D]
     logits = unembed(cfg, params, x)
     return logits, KVCache(k_all, v_all, cache.lengths + n_new), collected
+
+
+class PolarLM(nn.Module):
+    """Flax (linen) face of the model for code that composes Flax modules.
+
+    Its variables are {"params": {"weights": <the parameter pytree>}}; `apply` runs `forward`, so a
+    checkpoint loaded with polar_jax.load plugs in as model.apply({"params": {"weights": params}}, ...).
+    """
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, cache: KVCache, **kwargs):
+        params = self.param("weights", lambda key: init_params(self.cfg, key, self.dtype))
+        return forward(self.cfg, params, tokens, cache, **kwargs)
