@@ -1,0 +1,265 @@
+"""Selective GEMM for the sparse MLP: public functions, contract checks and dispatch.
+
+  selective_up(x, w_up, idx, count, *, b_up, w_gate, activation, layer) -> h [B, C]
+      h[:, j] = act(x @ w_up[idx[j]] + b_up[idx[j]]) for j < count; columns >= count are exactly 0.
+      Gated (w_gate given): h = silu(x @ w_gate[idx].T) * (x @ w_up[idx].T + b_up[idx]), one pass over x.
+  selective_down(h, w_down, idx, count, *, b_down, layer) -> y [B, D]
+      y = sum_{j < count} h[:, j] * w_down[idx[j]] + b_down
+  selective_mlp(x, w_up, w_down, idx, count, ...) -> y [B, D]: up then down.
+
+Shapes and dtypes:
+  x [B, D] and h [B, C]: float16 | bfloat16 | float32; weights in the same dtype.
+  w_up, w_gate, w_down: [F, D] (neuron-major), or [L, F, D] together with `layer` (an int32 scalar that
+      may be traced, e.g. inside lax.scan over layers: the kernels index the stacked array themselves,
+      so no per-layer copy of the weights is made). b_up [F] / [L, F], b_down [D] / [L, D].
+  idx [C] int32: the selected neuron ids (the union over the batch), distinct among positions < count,
+      padded to a static capacity C; positions >= count are ignored but must hold ids in [0, F).
+  count: int32 scalar <= C, may be traced. Work is proportional to count, not to C.
+  activation: "relu" | "gelu" (tanh approximation) | "none"; ignored (silu gate) when w_gate is given.
+
+Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
+  "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
+  interpret=True), "xla" (the pure-jnp reference, last resort). "dense" computes the same function
+  over all F neurons through a neuron mask with library GEMMs; impl=None takes it where the selected
+  fraction is high enough that gathering would be slower than reading everything (see
+  `dense_is_faster`): from the concrete count when it is known, else from the capacity C.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.selective_gemm import reference
+from pallas_kernels.selective_gemm import triton as triton_impl
+
+ACTIVATIONS = ("relu", "gelu", "none")
+DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+IMPLS = {
+    "triton": {"up": triton_impl.selective_up, "down": triton_impl.selective_down, "mlp": triton_impl.selective_mlp},
+    "dense": {"up": reference.dense_up, "down": reference.dense_down, "mlp": reference.dense_mlp},
+    "xla": {"up": reference.selective_up, "down": reference.selective_down, "mlp": reference.selective_mlp},
+}
+
+# Selected fraction of F above which the dense path is faster than the sparse kernels (H200, fp16,
+# measured by benchmarks/bench_mlp.py): sparse reads count/F of the bytes but at a lower fraction of the
+# bandwidth than cuBLAS, and loses at small batch where neither is compute-bound only above this.
+DENSE_ABOVE = 0.75
+
+
+def dense_is_faster(B: int, D: int, F: int, count: int) -> bool:
+    del B, D
+    return count > DENSE_ABOVE * F
+
+
+# ---------------------------------------------------------------------------------------------------
+# contract checks
+
+def _concrete(v):
+    """The numpy value of v if it is known at trace time, else None."""
+    if isinstance(v, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(v)
+    except Exception:  # noqa: BLE001  (anything that cannot be read on the host)
+        return None
+
+
+def _check_float(name, a):
+    if not any(a.dtype == d for d in DTYPES):
+        raise TypeError(f"{name} has dtype {a.dtype}; expected float16, bfloat16 or float32")
+
+
+def _check_weight(name, w, D, dtype, layer):
+    """Return (F, stacked) for a [F, D] or [L, F, D] weight."""
+    if w.dtype != dtype:
+        raise TypeError(f"{name} has dtype {w.dtype}, but the activations are {dtype}")
+    if w.ndim == 2:
+        if layer is not None:
+            raise ValueError(f"layer={layer!r} was given but {name} is 2-D {tuple(w.shape)}; pass the stacked "
+                             "[L, F, D] weights with layer, or [F, D] without")
+    elif w.ndim == 3:
+        if layer is None:
+            raise ValueError(f"{name} is stacked {tuple(w.shape)} ([L, F, D]) but no layer was given")
+    else:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}; expected [F, D] or [L, F, D]")
+    if w.shape[-1] != D:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}, model dim D={D} expected last")
+    return w.shape[-2]
+
+
+def _check_layer(layer, L):
+    if layer is None:
+        return
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise TypeError(f"layer must be an integer scalar, got {layer!r}")
+    v = _concrete(layer)
+    if v is not None and not 0 <= int(v) < L:
+        raise ValueError(f"layer={int(v)} is out of range for {L} stacked layers")
+
+
+def _check_idx(idx, count, F):
+    if idx.ndim != 1:
+        raise ValueError(f"idx has shape {tuple(idx.shape)}; expected [C]")
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise TypeError(f"idx has dtype {idx.dtype}; expected int32")
+    C = idx.shape[0]
+    if jnp.ndim(count) != 0:
+        raise ValueError(f"count must be a scalar, got shape {jnp.shape(count)}")
+    c = _concrete(count)
+    if c is not None and not 0 <= int(c) <= C:
+        raise ValueError(f"count={int(c)} must be in [0, C={C}] (the capacity of idx)")
+    v = _concrete(idx)
+    if v is not None and C and (v.min() < 0 or v.max() >= F):
+        bad = v[(v < 0) | (v >= F)]
+        raise ValueError(f"idx holds neuron ids outside [0, F={F}): {bad[:8].tolist()}")
+    return C
+
+
+def _check_bias(name, b, n, dtype, stacked, L):
+    if b is None:
+        return
+    want = (L, n) if stacked else (n,)
+    if tuple(b.shape) != want:
+        raise ValueError(f"{name} has shape {tuple(b.shape)}; expected {want}")
+    if b.dtype != dtype:
+        raise TypeError(f"{name} has dtype {b.dtype}, but the activations are {dtype}")
+
+
+def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
+    if x.ndim != 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, D]")
+    _check_float("x", x)
+    D = x.shape[1]
+    F = _check_weight("w_up", w_up, D, x.dtype, layer)
+    if w_gate is not None:
+        _check_weight("w_gate", w_gate, D, x.dtype, layer)
+        if w_gate.shape != w_up.shape:
+            raise ValueError(f"w_gate has shape {tuple(w_gate.shape)} but w_up has {tuple(w_up.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    stacked = w_up.ndim == 3
+    L = w_up.shape[0] if stacked else 1
+    _check_layer(layer, L)
+    _check_bias("b_up", b_up, F, x.dtype, stacked, L)
+    _check_idx(idx, count, F)
+    return F
+
+
+def _check_down(h, w_down, idx, count, b_down, layer):
+    if h.ndim != 2:
+        raise ValueError(f"h has shape {tuple(h.shape)}; expected [B, C]")
+    _check_float("h", h)
+    if w_down.ndim not in (2, 3):
+        raise ValueError(f"w_down has shape {tuple(w_down.shape)}; expected [F, D] or [L, F, D]")
+    D = w_down.shape[-1]
+    F = _check_weight("w_down", w_down, D, h.dtype, layer)
+    stacked = w_down.ndim == 3
+    L = w_down.shape[0] if stacked else 1
+    _check_layer(layer, L)
+    _check_bias("b_down", b_down, D, h.dtype, stacked, L)
+    C = _check_idx(idx, count, F)
+    if h.shape[1] != C:
+        raise ValueError(f"h has {h.shape[1]} columns but idx has capacity C={C}")
+    return F, D
+
+
+# ---------------------------------------------------------------------------------------------------
+# dispatch
+
+def _order(impl, use_dense):
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; expected one of {tuple(IMPLS)} or None")
+        return [impl]
+    return ["dense"] if use_dense else ["triton", "xla"]
+
+
+def _dispatch(op, order, call):
+    """call(name, fn) runs one implementation; the first that does not raise NotImplementedError wins."""
+    for i, name in enumerate(order):
+        try:
+            return call(name, IMPLS[name][op])
+        except NotImplementedError:
+            if i == len(order) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _stack(w, layer):
+    """The Triton backend sees [L, F, D] weights and a layer scalar; 2-D becomes L = 1 (a free reshape)."""
+    if w is None or layer is not None:
+        return w
+    return w[None]
+
+
+def _layer_arg(name, layer):
+    if name == "triton":
+        return jnp.int32(0) if layer is None else layer
+    return layer
+
+
+def _expected_count(count, C):
+    c = _concrete(count)
+    return C if c is None else int(c)
+
+
+def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
+                 interpret=None):
+    """h [B, C] in x's dtype: column j < count is act(x @ w_up[idx[j]] + b_up[idx[j]]), the rest 0.
+
+    See the module docstring for shapes; `impl` picks a backend ("triton", "dense", "xla"), `interpret`
+    runs the Triton kernels in the Pallas interpreter.
+    """
+    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
+    B, D = x.shape
+    order = _order(impl, dense_is_faster(B, D, F, _expected_count(count, idx.shape[0])))
+
+    def call(name, fn):
+        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        return fn(x, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
+                  layer=_layer_arg(name, layer), interpret=interpret)
+
+    return _dispatch("up", order, call)
+
+
+def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None):
+    """y [B, D] in h's dtype: sum_{j < count} h[:, j] * w_down[idx[j]] + b_down (see the module docstring)."""
+    F, D = _check_down(h, w_down, idx, count, b_down, layer)
+    B = h.shape[0]
+    order = _order(impl, dense_is_faster(B, D, F, _expected_count(count, idx.shape[0])))
+
+    def call(name, fn):
+        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        return fn(h, st(w_down), idx, count, b_down=st(b_down), layer=_layer_arg(name, layer),
+                  interpret=interpret)
+
+    return _dispatch("down", order, call)
+
+
+def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
+                  layer=None, impl=None, interpret=None):
+    """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
+
+    Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`.
+    """
+    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
+    Fd, D = _check_down(jax.ShapeDtypeStruct((x.shape[0], idx.shape[0]), x.dtype), w_down, idx, count, b_down, layer)
+    if Fd != F or w_down.shape != w_up.shape:
+        raise ValueError(f"w_down has shape {tuple(w_down.shape)} but w_up has {tuple(w_up.shape)}")
+    B = x.shape[0]
+    C = idx.shape[0]
+    c = _concrete(count)
+    order = _order(impl, dense_is_faster(B, D, F, C if c is None else int(c)))
+
+    def call(name, fn):
+        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        extra = {}
+        if name == "dense" and c is not None and int(c) == F:
+            extra["all_selected"] = True  # idx[:F] distinct = every neuron: the plain dense MLP, no mask
+        return fn(x, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
+                  activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra)
+
+    return _dispatch("mlp", order, call)

@@ -1,0 +1,301 @@
+"""Selective GEMM kernels in Pallas, lowered through Triton (GPU) or run by the Pallas interpreter (CPU).
+
+Both kernels read the whole stacked weight array `w [L, F, D]` plus a `layer` scalar and gather rows
+`w[layer, idx[j]]` inside the matmul, so `W[idx]` is never materialised and a jitted `lax.scan` over
+layers never copies a layer's slice. Work follows the dynamic `count`: programs whose neuron block
+starts at or past `count` write their zero tile and exit (up), or loop over no blocks (down).
+
+  up:   grid (B blocks, C/block_n). A program owns `block_n` selected neurons and all of D:
+        acc[BB, BN] += x[BB, BK] @ w[layer, idx[n0:n0+BN], k:k+BK].T over K, then bias + activation.
+        Weight rows are read once (each program reads its own rows); x is re-read by every program
+        (from L2), so block_n trades parallelism at small counts against L2 traffic at large B.
+  down: grid (D/block_d, split, B blocks). A program owns `block_d` output columns and 1/split of the
+        active neuron blocks: acc[BB, BD] += h[BB, BN] @ w[layer, idx[j0:j0+BN], d0:d0+BD]. Each
+        selected row is read once in contiguous `block_d`-wide pieces (neuron-major is why). With
+        split > 1 the programs write f32 partial sums [split, B, D] that the caller adds (XLA fuses
+        that sum with the bias and with whatever consumes y, e.g. the residual add).
+
+All accumulation is f32. Sizes are chosen by `up_config` / `down_config` (heuristics of B, D and the
+expected count); the numbers behind them come from `python -m benchmarks.bench_mlp --tune` on an H200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NUM_SMS = 132  # H100 / H200; only used to size the work split, a wrong value costs speed, not correctness.
+
+
+@dataclasses.dataclass(frozen=True)
+class UpConfig:
+    block_b: int = 16     # batch rows per program (>= 16: Triton's dot needs M >= 16; padded rows are masked)
+    block_n: int = 16     # selected neurons per program
+    block_k: int = 256    # D chunk per loop step
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DownConfig:
+    block_b: int = 16     # batch rows per program
+    block_n: int = 64     # selected neurons per loop step
+    block_d: int = 64     # output columns per program
+    split: int = 1        # programs sharing one column block, each over 1/split of the active neurons
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _block_dividing(D: int, cap: int, lo: int = 16) -> int:
+    """Largest power of two <= cap dividing D (so no K/D mask is needed); else cap (masked tail)."""
+    b = cap
+    while b >= lo:
+        if D % b == 0:
+            return b
+        b //= 2
+    return min(cap, _pow2_at_least(D, lo))
+
+
+def up_config(B: int, D: int, count: int) -> UpConfig:
+    """Block sizes for the up projection; `count` is the expected number of selected neurons."""
+    block_b = min(_pow2_at_least(B, 16), 128)
+    # Enough programs to fill the SMs at small counts, but wide enough that re-reading x (B*D per
+    # program, from L2) stays below the weight bytes (block_n*D per program): block_n >= B / 2.
+    block_n = 16
+    while block_n < 64 and (block_n < block_b // 2) and pl.cdiv(count, 2 * block_n) >= 2 * NUM_SMS:
+        block_n *= 2
+    block_k = _block_dividing(D, 256 if block_b <= 32 else 128)
+    return UpConfig(block_b=block_b, block_n=block_n, block_k=block_k, num_warps=4,
+                    num_stages=4 if block_b <= 64 else 3)
+
+
+def down_config(B: int, D: int, count: int) -> DownConfig:
+    """Block sizes for the down projection; `count` is the expected number of selected neurons."""
+    block_b = min(_pow2_at_least(B, 16), 128)
+    block_d = _block_dividing(D, 64)
+    n_d = pl.cdiv(D, block_d)
+    block_n = 64
+    # Split the neurons across programs until the SMs are covered, keeping >= 4 loop steps each
+    # and the f32 partial sums (split * B * D * 4 bytes) small next to the weight bytes.
+    split = 1
+    while (n_d * split < NUM_SMS and pl.cdiv(count, block_n * split * 2) >= 4
+           and 2 * split * B * 4 <= count * 2 // 4):
+        split *= 2
+    return DownConfig(block_b=block_b, block_n=block_n, block_d=block_d, split=split, num_warps=4,
+                      num_stages=4 if block_b <= 64 else 3)
+
+
+def _activate(h, activation):
+    if activation == "relu":
+        return jnp.maximum(h, 0.0)
+    if activation == "gelu":  # tanh approximation (jax.nn.gelu's default); erf has no Triton lowering
+        return 0.5 * h * (1.0 + jnp.tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    if activation == "silu":
+        return h / (1.0 + jnp.exp(-h))
+    return h
+
+
+def _dot(a, b, *, trans_b: bool):
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # IEEE f32, not TF32
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig, B: int, D: int, C: int,
+               has_gate: bool, has_bias: bool, activation: str):
+    g_ref = refs[0] if has_gate else None
+    b_ref = refs[int(has_gate)] if has_bias else None
+    o_ref = refs[-1]
+    BB, BN, BK = cfg.block_b, cfg.block_n, cfg.block_k
+    b0 = pl.program_id(0) * BB
+    n0 = pl.program_id(1) * BN
+    count = count_ref[0]
+    layer = layer_ref[0]
+    cols = n0 + jnp.arange(BN)                             # positions in idx
+    b_mask = (b0 + jnp.arange(BB)) < B
+    o_mask = b_mask[:, None] & (cols < C)[None, :]
+
+    @pl.when(n0 < count)
+    def _compute():
+        live = cols < count
+        rows = plgpu.load(idx_ref.at[pl.ds(n0, BN)], mask=cols < C, other=0)
+        rows = jnp.where(live, rows, 0)
+        rows2 = jnp.broadcast_to(rows[:, None], (BN, BK))
+        mask_k = D % BK != 0
+        x_mask_rows = B % BB != 0
+
+        def body(k, accs):
+            kk = k * BK + jnp.arange(BK)
+            kk2 = jnp.broadcast_to(kk[None, :], (BN, BK))
+            w_mask = live[:, None] & (kk < D)[None, :] if mask_k else jnp.broadcast_to(live[:, None], (BN, BK))
+            x_mask = None
+            if mask_k or x_mask_rows:
+                x_mask = b_mask[:, None] & (kk < D)[None, :]
+            xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
+                            other=0 if x_mask is not None else None)          # [BB, BK]
+            wt = plgpu.load(w_ref.at[layer, rows2, kk2], mask=w_mask, other=0)  # [BN, BK] gathered rows
+            out = [accs[0] + _dot(xt, wt, trans_b=True)]
+            if has_gate:
+                gt = plgpu.load(g_ref.at[layer, rows2, kk2], mask=w_mask, other=0)
+                out.append(accs[1] + _dot(xt, gt, trans_b=True))
+            return tuple(out)
+
+        zero = jnp.zeros((BB, BN), jnp.float32)
+        accs = lax.fori_loop(0, pl.cdiv(D, BK), body, (zero, zero) if has_gate else (zero,))
+        h = accs[0]
+        if has_bias:
+            h = h + plgpu.load(b_ref.at[layer, rows], mask=live, other=0).astype(jnp.float32)[None, :]
+        h = _activate(accs[1], "silu") * h if has_gate else _activate(h, activation)
+        h = jnp.where(live[None, :], h, 0.0)
+        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], h.astype(o_ref.dtype), mask=o_mask)
+
+    @pl.when(n0 >= count)
+    def _zero():
+        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], jnp.zeros((BB, BN), o_ref.dtype), mask=o_mask)
+
+
+def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownConfig, B: int, D: int, C: int,
+                 has_bias: bool):
+    b_ref = refs[0] if has_bias else None
+    o_ref = refs[-1]
+    BB, BN, BD, S = cfg.block_b, cfg.block_n, cfg.block_d, cfg.split
+    d0 = pl.program_id(0) * BD
+    s = pl.program_id(1)
+    b0 = pl.program_id(2) * BB
+    count = count_ref[0]
+    layer = layer_ref[0]
+    dd = d0 + jnp.arange(BD)
+    d_mask = dd < D
+    b_mask = (b0 + jnp.arange(BB)) < B
+    dd2 = jnp.broadcast_to(dd[None, :], (BN, BD))
+    mask_d = D % BD != 0
+
+    n_blocks = pl.cdiv(count, BN)
+    per = pl.cdiv(n_blocks, S)
+    lo = jnp.minimum(s * per, n_blocks)
+    hi = jnp.minimum(lo + per, n_blocks)
+
+    def body(j, acc):
+        j0 = j * BN
+        cols = j0 + jnp.arange(BN)
+        live = cols < count
+        rows = plgpu.load(idx_ref.at[pl.ds(j0, BN)], mask=live, other=0)
+        rows2 = jnp.broadcast_to(rows[:, None], (BN, BD))
+        ht = plgpu.load(h_ref.at[pl.ds(b0, BB), pl.ds(j0, BN)], mask=b_mask[:, None] & live[None, :],
+                        other=0)                                                # [BB, BN]
+        w_mask = live[:, None] & d_mask[None, :] if mask_d else jnp.broadcast_to(live[:, None], (BN, BD))
+        wt = plgpu.load(w_ref.at[layer, rows2, dd2], mask=w_mask, other=0)       # [BN, BD] gathered rows
+        return acc + _dot(ht, wt, trans_b=False)
+
+    acc = lax.fori_loop(lo, hi, body, jnp.zeros((BB, BD), jnp.float32))
+    o_mask = b_mask[:, None] & d_mask[None, :]
+    if S == 1:
+        if has_bias:
+            acc = acc + plgpu.load(b_ref.at[layer, dd], mask=d_mask, other=0).astype(jnp.float32)[None, :]
+        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(d0, BD)], acc.astype(o_ref.dtype), mask=o_mask)
+    else:
+        plgpu.store(o_ref.at[s, pl.ds(b0, BB), pl.ds(d0, BD)], acc, mask=o_mask)
+
+
+def _scalar(v):
+    return jnp.asarray(v, jnp.int32).reshape(1)
+
+
+def _check_backend(interpret):
+    """Interpret mode anywhere; compiled only on a CUDA GPU (elsewhere the API falls back)."""
+    if interpret is None:
+        interpret = False
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError("the Triton backend needs a CUDA GPU (pass interpret=True to run it on CPU)")
+    return interpret
+
+
+def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None,
+                 impl=None, interpret=None, config: UpConfig | None = None):
+    """h [B, C] = act(x @ w_up[layer, idx].T + b_up[layer, idx]); arguments already validated by the API.
+
+    Here `w_up`/`w_gate` are always [L, F, D], `b_up` [L, F] and `layer` an int32 scalar (the API lifts
+    2-D weights to L = 1).
+    """
+    del impl
+    interpret = _check_backend(interpret)
+    B, D = x.shape
+    C = idx.shape[0]
+    if config is None:
+        config = up_config(B, D, _static_count(count, C))
+    has_gate, has_bias = w_gate is not None, b_up is not None
+    kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate, has_bias=has_bias,
+                               activation=activation)
+    grid = (pl.cdiv(B, config.block_b), pl.cdiv(C, config.block_n))
+    args = [_scalar(count), _scalar(layer), idx.astype(jnp.int32), x, w_up]
+    args += [w_gate] if has_gate else []
+    args += [b_up] if has_bias else []
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, C), x.dtype),
+        grid=grid,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        name="selective_up",
+    )(*args)
+
+
+def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None,
+                   config: DownConfig | None = None):
+    """y [B, D] = h[:, :count] @ w_down[layer, idx[:count]] + b_down[layer]; arguments already validated."""
+    del impl
+    interpret = _check_backend(interpret)
+    B, C = h.shape
+    D = w_down.shape[-1]
+    if config is None:
+        config = down_config(B, D, _static_count(count, C))
+    has_bias = b_down is not None
+    S = config.split
+    kernel = functools.partial(_down_kernel, cfg=config, B=B, D=D, C=C, has_bias=has_bias and S == 1)
+    grid = (pl.cdiv(D, config.block_d), S, pl.cdiv(B, config.block_b))
+    out_shape = (B, D) if S == 1 else (S, B, D)
+    out_dtype = h.dtype if S == 1 else jnp.float32
+    args = [_scalar(count), _scalar(layer), idx.astype(jnp.int32), h, w_down]
+    args += [b_down] if has_bias and S == 1 else []
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=grid,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        name="selective_down",
+    )(*args)
+    if S > 1:
+        y = y.sum(axis=0)  # [B, D]; XLA fuses this with the bias, the cast and the consumer of y
+        if has_bias:
+            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
+        y = y.astype(h.dtype)
+    return y
+
+
+def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
+                  layer=None, impl=None, interpret=None, up_cfg: UpConfig | None = None,
+                  down_cfg: DownConfig | None = None):
+    h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer,
+                     interpret=interpret, config=up_cfg)
+    return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer, interpret=interpret,
+                          config=down_cfg)
+
+
+def _static_count(count, C: int) -> int:
+    """The count the heuristics size for: the concrete value when known, else the capacity."""
+    try:
+        return max(1, min(int(count), C))
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return max(1, C)

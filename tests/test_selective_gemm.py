@@ -1,0 +1,269 @@
+"""Selective GEMM (sparse MLP) kernels against the f32 reference.
+
+Every kernel test runs the Triton kernels in the Pallas interpreter on CPU (`interpret=True`) and, where a
+CUDA GPU is present, compiled (`interpret=False`): interpret mode is a parameter of the same test.
+Inputs are fresh random draws (never zeros), idx is a duplicate-free random draw, and each compiled
+kernel is run at several dynamic counts (0, 1, odd, capacity) with `count` traced, so one compile
+serves all of them. Outputs are compared over all columns (those >= count must be exactly 0) with the
+reference computed in f32 from the same rounded inputs. The interpreter starts every output buffer as
+NaN (Pallas' uninitialised value), so an element the kernel forgot to write fails the finiteness check;
+on the GPU a second call on different inputs catches stale elements.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.selective_gemm import api, reference
+from pallas_kernels.selective_gemm import triton as tk
+from pallas_kernels.selective_gemm import (
+    selective_down, selective_down_reference, selective_mlp, selective_mlp_reference, selective_up,
+    selective_up_reference,
+)
+from tests.tolerances import assert_close
+
+HAS_GPU = jax.default_backend() == "gpu"
+INTERPRET = [True, pytest.param(False, marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU"))]
+F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
+_seed = iter(range(1 << 30))
+
+
+def _key():
+    return jax.random.key(next(_seed))
+
+
+def _normal(shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(_key(), shape, jnp.float32)).astype(dtype)
+
+
+def _idx(F, C):
+    return jax.random.permutation(_key(), F)[:C].astype(jnp.int32)
+
+
+def _counts(C):
+    return sorted({0, 1, (C // 2) | 1, C} & set(range(C + 1)))
+
+
+def _f32(a):
+    return None if a is None else a.astype(jnp.float32)
+
+
+def _make(B, D, F, C, dtype, *, gated=False, bias=False, L=None):
+    lead = () if L is None else (L,)
+    p = dict(
+        x=_normal((B, D), dtype),
+        w_up=_normal(lead + (F, D), dtype, D ** -0.5),
+        w_gate=_normal(lead + (F, D), dtype, D ** -0.5) if gated else None,
+        w_down=_normal(lead + (F, D), dtype, C ** -0.5),
+        b_up=_normal(lead + (F,), dtype, 0.1) if bias else None,
+        b_down=_normal(lead + (D,), dtype, 0.1) if bias else None,
+        idx=_idx(F, C),
+    )
+    return p
+
+
+def _check_zero_tail(h, count):
+    tail = np.asarray(h[:, count:], np.float32)
+    assert np.all(tail == 0), f"columns >= count={count} are not exactly 0 (max |.| {np.abs(tail).max()})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# up projection
+
+UP_CASES = [  # B, D, F, C, dtype, activation, gated, bias
+    (1, 64, 96, 33, F16, "relu", False, True),
+    (3, 200, 96, 40, F16, "gelu", False, False),
+    (16, 72, 128, 17, BF16, "none", False, True),
+    (3, 128, 64, 64, F32, "relu", False, False),
+    (1, 200, 80, 21, BF16, "relu", True, True),
+    (16, 64, 96, 48, F16, "relu", True, False),
+    (3, 96, 128, 35, F32, "gelu", True, True),
+    (20, 64, 64, 24, F16, "relu", False, True),
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("B,D,F,C,dtype,activation,gated,bias", UP_CASES)
+def test_up(interpret, B, D, F, C, dtype, activation, gated, bias):
+    p = _make(B, D, F, C, dtype, gated=gated, bias=bias)
+    fn = jax.jit(lambda x, w, idx, count, b, g: selective_up(
+        x, w, idx, count, b_up=b, w_gate=g, activation=activation, impl="triton", interpret=interpret))
+    for count in _counts(C):
+        p["x"] = _normal((B, D), dtype)  # fresh input every call
+        h = fn(p["x"], p["w_up"], p["idx"], jnp.int32(count), p["b_up"], p["w_gate"])
+        ref = selective_up_reference(_f32(p["x"]), _f32(p["w_up"]), p["idx"], count, b_up=_f32(p["b_up"]),
+                                     w_gate=_f32(p["w_gate"]), activation=activation)
+        assert h.shape == (B, C) and h.dtype == dtype
+        assert_close(h, ref, dtype)
+        _check_zero_tail(h, count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# down projection
+
+DOWN_CASES = [  # B, D, F, C, dtype, bias
+    (1, 200, 96, 33, F16, True),
+    (3, 64, 128, 70, BF16, False),
+    (16, 72, 96, 17, F32, True),
+    (20, 128, 64, 64, F16, False),
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("B,D,F,C,dtype,bias", DOWN_CASES)
+def test_down(interpret, B, D, F, C, dtype, bias):
+    p = _make(B, D, F, C, dtype, bias=bias)
+    fn = jax.jit(lambda h, w, idx, count, b: selective_down(
+        h, w, idx, count, b_down=b, impl="triton", interpret=interpret))
+    for count in _counts(C):
+        h = _normal((B, C), dtype)
+        h = h.at[:, count:].set(jnp.nan)  # positions >= count must be ignored, whatever they hold
+        y = fn(h, p["w_down"], p["idx"], jnp.int32(count), p["b_down"])
+        ref = selective_down_reference(_f32(h), _f32(p["w_down"]), p["idx"], count, b_down=_f32(p["b_down"]))
+        assert y.shape == (B, D) and y.dtype == dtype
+        assert_close(y, ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# explicit block configurations: several K steps with a masked tail, several batch blocks, split down
+
+CONFIG_CASES = [  # B, D, F, C, UpConfig, DownConfig
+    (3, 200, 96, 45, tk.UpConfig(block_n=16, block_k=64), tk.DownConfig(block_n=16, block_d=32, split=2)),
+    (20, 96, 64, 40, tk.UpConfig(block_b=16, block_n=32, block_k=32), tk.DownConfig(block_n=16, block_d=64,
+                                                                                    split=3)),
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("B,D,F,C,up_cfg,down_cfg", CONFIG_CASES)
+def test_configs(interpret, B, D, F, C, up_cfg, down_cfg):
+    p = _make(B, D, F, C, F16, gated=True, bias=True, L=2)
+    fn = jax.jit(lambda x, wu, wg, wd, bu, bd, idx, count: tk.selective_mlp(
+        x, wu, wd, idx, count, b_up=bu, b_down=bd, w_gate=wg, layer=jnp.int32(1), interpret=interpret,
+        up_cfg=up_cfg, down_cfg=down_cfg))
+    for count in _counts(C):
+        y = fn(p["x"], p["w_up"], p["w_gate"], p["w_down"], p["b_up"], p["b_down"], p["idx"], jnp.int32(count))
+        ref = selective_mlp_reference(*map(_f32, (p["x"], p["w_up"], p["w_down"])), p["idx"], count,
+                                      b_up=_f32(p["b_up"]), b_down=_f32(p["b_down"]), w_gate=_f32(p["w_gate"]),
+                                      layer=1)
+        assert_close(y, ref, F16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stacked [L, F, D] path inside a jitted lax.scan equals the 2-D path layer by layer
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("gated", [False, True])
+def test_layer_scan(interpret, gated):
+    B, D, F, C, L, count = 3, 64, 96, 40, 3, 29
+    p = _make(B, D, F, C, F16, gated=gated, bias=not gated, L=L)
+    idx = jnp.stack([_idx(F, C) for _ in range(L)])                           # [L, C]
+    counts = jnp.array([count, C, 1], jnp.int32)
+
+    def stacked(x):
+        def step(x, l):
+            y = selective_mlp(x, p["w_up"], p["w_down"], idx[l], counts[l], b_up=p["b_up"], b_down=p["b_down"],
+                              w_gate=p["w_gate"], layer=l, impl="triton", interpret=interpret)
+            return x + y, y
+        return jax.lax.scan(step, x, jnp.arange(L))[1]                        # [L, B, D]
+
+    ys = jax.jit(stacked)(p["x"])
+    x = p["x"]
+    for l in range(L):
+        take = (lambda a: None if a is None else a[l])
+        y = selective_mlp(x, take(p["w_up"]), take(p["w_down"]), idx[l], counts[l], b_up=take(p["b_up"]),
+                          b_down=take(p["b_down"]), w_gate=take(p["w_gate"]), impl="triton", interpret=interpret)
+        np.testing.assert_array_equal(np.asarray(ys[l], np.float32), np.asarray(y, np.float32))
+        x = x + y
+
+
+# ---------------------------------------------------------------------------------------------------
+# dense path and dispatch (XLA only: fast)
+
+@pytest.mark.parametrize("gated,bias", [(False, True), (True, False)])
+def test_dense_equals_reference(gated, bias):
+    B, D, F, C = 5, 48, 64, 40
+    p = _make(B, D, F, C, F32, gated=gated, bias=bias)
+    for count in (0, 17, C):
+        args = dict(b_up=p["b_up"], w_gate=p["w_gate"])
+        assert_close(reference.dense_up(p["x"], p["w_up"], p["idx"], count, **args),
+                     selective_up_reference(p["x"], p["w_up"], p["idx"], count, **args), F32)
+        h = _normal((B, C), F32)
+        assert_close(reference.dense_down(h, p["w_down"], p["idx"], count, b_down=p["b_down"]),
+                     selective_down_reference(h, p["w_down"], p["idx"], count, b_down=p["b_down"]), F32)
+        assert_close(reference.dense_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], count, b_down=p["b_down"], **args),
+                     selective_mlp_reference(p["x"], p["w_up"], p["w_down"], p["idx"], count, b_down=p["b_down"],
+                                             **args), F32)
+    # count == F with every neuron selected: the unmasked dense MLP
+    idx = _idx(F, F)
+    assert_close(reference.dense_mlp(p["x"], p["w_up"], p["w_down"], idx, F, all_selected=True, **args),
+                 selective_mlp_reference(p["x"], p["w_up"], p["w_down"], idx, F, **args), F32)
+
+
+def test_dispatch(monkeypatch):
+    B, D, F, C = 2, 32, 64, 64
+    p = _make(B, D, F, C, F32, bias=True)
+    calls = []
+    for name in api.IMPLS:
+        fn = api.IMPLS[name]["mlp"]
+        monkeypatch.setitem(api.IMPLS[name], "mlp", lambda *a, _n=name, _f=fn, **k: (calls.append(_n), _f(*a, **k))[1])
+    args = (p["x"], p["w_up"], p["w_down"], p["idx"])
+    ref = selective_mlp_reference(*args, 8, b_up=p["b_up"])
+    # low density: Triton; without a GPU (and interpret not asked) it declines and the reference runs
+    y = selective_mlp(*args, 8, b_up=p["b_up"])
+    assert calls == (["triton"] if HAS_GPU else ["triton", "xla"])
+    assert_close(y, ref, F32)
+    # high density (concrete count): the dense path, same function
+    y = selective_mlp(*args, C, b_up=p["b_up"])
+    assert calls[-1] == "dense"
+    assert_close(y, selective_mlp_reference(*args, C, b_up=p["b_up"]), F32)
+    # traced count: decided from the capacity
+    assert api.dense_is_faster(B, D, F, C) and not api.dense_is_faster(B, D, F, F // 10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# contract violations
+
+def test_invalid_contracts():
+    B, D, F, C = 2, 32, 64, 16
+    p = _make(B, D, F, C, F16, bias=True, L=2)
+    x, wu, wd, idx = p["x"], p["w_up"], p["w_down"], p["idx"]
+    with pytest.raises(ValueError, match=r"count=17 must be in \[0, C=16\]"):
+        selective_up(x, wu, idx, 17, layer=0)
+    with pytest.raises(ValueError, match=r"outside \[0, F=64\): \[64\]"):
+        selective_up(x, wu, idx.at[3].set(64), 4, layer=0)
+    with pytest.raises(ValueError, match=r"outside \[0, F=64\): \[-1\]"):
+        selective_down(_normal((B, C), F16), wd, idx.at[0].set(-1), 4, layer=0)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        selective_up(x, wu, idx, 4, layer=0, activation="swish")
+    with pytest.raises(ValueError, match=r"layer=0 was given but w_up is 2-D \(64, 32\)"):
+        selective_up(x, wu[0], idx, 4, layer=0)
+    with pytest.raises(ValueError, match=r"w_up is stacked \(2, 64, 32\).*no layer"):
+        selective_up(x, wu, idx, 4)
+    with pytest.raises(ValueError, match="layer=2 is out of range for 2 stacked layers"):
+        selective_up(x, wu, idx, 4, layer=2)
+    with pytest.raises(TypeError, match="w_up has dtype float32, but the activations are float16"):
+        selective_up(x, wu.astype(F32), idx, 4, layer=0)
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        selective_up(x.astype(jnp.int32), wu.astype(jnp.int32), idx, 4, layer=0)
+    with pytest.raises(ValueError, match=r"w_up has shape \(2, 64, 32\), model dim D=16"):
+        selective_up(x[:, :16], wu, idx, 4, layer=0)
+    with pytest.raises(ValueError, match=r"b_up has shape \(64,\); expected \(2, 64\)"):
+        selective_up(x, wu, idx, 4, layer=0, b_up=p["b_up"][0])
+    with pytest.raises(ValueError, match=r"w_gate has shape \(2, 32, 32\) but w_up has \(2, 64, 32\)"):
+        selective_up(x, wu, idx, 4, layer=0, w_gate=wu[:, :32])
+    with pytest.raises(ValueError, match="h has 15 columns but idx has capacity C=16"):
+        selective_down(_normal((B, C - 1), F16), wd, idx, 4, layer=0)
+    with pytest.raises(ValueError, match=r"b_down has shape \(2, 31\); expected \(2, 32\)"):
+        selective_down(_normal((B, C), F16), wd, idx, 4, layer=0, b_down=p["b_down"][:, :31])
+    with pytest.raises(ValueError, match=r"idx has shape \(2, 8\); expected \[C\]"):
+        selective_up(x, wu, idx.reshape(2, 8), 4, layer=0)
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        selective_mlp(x, wu, wd, idx, 4, layer=0, impl="cuda")
+    with pytest.raises(ValueError, match=r"w_down has shape \(2, 64, 16\) but w_up has \(2, 64, 32\)"):
+        selective_mlp(x, wu, wd[..., :16], idx, 4, layer=0)
+    # traced values are not checked eagerly but still trace
+    jax.jit(lambda c: selective_up(x, wu, idx, c, layer=1))(jnp.int32(3))
