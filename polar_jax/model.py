@@ -83,9 +83,9 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         cos, sin = layers.rope_tables(cfg, positions)
 
     def attention(l, h, k_all, v_all, n_heads):
-        q = h @ lp["wq"][l]  # [B, T, N*H]
-        k = h @ lp["wk"][l]  # [B, T, K*H]
-        v = h @ lp["wv"][l]
+        q = jnp.einsum("btd,rd->btr", h, lp["wq"][l])  # [B, T, N*H]
+        k = jnp.einsum("btd,rd->btr", h, lp["wk"][l])  # [B, T, K*H]
+        v = jnp.einsum("btd,rd->btr", h, lp["wv"][l])
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"][l], k + lp["bk"][l], v + lp["bv"][l]
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)

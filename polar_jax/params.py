@@ -1,5 +1,9 @@
 """The one parameter pytree shared by conversion, the model, the kernels and router training.
 
+Every matrix of a layer is stored [rows, D] with rows the dimension that sparsity selects (heads'
+features, MLP neurons), so selecting rows reads contiguous memory, and one row-gathering GEMM family
+(pallas_kernels/selective_gemm) serves every decode projection: "up" (x @ W[rows].T) and "down" (h @ W[rows]).
+
 Layout (nested dicts of arrays; layers stacked on a leading L axis):
 
   embed            [V, E]            token embeddings (also the LM head when tied)
@@ -10,10 +14,10 @@ Layout (nested dicts of arrays; layers stacked on a leading L axis):
   lm_head          [V, E]            untied models only (logits = x @ lm_head.T)
   layers:
     attn_norm      {scale [L, D], bias [L, D]}
-    wq             [L, D, N*H]       x @ wq; head n is columns n*H:(n+1)*H (HF rotate-half RoPE order)
-    wk, wv         [L, D, K*H]
+    wq             [L, N*H, D]       output-major: q = x @ wq[l].T; head n is rows n*H:(n+1)*H (HF order)
+    wk, wv         [L, K*H, D]
     bq             [L, N*H]          qkv_bias only; likewise bk, bv [L, K*H]
-    wo             [L, N*H, D]       bo [L, D] when out_bias
+    wo             [L, N*H, D]       input-major: o = attn @ wo[l]; bo [L, D] when out_bias
     mlp_norm       {scale [L, D], bias [L, D]}
     w_up           [L, F, D]         neuron-major: neuron f is row f (x @ w_up[l].T)
     w_gate         [L, F, D]         gated (SwiGLU) models only
@@ -43,7 +47,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
     layers = {
         "attn_norm": norm(L), "mlp_norm": norm(L),
-        "wq": (L, D, NH), "wk": (L, D, KH), "wv": (L, D, KH), "wo": (L, NH, D),
+        "wq": (L, NH, D), "wk": (L, KH, D), "wv": (L, KH, D), "wo": (L, NH, D),
         "w_up": (L, F, D), "w_down": (L, F, D),
     }
     if cfg.qkv_bias:
@@ -87,7 +91,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
         elif "bias" in path or "'b" in path:
             x = 0.02 * jax.random.normal(k, shape)
         else:
-            fan_in = shape[-1] if path.endswith(("w_up']", "w_gate']", "embed']", "lm_head']")) else shape[-2]
+            fan_in = shape[-2] if path.endswith(("w_down']", "wo']", "project_in']", "project_out']")) else shape[-1]
             x = jax.random.normal(k, shape) / jnp.sqrt(fan_in)
         out.append(x.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
