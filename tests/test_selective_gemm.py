@@ -26,7 +26,8 @@ from pallas_kernels.selective_gemm import (
 from tests.tolerances import assert_close
 
 HAS_GPU = jax.default_backend() == "gpu"
-INTERPRET = [True, pytest.param(False, marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU"))]
+INTERPRET = [pytest.param(True, id="interpret"),
+             pytest.param(False, id="gpu", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU"))]
 F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
 _seed = iter(range(1 << 30))
 
