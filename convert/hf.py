@@ -1,0 +1,141 @@
+"""Source: a transformers model directory (config.json + *.safetensors, single file or sharded with an index).
+
+Safetensors files are read with numpy memory maps (the format is an 8-byte header length, a JSON header
+and raw little-endian data): no torch needed, bf16 supported through ml_dtypes, and a tensor's bytes are
+paged in only when the writer copies them into their row.
+
+Also here: params_from_torch_state_dict, the same name map applied to an in-memory transformers model
+(model parity tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from convert.names import HF_MAPS, NameMap
+from convert.writer import fill_params
+from polar_jax.checkpoint import copy_tokenizer_files
+from polar_jax.config import ModelConfig, from_hf_config
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsFile:
+    """Lazy numpy view of one .safetensors file; every malformed case raises ValueError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            if size < 8:
+                raise ValueError(f"{size} bytes, too short for a header")
+            n = int(np.fromfile(path, "<u8", count=1)[0])
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            with open(path, "rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            header.pop("__metadata__", None)
+            self._start = 8 + n
+            self.entries = {}
+            for name, e in header.items():
+                dtype = _ST_DTYPES.get(e["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has unsupported dtype {e['dtype']}")
+                begin, end = e["data_offsets"]
+                nbytes = math.prod(e["shape"]) * np.dtype(dtype).itemsize
+                if end - begin != nbytes or self._start + end > size:
+                    raise ValueError(f"tensor {name!r}: data offsets {begin}..{end} do not fit its shape "
+                                     f"{e['shape']} or the file size {size} (truncated?)")
+                self.entries[name] = (dtype, tuple(e["shape"]), begin, end)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"corrupt safetensors file {path}: {e}") from e
+        self._mmap = np.memmap(path, np.uint8, mode="r")
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        return self._mmap[self._start + begin: self._start + end].view(dtype).reshape(shape)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"corrupt safetensors index {index}: {e}") from e
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"shard {f.name} listed in {index} not found")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin checkpoints are not supported: re-save with save_pretrained)" \
+            if any(path.glob("*.bin")) else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def read_hf_config(path: Path) -> ModelConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: a HF model directory needs config.json")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt {cfg_file}: {e}") from e
+    try:
+        return from_hf_config(hf, name=path.name)
+    except KeyError as e:
+        raise ValueError(f"{cfg_file} lacks the field {e.args[0]!r}") from e
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from e
+
+
+class HFSource:
+    """A transformers model directory, for convert.writer."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.cfg = read_hf_config(self.path)
+        self.name_map: NameMap = HF_MAPS[self.cfg.family]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in _safetensors_files(self.path):
+            st = SafetensorsFile(f)
+            for name in st.entries:
+                self._where[name] = st
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._where[name].read(name)  # [out, in] like torch
+
+    def write_tokenizer(self, dest: Path) -> None:
+        copy_tokenizer_files(self.path, dest)
+
+
+def params_from_torch_state_dict(cfg: ModelConfig, state_dict: dict, dtype=jnp.float32) -> dict:
+    """Our params (jax arrays, `dtype`) from a transformers model's state_dict, through the same name map.
+
+    cfg: the ModelConfig matching the model (e.g. from_hf_config(model.config.to_dict())); family "opt" maps
+    OPTForCausalLM names, "llama" maps Llama/Mistral/Qwen2ForCausalLM names. Tied lm_head copies are skipped.
+        params = params_from_torch_state_dict(cfg, model.state_dict())
+    """
+    def read(name):
+        return state_dict[name].detach().float().cpu().numpy()
+
+    params = fill_params(cfg, HF_MAPS[cfg.family], list(state_dict), read, np.dtype(dtype))
+    return jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,125 @@
+"""Fill our parameter pytree tensor by tensor from a source, then write OUT in one atomic step.
+
+Peak host memory is the converted model once: every stacked [L, ...] array is allocated once in the
+target dtype and each source tensor (a memory-mapped safetensors slice or one dequantised GGUF tensor)
+is cast straight into its row, then dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from convert.names import NameMap
+from polar_jax import checkpoint
+from polar_jax.config import ModelConfig
+from polar_jax.params import param_shapes
+
+
+class Source(Protocol):
+    """What a source format provides to the writer (convert/hf.py, convert/gguf_source.py)."""
+
+    path: Path
+    cfg: ModelConfig
+    name_map: NameMap
+
+    def tensor_names(self) -> list[str]: ...
+
+    def read(self, name: str) -> np.ndarray: ...  # source orientation, any float dtype
+
+    def write_tokenizer(self, dest: Path) -> None: ...
+
+
+def target_dtype(dtype: str) -> np.dtype:
+    if dtype not in checkpoint.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose one of {', '.join(checkpoint.DTYPES)})")
+    return np.dtype(checkpoint.DTYPES[dtype])
+
+
+def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat_shapes(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = x
+    return tree
+
+
+def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read: Callable[[str], np.ndarray],
+                dtype=np.float32, progress: bool = False, desc: str = "converting") -> dict:
+    """Our nested params (numpy, `dtype`) from source tensors `names`, each fetched by `read(name)`.
+
+    Every tensor's shape (after its transform) is asserted against polar_jax.params.param_shapes;
+    every parameter must be filled exactly once. Errors are ValueErrors that name the source tensor.
+    """
+    shapes = _flat_shapes(param_shapes(cfg))
+    arrays = {p: np.empty(s, dtype) for p, s in shapes.items()}  # allocated lazily by the OS, filled below
+    # Which rows are filled: one flag per layer for stacked paths, one flag otherwise.
+    filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in shapes.items()}
+    names = list(names)
+    for name in tqdm(names, desc=desc, unit="tensor", disable=not progress):
+        hit = name_map.lookup(name)
+        if hit is None:
+            continue
+        path, layer, fn = hit
+        if path not in shapes:
+            if path == "lm_head" and cfg.tie_embeddings:
+                continue  # tied: the LM head is the embedding; a stored copy is redundant
+            raise ValueError(f"tensor {name!r} maps to {path!r}, which model {cfg.name} does not have "
+                             f"(config: tie_embeddings={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias}, "
+                             f"out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}, post_norm={cfg.post_norm})")
+        want = shapes[path]
+        if layer is not None:
+            if layer >= want[0]:
+                raise ValueError(f"tensor {name!r} is layer {layer} but the config has {want[0]} layers")
+            want = want[1:]
+        x = read(name)
+        if fn is not None:
+            x = fn(x, cfg)
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)} (as {path}), but the config "
+                             f"(dim={cfg.dim}, heads={cfg.n_heads}/{cfg.n_kv_heads}, mlp_dim={cfg.mlp_dim}, "
+                             f"vocab={cfg.vocab_size}) expects {tuple(want)}")
+        row = 0 if layer is None else layer
+        if filled[path][row]:
+            raise ValueError(f"tensor {name!r} fills {path} a second time (duplicate tensor in the source)")
+        if layer is None:
+            arrays[path][...] = x  # casts to the target dtype in place
+        else:
+            arrays[path][layer] = x
+        filled[path][row] = True
+        del x
+    for path, done in filled.items():
+        if not done.all():
+            layer = int(np.argmin(done)) if path.startswith("layers.") else None
+            raise ValueError(f"missing tensor {name_map.source_name(path, layer)!r} (for {path}"
+                             f"{'' if layer is None else f' layer {layer}'}) in the {name_map.format} source")
+    return _nest(arrays)
+
+
+def write_model(source: Source, out: Path, dtype: str, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert `source` into the directory `out`: params (orbax), config.json, tokenizer files.
+
+    Everything is written into a temporary sibling of `out` that is renamed into place only when complete;
+    any error or KeyboardInterrupt removes it, so a failed conversion leaves nothing behind.
+    """
+    np_dtype = target_dtype(dtype)
+    with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
+        source.write_tokenizer(tmp)  # first: a broken tokenizer fails before the long tensor loop
+        params = fill_params(source.cfg, source.name_map, source.tensor_names(), source.read, np_dtype,
+                             progress=progress, desc=f"converting {source.path.name}")
+        checkpoint.write(tmp, source.cfg, params)
+        del params
+    return Path(out)

@@ -1,0 +1,185 @@
+"""Model directories: save and load (config, params, tokenizer).
+
+A model directory (written by `polar convert` or `save`) holds:
+  config.json      our ModelConfig (ModelConfig.to_dict), not a transformers config
+  params/          orbax PyTree checkpoint of the parameter pytree (polar_jax/params.py), incl. optional routers
+  tokenizer files  as transformers saves them (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...)
+
+Params are always saved as host numpy arrays, so a checkpoint written on one device kind loads on any other.
+Only the stable orbax API (PyTreeCheckpointer) is used: it reads and writes the same format in
+orbax-checkpoint 0.12.4 through 0.12.8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from polar_jax.config import ModelConfig, load_config
+from polar_jax.params import check_params
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
+# Files transformers reads a tokenizer from (any one of the first group makes a tokenizer directory);
+# generation_config.json rides along for the sampling defaults it carries.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model")
+TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory of `out`; rename it to `out` only if the block completes.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and `out` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass overwrite=True (polar convert --overwrite) "
+                              "to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists() or out.is_symlink():
+            # Move the old one aside first, so `out` is never half old, half new.
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(src: str | Path, dest: str | Path) -> list[str]:
+    """Copy the tokenizer files found in `src` into `dest`; returns the names copied."""
+    src, dest = Path(src), Path(dest)
+    copied = []
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+            copied.append(name)
+    for name in TOKENIZER_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def write(path: str | Path, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | None = None) -> None:
+    """Write config, params and tokenizer files into the existing directory `path` (not atomic; see save)."""
+    path = Path(path)
+    check_params(cfg, params)
+    host = jax.tree.map(np.asarray, params)  # device arrays -> host numpy: device-independent checkpoint
+    import orbax.checkpoint as ocp  # slow import; only when saving or loading
+
+    ocp.PyTreeCheckpointer().save((path / PARAMS_DIR).absolute(), host)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+
+
+def save(path: str | Path, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | None = None,
+         overwrite: bool = False) -> Path:
+    """Save a model directory atomically (a temporary sibling renamed into place).
+
+    params may hold jax or numpy arrays and an optional "routers" subtree. tokenizer_dir: a directory whose
+    tokenizer files are copied (it may be `path` itself when overwriting, e.g. to add trained routers).
+    """
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        write(tmp, cfg, params, tokenizer_dir)
+    return Path(path)
+
+
+def _resolve_dtype(dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+def load_params(path: str | Path, cfg: ModelConfig | None = None, dtype=None) -> dict:
+    """The parameter pytree of a model directory, as jax arrays on the default device.
+
+    dtype: None keeps the stored dtype; "bf16" | "fp16" | "fp32" or a dtype casts every floating leaf.
+    The tree is checked against the config (polar_jax.params.check_params); a "routers" subtree rides along.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg = cfg if cfg is not None else load_config(path / CONFIG_FILE)
+    ckpt = path / PARAMS_DIR
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"parameter checkpoint not found: {ckpt} (convert the model with `polar convert`)")
+    import orbax.checkpoint as ocp
+
+    try:
+        host = ocp.PyTreeCheckpointer().restore(ckpt.absolute())
+    except Exception as e:  # orbax/tensorstore raise many types; the user needs to know which file is bad
+        raise ValueError(f"corrupt or unreadable parameter checkpoint {ckpt}: {type(e).__name__}: {e}") from e
+    if not isinstance(host, dict):
+        raise ValueError(f"corrupt parameter checkpoint {ckpt}: expected a dict of parameters, got {type(host)}")
+    try:
+        check_params(cfg, host)
+    except ValueError as e:
+        raise ValueError(f"{ckpt} does not match {path / CONFIG_FILE}: {e}") from e
+    dt = _resolve_dtype(dtype)
+
+    def put(x):
+        x = np.asarray(x)
+        if dt is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dt)
+        return jax.device_put(x)
+
+    return jax.tree.map(put, host)
+
+
+def load_tokenizer(path: str | Path):
+    """transformers.AutoTokenizer of a model directory, or None when it has no tokenizer files."""
+    path = Path(path)
+    if not has_tokenizer(path):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
+
+
+def load(path: str | Path, dtype=None):
+    """(config, params, tokenizer) of a model directory written by `polar convert` or `save`.
+
+    tokenizer is a transformers tokenizer, or None when the directory has no tokenizer files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg = load_config(path / CONFIG_FILE)
+    params = load_params(path, cfg, dtype)
+    return cfg, params, load_tokenizer(path)
