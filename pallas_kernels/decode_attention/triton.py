@@ -1,0 +1,330 @@
+"""Selective-head flash-decoding attention in Pallas, lowered through Triton (GPU) or run by the Pallas
+interpreter (CPU).
+
+Grid (B, C, P): one program per (sequence b, selected slot c, KV split p). A program reads its KV head
+id `kv = head_idx[b, c]` and exits at once when the slot is empty (-1) or its split starts at or past
+`lengths[b]`; otherwise it loads the G query rows of group `kv` and streams its part of the K/V slab
+`cache[layer, b, kv, start:end, :]` in `block_s`-position blocks with an f32 online softmax. Each
+selected slab is read once, and only its valid positions (loads past `lengths[b]` are masked off, so
+they fetch nothing).
+
+Splits follow the *dynamic* length: sequence b's positions are cut into P pieces of
+`round_up(cdiv(lengths[b], P), block_s)`, so short sequences in a long cache still use all P programs
+and a split past the length is an early exit.
+  P == 1: one launch. A slot program normalises and writes its G rows of the [B, N, H] result; the
+          grid has K extra programs per sequence (c >= C) that write zeros for the KV heads no slot
+          selects, so no scatter pass follows.
+  P > 1:  slot programs write partial (o, max, sum) in f32; `_combine_kernel` (grid (B, K), a second
+          small launch) merges the splits that ran and writes the result, zeros for unselected heads.
+
+Query rows: the scores are a dot `q[GP, H] @ k[BS, H].T` with the G rows of a group padded to
+GP = max(16, pow2(G)) (Triton's dot needs M >= 16); padded rows are zeros and never stored. The dot
+form matters beyond arithmetic: Triton software-pipelines (cp.async, `num_stages` deep) only loads
+that feed a dot, so K and V blocks are in flight while the previous block is reduced. For MHA (G == 1)
+an elementwise variant (`use_dot=False`: multiply + reduce, with the next block's K/V prefetched into
+registers by hand) is kept for tuning.
+
+Head dims that are not powers of two (80, 96) are padded to Hp = pow2(H) inside the kernel and masked
+(a 16-byte multiple, so loads stay vectorised). The layer of a stacked [L, B, K, S, H] cache is
+indexed inside the kernel: the whole stacked cache is the kernel's operand, so a jitted scan over
+layers never materialises a layer slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NUM_SMS = 132  # H100 / H200; sizes the split count only: a wrong value costs speed, not correctness.
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    block_s: int = 64      # cache positions per loop step
+    splits: int = 1        # P: programs sharing one (sequence, head) slab
+    num_warps: int = 4
+    num_stages: int = 3    # software-pipelining depth of the K/V loads (dot path)
+    use_dot: bool = True   # scores/values through tl.dot (rows padded to 16); False: elementwise (G == 1)
+
+
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def attention_config(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.float16) -> AttentionConfig:
+    """Block sizes for batch B, N query / K KV heads, cache length S, head dim H, C selected slots.
+
+    Splits: enough (B, C, P) programs to give every SM several, while each split keeps >= 4 blocks
+    (a split's fixed cost, loading q and writing f32 partials, stays small next to its slab bytes).
+    Numbers from `python -m benchmarks.bench_attention --tune` on an H200.
+    """
+    G = N // K
+    itemsize = jnp.dtype(dtype).itemsize
+    block_s = 64 if _pow2_at_least(H) * itemsize <= 256 else 32
+    work = max(1, B * C)
+    splits = 1
+    while work * splits < 4 * NUM_SMS and S // (splits * 2) >= 4 * block_s and splits < 64:
+        splits *= 2
+    del G
+    return AttentionConfig(block_s=block_s, splits=splits, num_warps=4, num_stages=3, use_dot=True)
+
+
+def _dot(a, b, *, trans_b: bool):
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # IEEE f32, not TF32
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _split_size(length, P: int, BS: int):
+    """Positions per split of a sequence of `length` valid positions: round_up(cdiv(length, P), BS)."""
+    per = (length + P - 1) // P
+    return (per + BS - 1) // BS * BS
+
+
+def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_refs, cfg: AttentionConfig,
+                 G: int, H: int, C: int, sm_scale: float, dense: bool):
+    BS, P = cfg.block_s, cfg.splits
+    Hp = _pow2_at_least(H)
+    GP = _pow2_at_least(G, 16) if cfg.use_dot else 1
+    b, c, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = lengths_ref[b]
+    layer = layer_ref[0]
+    kv = c if dense else hidx_ref[b, jnp.minimum(c, C - 1)]
+    per = _split_size(length, P, BS)
+    start = p * per
+    end = jnp.minimum(start + per, length)
+
+    hh = jnp.arange(Hp)
+    h_mask = hh < H
+    pos_base = jnp.arange(BS)
+    hh_s = jnp.broadcast_to(hh[None, :], (BS, Hp))
+    rows = jnp.arange(GP)
+    row_mask = rows < G
+    tile_mask = row_mask[:, None] & h_mask[None, :]                                   # [GP, Hp]
+    # Masked-off lanes keep their own indices (never clamped onto a live element): the interpreter
+    # implements a masked store as a scatter of old-or-new values, so a duplicate index would race.
+    rows2 = jnp.broadcast_to(rows[:, None], (GP, Hp))
+    hh2 = jnp.broadcast_to(hh[None, :], (GP, Hp))
+
+    def kv_block(ref, s0):
+        pos = s0 + pos_base
+        live = pos < end
+        mask = live[:, None] & h_mask[None, :] if Hp != H else jnp.broadcast_to(live[:, None], (BS, Hp))
+        pos2 = jnp.broadcast_to(pos[:, None], (BS, Hp))
+        return plgpu.load(ref.at[layer, b, kv, pos2, hh_s], mask=mask, other=0), live  # [BS, Hp]
+
+    n_blocks = (end - start + BS - 1) // BS
+
+    def compute():
+        """(o [GP, Hp] unnormalised, m [GP], l [GP]) over positions [start, end), all f32."""
+        if cfg.use_dot:
+            q = plgpu.load(q_ref.at[b, kv * G + rows2, hh2], mask=tile_mask, other=0)  # [GP, Hp]
+
+            def body(j, carry):
+                o, m, l = carry
+                s0 = start + j * BS
+                k, live = kv_block(k_ref, s0)
+                s = _dot(q, k, trans_b=True) * sm_scale                              # [GP, BS] f32
+                s = jnp.where(live[None, :], s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))                           # [GP]
+                corr = jnp.exp(m - m_new)
+                pr = jnp.exp(s - m_new[:, None])
+                l = l * corr + jnp.sum(pr, axis=1)
+                v, _ = kv_block(v_ref, s0)
+                o = o * corr[:, None] + _dot(pr.astype(v.dtype), v, trans_b=False)  # [GP, Hp]
+                return o, m_new, l
+
+            init = (jnp.zeros((GP, Hp), jnp.float32), jnp.full((GP,), -jnp.inf, jnp.float32),
+                    jnp.zeros((GP,), jnp.float32))
+            return lax.fori_loop(0, n_blocks, body, init)
+
+        # G == 1: scores by multiply + reduce; K/V of block j + 1 are loaded before block j is reduced
+        # (a hand-made two-stage pipeline: Triton pipelines only loads that feed a dot).
+        q = plgpu.load(q_ref.at[b, kv, hh], mask=h_mask, other=0).astype(jnp.float32) * sm_scale  # [Hp]
+
+        def body(j, carry):
+            o, m, l, k, v, live = carry
+            nxt = start + (j + 1) * BS
+            k_n, live_n = kv_block(k_ref, nxt)   # masked off past `end`: nothing is fetched
+            v_n, _ = kv_block(v_ref, nxt)
+            s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)                  # [BS]
+            s = jnp.where(live, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s))
+            corr = jnp.exp(m - m_new)
+            pr = jnp.exp(s - m_new)
+            l = l * corr + jnp.sum(pr)
+            o = o * corr + jnp.sum(pr[:, None] * v.astype(jnp.float32), axis=0)      # [Hp]
+            return o, m_new, l, k_n, v_n, live_n
+
+        k0, live0 = kv_block(k_ref, start)
+        v0, _ = kv_block(v_ref, start)
+        init = (jnp.zeros((Hp,), jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0.0), k0, v0, live0)
+        o, m, l, *_ = lax.fori_loop(0, n_blocks, body, init)
+        return o[None, :], m[None], l[None]
+
+    is_slot = True if dense else c < C
+    active = is_slot & (start < end) if dense else is_slot & (kv >= 0) & (start < end)
+
+    if P == 1:
+        (out_ref,) = out_refs                                                        # [B, N, H]
+
+        @pl.when(active)
+        def _():
+            o, m, l = compute()
+            plgpu.store(out_ref.at[b, kv * G + rows2, hh2], (o / l[:, None]).astype(out_ref.dtype),
+                        mask=tile_mask)
+
+        zeros = jnp.zeros((GP, Hp), out_ref.dtype)
+        if dense:
+            @pl.when(length <= 0)
+            def _():
+                plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
+        else:
+            @pl.when(is_slot & (kv >= 0) & (length <= 0))
+            def _():
+                plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
+
+            # Programs c >= C own KV head k = c - C and write its zeros if no slot selects it, so the
+            # whole [B, N, H] result comes out of this one kernel.
+            Cp = _pow2_at_least(C)
+            k_own = c - C
+
+            @pl.when(c >= C)
+            def _():
+                ids = plgpu.load(hidx_ref.at[b, jnp.arange(Cp)], mask=jnp.arange(Cp) < C, other=-1)
+                chosen = jnp.max(jnp.where(ids == k_own, 1, 0)) > 0
+
+                @pl.when(jnp.logical_not(chosen))
+                def _():
+                    plgpu.store(out_ref.at[b, k_own * G + rows2, hh2], zeros, mask=tile_mask)
+    else:
+        o_ref, m_ref, l_ref = out_refs                                               # [B, C, P, G, H] ...
+
+        @pl.when(active)
+        def _():
+            o, m, l = compute()
+            plgpu.store(o_ref.at[b, c, p, rows2, hh2], o, mask=tile_mask)
+            plgpu.store(m_ref.at[b, c, p, rows], m, mask=row_mask)
+            plgpu.store(l_ref.at[b, c, p, rows], l, mask=row_mask)
+
+
+def _combine_kernel(lengths_ref, hidx_ref, o_ref, m_ref, l_ref, out_ref, *, G: int, H: int, C: int, P: int,
+                    block_s: int, dense: bool):
+    """Program (b, k): merge the splits of KV head k of sequence b into out[b, k*G:(k+1)*G], or zeros."""
+    Hp, GP = _pow2_at_least(H), _pow2_at_least(G)
+    b, k = pl.program_id(0), pl.program_id(1)
+    length = lengths_ref[b]
+    hh = jnp.arange(Hp)
+    rows = jnp.arange(GP)
+    row_mask = rows < G
+    tile_mask = row_mask[:, None] & (hh < H)[None, :]
+    rows2 = jnp.broadcast_to(rows[:, None], (GP, Hp))
+    hh2 = jnp.broadcast_to(hh[None, :], (GP, Hp))
+    if dense:
+        slot, chosen = k, True
+    else:
+        Cp = _pow2_at_least(C)
+        cc = jnp.arange(Cp)
+        ids = plgpu.load(hidx_ref.at[b, cc], mask=cc < C, other=-1)
+        slot = jnp.min(jnp.where(ids == k, cc, Cp))
+        chosen = slot < C
+    live = chosen & (length > 0)
+
+    @pl.when(live)
+    def _():
+        per = _split_size(length, P, block_s)
+        n_valid = (length + per - 1) // per     # the splits that ran: start = p * per < length
+
+        def body(p, carry):
+            acc, m, l = carry
+            m_p = plgpu.load(m_ref.at[b, slot, p, rows], mask=row_mask, other=0)
+            l_p = plgpu.load(l_ref.at[b, slot, p, rows], mask=row_mask, other=0)
+            o_p = plgpu.load(o_ref.at[b, slot, p, rows2, hh2], mask=tile_mask, other=0)
+            m_new = jnp.maximum(m, m_p)
+            a, w = jnp.exp(m - m_new), jnp.exp(m_p - m_new)
+            return acc * a[:, None] + o_p * w[:, None], m_new, l * a + l_p * w
+
+        init = (jnp.zeros((GP, Hp), jnp.float32), jnp.full((GP,), -jnp.inf, jnp.float32),
+                jnp.zeros((GP,), jnp.float32))
+        acc, _, l = lax.fori_loop(0, n_valid, body, init)
+        l = jnp.where(row_mask, l, 1.0)
+        plgpu.store(out_ref.at[b, k * G + rows2, hh2], (acc / l[:, None]).astype(out_ref.dtype), mask=tile_mask)
+
+    @pl.when(jnp.logical_not(live))
+    def _():
+        plgpu.store(out_ref.at[b, k * G + rows2, hh2], jnp.zeros((GP, Hp), out_ref.dtype), mask=tile_mask)
+
+
+def _check_backend(interpret):
+    """Interpret mode anywhere; compiled only on a CUDA GPU (elsewhere the API falls back)."""
+    if interpret is None:
+        interpret = False
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError("the Triton backend needs a CUDA GPU (pass interpret=True to run it on CPU)")
+    return interpret
+
+
+def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None, sm_scale=None, impl=None,
+                     interpret=None, config: AttentionConfig | None = None):
+    """o [B, N, H]; arguments already validated by the API.
+
+    Here k_cache / v_cache are always [L, B, K, S, H] and `layer` an int32 scalar (the API lifts a 4-D
+    cache to L = 1 with a free reshape).
+    """
+    del impl
+    interpret = _check_backend(interpret)
+    B, N, H = q.shape
+    L, _, K, S, _ = k_cache.shape
+    G = N // K
+    dense = head_idx is None
+    C = K if dense else head_idx.shape[1]
+    if sm_scale is None:
+        sm_scale = H ** -0.5
+    if config is None:
+        config = attention_config(B, N, K, S, H, C, q.dtype)
+    if not config.use_dot and G != 1:
+        raise ValueError(f"use_dot=False handles G == 1 (MHA) only; got G={G}")
+    P = config.splits
+    if C == 0:
+        return jnp.zeros_like(q)
+    hidx = jnp.zeros((B, 1), jnp.int32) if dense else head_idx.astype(jnp.int32)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    lengths = lengths.astype(jnp.int32)
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel = functools.partial(_attn_kernel, cfg=config, G=G, H=H, C=C, sm_scale=float(sm_scale), dense=dense)
+    if P == 1:
+        # One launch: slot programs write their heads, programs C..C+K-1 zero the unselected ones.
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((B, N, H), q.dtype),
+            grid=(B, C if dense else C + K, 1),
+            interpret=interpret,
+            compiler_params=params,
+            name="decode_attention",
+        )(lengths, hidx, layer, q, k_cache, v_cache)
+    o, m, l = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((B, C, P, G, H), jnp.float32),
+                   jax.ShapeDtypeStruct((B, C, P, G), jnp.float32),
+                   jax.ShapeDtypeStruct((B, C, P, G), jnp.float32)],
+        grid=(B, C, P),
+        interpret=interpret,
+        compiler_params=params,
+        name="decode_attention_split",
+    )(lengths, hidx, layer, q, k_cache, v_cache)
+    combine = functools.partial(_combine_kernel, G=G, H=H, C=C, P=P, block_s=config.block_s, dense=dense)
+    return pl.pallas_call(
+        combine,
+        out_shape=jax.ShapeDtypeStruct((B, N, H), q.dtype),
+        grid=(B, K),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=1 if G * H <= 256 else 4, num_stages=2),
+        name="decode_attention_combine",
+    )(lengths, hidx, o, m, l)
