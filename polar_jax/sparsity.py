@@ -36,6 +36,10 @@ class SparsityConfig:
     mlp_k: int | tuple[int, ...] | None = None  # neurons per layer (random: union size; router: per token)
     dense_layers: tuple[int, ...] = (0,)
     seed: int = 0
+    # Per-batch-size router top-k from `polar calibrate`: ((batch, per-layer k), ...) ascending in batch. The
+    # union over the batch grows with the batch, so the k that reaches a recall target does too; `for_batch`
+    # picks the entry to use. A tuple of tuples, not a dict, so the config stays hashable (a static jit arg).
+    mlp_k_table: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self):
         for field in ("attn", "mlp"):
@@ -44,8 +48,25 @@ class SparsityConfig:
         dens = np.atleast_1d(np.asarray(self.attn_density, dtype=np.float64))
         if np.any(dens <= 0) or np.any(dens > 1):
             raise ValueError(f"attention density must lie in (0, 1], got {self.attn_density}")
-        if self.mlp in ("random", "router") and self.mlp_k is None:
-            raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer)")
+        if self.mlp_k_table is not None:
+            table = tuple((int(b), tuple(int(k) for k in np.atleast_1d(ks))) for b, ks in self.mlp_k_table)
+            batches = [b for b, _ in table]
+            if not table or batches != sorted(set(batches)) or batches[0] < 1:
+                raise ValueError(f"mlp_k_table batch sizes must be distinct, ascending and >= 1, got {batches}")
+            object.__setattr__(self, "mlp_k_table", table)
+        if self.mlp in ("random", "router") and self.mlp_k is None and self.mlp_k_table is None:
+            raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer) or mlp_k_table")
+
+    def for_batch(self, batch: int) -> SparsityConfig:
+        """This config with mlp_k taken from mlp_k_table for a batch of `batch` sequences.
+
+        The entry of the smallest calibrated batch size >= batch (its k reaches the recall target for any
+        smaller batch too, since the union only shrinks), else the largest. Without a table: self.
+        """
+        if self.mlp_k_table is None:
+            return self
+        ks = next((ks for b, ks in self.mlp_k_table if b >= batch), self.mlp_k_table[-1][1])
+        return dataclasses.replace(self, mlp_k=ks if len(ks) > 1 else ks[0], mlp_k_table=None)
 
     @property
     def is_dense(self) -> bool:
@@ -60,17 +81,28 @@ class SparsityConfig:
         counts[list(self.dense_layers)] = cfg.n_kv_heads
         return counts
 
-    def neuron_counts(self, cfg: ModelConfig) -> np.ndarray:
-        """[L] neurons per layer (random: union size; router: top-k per token); F in dense layers."""
+    def neuron_counts(self, cfg: ModelConfig, batch: int | None = None) -> np.ndarray:
+        """[L] neurons per layer (random: union size; router: top-k per token); F in dense layers.
+
+        With an mlp_k_table, `batch` picks the entry (see `for_batch`); without a batch, the largest.
+        """
         if self.mlp in ("all", "oracle"):
             return np.full(cfg.n_layers, cfg.mlp_dim, np.int32)
+        if self.mlp_k_table is not None:
+            return self.for_batch(batch or self.mlp_k_table[-1][0]).neuron_counts(cfg)
         k = np.broadcast_to(np.asarray(self.mlp_k, dtype=np.int64), (cfg.n_layers,))
         counts = np.clip(k, 1, cfg.mlp_dim).astype(np.int32)
         counts[list(self.dense_layers)] = cfg.mlp_dim
         return counts
 
-    def to_json(self, path: str | Path) -> None:
+    def to_json(self, path: str | Path, meta: dict | None = None) -> None:
+        """Write the config; mlp_k_table as {"batch": [k per layer]}. `meta` (how it was made) is stored
+        under "meta" and ignored when reading."""
         d = dataclasses.asdict(self)
+        if self.mlp_k_table is not None:
+            d["mlp_k_table"] = {str(b): list(ks) for b, ks in self.mlp_k_table}
+        if meta:
+            d["meta"] = meta
         Path(path).write_text(json.dumps(d, indent=1))
 
     @classmethod
@@ -82,6 +114,8 @@ class SparsityConfig:
         for key in ("attn_density", "mlp_k", "dense_layers"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
+        if isinstance(d.get("mlp_k_table"), dict):
+            d["mlp_k_table"] = tuple(sorted((int(b), tuple(ks)) for b, ks in d["mlp_k_table"].items()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
