@@ -1,0 +1,126 @@
+"""Dynamic per-layer MLP top-k per batch size, and the sparsity config that generate / eval / benchmarks read.
+
+At decode time each token of a batch takes its router's top-k neurons and the layer computes their union.
+For a batch size B the k of a layer is the smallest multiple of 128 whose union recall reaches the target:
+  recall(k) = |union_i topk_i(router) & union_i active_i| / |union_i active_i|   over batches of B tokens.
+A neuron is in the union of top-k sets iff its best rank over the batch is < k, so one pass of ranks gives
+recall at every k at once. Batches are drawn from the held-out end of the collected tokens (the router
+never trained on them), so the k is not tuned to tokens the router memorised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from polar_jax.sparsity import SparsityConfig
+from training.collect import has_mlp_labels, load_data
+from training.routers import check_routers, mlp_logits
+
+K_MULTIPLE = 128  # the selective GEMM kernels work in blocks; a k between multiples buys nothing
+
+
+def ranks(logits: np.ndarray) -> np.ndarray:
+    """[n, F] scores -> [n, F] int32 rank of each neuron in its token's ordering (0 = largest)."""
+    order = np.argsort(-logits, axis=1, kind="stable")
+    r = np.empty(logits.shape, np.int32)
+    np.put_along_axis(r, order, np.arange(logits.shape[1], dtype=np.int32)[None], axis=1)
+    return r
+
+
+def union_recall(rank: np.ndarray, active: np.ndarray, batch_size: int, n_batches: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """recall[k] for k = 0..F: the batch-union recall of per-token top-k, pooled over n_batches random
+    batches of batch_size distinct tokens. rank, active: [n, F]."""
+    n, F = rank.shape
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} needs at least that many calibration tokens, have {n}")
+    hits, total = np.zeros(F + 1, np.int64), 0
+    for _ in range(n_batches):
+        b = rng.choice(n, batch_size, replace=False)
+        best = rank[b].min(axis=0)  # [F] best rank of each neuron over the batch
+        true = active[b].any(axis=0)  # [F] the batch union of truly active neurons
+        hits += np.bincount(best[true] + 1, minlength=F + 1)  # found by every k > best
+        total += int(true.sum())
+    return np.cumsum(hits) / max(total, 1) if total else np.ones(F + 1)
+
+
+def min_k(recall: np.ndarray, target: float, multiple: int = K_MULTIPLE) -> tuple[int, float]:
+    """(smallest k in {multiple, 2*multiple, ..., F} with recall[k] >= target, its recall)."""
+    F = len(recall) - 1
+    candidates = list(range(multiple, F, multiple)) + [F]
+    for k in candidates:
+        if recall[k] >= target:
+            return k, float(recall[k])
+    return F, float(recall[F])
+
+
+def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128), recall: float = 0.99,
+              attn_density: float = 0.5, heldout_frac: float = 0.1, n_batches: int = 16, seed: int = 0,
+              progress: bool = True) -> tuple[SparsityConfig, dict]:
+    """Write a SparsityConfig JSON: uniform attention density (dense layers kept dense) and, for models with
+    an MLP router, the per-layer router top-k table over batch_sizes. Returns (config, report)."""
+    from polar_jax.checkpoint import load
+
+    if not 0 < recall <= 1:
+        raise ValueError(f"--recall must lie in (0, 1], got {recall}")
+    if not 0 < attn_density <= 1:
+        raise ValueError(f"--attn-density must lie in (0, 1], got {attn_density}")
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {batch_sizes}")
+    cfg, params, _ = load(model_dir)
+    dense_layers = (0,)
+    L, F = cfg.n_layers, cfg.mlp_dim
+    routers = params.get("routers") or {}
+    attn = "router" if attn_density < 1 else "all"
+    density = tuple(1.0 if l in dense_layers else attn_density for l in range(L))
+    check_routers(cfg, params, SparsityConfig(attn=attn, attn_density=density), where=str(model_dir))
+    report = {"model": cfg.name, "recall_target": recall, "attn_density": attn_density, "batch_sizes": batch_sizes}
+
+    if "mlp" not in routers or not has_mlp_labels(cfg):
+        why = ("it has no MLP router (train one with `polar train-routers --mlp`)" if has_mlp_labels(cfg)
+               else f"MLP neuron sparsity needs a ReLU model and {cfg.name} uses {cfg.activation}")
+        print(f"note: MLP stays dense for {model_dir}: {why}")
+        sp = SparsityConfig(attn=attn, attn_density=density, dense_layers=dense_layers)
+    else:
+        ds = load_data(data_dir, cfg, params)
+        n_cal = max(int(round(ds.n * heldout_frac)), batch_sizes[-1])
+        if n_cal > ds.n:
+            raise ValueError(f"{data_dir} has {ds.n} tokens; batch size {batch_sizes[-1]} needs at least that many")
+        cal = slice(ds.n - n_cal, ds.n)
+        rng = np.random.default_rng(seed)
+        table = {b: [F] * L for b in batch_sizes}
+        achieved = {b: [1.0] * L for b in batch_sizes}
+        layer_logits = jax.jit(mlp_logits)
+        for l in tqdm(range(L), desc="calibrate", unit="layer", disable=not progress):
+            if l in dense_layers:
+                continue
+            r = jax.tree_util.tree_map(lambda a: a[l], routers["mlp"])
+            rank = ranks(np.asarray(layer_logits(r, np.asarray(ds.router_in[l, cal], np.float32))))
+            active = np.unpackbits(np.asarray(ds.mlp_active[l, cal]), axis=-1, count=F).astype(bool)  # [n, F]
+            for b in batch_sizes:
+                table[b][l], achieved[b][l] = min_k(union_recall(rank, active, b, n_batches, rng), recall)
+        sp = SparsityConfig(attn=attn, attn_density=density, mlp="router", dense_layers=dense_layers,
+                            mlp_k_table=tuple((b, tuple(table[b])) for b in batch_sizes))
+        report |= {"calibration_tokens": n_cal, "mlp_k": {str(b): table[b] for b in batch_sizes},
+                   "union_recall": {str(b): achieved[b] for b in batch_sizes}}
+        print(format_k_table(table, F))
+    out_path = Path(out_path)
+    if out_path.parent and not out_path.parent.exists():
+        out_path.parent.mkdir(parents=True)
+    sp.to_json(out_path, meta={"made_by": "polar calibrate", **report})
+    print(f"wrote {out_path}")
+    return sp, report
+
+
+def format_k_table(table: dict[int, list[int]], F: int) -> str:
+    bs = sorted(table)
+    L = len(table[bs[0]])
+    head = f"MLP router top-k per layer (F={F}) by batch size\n{'layer':>5} " + " ".join(f"{'B=' + str(b):>7}" for b in bs)
+    rows = [f"{l:>5} " + " ".join(f"{table[b][l]:>7}" for b in bs) for l in range(L)]
+    mean = f"{'mean':>5} " + " ".join(f"{np.mean(table[b]) / F:>7.1%}" for b in bs)
+    return "\n".join([head, *rows, mean])
