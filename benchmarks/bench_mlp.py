@@ -13,15 +13,17 @@ weights nor the selected rows stay in L2 from one call to the next. Reported per
   ideal             1 / density = F / count
 
 `python -m benchmarks.bench_mlp` runs the sweep and writes results/kernels_mlp.{json,md};
-`--tune` times candidate block configurations of each kernel at a few shapes (the heuristics in
-pallas_kernels/selective_gemm/triton.py come from it); `--quick` runs a handful of cases.
+`--tune` runs candidate block configurations of each kernel at a few shapes once each, between marker
+kernels, for Nsight Compute (`ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,
+dram__bytes_write.sum python -m benchmarks.bench_mlp --tune > log; python -m benchmarks.bench_mlp
+--parse-ncu log`); the heuristics in pallas_kernels/selective_gemm/triton.py come from it.
+`--quick` runs a handful of cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -148,83 +150,128 @@ def run(copy_bw: float, quick: bool = False) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# tuning: candidate block configurations of each kernel alone
+# tuning: candidate block configurations of each kernel alone, timed by Nsight Compute (kernel time with
+# cold caches) or, without it, by the chained host timing above.
 
-TUNE_CASES = [(8192, 16, 3328), (8192, 128, 3328), (4096, 16, 1664)]
+U, Dn = tk.UpConfig, tk.DownConfig
+TUNE = [  # kind, variant, D, B, count, config
+    *[("up", "relu", 8192, 16, 3328, c) for c in [
+        U(16, 16, 256, 1, 4, 4), U(16, 16, 256, 2, 4, 4), U(16, 16, 256, 2, 4, 5), U(16, 16, 128, 2, 4, 6),
+        U(16, 32, 256, 2, 4, 4), U(16, 16, 256, 4, 4, 4), U(16, 32, 128, 2, 4, 5), U(16, 16, 512, 2, 4, 3)]],
+    *[("up", "relu", 8192, 128, 3328, c) for c in [
+        U(128, 32, 128, 1, 4, 4), U(128, 64, 64, 2, 4, 4), U(128, 64, 64, 4, 4, 4), U(128, 64, 128, 2, 4, 3),
+        U(128, 128, 64, 4, 8, 3), U(64, 64, 128, 2, 4, 3), U(128, 32, 128, 2, 4, 4)]],
+    *[("up", "relu", 4096, 16, 1664, c) for c in [
+        U(16, 16, 128, 1, 4, 6), U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 5), U(16, 16, 256, 4, 4, 4)]],
+    *[("up", "gated", 8192, 16, 2304, c) for c in [U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 5),
+                                                    U(16, 16, 256, 1, 4, 4)]],
+    *[("down", "relu", 8192, 16, 3328, c) for c in [
+        Dn(16, 64, 64, 1, 4, 4), Dn(16, 64, 128, 2, 4, 4), Dn(16, 64, 128, 4, 4, 4), Dn(16, 32, 128, 4, 4, 5),
+        Dn(16, 64, 256, 4, 4, 3), Dn(16, 128, 64, 2, 4, 3), Dn(16, 64, 64, 2, 4, 4), Dn(16, 32, 256, 8, 4, 4)]],
+    *[("down", "relu", 8192, 128, 3328, c) for c in [
+        Dn(128, 64, 128, 2, 4, 3), Dn(128, 64, 128, 1, 4, 3), Dn(128, 64, 64, 1, 4, 3), Dn(128, 32, 128, 2, 4, 4),
+        Dn(128, 64, 256, 2, 8, 3), Dn(64, 64, 128, 1, 4, 3)]],
+    *[("down", "relu", 4096, 16, 1664, c) for c in [
+        Dn(16, 64, 64, 2, 4, 4), Dn(16, 64, 128, 4, 4, 4), Dn(16, 32, 64, 4, 4, 5), Dn(16, 64, 64, 1, 4, 4)]],
+    *[(k, "relu", 8192, B, c, None) for k in ("mlp", "xla") for B in (16, 128) for c in (3328,)],
+    *[(k, "gated", 4096, B, c, None) for k in ("mlp", "xla") for B in (16,) for c in (1152,)],
+]
 
 
-def _up_candidates(B):
-    bb = min(max(16, 1 << (B - 1).bit_length()), 128)
-    C = tk.UpConfig
-    out = [tk.up_config(B, 8192, 3328)]
-    for bn, bk, w, s in [(16, 256, 4, 4), (16, 512, 4, 3), (16, 128, 4, 6), (16, 256, 8, 4), (32, 256, 4, 4),
-                         (32, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 8, 3)]:
-        out.append(C(block_b=bb, block_n=bn, block_k=bk, num_warps=w, num_stages=s))
-    if B > 64:
-        out += [C(block_b=64, block_n=64, block_k=128, num_warps=4, num_stages=3)]
-    return list(dict.fromkeys(out))
+def _tune_inputs(kind, variant, D, B, count, key):
+    F = mlp_width(variant, D)
+    k = jax.random.split(key, 6)
+    w = lambda i: (jax.random.normal(k[i], (N_WSETS, F, D), jnp.float32) * 0.01).astype(DTYPE)  # [2, F, D]
+    idx = jnp.sort(jax.random.permutation(k[5], F)[:count]).astype(jnp.int32)
+    if kind == "up":
+        x = jax.random.normal(k[3], (B, D), jnp.float32).astype(DTYPE)
+        return dict(x=x, w_up=w(0), w_gate=w(1) if variant == "gated" else None, idx=idx)
+    if kind == "down":
+        return dict(h=jax.random.normal(k[3], (B, count), jnp.float32).astype(DTYPE), w_down=w(0), idx=idx)
+    x = jax.random.normal(k[3], (B, D), jnp.float32).astype(DTYPE)
+    return dict(x=x, w_up=w(0), w_down=w(1), w_gate=w(2) if variant == "gated" else None, idx=idx)
 
 
-def _down_candidates(B):
-    bb = min(max(16, 1 << (B - 1).bit_length()), 128)
-    C = tk.DownConfig
-    out = [tk.down_config(B, 8192, 3328)]
-    for bn, bd, s, w, st in [(64, 64, 1, 4, 4), (128, 64, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
-                             (64, 64, 2, 4, 4), (128, 32, 1, 4, 4), (32, 256, 4, 4, 4), (32, 64, 1, 4, 6),
-                             (64, 128, 1, 8, 3), (64, 256, 2, 8, 3)]:
-        out.append(C(block_b=bb, block_n=bn, block_d=bd, split=s, num_warps=w, num_stages=st))
-    return list(dict.fromkeys(out))
+def _tune_fn(kind, variant, count, cfg):
+    act = "none" if variant == "gated" else "relu"
+    if kind == "up":
+        return lambda p, l: tk.selective_up(p["x"], p["w_up"], p["idx"], count, w_gate=p["w_gate"], layer=l,
+                                            activation=act, config=cfg)
+    if kind == "down":
+        return lambda p, l: tk.selective_down(p["h"], p["w_down"], p["idx"], count, layer=l, config=cfg)
+    if kind == "mlp":
+        return lambda p, l: api.selective_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], count, w_gate=p["w_gate"],
+                                              layer=l, activation=act)
+    def xla(p, l):
+        w = {n: p[n][l] for n in ("w_up", "w_down", "w_gate") if p[n] is not None}
+        return _xla_dense(p["x"], {**w, "b_up": jnp.zeros((), DTYPE)} if "w_gate" not in w else w)
+    return xla
 
 
-def tune(copy_bw: float, out_path: str | None = None) -> list[dict]:
-    key = jax.random.key(1)
-    results = []
-    by_D = {}
-    for D, B, count in TUNE_CASES:
-        F = 4 * D
-        if D not in by_D:
-            by_D.clear()
-            k = jax.random.split(jax.random.fold_in(key, D), 2)
-            by_D[D] = [jnp.stack([(jax.random.normal(jax.random.fold_in(k[i], s), (F, D), jnp.float32) * 0.01)
-                                  .astype(DTYPE) for s in range(N_WSETS)]) for i in range(2)]  # [2, F, D] x2
-        wu, wd = by_D[D]
-        idxs = _idx_draws(F, count, jax.random.fold_in(key, count))
-        x = jax.random.normal(jax.random.fold_in(key, B), (B, D), jnp.float32).astype(DTYPE)
-        h = jax.random.normal(jax.random.fold_in(key, B + 1), (B, count), jnp.float32).astype(DTYPE)
-        nbytes = count * D * 2
+def _marker(i):
+    """A trivial kernel named mark_<i>: it separates the cases in the Nsight Compute kernel list."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
-        for kind, cands in (("up", _up_candidates(B)), ("down", _down_candidates(B))):
-            rows = []
-            for cfg in cands:
-                def run_chain(a, w, idxs, cfg=cfg, kind=kind):
-                    for i in range(CHAIN):
-                        lay = jnp.int32(i % N_WSETS)
-                        if kind == "up":
-                            o = tk.selective_up(a, w, idxs[i], count, layer=lay, config=cfg)
-                            a = a + o[:, :1] * 1e-3
-                        else:
-                            o = tk.selective_down(a, w, idxs[i], count, layer=lay, config=cfg)
-                            a = a + o[:, :1] * 1e-3
-                    return a
-                fn = jax.jit(run_chain)
-                try:
-                    ms = common.time_fn(fn, [((x if kind == "up" else h), (wu if kind == "up" else wd), idxs)],
-                                        inner=10, reps=10, warmup=2) / CHAIN
-                except Exception as e:  # noqa: BLE001  (a config Triton rejects: report and go on)
-                    print(f"{kind} D={D} B={B} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                rows.append(dict(kind=kind, D=D, B=B, count=count, cfg=str(cfg), ms=ms, GBps=gbps,
-                                 frac_bw=gbps * 1e9 / copy_bw))
-                print(f"{kind} D={D} B={B} count={count} {cfg}: {ms * 1e3:.1f} us {gbps:.0f} GB/s", flush=True)
-            rows.sort(key=lambda r: r["ms"])
-            print(f"## best {kind} D={D} B={B}: {rows[0]['cfg'] if rows else None} "
-                  f"{rows[0]['ms'] * 1e3 if rows else 0:.1f} us", flush=True)
-            results += rows
-            if out_path:
-                with open(out_path, "w") as f:
-                    json.dump(results, f, indent=1)
-    return results
+    def k(o_ref):
+        o_ref[...] = jnp.zeros((16,), jnp.float32)
+    return pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name=f"mark_{i}",
+                          interpret=jax.default_backend() == "cpu", compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1))()
+
+
+def profile(timed: bool):
+    """Run each TUNE case once after warm-up, between markers (for `ncu`); with timed, also chain-time it."""
+    key = jax.random.key(3)
+    inputs = {}
+    for i, (kind, variant, D, B, count, cfg) in enumerate(TUNE):
+        ik = (kind, variant, D, B, count)
+        if ik not in inputs:
+            inputs.clear()
+            inputs[ik] = _tune_inputs(kind, variant, D, B, count, jax.random.fold_in(key, i))
+        p = inputs[ik]
+        fn = jax.jit(_tune_fn(kind, variant, count, cfg))
+        try:
+            for l in range(2):
+                jax.block_until_ready(fn(p, jnp.int32(l)))
+        except Exception as e:  # noqa: BLE001  (a config Triton rejects: report and go on)
+            print(f"case {i} {kind} {variant} D={D} B={B} count={count} {cfg}: FAILED {type(e).__name__}: "
+                  f"{str(e)[:200]}", flush=True)
+            continue
+        jax.block_until_ready(_marker(i))
+        jax.block_until_ready(fn(p, jnp.int32(1)))
+        msg = f"case {i} {kind} {variant} D={D} B={B} count={count} {cfg}"
+        if timed:
+            ms = common.time_fn(fn, [(p, jnp.int32(l)) for l in range(2)], inner=10, reps=10)
+            msg += f": {ms * 1e3:.1f} us (host-timed, pipelined)"
+        print(msg, flush=True)
+    jax.block_until_ready(_marker(len(TUNE)))
+
+
+def parse_ncu(path: str) -> None:
+    """Sum kernel time and DRAM bytes between markers of an `ncu --csv --page raw` log; print per case."""
+    import csv
+    rows = [r for r in csv.DictReader(l for l in open(path) if l.startswith('"'))]
+    rows = [r for r in rows if r.get("ID", "").isdigit()]
+    case, acc = None, []
+    out = []
+    for r in rows + [{"Kernel Name": "mark_end"}]:
+        name = r["Kernel Name"]
+        if name.startswith("mark_"):
+            if case is not None and acc:
+                out.append((case, acc))
+            case, acc = name[5:], []
+            continue
+        if case is not None:
+            acc.append((name[:40], float(r["gpu__time_duration.sum"]), float(r["dram__bytes_read.sum"]),
+                        float(r["dram__bytes_write.sum"])))
+    for case, ks in out:
+        first = ks
+        t = sum(k[1] for k in first) * 1e-3
+        rd = sum(k[2] for k in first) / 1e6
+        wr = sum(k[3] for k in first) / 1e6
+        parts = " + ".join(f"{k[0]} {k[1] * 1e-3:.1f}" for k in first)
+        print(f"case {case}: {t:.1f} us, DRAM read {rd:.1f} MB write {wr:.1f} MB, "
+              f"{(rd + wr) / max(t, 1e-9) * 1e3:.0f} GB/s  [{parts}]")
 
 
 def check() -> float:
@@ -266,19 +313,23 @@ def check() -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="time the TUNE configurations (run under ncu)")
+    ap.add_argument("--timed", action="store_true", help="with --tune: also chain-time each configuration")
+    ap.add_argument("--parse-ncu", default=None, help="summarise an ncu --csv --page raw log of --tune")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
     ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
     args = ap.parse_args()
     if args.check:
         check()
         return
+    if args.parse_ncu:
+        parse_ncu(args.parse_ncu)
+        return
+    if args.tune:
+        profile(args.timed)
+        return
     copy_bw = common.copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s on {common.device_name()}", flush=True)
-    if args.tune:
-        out = os.path.join(args.out, "tune_mlp.json") if args.out else None
-        tune(copy_bw, out)
-        return
     records = run(copy_bw, quick=args.quick)
     meta = common.metadata("python -m benchmarks.bench_mlp" + (" --quick" if args.quick else ""))
     meta["copy_bw_TBps"] = copy_bw / 1e12

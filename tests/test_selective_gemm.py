@@ -135,6 +135,7 @@ CONFIG_CASES = [  # B, D, F, C, UpConfig, DownConfig
     (3, 200, 96, 45, tk.UpConfig(block_n=16, block_k=64), tk.DownConfig(block_n=16, block_d=32, split=2)),
     (20, 96, 64, 40, tk.UpConfig(block_b=16, block_n=32, block_k=32), tk.DownConfig(block_n=16, block_d=64,
                                                                                     split=3)),
+    (5, 200, 96, 50, tk.UpConfig(block_n=16, block_k=32, split_k=3), tk.DownConfig(block_n=32, block_d=128)),
 ]
 
 

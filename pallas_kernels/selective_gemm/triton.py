@@ -39,6 +39,7 @@ class UpConfig:
     block_b: int = 16     # batch rows per program (>= 16: Triton's dot needs M >= 16; padded rows are masked)
     block_n: int = 16     # selected neurons per program
     block_k: int = 256    # D chunk per loop step
+    split_k: int = 1      # programs sharing one neuron block, each over 1/split_k of D (f32 partial sums)
     num_warps: int = 4
     num_stages: int = 4
 
@@ -70,30 +71,37 @@ def _block_dividing(D: int, cap: int, lo: int = 16) -> int:
 def up_config(B: int, D: int, count: int) -> UpConfig:
     """Block sizes for the up projection; `count` is the expected number of selected neurons."""
     block_b = min(_pow2_at_least(B, 16), 128)
-    # Enough programs to fill the SMs at small counts, but wide enough that re-reading x (B*D per
-    # program, from L2) stays below the weight bytes (block_n*D per program): block_n >= B / 2.
-    block_n = 16
-    while block_n < 64 and (block_n < block_b // 2) and pl.cdiv(count, 2 * block_n) >= 2 * NUM_SMS:
-        block_n *= 2
-    block_k = _block_dividing(D, 256 if block_b <= 32 else 128)
-    return UpConfig(block_b=block_b, block_n=block_n, block_k=block_k, num_warps=4,
-                    num_stages=4 if block_b <= 64 else 3)
+    if block_b <= 32:
+        block_n, block_k, stages = 16, _block_dividing(D, 256), 4
+    else:
+        # Re-reading x (block_b * D per program, from L2) must stay small next to the weight rows
+        # (block_n * D per program): block_n >= block_b / 2.
+        block_n, block_k, stages = 64, _block_dividing(D, 64), 4
+    # Split D across programs until the SMs hold a few programs each (the pipelines keep
+    # num_stages - 1 tiles in flight per program; bandwidth needs several programs per SM).
+    split_k = 1
+    n_k = pl.cdiv(D, block_k)
+    while (pl.cdiv(count, block_n) * pl.cdiv(B, block_b) * split_k < 3 * NUM_SMS and split_k < 4
+           and n_k // (2 * split_k) >= 4):
+        split_k *= 2
+    return UpConfig(block_b=block_b, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
+                    num_stages=stages)
 
 
 def down_config(B: int, D: int, count: int) -> DownConfig:
     """Block sizes for the down projection; `count` is the expected number of selected neurons."""
     block_b = min(_pow2_at_least(B, 16), 128)
-    block_d = _block_dividing(D, 64)
+    block_d = _block_dividing(D, 128)
     n_d = pl.cdiv(D, block_d)
     block_n = 64
-    # Split the neurons across programs until the SMs are covered, keeping >= 4 loop steps each
-    # and the f32 partial sums (split * B * D * 4 bytes) small next to the weight bytes.
+    # Split the neurons across programs until the SMs hold ~2 programs each, keeping >= 4 loop steps
+    # per program and the f32 partial sums (split * B * D * 4 bytes) small next to the weight bytes.
     split = 1
-    while (n_d * split < NUM_SMS and pl.cdiv(count, block_n * split * 2) >= 4
+    while (n_d * split < 2 * NUM_SMS and pl.cdiv(count, block_n * split * 2) >= 4 and split < 8
            and 2 * split * B * 4 <= count * 2 // 4):
         split *= 2
     return DownConfig(block_b=block_b, block_n=block_n, block_d=block_d, split=split, num_warps=4,
-                      num_stages=4 if block_b <= 64 else 3)
+                      num_stages=4 if block_b <= 32 else 3)
 
 
 def _activate(h, activation):
@@ -117,14 +125,16 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
     g_ref = refs[0] if has_gate else None
     b_ref = refs[int(has_gate)] if has_bias else None
     o_ref = refs[-1]
-    BB, BN, BK = cfg.block_b, cfg.block_n, cfg.block_k
+    BB, BN, BK, SK = cfg.block_b, cfg.block_n, cfg.block_k, cfg.split_k
     b0 = pl.program_id(0) * BB
     n0 = pl.program_id(1) * BN
+    sk = pl.program_id(2)
     count = count_ref[0]
     layer = layer_ref[0]
     cols = n0 + jnp.arange(BN)                             # positions in idx
     b_mask = (b0 + jnp.arange(BB)) < B
     o_mask = b_mask[:, None] & (cols < C)[None, :]
+    mask_k, mask_b = D % BK != 0, B % BB != 0
 
     @pl.when(n0 < count)
     def _compute():
@@ -132,15 +142,13 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
         rows = plgpu.load(idx_ref.at[pl.ds(n0, BN)], mask=cols < C, other=0)
         rows = jnp.where(live, rows, 0)
         rows2 = jnp.broadcast_to(rows[:, None], (BN, BK))
-        mask_k = D % BK != 0
-        x_mask_rows = B % BB != 0
 
         def body(k, accs):
             kk = k * BK + jnp.arange(BK)
             kk2 = jnp.broadcast_to(kk[None, :], (BN, BK))
             w_mask = live[:, None] & (kk < D)[None, :] if mask_k else jnp.broadcast_to(live[:, None], (BN, BK))
             x_mask = None
-            if mask_k or x_mask_rows:
+            if mask_k or mask_b:
                 x_mask = b_mask[:, None] & (kk < D)[None, :]
             xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
                             other=0 if x_mask is not None else None)          # [BB, BK]
@@ -152,7 +160,17 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
             return tuple(out)
 
         zero = jnp.zeros((BB, BN), jnp.float32)
-        accs = lax.fori_loop(0, pl.cdiv(D, BK), body, (zero, zero) if has_gate else (zero,))
+        init = (zero, zero) if has_gate else (zero,)
+        n_k = pl.cdiv(D, BK)
+        if SK == 1:
+            accs = lax.fori_loop(0, n_k, body, init)
+        else:  # this program's share of the D chunks; the caller adds the partial sums
+            per = pl.cdiv(n_k, SK)
+            k_lo = jnp.minimum(sk * per, n_k)
+            accs = lax.fori_loop(k_lo, jnp.minimum(k_lo + per, n_k), body, init)
+            for i, acc in enumerate(accs):
+                plgpu.store(o_ref.at[jnp.int32(i), sk, pl.ds(b0, BB), pl.ds(n0, BN)], acc, mask=o_mask)
+            return
         h = accs[0]
         if has_bias:
             h = h + plgpu.load(b_ref.at[layer, rows], mask=live, other=0).astype(jnp.float32)[None, :]
@@ -160,9 +178,10 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
         h = jnp.where(live[None, :], h, 0.0)
         plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], h.astype(o_ref.dtype), mask=o_mask)
 
-    @pl.when(n0 >= count)
-    def _zero():
-        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], jnp.zeros((BB, BN), o_ref.dtype), mask=o_mask)
+    if SK == 1:  # with split_k the caller masks the columns >= count
+        @pl.when(n0 >= count)
+        def _zero():
+            plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], jnp.zeros((BB, BN), o_ref.dtype), mask=o_mask)
 
 
 def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownConfig, B: int, D: int, C: int,
@@ -179,27 +198,60 @@ def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownCo
     d_mask = dd < D
     b_mask = (b0 + jnp.arange(BB)) < B
     dd2 = jnp.broadcast_to(dd[None, :], (BN, BD))
-    mask_d = D % BD != 0
+    mask_d, mask_b = D % BD != 0, B % BB != 0
 
+    n_full = count // BN
     n_blocks = pl.cdiv(count, BN)
+
+    def load_rows(j):
+        """idx of full block j (clamped into range: the last prefetch of a loop reads a block it won't use)."""
+        j0 = jnp.maximum(jnp.minimum(j, n_full - 1), 0) * BN
+        if C % BN == 0:
+            return plgpu.load(idx_ref.at[pl.ds(j0, BN)])
+        return plgpu.load(idx_ref.at[pl.ds(j0, BN)], mask=j0 + jnp.arange(BN) < C, other=0)
+
+    def step(j, acc, rows, masked):
+        # Full blocks load unmasked along the neuron axis: a mask that varies along h's contiguous axis
+        # would turn its loads into 2-byte ones that Triton cannot pipeline (cp.async needs >= 4 bytes),
+        # and the whole loop would wait on them. Only the one block straddling `count` is masked.
+        j0 = j * BN
+        cols = j0 + jnp.arange(BN)
+        live = cols < count
+        if masked:
+            rows = plgpu.load(idx_ref.at[pl.ds(j0, BN)], mask=live, other=0)
+        rows2 = jnp.broadcast_to(rows[:, None], (BN, BD))
+        h_mask = None
+        if masked or mask_b:
+            h_mask = b_mask[:, None] & live[None, :] if masked else jnp.broadcast_to(b_mask[:, None], (BB, BN))
+        ht = plgpu.load(h_ref.at[pl.ds(b0, BB), pl.ds(j0, BN)], mask=h_mask,
+                        other=0 if h_mask is not None else None)                # [BB, BN]
+        w_mask = None
+        if masked or mask_d:
+            w_mask = jnp.broadcast_to(live[:, None] if masked else d_mask[None, :], (BN, BD))
+            if masked and mask_d:
+                w_mask = w_mask & d_mask[None, :]
+        wt = plgpu.load(w_ref.at[layer, rows2, dd2], mask=w_mask,
+                        other=0 if w_mask is not None else None)                # [BN, BD] gathered rows
+        return acc + _dot(ht, wt, trans_b=False)
+
+    # This program's share of the active neuron blocks: [lo, hi), of which [lo, min(hi, n_full)) are full.
     per = pl.cdiv(n_blocks, S)
     lo = jnp.minimum(s * per, n_blocks)
     hi = jnp.minimum(lo + per, n_blocks)
 
-    def body(j, acc):
-        j0 = j * BN
-        cols = j0 + jnp.arange(BN)
-        live = cols < count
-        rows = plgpu.load(idx_ref.at[pl.ds(j0, BN)], mask=live, other=0)
-        rows2 = jnp.broadcast_to(rows[:, None], (BN, BD))
-        ht = plgpu.load(h_ref.at[pl.ds(b0, BB), pl.ds(j0, BN)], mask=b_mask[:, None] & live[None, :],
-                        other=0)                                                # [BB, BN]
-        w_mask = live[:, None] & d_mask[None, :] if mask_d else jnp.broadcast_to(live[:, None], (BN, BD))
-        wt = plgpu.load(w_ref.at[layer, rows2, dd2], mask=w_mask, other=0)       # [BN, BD] gathered rows
-        return acc + _dot(ht, wt, trans_b=False)
+    def full_step(j, carry):
+        # The ids of block j were loaded one iteration ahead (carried): an id load feeding the weight
+        # addresses in the same iteration leaves Triton's pipeliner a single buffer (measured), while
+        # a carried one lets it keep num_stages - 1 weight tiles in flight.
+        acc, rows = carry
+        return step(j, acc, rows, False), load_rows(j + 1)
 
-    acc = lax.fori_loop(lo, hi, body, jnp.zeros((BB, BD), jnp.float32))
-    o_mask = b_mask[:, None] & d_mask[None, :]
+    acc = jnp.zeros((BB, BD), jnp.float32)
+    acc, _ = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_step, (acc, load_rows(lo)))
+    acc = lax.fori_loop(jnp.maximum(lo, n_full), hi, lambda j, a: step(j, a, None, True), acc)  # 0 or 1 step
+    o_mask = None
+    if mask_b or mask_d:
+        o_mask = b_mask[:, None] & d_mask[None, :]
     if S == 1:
         if has_bias:
             acc = acc + plgpu.load(b_ref.at[layer, dd], mask=d_mask, other=0).astype(jnp.float32)[None, :]
@@ -235,20 +287,33 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     if config is None:
         config = up_config(B, D, _static_count(count, C))
     has_gate, has_bias = w_gate is not None, b_up is not None
-    kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate, has_bias=has_bias,
-                               activation=activation)
-    grid = (pl.cdiv(B, config.block_b), pl.cdiv(C, config.block_n))
+    kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate,
+                               has_bias=has_bias and config.split_k == 1, activation=activation)
+    SK = config.split_k
+    grid = (pl.cdiv(B, config.block_b), pl.cdiv(C, config.block_n), SK)
     args = [_scalar(count), _scalar(layer), idx.astype(jnp.int32), x, w_up]
     args += [w_gate] if has_gate else []
-    args += [b_up] if has_bias else []
-    return pl.pallas_call(
+    args += [b_up] if has_bias and SK == 1 else []
+    if SK == 1:
+        out_shape = jax.ShapeDtypeStruct((B, C), x.dtype)
+    else:  # f32 partial sums [up (, gate), split, B, C]
+        out_shape = jax.ShapeDtypeStruct((1 + has_gate, SK, B, C), jnp.float32)
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, C), x.dtype),
+        out_shape=out_shape,
         grid=grid,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="selective_up",
     )(*args)
+    if SK == 1:
+        return out
+    # Epilogue of the split: one small XLA fusion over [B, C].
+    u = out[0].sum(axis=0)
+    if has_bias:
+        u = u + jnp.take(lax.dynamic_index_in_dim(b_up, layer, 0, keepdims=False), idx).astype(jnp.float32)
+    h = _activate(out[1].sum(axis=0), "silu") * u if has_gate else _activate(u, activation)
+    return jnp.where(jnp.arange(C) < count, h, 0.0).astype(x.dtype)
 
 
 def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None,
