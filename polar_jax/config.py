@@ -108,10 +108,10 @@ def _opt(name, dim, layers, heads, vocab=50272, embed_dim=0, post_norm=False, ma
 
 
 def _llama(name, dim, layers, heads, kv_heads, mlp_dim, vocab=32000, theta=10000.0, max_positions=4096,
-           scaling=None, tie=False, bos=1, eos=(2,), eps=1e-5):
+           scaling=None, tie=False, bos=1, eos=(2,), eps=1e-5, head_dim=0):
     return ModelConfig(
         name=name, family="llama", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads,
-        n_kv_heads=kv_heads, mlp_dim=mlp_dim, max_positions=max_positions, norm="rms", norm_eps=eps,
+        n_kv_heads=kv_heads, mlp_dim=mlp_dim, max_positions=max_positions, head_dim=head_dim, norm="rms", norm_eps=eps,
         positions="rope", rope_theta=theta, rope_scaling=scaling, activation="silu", gated_mlp=True,
         tie_embeddings=tie, bos_token_id=bos, eos_token_ids=eos, pad_token_id=0,
     )
@@ -141,12 +141,12 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
            scaling=_LLAMA31, bos=128000, eos=(128001, 128008, 128009)),
     _llama("smollm2-135m", 576, 30, 9, 3, 1536, vocab=49152, theta=100000.0, max_positions=8192, tie=True,
            bos=1, eos=(2,)),
-    # Tiny configs for tests: odd sizes on purpose.
-    _opt("tiny-opt", 64, 3, 4, vocab=101, max_positions=64),
-    _opt("tiny-opt-350m", 64, 3, 4, vocab=101, embed_dim=48, post_norm=True, max_positions=64),
-    _llama("tiny-llama", 64, 3, 4, 4, 96, vocab=103, max_positions=64),
-    _llama("tiny-llama-gqa", 96, 3, 6, 2, 160, vocab=103, max_positions=64, tie=True),
-    _llama("tiny-llama3", 64, 2, 4, 2, 96, vocab=103, theta=500000.0, max_positions=64,
+    # Tiny configs for tests: odd sizes on purpose; head dims the decode kernel supports (64).
+    _opt("tiny-opt", 128, 3, 2, vocab=101, max_positions=64),
+    _opt("tiny-opt-350m", 128, 3, 2, vocab=101, embed_dim=96, post_norm=True, max_positions=64),
+    _llama("tiny-llama", 128, 3, 2, 2, 192, vocab=103, max_positions=64),
+    _llama("tiny-llama-gqa", 96, 3, 6, 2, 160, vocab=103, max_positions=64, tie=True, head_dim=64),
+    _llama("tiny-llama3", 128, 2, 2, 1, 192, vocab=103, theta=500000.0, max_positions=64,
            scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
 ]}
 

@@ -25,6 +25,7 @@ def hf_config(cfg):
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_positions, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         rope_scaling=None if rs is None else {
