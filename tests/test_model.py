@@ -12,6 +12,8 @@ from polar_jax import SamplingConfig, SparsityConfig, forward, generate, init_ca
 from polar_jax.cache import cache_bytes
 from polar_jax.params import param_shapes
 
+fwd = jax.jit(forward, static_argnums=0, static_argnames=("sparsity", "last_only", "collect"))
+
 TINY = ["tiny-opt", "tiny-opt-350m", "tiny-llama", "tiny-llama-gqa", "tiny-llama3"]
 
 
@@ -70,22 +72,24 @@ def test_decode_steps_match_full_forward(name):
     params = init_params(cfg, jax.random.key(2))
     B, T, P = 3, 12, 5
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (B, T)))
-    full, _, _ = forward(cfg, params, tokens, init_cache(cfg, B, 32, jnp.float32))
-    logits, cache, _ = forward(cfg, params, tokens[:, :P], init_cache(cfg, B, 32, jnp.float32))
+    full, _, _ = fwd(cfg, params, tokens, init_cache(cfg, B, 32, jnp.float32))
+    logits, cache, _ = fwd(cfg, params, tokens[:, :P], init_cache(cfg, B, 32, jnp.float32))
     steps = [logits]
     for t in range(P, T):
-        logits, cache, _ = forward(cfg, params, tokens[:, t:t + 1], cache)
+        logits, cache, _ = fwd(cfg, params, tokens[:, t:t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=2e-5, rtol=0)
 
 
 def greedy_reference(cfg, params, prompt, n):
     """Greedy continuation by re-running the full forward on the growing sequence (no decode path)."""
-    seq = list(prompt)
-    for _ in range(n):
-        logits, _, _ = forward(cfg, params, jnp.asarray([seq]), init_cache(cfg, 1, 64, jnp.float32))
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
+    seq = np.zeros((1, 32), np.int32)
+    seq[0, : len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        logits, _, _ = fwd(cfg, params, jnp.asarray(seq), init_cache(cfg, 1, 32, jnp.float32),
+                           n_new=jnp.asarray([t]), last_only=True)
+        seq[0, t] = int(jnp.argmax(logits[0]))
+    return list(seq[0, len(prompt): len(prompt) + n])
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
