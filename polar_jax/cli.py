@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from training.cli import add_commands as add_training_commands
+
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -160,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from training.cli import add_commands
-    except ImportError:
-        add_commands = None
-    if add_commands is not None:
-        add_commands(sub)
+    add_training_commands(sub)
     return parser
 
 
