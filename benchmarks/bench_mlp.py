@@ -1,35 +1,43 @@
 """Sparse MLP kernel benchmark: selective_mlp (the public function) against XLA's dense MLP.
 
-Each case times a jitted chain of CHAIN MLP calls (x <- x + mlp(x), as in the model's residual stream),
-each call on a different (weight set, idx draw) pair, so launch overhead is amortised and neither the
-weights nor the selected rows stay in L2 from one call to the next. Reported per call:
+Each case runs a jitted chain of CHAIN MLP calls (x <- x + mlp(x), as in the model's residual stream),
+each call on a different (weight set, idx draw) pair, so neither the weights nor the selected rows stay in
+L2 from one call to the next. Two clocks, both per MLP call:
 
-  ms                public function at this density (sparse kernels, or the dense path where faster)
+  kernel time   the sum of the GPU kernels' durations, read from a JAX profiler trace (what the targets
+                are stated in: it leaves out launch gaps between kernels, which CUDA graphs or a longer
+                stream of work hide)
+  wall time     host-timed pipelined calls (benchmarks.common.time_fn): kernels plus the gaps between them
+
+Record fields (kernel time unless named _wall):
+  ms, ms_wall       public function at this density (sparse kernels, or the dense path where faster)
   ms_sparse         the Triton kernels themselves (impl="triton"), also where the public function is dense
   GBps, frac_bw     bytes that must move (weights of the `count` selected neurons + x + y) / ms, and that
                     over the measured copy bandwidth
-  speedup_vs_dense  our 100% path (the public function at count = F) / ms
-  speedup_vs_xla    XLA's dense `act(x @ W1.T + b1) @ W2 + b2` (gated: silu(x@Wg.T) * (x@Wu.T) @ Wd) / ms
+  speedup_vs_dense  our 100% path (the public function at count = F, i.e. the dense path) / ms
+  speedup_vs_xla    XLA's dense `act(x @ W1.T + b1) @ W2 + b2` (gated: silu(x@Wg.T) * (x@Wu.T) @ Wd) / ms;
+                    speedup_vs_xla_wall the same in wall time
   ideal             1 / density = F / count
 
 `python -m benchmarks.bench_mlp` runs the sweep and writes results/kernels_mlp.{json,md};
-`--tune` runs candidate block configurations of each kernel at a few shapes once each, between marker
-kernels, for Nsight Compute (`ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,
-dram__bytes_write.sum python -m benchmarks.bench_mlp --tune > log; python -m benchmarks.bench_mlp
---parse-ncu log`); the heuristics in pallas_kernels/selective_gemm/triton.py come from it.
-`--quick` runs a handful of cases.
+`--tune` times candidate block configurations of each kernel alone at a few shapes (kernel time, with
+the names and times of every kernel involved); the heuristics in pallas_kernels/selective_gemm/triton.py
+come from it. `--quick` runs a handful of cases; `--check` compares the kernels with the reference at
+benchmark shapes. (Nsight Compute crashed under JAX on the H200 here, hence the profiler trace.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import collections
+import glob
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
 from benchmarks.shapes import MLP_BATCHES, MLP_DENSITIES, MLP_DIMS
@@ -40,8 +48,8 @@ CHAIN = 8          # MLP calls per timed jit call
 N_WSETS = 2        # weight sets rotated through (each >= 256 MB, L2 is 60 MB)
 GATED_F = {4096: 11008, 8192: 22016}
 DTYPE = jnp.float16
-COLUMNS = ["variant", "D", "F", "B", "density", "count", "path", "ms", "ms_sparse", "GBps", "frac_bw",
-           "speedup_vs_dense", "speedup_vs_xla", "ideal"]
+COLUMNS = ["variant", "D", "F", "B", "density", "count", "path", "ms", "ms_sparse", "ms_xla", "GBps", "frac_bw",
+           "speedup_vs_dense", "speedup_vs_xla", "ideal", "ms_wall", "speedup_vs_xla_wall"]
 
 
 def mlp_width(variant: str, D: int) -> int:
@@ -101,8 +109,43 @@ def _xla_dense(x, w):
     return y + w["b_down"] if "b_down" in w else y
 
 
-def _time_chain(fn, x, wsets, idxs, inner=10, reps=10):
-    return common.time_fn(fn, [(x, wsets, idxs)], inner=inner, reps=reps, warmup=2) / CHAIN
+def device_profile(fn, arg_sets, calls: int = 2):
+    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace."""
+    for a in arg_sets:
+        jax.block_until_ready(fn(*a))
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    try:
+        out = None
+        for i in range(calls):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+    finally:
+        jax.profiler.stop_trace()
+    kernels, starts, ends = collections.defaultdict(float), [], []
+    for path in glob.glob(f"{d}/**/*.xplane.pb", recursive=True):
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):
+                    continue
+                for ev in line.events:
+                    if "memcpy" in ev.name.lower():
+                        continue
+                    kernels[ev.name] += ev.duration_ns / calls
+                    starts.append(ev.start_ns)
+                    ends.append(ev.start_ns + ev.duration_ns)
+    shutil.rmtree(d, ignore_errors=True)
+    return dict(kernels), ((max(ends) - min(starts)) / calls if starts else float("nan"))
+
+
+def _measure(fn, arg_sets, wall=True):
+    """Per MLP call: (kernel ms, wall ms, {kernel: ms}) of a CHAIN-call jitted fn."""
+    kernels, _ = device_profile(fn, arg_sets)
+    per = {k: v * 1e-6 / CHAIN for k, v in kernels.items()}
+    ms_wall = common.time_fn(fn, arg_sets, inner=5, reps=7, warmup=1) / CHAIN if wall or not per else float("nan")
+    return (sum(per.values()) if per else ms_wall), ms_wall, per  # no GPU trace (CPU): wall time
 
 
 def _bytes(variant, D, B, count):
@@ -126,21 +169,27 @@ def run(copy_bw: float, quick: bool = False) -> list[dict]:
         for B in batches:
             x = jax.random.normal(jax.random.fold_in(key, B), (B, D), jnp.float32).astype(DTYPE)
             t0 = time.perf_counter()
-            ms_xla = _time_chain(xla, x, wsets, [jnp.zeros((1,), jnp.int32)])
+            ms_xla, wall_xla, _ = _measure(xla, [(x, wsets, [jnp.zeros((1,), jnp.int32)])])
             all_idx = [jnp.arange(F, dtype=jnp.int32)]
-            ms_full = _time_chain(_chain(_public(F, activation)), x, wsets, all_idx)
+            ms_full, wall_full, _ = _measure(_chain(_public(F, activation)), [(x, wsets, all_idx)])
             for density in densities:
                 count = neuron_count(density, F)
                 idxs = all_idx if count == F else _idx_draws(F, count, jax.random.fold_in(key, count))
                 dense = api.dense_is_faster(B, D, F, count)
-                ms = ms_full if count == F else _time_chain(_chain(_public(count, activation)), x, wsets, idxs)
-                ms_sparse = (_time_chain(_chain(_public(count, activation, impl="triton")), x, wsets, idxs)
-                             if dense else ms)
+                if count == F:
+                    ms, ms_wall = ms_full, wall_full
+                else:
+                    ms, ms_wall, _ = _measure(_chain(_public(count, activation)), [(x, wsets, idxs)])
+                ms_sparse = ms
+                if dense:
+                    ms_sparse, _, _ = _measure(_chain(_public(count, activation, impl="triton")),
+                                               [(x, wsets, idxs)], wall=False)
                 gbps = _bytes(variant, D, B, count) / (ms * 1e-3) / 1e9
                 rec = dict(kernel="selective_mlp", variant=variant, B=B, D=D, F=F, density=density, count=count,
-                           path="dense" if dense else "sparse", ms=ms, ms_sparse=ms_sparse, ms_xla=ms_xla,
-                           ms_full=ms_full, GBps=gbps, frac_bw=gbps * 1e9 / copy_bw,
-                           speedup_vs_dense=ms_full / ms, speedup_vs_xla=ms_xla / ms, ideal=F / count)
+                           path="dense" if dense else "sparse", ms=ms, ms_wall=ms_wall, ms_sparse=ms_sparse,
+                           ms_xla=ms_xla, ms_xla_wall=wall_xla, ms_full=ms_full, GBps=gbps,
+                           frac_bw=gbps * 1e9 / copy_bw, speedup_vs_dense=ms_full / ms, speedup_vs_xla=ms_xla / ms,
+                           speedup_vs_xla_wall=wall_xla / ms_wall, ideal=F / count)
                 records.append(rec)
                 print(" ".join(f"{c}={rec[c]:.4g}" if isinstance(rec[c], float) else f"{c}={rec[c]}"
                                for c in COLUMNS), flush=True)
@@ -150,31 +199,32 @@ def run(copy_bw: float, quick: bool = False) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# tuning: candidate block configurations of each kernel alone, timed by Nsight Compute (kernel time with
-# cold caches) or, without it, by the chained host timing above.
+# tuning: candidate block configurations of each kernel alone (kernel time, every kernel named)
 
-U, Dn = tk.UpConfig, tk.DownConfig
-TUNE = [  # kind, variant, D, B, count, config
+U, Dn = tk.UpConfig, tk.DownConfig  # U(block_b, block_n, block_k, split_k, warps, stages); Dn(b, n, d, split, ..)
+TUNE = [  # kind, variant, D, B, count, config (None: the heuristic's)
     *[("up", "relu", 8192, 16, 3328, c) for c in [
-        U(16, 16, 256, 1, 4, 4), U(16, 16, 256, 2, 4, 4), U(16, 16, 256, 2, 4, 5), U(16, 16, 128, 2, 4, 6),
-        U(16, 32, 256, 2, 4, 4), U(16, 16, 256, 4, 4, 4), U(16, 32, 128, 2, 4, 5), U(16, 16, 512, 2, 4, 3)]],
+        None, U(16, 16, 256, 1, 4, 4), U(16, 16, 256, 1, 4, 6), U(16, 16, 512, 1, 4, 4), U(16, 16, 256, 2, 4, 6),
+        U(16, 32, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 8), U(16, 16, 256, 1, 2, 6), U(16, 16, 256, 4, 4, 4)]],
     *[("up", "relu", 8192, 128, 3328, c) for c in [
-        U(128, 32, 128, 1, 4, 4), U(128, 64, 64, 2, 4, 4), U(128, 64, 64, 4, 4, 4), U(128, 64, 128, 2, 4, 3),
-        U(128, 128, 64, 4, 8, 3), U(64, 64, 128, 2, 4, 3), U(128, 32, 128, 2, 4, 4)]],
+        None, U(128, 32, 128, 1, 4, 4), U(128, 64, 64, 2, 4, 4), U(128, 64, 64, 1, 4, 5), U(128, 64, 128, 2, 8, 3),
+        U(128, 128, 64, 2, 8, 3), U(64, 64, 128, 2, 4, 3)]],
     *[("up", "relu", 4096, 16, 1664, c) for c in [
-        U(16, 16, 128, 1, 4, 6), U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 5), U(16, 16, 256, 4, 4, 4)]],
-    *[("up", "gated", 8192, 16, 2304, c) for c in [U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 5),
-                                                    U(16, 16, 256, 1, 4, 4)]],
+        None, U(16, 16, 128, 1, 4, 6), U(16, 16, 256, 1, 4, 6), U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 6)]],
+    *[("up", "gated", 8192, 16, 2304, c) for c in [
+        None, U(16, 16, 256, 1, 4, 4), U(16, 16, 256, 2, 4, 4), U(16, 16, 128, 2, 4, 6), U(16, 16, 256, 1, 4, 5)]],
+    *[("up", "relu", 8192, 256, 3328, c) for c in [None, U(128, 128, 64, 2, 8, 3)]],
     *[("down", "relu", 8192, 16, 3328, c) for c in [
-        Dn(16, 64, 64, 1, 4, 4), Dn(16, 64, 128, 2, 4, 4), Dn(16, 64, 128, 4, 4, 4), Dn(16, 32, 128, 4, 4, 5),
-        Dn(16, 64, 256, 4, 4, 3), Dn(16, 128, 64, 2, 4, 3), Dn(16, 64, 64, 2, 4, 4), Dn(16, 32, 256, 8, 4, 4)]],
+        None, Dn(16, 64, 128, 4, 4, 4), Dn(16, 64, 128, 2, 4, 4), Dn(16, 64, 64, 4, 4, 4), Dn(16, 64, 64, 2, 4, 5),
+        Dn(16, 32, 128, 8, 4, 6), Dn(16, 128, 128, 4, 4, 3), Dn(16, 64, 256, 4, 4, 3), Dn(16, 64, 128, 1, 4, 4)]],
     *[("down", "relu", 8192, 128, 3328, c) for c in [
-        Dn(128, 64, 128, 2, 4, 3), Dn(128, 64, 128, 1, 4, 3), Dn(128, 64, 64, 1, 4, 3), Dn(128, 32, 128, 2, 4, 4),
-        Dn(128, 64, 256, 2, 8, 3), Dn(64, 64, 128, 1, 4, 3)]],
+        None, Dn(128, 64, 128, 1, 4, 3), Dn(128, 64, 64, 1, 4, 3), Dn(128, 32, 128, 2, 4, 4), Dn(128, 64, 128, 4, 4, 3),
+        Dn(128, 64, 256, 2, 8, 3), Dn(64, 64, 128, 2, 4, 3)]],
     *[("down", "relu", 4096, 16, 1664, c) for c in [
-        Dn(16, 64, 64, 2, 4, 4), Dn(16, 64, 128, 4, 4, 4), Dn(16, 32, 64, 4, 4, 5), Dn(16, 64, 64, 1, 4, 4)]],
-    *[(k, "relu", 8192, B, c, None) for k in ("mlp", "xla") for B in (16, 128) for c in (3328,)],
-    *[(k, "gated", 4096, B, c, None) for k in ("mlp", "xla") for B in (16,) for c in (1152,)],
+        None, Dn(16, 64, 64, 4, 4, 4), Dn(16, 32, 64, 4, 4, 6), Dn(16, 64, 64, 8, 4, 4), Dn(16, 64, 128, 4, 4, 4)]],
+    *[("down", "relu", 8192, 256, 3328, c) for c in [None, Dn(128, 64, 128, 2, 4, 3)]],
+    *[(k, v, D, B, c, None) for k in ("mlp", "xla") for v, D, B, c in
+      [("relu", 8192, 16, 3328), ("relu", 8192, 128, 3328), ("gated", 4096, 16, 1152)]],
 ]
 
 
@@ -182,96 +232,64 @@ def _tune_inputs(kind, variant, D, B, count, key):
     F = mlp_width(variant, D)
     k = jax.random.split(key, 6)
     w = lambda i: (jax.random.normal(k[i], (N_WSETS, F, D), jnp.float32) * 0.01).astype(DTYPE)  # [2, F, D]
-    idx = jnp.sort(jax.random.permutation(k[5], F)[:count]).astype(jnp.int32)
-    if kind == "up":
-        x = jax.random.normal(k[3], (B, D), jnp.float32).astype(DTYPE)
-        return dict(x=x, w_up=w(0), w_gate=w(1) if variant == "gated" else None, idx=idx)
-    if kind == "down":
-        return dict(h=jax.random.normal(k[3], (B, count), jnp.float32).astype(DTYPE), w_down=w(0), idx=idx)
+    idxs = _idx_draws(F, count, k[5])
     x = jax.random.normal(k[3], (B, D), jnp.float32).astype(DTYPE)
-    return dict(x=x, w_up=w(0), w_down=w(1), w_gate=w(2) if variant == "gated" else None, idx=idx)
-
-
-def _tune_fn(kind, variant, count, cfg):
-    act = "none" if variant == "gated" else "relu"
     if kind == "up":
-        return lambda p, l: tk.selective_up(p["x"], p["w_up"], p["idx"], count, w_gate=p["w_gate"], layer=l,
-                                            activation=act, config=cfg)
+        return dict(x=x, w_up=w(0), w_gate=w(1) if variant == "gated" else None, idxs=idxs)
     if kind == "down":
-        return lambda p, l: tk.selective_down(p["h"], p["w_down"], p["idx"], count, layer=l, config=cfg)
-    if kind == "mlp":
-        return lambda p, l: api.selective_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], count, w_gate=p["w_gate"],
-                                              layer=l, activation=act)
-    def xla(p, l):
-        w = {n: p[n][l] for n in ("w_up", "w_down", "w_gate") if p[n] is not None}
-        return _xla_dense(p["x"], {**w, "b_up": jnp.zeros((), DTYPE)} if "w_gate" not in w else w)
-    return xla
+        return dict(h=jax.random.normal(k[4], (B, count), jnp.float32).astype(DTYPE), w_down=w(0), idxs=idxs)
+    return dict(x=x, w_up=w(0), w_down=w(1), w_gate=w(2) if variant == "gated" else None, idxs=idxs)
 
 
-def _marker(i):
-    """A trivial kernel named mark_<i>: it separates the cases in the Nsight Compute kernel list."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
+def _tune_chain(kind, variant, count, cfg):
+    """jit(p) running CHAIN calls of one kernel (layer i % 2, idx draw i), each feeding the next."""
+    act = "none" if variant == "gated" else "relu"
 
-    def k(o_ref):
-        o_ref[...] = jnp.zeros((16,), jnp.float32)
-    return pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name=f"mark_{i}",
-                          interpret=jax.default_backend() == "cpu", compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1))()
+    def one(p, a, i):
+        l, idx = jnp.int32(i % N_WSETS), p["idxs"][i]
+        if kind == "up":
+            o = tk.selective_up(a, p["w_up"], idx, count, w_gate=p["w_gate"], layer=l, activation=act, config=cfg)
+            return a + o[:, :1] * 1e-3
+        if kind == "down":
+            return a + tk.selective_down(a, p["w_down"], idx, count, layer=l, config=cfg)[:, :1] * 1e-3
+        if kind == "mlp":
+            return a + api.selective_mlp(a, p["w_up"], p["w_down"], idx, count, w_gate=p["w_gate"], layer=l,
+                                         activation=act)
+        w = {n: p[n][i % N_WSETS] for n in ("w_up", "w_down", "w_gate") if p[n] is not None}
+        return a + _xla_dense(a, w if "w_gate" in w else {**w, "b_up": jnp.zeros((), DTYPE)})
+
+    def chain(p):
+        a = p["h"] if kind == "down" else p["x"]
+        for i in range(CHAIN):
+            a = one(p, a, i)
+        return a
+    return jax.jit(chain)
 
 
-def profile(timed: bool):
-    """Run each TUNE case once after warm-up, between markers (for `ncu`); with timed, also chain-time it."""
+def tune() -> None:
     key = jax.random.key(3)
     inputs = {}
     for i, (kind, variant, D, B, count, cfg) in enumerate(TUNE):
-        ik = (kind, variant, D, B, count)
+        ik = (kind in ("mlp", "xla"), kind, variant, D, B, count)
         if ik not in inputs:
             inputs.clear()
             inputs[ik] = _tune_inputs(kind, variant, D, B, count, jax.random.fold_in(key, i))
         p = inputs[ik]
-        fn = jax.jit(_tune_fn(kind, variant, count, cfg))
+        if cfg is None and kind in ("up", "down"):
+            cfg = (tk.up_config if kind == "up" else tk.down_config)(B, D, count)
+            cfg_s = f"heuristic {cfg}"
+        else:
+            cfg_s = str(cfg)
+        t0 = time.perf_counter()
         try:
-            for l in range(2):
-                jax.block_until_ready(fn(p, jnp.int32(l)))
+            ms, _, per = _measure(_tune_chain(kind, variant, count, cfg), [(p,)], wall=False)
         except Exception as e:  # noqa: BLE001  (a config Triton rejects: report and go on)
-            print(f"case {i} {kind} {variant} D={D} B={B} count={count} {cfg}: FAILED {type(e).__name__}: "
+            print(f"tune {kind} {variant} D={D} B={B} count={count} {cfg_s}: FAILED {type(e).__name__}: "
                   f"{str(e)[:200]}", flush=True)
             continue
-        jax.block_until_ready(_marker(i))
-        jax.block_until_ready(fn(p, jnp.int32(1)))
-        msg = f"case {i} {kind} {variant} D={D} B={B} count={count} {cfg}"
-        if timed:
-            ms = common.time_fn(fn, [(p, jnp.int32(l)) for l in range(2)], inner=10, reps=10)
-            msg += f": {ms * 1e3:.1f} us (host-timed, pipelined)"
-        print(msg, flush=True)
-    jax.block_until_ready(_marker(len(TUNE)))
-
-
-def parse_ncu(path: str) -> None:
-    """Sum kernel time and DRAM bytes between markers of an `ncu --csv --page raw` log; print per case."""
-    import csv
-    rows = [r for r in csv.DictReader(l for l in open(path) if l.startswith('"'))]
-    rows = [r for r in rows if r.get("ID", "").isdigit()]
-    case, acc = None, []
-    out = []
-    for r in rows + [{"Kernel Name": "mark_end"}]:
-        name = r["Kernel Name"]
-        if name.startswith("mark_"):
-            if case is not None and acc:
-                out.append((case, acc))
-            case, acc = name[5:], []
-            continue
-        if case is not None:
-            acc.append((name[:40], float(r["gpu__time_duration.sum"]), float(r["dram__bytes_read.sum"]),
-                        float(r["dram__bytes_write.sum"])))
-    for case, ks in out:
-        first = ks
-        t = sum(k[1] for k in first) * 1e-3
-        rd = sum(k[2] for k in first) / 1e6
-        wr = sum(k[3] for k in first) / 1e6
-        parts = " + ".join(f"{k[0]} {k[1] * 1e-3:.1f}" for k in first)
-        print(f"case {case}: {t:.1f} us, DRAM read {rd:.1f} MB write {wr:.1f} MB, "
-              f"{(rd + wr) / max(t, 1e-9) * 1e3:.0f} GB/s  [{parts}]")
+        parts = ", ".join(f"{k[:32]} {v * 1e3:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+        print(f"tune {kind} {variant} D={D} B={B} count={count} {cfg_s}: {ms * 1e3:.1f} us  [{parts}]  "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
 
 
 def check() -> float:
@@ -313,20 +331,15 @@ def check() -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="time the TUNE configurations (run under ncu)")
-    ap.add_argument("--timed", action="store_true", help="with --tune: also chain-time each configuration")
-    ap.add_argument("--parse-ncu", default=None, help="summarise an ncu --csv --page raw log of --tune")
+    ap.add_argument("--tune", action="store_true", help="time the TUNE configurations of each kernel")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
     ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
     args = ap.parse_args()
     if args.check:
         check()
         return
-    if args.parse_ncu:
-        parse_ncu(args.parse_ncu)
-        return
     if args.tune:
-        profile(args.timed)
+        tune()
         return
     copy_bw = common.copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s on {common.device_name()}", flush=True)
