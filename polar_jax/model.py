@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.selective_gemm import selective_mlp
+from pallas_kernels.selective_gemm import selective_down, selective_mlp, selective_up
 from polar_jax import layers
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
@@ -82,12 +82,28 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     if cfg.positions == "rope":
         cos, sin = layers.rope_tables(cfg, positions)
 
+    # Decode projections go through the row-gathering GEMM with every row selected: it indexes the
+    # stacked weights by layer itself (on the GPU; elsewhere the API picks its XLA path).
+    impl = "triton" if decode and jax.default_backend() == "gpu" else None
+
+    def project(h, l, w, b=None):  # h [B, T, D] @ w[l].T (+ b[l]) -> [B, T, R]
+        if not decode:
+            y = jnp.einsum("btd,rd->btr", h, w[l])
+            return y if b is None else y + b[l]
+        rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
+        return selective_up(h[:, 0], w, rows_all, w.shape[1], b_up=b, activation="none", layer=l, impl=impl)[:, None]
+
+    def unproject(a, l, w, b=None):  # a [B, T, R] @ w[l] (+ b[l]) -> [B, T, D]
+        if not decode:
+            y = a @ w[l]
+            return y if b is None else y + b[l]
+        rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
+        return selective_down(a[:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]
+
     def attention(l, h, k_all, v_all, n_heads):
-        q = jnp.einsum("btd,rd->btr", h, lp["wq"][l])  # [B, T, N*H]
-        k = jnp.einsum("btd,rd->btr", h, lp["wk"][l])  # [B, T, K*H]
-        v = jnp.einsum("btd,rd->btr", h, lp["wv"][l])
-        if cfg.qkv_bias:
-            q, k, v = q + lp["bq"][l], k + lp["bk"][l], v + lp["bv"][l]
+        q = project(h, l, lp["wq"], lp.get("bq"))  # [B, T, N*H]
+        k = project(h, l, lp["wk"], lp.get("bk"))  # [B, T, K*H]
+        v = project(h, l, lp["wv"], lp.get("bv"))
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.positions == "rope":
             q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
@@ -107,27 +123,24 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         return out, k_all, v_all
 
     def mlp(l, h, n_neurons):
-        if decode and sp.mlp != "all":
-            h1 = h[:, 0]  # [B, D]
-            sel = mlp_neurons(sp, cfg, l, n_neurons, h1, routers, key,
-                              dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
-            idx, n = sel
-            y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
-                              w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
-                              layer=l)
-            return y[:, None], None
-        hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
-        return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
+        if not decode:
+            hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
+            return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
+        h1 = h[:, 0]  # [B, D]
+        sel = mlp_neurons(sp, cfg, l, n_neurons, h1, routers, key,
+                          dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
+        idx, n = (jnp.arange(cfg.mlp_dim, dtype=jnp.int32), cfg.mlp_dim) if sel is None else sel
+        y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
+                          w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
+                          layer=l, impl=impl)
+        return y[:, None], None
 
     def layer_step(carry, xs):
         x, k_all, v_all = carry
         l, n_heads, n_neurons = xs
         h = x if cfg.post_norm else layers.norm(cfg, _at(lp["attn_norm"], l), x)
         attn, k_all, v_all = attention(l, h, k_all, v_all, n_heads)
-        o = attn.reshape(B, T, N * H) @ lp["wo"][l]
-        if cfg.out_bias:
-            o = o + lp["bo"][l]
-        x = x + o
+        x = x + unproject(attn.reshape(B, T, N * H), l, lp["wo"], lp.get("bo"))
         if cfg.post_norm:
             x = layers.norm(cfg, _at(lp["attn_norm"], l), x)
         h2 = x if cfg.post_norm else layers.norm(cfg, _at(lp["mlp_norm"], l), x)
