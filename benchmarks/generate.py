@@ -90,7 +90,7 @@ def make_step(cfg: ModelConfig, sp: SparsityConfig | None):
 
 
 def fits(cfg: ModelConfig, B: int, ctx: int) -> bool:
-    weights = sum(np.prod(s) for s in jax.tree_util.tree_leaves(
+    weights = sum(s.size for s in jax.tree_util.tree_leaves(
         jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), DTYPE)))) * 2
     return weights + cache_bytes(cfg, B, ctx + 128, DTYPE) < 0.85 * GPU_BYTES
 
