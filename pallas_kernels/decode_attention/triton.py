@@ -89,7 +89,7 @@ def _split_size(length, P: int, BS: int):
 
 
 def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_refs, cfg: AttentionConfig,
-                 G: int, H: int, C: int, sm_scale: float, dense: bool):
+                 G: int, H: int, K: int, C: int, sm_scale: float, dense: bool):
     BS, P = cfg.block_s, cfg.splits
     Hp = _pow2_at_least(H)
     GP = _pow2_at_least(G, 16) if cfg.use_dot else 1
@@ -169,11 +169,26 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
         o, m, l, *_ = lax.fori_loop(0, n_blocks, body, init)
         return o[None, :], m[None], l[None]
 
-    is_slot = True if dense else c < C
-    active = is_slot & (start < end) if dense else is_slot & (kv >= 0) & (start < end)
+    active = (start < end) if dense else (kv >= 0) & (start < end)
 
     if P == 1:
         (out_ref,) = out_refs                                                        # [B, N, H]
+        zeros = jnp.zeros((GP, Hp), out_ref.dtype)
+        if not dense:
+            # Slot c also zeroes the unselected KV heads k with k % C == c (all of [B, N, H] is written
+            # by this one launch). Issued before the loop: the stores drain while the K/V loads run.
+            N = K * G
+            Np, Cp = _pow2_at_least(N), _pow2_at_least(C)
+            cc = jnp.arange(Cp)
+            ids = plgpu.load(hidx_ref.at[b, cc], mask=cc < C, other=-1)              # [Cp]
+            n_rows = jnp.arange(Np)
+            k_of = n_rows // G                                                       # [Np]
+            chosen = jnp.max(jnp.where(k_of[:, None] == ids[None, :], 1, 0), axis=1) > 0
+            mine = (n_rows < N) & (k_of % C == c) & jnp.logical_not(chosen)
+            z_rows = jnp.broadcast_to(n_rows[:, None], (Np, Hp))
+            z_hh = jnp.broadcast_to(hh[None, :], (Np, Hp))
+            plgpu.store(out_ref.at[b, z_rows, z_hh], jnp.zeros((Np, Hp), out_ref.dtype),
+                        mask=mine[:, None] & h_mask[None, :])
 
         @pl.when(active)
         def _():
@@ -181,29 +196,10 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
             plgpu.store(out_ref.at[b, kv * G + rows2, hh2], (o / l[:, None]).astype(out_ref.dtype),
                         mask=tile_mask)
 
-        zeros = jnp.zeros((GP, Hp), out_ref.dtype)
-        if dense:
-            @pl.when(length <= 0)
-            def _():
-                plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
-        else:
-            @pl.when(is_slot & (kv >= 0) & (length <= 0))
-            def _():
-                plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
-
-            # Programs c >= C own KV head k = c - C and write its zeros if no slot selects it, so the
-            # whole [B, N, H] result comes out of this one kernel.
-            Cp = _pow2_at_least(C)
-            k_own = c - C
-
-            @pl.when(c >= C)
-            def _():
-                ids = plgpu.load(hidx_ref.at[b, jnp.arange(Cp)], mask=jnp.arange(Cp) < C, other=-1)
-                chosen = jnp.max(jnp.where(ids == k_own, 1, 0)) > 0
-
-                @pl.when(jnp.logical_not(chosen))
-                def _():
-                    plgpu.store(out_ref.at[b, k_own * G + rows2, hh2], zeros, mask=tile_mask)
+        # A selected head of an empty sequence: zeros.
+        @pl.when((length <= 0) if dense else (kv >= 0) & (length <= 0))
+        def _():
+            plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
     else:
         o_ref, m_ref, l_ref = out_refs                                               # [B, C, P, G, H] ...
 
@@ -272,11 +268,11 @@ def _check_backend(interpret):
 
 
 def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None, sm_scale=None, impl=None,
-                     interpret=None, config: AttentionConfig | None = None):
+                     interpret=None, config: AttentionConfig | None = None, _partials_only: bool = False):
     """o [B, N, H]; arguments already validated by the API.
 
     Here k_cache / v_cache are always [L, B, K, S, H] and `layer` an int32 scalar (the API lifts a 4-D
-    cache to L = 1 with a free reshape).
+    cache to L = 1 with a free reshape). `_partials_only` (tuning) skips the combine launch.
     """
     del impl
     interpret = _check_backend(interpret)
@@ -298,13 +294,14 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     lengths = lengths.astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel = functools.partial(_attn_kernel, cfg=config, G=G, H=H, C=C, sm_scale=float(sm_scale), dense=dense)
+    kernel = functools.partial(_attn_kernel, cfg=config, G=G, H=H, K=K, C=C, sm_scale=float(sm_scale),
+                               dense=dense)
     if P == 1:
-        # One launch: slot programs write their heads, programs C..C+K-1 zero the unselected ones.
+        # One launch: slot programs write their heads and zero the unselected ones.
         return pl.pallas_call(
             kernel,
             out_shape=jax.ShapeDtypeStruct((B, N, H), q.dtype),
-            grid=(B, C if dense else C + K, 1),
+            grid=(B, C, 1),
             interpret=interpret,
             compiler_params=params,
             name="decode_attention",
@@ -319,6 +316,8 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
         compiler_params=params,
         name="decode_attention_split",
     )(lengths, hidx, layer, q, k_cache, v_cache)
+    if _partials_only:
+        return o, m, l
     combine = functools.partial(_combine_kernel, G=G, H=H, C=C, P=P, block_s=config.block_s, dense=dense)
     return pl.pallas_call(
         combine,
