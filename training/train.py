@@ -56,8 +56,10 @@ class Labels:
         self.array = jnp.asarray(np.asarray(array, np.uint8))
         self.width = packed_width
 
-    def take(self, idx: jax.Array) -> jax.Array:
-        y = self.array[:, idx]  # [L, b, X or X/8]
+    def take(self, idx: jax.Array, array: jax.Array | None = None) -> jax.Array:
+        """Labels of tokens idx: [L, b, X] bool. Pass `array` (this object's array) to read it as a traced
+        jit argument rather than a closed-over constant."""
+        y = (self.array if array is None else array)[:, idx]  # [L, b, X or X/8]
         if self.width is not None:
             y = jnp.unpackbits(y, axis=-1, count=self.width)
         return y.astype(jnp.bool_)
@@ -136,17 +138,23 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), init_params)
     opt_state = opt.init(params)
 
-    def loss_fn(p, idx):
-        x = Xd[:, idx].astype(jnp.float32)  # [L, b, D]
+    def loss_fn(p, X, Y, pw, idx):
+        x = X[:, idx].astype(jnp.float32)  # [L, b, D]
         per_layer = jax.vmap(lambda pl, xl, yl, wl: weighted_bce(apply(pl, xl), yl, wl))(
-            p, x, labels.take(idx), pos_weight)  # [L]
+            p, x, labels.take(idx, Y), pw)  # [L]
         return jnp.sum(per_layer)
 
+    # The data are arguments, not closed over: a closed-over array would be baked into the program.
     @jax.jit
-    def step(p, s, idx):
-        loss, g = jax.value_and_grad(loss_fn)(p, idx)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss / L
+    def run_epoch(p, s, X, Y, pw, batches):  # batches [steps, bs]: one scan, XLA reuses buffers across steps
+        def step(carry, idx):
+            p, s = carry
+            loss, g = jax.value_and_grad(loss_fn)(p, X, Y, pw, idx)
+            updates, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, updates), s), loss / L
+
+        (p, s), losses = jax.lax.scan(step, (p, s), batches)
+        return p, s, jnp.mean(losses)
 
     rng = np.random.default_rng(tc.seed)
     best = evaluate(apply, params, Xd, labels, val_idx, pos_weight, topk)
@@ -154,11 +162,10 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
     history, stale, epoch = [], 0, 0
     bar = tqdm(range(tc.max_epochs), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
-        perm = rng.permutation(train_idx)
-        losses = []
-        for i in range(0, len(perm) - bs + 1, bs):
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(perm[i: i + bs]))
-            losses.append(loss)
+        steps = len(train_idx) // bs
+        batches = rng.permutation(train_idx)[: steps * bs].reshape(steps, bs)
+        params, opt_state, train_loss = run_epoch(params, opt_state, Xd, labels.array, pos_weight,
+                                                     jnp.asarray(batches))
         m = evaluate(apply, params, Xd, labels, val_idx, pos_weight, topk)
         better = m["loss"] < best_loss - 1e-4 * np.abs(best_loss)  # [L]
         keep = jnp.asarray(better)
@@ -166,7 +173,7 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
             lambda b, p: jnp.where(keep.reshape((-1,) + (1,) * (p.ndim - 1)), p, b), best_params, params)
         best_loss = np.where(better, m["loss"], best_loss)
         best = {k: np.where(better, m[k], best[k]) for k in best}
-        train_loss = float(np.mean(jax.device_get(losses)))
+        train_loss = float(train_loss)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": float(np.mean(m["loss"])),
                         "layers_improved": int(better.sum())})
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{np.mean(m['loss']):.4f}", improved=int(better.sum()))

@@ -1,0 +1,253 @@
+"""Routers (training/): training on planted signals, calibration, decode-mode perplexity, the CLI pipeline."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polar_jax import SparsityConfig, init_params, preset
+from polar_jax.checkpoint import load, save
+from polar_jax.cli import main as polar
+from training import calibrate as cal
+from training import evaluate as ev
+from training import routers as rt
+from training.collect import collect, load_data
+from training.data import read_texts, split_tokens, tokenize
+from training.train import Labels, TrainConfig, train
+
+TINY = "tiny-opt"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset(TINY)
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny):
+    cfg, params = tiny
+    return save(tmp_path_factory.mktemp("model") / "tiny", cfg, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+def test_attention_router_learns_planted_signal():
+    """Group norms are exp(a linear function of the router input), split unevenly over the group's heads;
+    the router must find each token's top-k groups."""
+    L, n, D, N, K, k = 2, 4096, 24, 6, 3, 1
+    kx, kw, kc = jax.random.split(jax.random.key(1), 3)
+    X = np.asarray(jax.random.normal(kx, (L, n, D)), np.float16)
+    score = jnp.einsum("lnd,ldk->lnk", X.astype(np.float32), jax.random.normal(kw, (L, D, K)))  # [L, n, K]
+    share = jax.random.uniform(kc, (L, n, K, N // K)) + 0.1
+    share = share / jnp.linalg.norm(share, axis=-1, keepdims=True)  # per-head parts of the group norm
+    head_norms = (jnp.exp(score / 3)[..., None] * share).reshape(L, n, N)  # [L, n, N]
+    labels = Labels(np.asarray(rt.attn_labels(head_norms, K, k)))
+    cfg = preset("tiny-llama").replace(n_layers=L, dim=D, n_heads=N, n_kv_heads=K, head_dim=64)
+    res = train(rt.attn_logits, rt.init_attn(cfg, jax.random.key(2)), X, labels,
+                TrainConfig(lr=1e-2, batch_size=256, max_epochs=15), topk=k, progress=False)
+    assert res.history[-1]["val_loss"] < 0.8 * res.history[0]["val_loss"]
+    assert res.metrics["topk_recall"].min() > 0.9, res.metrics["topk_recall"]
+    assert res.params["w"].shape == (L, D, K)
+
+
+def test_mlp_router_learns_planted_signal():
+    L, n, D, F = 2, 4096, 16, 64
+    kx, ka, kb = jax.random.split(jax.random.key(3), 3)
+    X = np.asarray(jax.random.normal(kx, (L, n, D)), np.float32)
+    act = jnp.einsum("lnd,ldf->lnf", X, jax.random.normal(ka, (L, D, F))) - 1.0 > 0  # sparse-ish activity
+    packed = np.packbits(np.asarray(act), axis=-1)
+    cfg = preset(TINY).replace(n_layers=L, dim=D, mlp_dim=F)
+    res = train(rt.mlp_logits, rt.init_mlp(cfg, jax.random.key(4), hidden=32), X, Labels(packed, F),
+                TrainConfig(lr=1e-2, batch_size=256, max_epochs=10), progress=False)
+    assert res.metrics["recall"].min() > 0.9 and res.metrics["precision"].min() > 0.6, res.metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration
+
+def test_min_k_hand_built():
+    """One token per batch, 201 active neurons: 200 ranked first, one at rank 300."""
+    F, n = 512, 8
+    active = np.zeros((n, F), bool)
+    active[:, :200] = True
+    active[:, 400] = True
+    order = np.r_[np.arange(200), np.arange(200, 400)[:100], 400, np.arange(300, 400), np.arange(401, 512)]
+    assert sorted(order) == list(range(F)) and order[300] == 400
+    logits = np.empty((n, F), np.float32)
+    logits[:, order] = -np.arange(F, dtype=np.float32)  # rank r gets logit -r
+    rank = cal.ranks(logits)
+    assert rank[0, 400] == 300
+    recall = cal.union_recall(rank, active, 1, 4, np.random.default_rng(0))
+    assert recall[128] == pytest.approx(128 / 201) and recall[256] == pytest.approx(200 / 201)
+    assert cal.min_k(recall, 0.99) == (256, pytest.approx(200 / 201))  # smallest multiple of 128 reaching 0.99
+    assert cal.min_k(recall, 1.0)[0] == 384  # rank 300 needs k > 300
+    assert cal.min_k(recall, 0.5)[0] == 128
+
+
+def test_union_recall_over_a_batch():
+    """Two tokens whose active sets are disjoint: the union needs both tokens' top-k."""
+    F = 256
+    active = np.zeros((2, F), bool)
+    active[0, :10], active[1, 200:210] = True, True
+    logits = np.zeros((2, F), np.float32)
+    logits[0, :10], logits[1, 200:210] = 1.0, 1.0
+    recall = cal.union_recall(cal.ranks(logits), active, 2, 3, np.random.default_rng(0))
+    assert recall[10] == 1.0 and recall[9] == pytest.approx(18 / 20)
+
+
+def test_sparsity_config_table_json_round_trip(tmp_path):
+    sp = SparsityConfig(attn="router", attn_density=(1.0, 0.5, 0.5), mlp="router",
+                        mlp_k_table=((1, (256, 128, 128)), (8, (256, 256, 128))))
+    sp.to_json(tmp_path / "sp.json", meta={"made_by": "test"})
+    back = SparsityConfig.from_json(tmp_path / "sp.json")
+    assert back == sp and hash(back) == hash(sp)
+    assert back.for_batch(1).mlp_k == (256, 128, 128)
+    assert back.for_batch(4).mlp_k == (256, 256, 128)  # next calibrated size up
+    assert back.for_batch(64).mlp_k == (256, 256, 128)  # beyond the table: the largest
+    F = preset(TINY).mlp_dim  # layer 0 is dense
+    np.testing.assert_array_equal(back.neuron_counts(preset(TINY), 1), [F, 128, 128])
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode-mode perplexity
+
+@pytest.mark.parametrize("source", ["router", "oracle"])
+def test_decode_ppl_all_heads_equals_full_forward(tiny, source):
+    cfg, params = tiny
+    params = {**params, "routers": {"attn": rt.init_attn(cfg, jax.random.key(5))}}
+    windows = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24)), jnp.int32)
+    want = ev.full_nll(cfg, params, windows, prefix=8)
+    got = ev.decode_nll(cfg, params, windows, 8, SparsityConfig(attn=source, attn_density=1.0), jax.random.key(0))
+    assert got.shape == (3, 15)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+    r = ev.perplexity(cfg, params, np.asarray(windows), 8, SparsityConfig(attn=source, attn_density=1.0), batch=2,
+                      progress=False)
+    assert r["tokens"] == 45 and r["ppl"] == pytest.approx(float(np.exp(np.mean(want))), rel=1e-5)
+
+
+def test_sparse_decode_changes_ppl(tiny):
+    cfg, params = tiny
+    windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+    dense = ev.perplexity(cfg, params, windows, 4, None, progress=False)
+    sparse = ev.perplexity(cfg, params, windows, 4, SparsityConfig(attn="oracle", attn_density=0.25), progress=False)
+    assert dense["ppl"] != sparse["ppl"] and np.isfinite(sparse["ppl"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints and bad input
+
+def test_router_checkpoint_round_trip(tmp_path, tiny):
+    cfg, params = tiny
+    routers = {"attn": rt.init_attn(cfg, jax.random.key(6)), "mlp": rt.init_mlp(cfg, jax.random.key(7))}
+    save(tmp_path / "m", cfg, {**params, "routers": routers})
+    _, back, _ = load(tmp_path / "m")
+    for a, b in zip(jax.tree.leaves(routers), jax.tree.leaves(back["routers"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rt.check_routers(cfg, back, SparsityConfig(attn="router", attn_density=0.5, mlp="router", mlp_k=128))
+
+
+def test_data_from_another_model_is_refused(tmp_path, tiny):
+    cfg, params = tiny
+    tokens = np.arange(256, dtype=np.int32) % cfg.vocab_size
+    collect(cfg, params, tokens, "test", tmp_path / "d", n_tokens=128, seq_len=32, batch=2, progress=False)
+    other = init_params(cfg, jax.random.key(9))
+    with pytest.raises(ValueError, match="other weights"):
+        load_data(tmp_path / "d", cfg, other)
+    with pytest.raises(ValueError, match="other weights"):  # nor can a resume mix them
+        collect(cfg, other, tokens, "test", tmp_path / "d", n_tokens=256, seq_len=32, batch=2, progress=False)
+    llama = preset("tiny-llama")
+    with pytest.raises(ValueError, match="collected from model 'tiny-opt'"):
+        load_data(tmp_path / "d", llama, init_params(llama, jax.random.key(0)))
+    with pytest.raises(ValueError, match="other text or settings"):
+        collect(cfg, params, tokens[::-1].copy(), "test", tmp_path / "d", n_tokens=256, seq_len=32, batch=2,
+                progress=False)
+
+
+def test_empty_text_is_refused(tmp_path, tiny):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_texts([str(tmp_path / "empty.txt")])
+    with pytest.raises(FileNotFoundError, match="text file not found"):
+        read_texts([str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        ev.eval_windows(tiny[0], np.arange(10), prefix=8, decode_len=8, max_tokens=100)
+
+
+@pytest.mark.parametrize("frac", [0.0, -0.5, 1.5])
+def test_topk_outside_unit_interval_is_refused(tiny, frac):
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        rt.topk_count(frac, 4)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        ev.head_sparsity("router", frac, tiny[0])
+
+
+def test_missing_router_is_refused(tiny):
+    cfg, params = tiny
+    windows = np.zeros((1, 12), np.int32)
+    with pytest.raises(ValueError, match="has no attn router"):
+        ev.perplexity(cfg, params, windows, 4, SparsityConfig(attn="router", attn_density=0.5), progress=False)
+    with pytest.raises(ValueError, match="has no mlp router"):
+        rt.check_routers(cfg, {**params, "routers": {"attn": rt.init_attn(cfg, jax.random.key(0))}},
+                         SparsityConfig(mlp="router", mlp_k=128))
+    short = {"w": jnp.zeros((2, cfg.dim, cfg.n_kv_heads)), "b": jnp.zeros((2, cfg.n_kv_heads))}
+    with pytest.raises(ValueError, match=r"covers 2 layers .* layers \[2\] have no router"):
+        rt.check_routers(cfg, {**params, "routers": {"attn": short}}, SparsityConfig(attn="router", attn_density=0.5))
+
+
+def test_text_split_is_disjoint(tiny):
+    docs, _ = read_texts()
+    ids = tokenize(None, docs[:3], tiny[0].vocab_size)
+    train_part, held = split_tokens(ids, "train", 0.25), split_tokens(ids, "heldout", 0.25)
+    assert len(train_part) + len(held) == len(ids) and len(held) == pytest.approx(0.25 * len(ids), abs=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole pipeline through the CLI
+
+def test_tiny_opt_pipeline(tmp_path, tiny_dir, capsys):
+    d, m, sp, sw = tmp_path / "data", tmp_path / "routed", tmp_path / "sp.json", tmp_path / "sweep"
+    common = ["--quiet"]
+    assert polar(["collect", "--model", str(tiny_dir), "--out", str(d), "--tokens", "1024", "--seq-len", "64",
+                  "--shard-tokens", "512", *common]) == 0
+    first = json.loads((d / "manifest.json").read_text())
+    assert first["tokens"] == 1024 and len(first["shards"]) == 2
+    (d / "shard_00009.tmp").mkdir()  # debris of an interrupted run
+    assert polar(["collect", "--model", str(tiny_dir), "--out", str(d), "--tokens", "2048", "--seq-len", "64",
+                  "--shard-tokens", "512", *common]) == 0  # resumes: 2 more shards
+    assert "(1024 collected now)" in capsys.readouterr().out
+    assert len(json.loads((d / "manifest.json").read_text())["shards"]) == 4 and not (d / "shard_00009.tmp").exists()
+
+    assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m), "--mlp",
+                  "--attn-topk", "0.5", "--epochs", "3", "--batch-size", "256", *common]) == 0
+    out = capsys.readouterr().out
+    assert "attention router (validation" in out and "MLP router (validation" in out
+    cfg, params, _ = load(m)
+    assert set(params["routers"]) == {"attn", "mlp"}
+    assert params["routers"]["mlp"]["w2"].shape == (cfg.n_layers, rt.MLP_HIDDEN, cfg.mlp_dim)
+
+    assert polar(["calibrate", "--model", str(m), "--data", str(d), "--out", str(sp), "--batch-sizes", "1,8",
+                  "--n-batches", "4", *common]) == 0
+    conf = SparsityConfig.from_json(sp)
+    assert conf.mlp == "router" and conf.attn == "router" and [b for b, _ in conf.mlp_k_table] == [1, 8]
+    assert all(k % 128 == 0 or k == cfg.mlp_dim for _, ks in conf.mlp_k_table for k in ks)
+
+    ppl_args = ["--prefix", "8", "--decode-len", "16", "--max-tokens", "64", "--batch", "4", *common]
+    assert polar(["eval", "ppl", "--model", str(m), "--sparsity", str(sp), *ppl_args]) == 0
+    assert "decode-mode perplexity" in capsys.readouterr().out
+    assert polar(["eval", "ppl", "--model", str(m), "--sweep", "--densities", "0.5,1", "--out", str(sw),
+                  *ppl_args]) == 0
+    res = json.loads(sw.with_suffix(".json").read_text())
+    assert {r["source"] for r in res["rows"]} == {"router", "oracle"}
+    full = [r["ppl"] for r in res["rows"] if r["density"] == 1.0]
+    assert full == pytest.approx([res["dense"]["ppl"]] * 2, rel=1e-5)  # every head selected = dense
+    assert sw.with_suffix(".png").stat().st_size > 0 and "top-k recall" in sw.with_suffix(".md").read_text()
+
+    # user errors: one line, status 2
+    assert polar(["eval", "ppl", "--model", str(tiny_dir), "--attn-topk", "0.5", *ppl_args]) == 2
+    assert "has no attn router" in capsys.readouterr().err
+    assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m)]) == 2
+    assert "already exists" in capsys.readouterr().err
