@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -153,12 +155,16 @@ def _bytes(variant, D, B, count):
     return count * D * 2 * mats + 2 * B * D * 2
 
 
-def run(copy_bw: float, quick: bool = False) -> list[dict]:
-    """One record per (variant, D, B, density); see the module docstring for the fields."""
-    cases = [(v, D) for v in ("relu", "gated") for D in MLP_DIMS]
+def run(copy_bw: float, quick: bool = False, variants=("relu", "gated"), log_path: str | None = None) -> list[dict]:
+    """One record per (variant, D, B, density); see the module docstring for the fields.
+
+    log_path: also append each record to this file as a JSON line as soon as it is measured.
+    """
+    cases = [(v, D) for v in variants for D in MLP_DIMS]
     batches, densities = MLP_BATCHES, MLP_DENSITIES
     if quick:
-        cases, batches, densities = [("relu", 8192), ("gated", 4096)], (16, 128), (0.1, 0.5, 1.0)
+        cases = [c for c in [("relu", 8192), ("gated", 4096)] if c[0] in variants]
+        batches, densities = (16, 128), (0.1, 0.5, 1.0)
     records = []
     key = jax.random.key(0)
     for variant, D in cases:
@@ -191,6 +197,9 @@ def run(copy_bw: float, quick: bool = False) -> list[dict]:
                            frac_bw=gbps * 1e9 / copy_bw, speedup_vs_dense=ms_full / ms, speedup_vs_xla=ms_xla / ms,
                            speedup_vs_xla_wall=wall_xla / ms_wall, ideal=F / count)
                 records.append(rec)
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 print(" ".join(f"{c}={rec[c]:.4g}" if isinstance(rec[c], float) else f"{c}={rec[c]}"
                                for c in COLUMNS), flush=True)
             print(f"# {variant} D={D} B={B}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -333,8 +342,20 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true", help="time the TUNE configurations of each kernel")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
+    ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
     ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="write kernels_mlp.{json,md} from the kernels_mlp.jsonl record logs of these folders")
     args = ap.parse_args()
+    out_dir = pathlib.Path(args.out) if args.out else common.RESULTS
+    if args.merge:
+        metas, records = [], []
+        for d in args.merge:
+            metas.append(json.loads((pathlib.Path(d) / "meta.json").read_text()))
+            records += [json.loads(l) for l in (pathlib.Path(d) / "kernels_mlp.jsonl").read_text().splitlines()]
+        meta = dict(metas[0], command=" && ".join(m["command"] for m in metas))
+        common.write_results("kernels_mlp", meta, records, COLUMNS, out_dir=out_dir)
+        return
     if args.check:
         check()
         return
@@ -343,11 +364,17 @@ def main():
         return
     copy_bw = common.copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s on {common.device_name()}", flush=True)
-    records = run(copy_bw, quick=args.quick)
-    meta = common.metadata("python -m benchmarks.bench_mlp" + (" --quick" if args.quick else ""))
+    command = "python -m benchmarks.bench_mlp" + (" --quick" if args.quick else "") + (
+        f" --variant {args.variant}" if args.variant else "")
+    meta = common.metadata(command)
     meta["copy_bw_TBps"] = copy_bw / 1e12
-    kw = {"out_dir": __import__("pathlib").Path(args.out)} if args.out else {}
-    common.write_results("kernels_mlp", meta, records, COLUMNS, **kw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    log = out_dir / "kernels_mlp.jsonl"
+    log.unlink(missing_ok=True)
+    variants = (args.variant,) if args.variant else ("relu", "gated")
+    records = run(copy_bw, quick=args.quick, variants=variants, log_path=str(log))
+    common.write_results("kernels_mlp", meta, records, COLUMNS, out_dir=out_dir)
 
 
 if __name__ == "__main__":

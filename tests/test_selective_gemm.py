@@ -269,3 +269,22 @@ def test_invalid_contracts():
         selective_mlp(x, wu, wd[..., :16], idx, 4, layer=0)
     # traced values are not checked eagerly but still trace
     jax.jit(lambda c: selective_up(x, wu, idx, c, layer=1))(jnp.int32(3))
+
+
+def test_heuristic_configs():
+    """Block sizes are powers of two, batch blocks >= 16 (Triton's dot), splits leave work to every program."""
+    for B in (1, 3, 16, 64, 128, 256):
+        for D in (64, 200, 576, 4096, 8192):
+            for count in (1, 100, 1664, 3328, 32768):
+                for gated in (False, True):
+                    u = tk.up_config(B, D, count, gated)
+                    assert u.block_b >= 16 and u.block_n >= 16 and u.block_k >= 16, u
+                    assert all(v & (v - 1) == 0 for v in (u.block_b, u.block_n, u.block_k, u.split_k)), u
+                    assert u.split_k == 1 or pl_cdiv(D, u.block_k) >= 2 * u.split_k, (B, D, count, u)
+                d = tk.down_config(B, D, count)
+                assert d.block_b >= 16 and d.block_n >= 16 and d.block_d >= 16 and d.split >= 1, d
+                assert d.split == 1 or pl_cdiv(count, d.block_n * d.split) >= 3, (B, D, count, d)
+
+
+def pl_cdiv(a, b):
+    return -(-a // b)

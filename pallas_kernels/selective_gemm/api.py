@@ -44,14 +44,14 @@ IMPLS = {
 }
 
 # Selected fraction of F above which the dense path is faster than the sparse kernels (H200, fp16,
-# measured by benchmarks/bench_mlp.py): sparse reads count/F of the bytes but at a lower fraction of the
-# bandwidth than cuBLAS, and loses at small batch where neither is compute-bound only above this.
-DENSE_ABOVE = 0.75
-
-
+# kernel time, benchmarks/bench_mlp.py). The sparse kernels reach ~3 TB/s against cuBLAS's ~4, so they
+# lose near 100% at any batch (0.9x at B=16, 0.8x at B=128); sparse time against density crosses the
+# dense time near 0.85 at B=16 and 0.7 at B=128 (gated D=4096); at B=256 the selective GEMMs are
+# compute-bound (~370 TFLOP/s) and cross near 0.45.
 def dense_is_faster(B: int, D: int, F: int, count: int) -> bool:
-    del B, D
-    return count > DENSE_ABOVE * F
+    del D
+    limit = 0.8 if B <= 32 else 0.65 if B <= 128 else 0.4
+    return count > limit * F
 
 
 # ---------------------------------------------------------------------------------------------------

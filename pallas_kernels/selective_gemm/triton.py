@@ -68,40 +68,68 @@ def _block_dividing(D: int, cap: int, lo: int = 16) -> int:
     return min(cap, _pow2_at_least(D, lo))
 
 
-def up_config(B: int, D: int, count: int) -> UpConfig:
-    """Block sizes for the up projection; `count` is the expected number of selected neurons."""
+def up_config(B: int, D: int, count: int, gated: bool = False) -> UpConfig:
+    """Block sizes for the up projection; `count` is the expected number of selected neurons.
+
+    From `python -m benchmarks.bench_mlp --tune` on an H200 (fp16, kernel time, D=8192, count=3328):
+    B=16: block_n=16 at 2 warps, 6 stages, no split: 17.7 us (4 warps: 22.7; the 16x16 dot tile leaves
+    4 warps duplicating work); block_n=32, split_k=2: 17.8 us + a 1.5 us epilogue kernel.
+    B=128: block_b=128, block_n=64, block_k=64, split_k=4: 22.8 us (+1.4 us epilogue); no split: 37 us.
+    """
     block_b = min(_pow2_at_least(B, 16), 128)
+    n_b = pl.cdiv(B, block_b)
     if block_b <= 32:
-        block_n, block_k, stages = 16, _block_dividing(D, 256), 4
+        block_n, block_k, warps = 16, _block_dividing(D, 256), 2
+        target = 192            # ~1.5 programs per SM was enough; a split costs an epilogue kernel
     else:
         # Re-reading x (block_b * D per program, from L2) must stay small next to the weight rows
         # (block_n * D per program): block_n >= block_b / 2.
-        block_n, block_k, stages = 64, _block_dividing(D, 64), 4
-    # Split D across programs until the SMs hold a few programs each (the pipelines keep
-    # num_stages - 1 tiles in flight per program; bandwidth needs several programs per SM).
+        block_n, block_k, warps = 64, _block_dividing(D, 64), 4
+        target = 3 * NUM_SMS
+    # Split D across programs until the SMs hold enough programs (each keeps num_stages - 1 tiles in
+    # flight); the f32 partial sums cost a small epilogue kernel.
     split_k = 1
     n_k = pl.cdiv(D, block_k)
-    while (pl.cdiv(count, block_n) * pl.cdiv(B, block_b) * split_k < 3 * NUM_SMS and split_k < 4
-           and n_k // (2 * split_k) >= 4):
+    while pl.cdiv(count, block_n) * n_b * split_k < target and split_k < 4 and n_k // (2 * split_k) >= 4:
         split_k *= 2
-    return UpConfig(block_b=block_b, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4,
+    # Stages: about 96 KB of shared memory per program, so two programs fit on an SM.
+    stage_bytes = (block_b + block_n * (2 if gated else 1)) * block_k * 2
+    stages = max(2, min(6, (96 << 10) // stage_bytes))
+    return UpConfig(block_b=block_b, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps,
                     num_stages=stages)
 
 
 def down_config(B: int, D: int, count: int) -> DownConfig:
-    """Block sizes for the down projection; `count` is the expected number of selected neurons."""
+    """Block sizes for the down projection; `count` is the expected number of selected neurons.
+
+    From `--tune` on an H200 (fp16, kernel time): D=8192, B=16, count=3328: block_n=128, block_d=128,
+    split=4: 18.0 us (split 2: 27 us, no split: 47 us). D=4096, B=16, count=1664: block_n=64, block_d=64,
+    split=8: 7.4 us. D=8192, B=128: split=4: 26.5 us (+1.4 us for the partial sums), split 2: 32 us.
+    The rule behind them: enough programs that ~256 (block_n=128) or ~512 (block_n=64) weight tiles are
+    in flight, each program keeping >= 3 loop steps.
+    """
     block_b = min(_pow2_at_least(B, 16), 128)
-    block_d = _block_dividing(D, 128)
+    n_b = pl.cdiv(B, block_b)
+    block_d = 128 if D >= 64 * 128 else _block_dividing(D, 64)
     n_d = pl.cdiv(D, block_d)
-    block_n = 64
-    # Split the neurons across programs until the SMs hold ~2 programs each, keeping >= 4 loop steps
-    # per program and the f32 partial sums (split * B * D * 4 bytes) small next to the weight bytes.
-    split = 1
-    while (n_d * split < 2 * NUM_SMS and pl.cdiv(count, block_n * split * 2) >= 4 and split < 8
-           and 2 * split * B * 4 <= count * 2 // 4):
-        split *= 2
+
+    def split_for(target):
+        split = 1
+        while n_d * n_b * split < target and split < 8:
+            split *= 2
+        return split
+
+    split, block_n = split_for(256), 128
+    if block_b > 32 or count < 6 * 128 * split:  # (128-row tiles of h and w leave 2 stages at large B)
+        split, block_n = split_for(512 if block_b <= 32 else 256), 64
+    # Keep >= 3 loop steps per program and the f32 partial sums (split * B * D * 4 bytes, written once
+    # and read once, mostly in L2) below the weight bytes (count * D * 2).
+    while split > 1 and (pl.cdiv(count, block_n * split) < 3 or split * B * 4 > count * 2):
+        split //= 2
+    stage_bytes = (block_b * block_n + block_n * block_d) * 2
+    stages = max(2, min(4, (112 << 10) // stage_bytes))
     return DownConfig(block_b=block_b, block_n=block_n, block_d=block_d, split=split, num_warps=4,
-                      num_stages=4 if block_b <= 32 else 3)
+                      num_stages=stages)
 
 
 def _activate(h, activation):
@@ -285,7 +313,7 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     B, D = x.shape
     C = idx.shape[0]
     if config is None:
-        config = up_config(B, D, _static_count(count, C))
+        config = up_config(B, D, _static_count(count, C), gated=w_gate is not None)
     has_gate, has_bias = w_gate is not None, b_up is not None
     kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate,
                                has_bias=has_bias and config.split_k == 1, activation=activation)
