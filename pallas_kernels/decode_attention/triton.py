@@ -58,22 +58,34 @@ def _pow2_at_least(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
 def attention_config(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.float16) -> AttentionConfig:
     """Block sizes for batch B, N query / K KV heads, cache length S, head dim H, C selected slots.
 
-    Splits: enough (B, C, P) programs to give every SM several, while each split keeps >= 4 blocks
-    (a split's fixed cost, loading q and writing f32 partials, stays small next to its slab bytes).
-    Numbers from `python -m benchmarks.bench_attention --tune` on an H200.
+    From `python -m benchmarks.bench_attention --tune` on an H200 (fp16, H = 128; results/
+    tune_attention.json), where configurations within ~5% of each other are not distinguishable:
+      - B*C >= 2 x SMs slab programs: one split (no combine launch), 32 KB K and V tiles
+        (block_s = 128 at H = 128 fp16), 3 stages: one CTA per SM with two tiles of each in flight.
+        4.3 TB/s dense MHA, 4.0 TB/s dense GQA at B = 64, S = 2048.
+      - fewer: split each slab into P ~ 4 x SMs / (B*C) pieces (a power of two, >= 512 positions
+        each), 16 KB tiles; pipeline depth by how many programs share an SM: 5 stages when there is
+        at most one program per SM, 3 up to ~3.5 per SM, else 2 (three CTAs per SM).
     """
-    G = N // K
-    itemsize = jnp.dtype(dtype).itemsize
-    block_s = 64 if _pow2_at_least(H) * itemsize <= 256 else 32
+    del N, K
+    row = _pow2_at_least(H) * jnp.dtype(dtype).itemsize          # bytes of one cache position
     work = max(1, B * C)
-    splits = 1
-    while work * splits < 4 * NUM_SMS and S // (splits * 2) >= 4 * block_s and splits < 64:
-        splits *= 2
-    del G
-    return AttentionConfig(block_s=block_s, splits=splits, num_warps=4, num_stages=3, use_dot=True)
+    if work >= 2 * NUM_SMS:
+        block_s = min(256, max(16, 32768 // row))
+        return AttentionConfig(block_s=block_s, splits=1, num_warps=4, num_stages=3)
+    block_s = min(256, max(16, 16384 // row))
+    splits = _pow2_at_most(pl.cdiv(4 * NUM_SMS, work))
+    splits = max(1, min(splits, S // 512))
+    programs = work * splits
+    stages = 5 if programs <= NUM_SMS else (3 if programs < 3.5 * NUM_SMS else 2)
+    return AttentionConfig(block_s=block_s, splits=splits, num_warps=4, num_stages=stages)
 
 
 def _dot(a, b, *, trans_b: bool):

@@ -1,0 +1,318 @@
+"""Selective-head decode attention benchmark: decode_attention (the public function) vs dense and XLA.
+
+Each case times a jitted chain of CHAIN calls, call i on cache set i % n_sets (2-3 different caches, so
+nothing stays in L2 from one call to the next), its own q and its own random head selection per
+sequence, so launch latency is amortised and no two calls are identical (XLA cannot merge them).
+fp16, H = 128, every length = S. Reported per call:
+
+  ms                decode_attention at this density (our dense path, head_idx=None, at density 1)
+  GBps, frac_bw     bytes that must move (the K and V slabs of the selected heads over all valid
+                    positions + q + o) / ms, and that over the measured copy bandwidth
+  speedup_vs_dense  our dense (all heads) / ms
+  speedup_vs_xla    XLA dense (the jnp reference under jit, every head) / ms
+  ideal             1 / density, density = selected KV heads / K (the count is rounded from the
+                    nominal density, at least 1)
+
+`python -m benchmarks.bench_attention` runs the sweep and writes results/kernels_attention.{json,md};
+`--tune` times candidate kernel configurations at a few shapes (the heuristic in
+pallas_kernels/decode_attention/triton.py comes from it); `--check` compares the compiled kernel with
+the reference; `--quick` runs a handful of cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.shapes import ATTN_BATCHES, ATTN_CONTEXTS, ATTN_DENSITIES, ATTN_HEADS
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import triton as tk
+
+H = 128
+DTYPE = jnp.float16
+CHAIN = 4              # attention calls per timed jit call
+MAX_CACHE = 60e9       # skip cases whose K + V cache (one set) exceeds this
+COLUMNS = ["variant", "N", "K", "B", "S", "count", "density", "splits", "ms", "GBps", "frac_bw",
+           "speedup_vs_dense", "speedup_vs_xla", "ideal"]
+
+
+def head_counts(K: int) -> list[int]:
+    """Selected KV heads per sequence for the nominal densities (at least 1); for K = 8 also 3 (~40%)."""
+    counts = {max(1, int(round(d * K))) for d in ATTN_DENSITIES}
+    if K == 8:
+        counts |= {3}
+    return sorted(counts)
+
+
+def _cache_bytes(B, K, S):
+    return 2 * B * K * S * H * jnp.dtype(DTYPE).itemsize
+
+
+def _bytes(B, N, K, S, count):
+    item = jnp.dtype(DTYPE).itemsize
+    return 2 * B * count * S * H * item + 2 * B * N * H * item
+
+
+def _cache_sets(B, K, S, key):
+    n_sets = 3 if 3 * _cache_bytes(B, K, S) <= 24e9 else 2
+    make = jax.jit(lambda k: jax.random.uniform(k, (B, K, S, H), DTYPE, -1.0, 1.0))
+    sets = []
+    for s in range(n_sets):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, s))
+        sets.append((make(k1), make(k2)))
+    return sets
+
+
+def _selections(B, K, count, key, n):
+    """n draws of [B, count] distinct random KV heads per sequence."""
+    out = []
+    for i in range(n):
+        u = jax.random.uniform(jax.random.fold_in(key, i), (B, K))
+        out.append(jnp.argsort(u, axis=1)[:, :count].astype(jnp.int32))
+    return out
+
+
+def _chain(call):
+    """jit(sets, qs, hidxs) -> CHAIN outputs; call i uses cache set i % n_sets, qs[i] and hidxs[i]."""
+    def run(sets, qs, hidxs, lengths):
+        return [call(qs[i], *sets[i % len(sets)], lengths, hidxs[i]) for i in range(CHAIN)]
+    return jax.jit(run)
+
+
+def _time(fn, sets, qs, hidxs, lengths, est_ms):
+    inner = int(np.clip(30.0 / max(est_ms * CHAIN, 1e-3), 1, 10))
+    return common.time_fn(fn, [(sets, qs, hidxs, lengths)], inner=inner, reps=7, warmup=2) / CHAIN
+
+
+def run(copy_bw: float, quick: bool = False) -> list[dict]:
+    """One record per (N, K, B, S, count); see the module docstring for the fields."""
+    heads, batches, contexts = ATTN_HEADS, ATTN_BATCHES, ATTN_CONTEXTS
+    if quick:
+        heads, batches, contexts = [(32, 32), (32, 8)], (16, 64), (2048,)
+    records = []
+    key = jax.random.key(0)
+    for N, K in heads:
+        variant = "mha" if N == K else "gqa"
+        counts = head_counts(K)
+        if quick:
+            counts = [c for c in counts if c in (max(1, round(0.3 * K)), 2, K)]
+        for S in contexts:
+            for B in batches:
+                if _cache_bytes(B, K, S) > MAX_CACHE:
+                    print(f"# skip {variant} N={N} K={K} B={B} S={S}: cache {_cache_bytes(B, K, S) / 1e9:.0f} GB",
+                          flush=True)
+                    continue
+                t0 = time.perf_counter()
+                ck = jax.random.fold_in(key, N * 100003 + K * 1009 + B * 17 + S)
+                sets = _cache_sets(B, K, S, ck)
+                lengths = jnp.full((B,), S, jnp.int32)
+                qs = [jax.random.normal(jax.random.fold_in(ck, 1000 + i), (B, N, H), jnp.float32).astype(DTYPE)
+                      for i in range(CHAIN)]
+                est = _bytes(B, N, K, S, K) / 3.5e12 * 1e3
+                none = [None] * CHAIN
+                ms_xla = _time(_chain(lambda q, k, v, n, h: decode_attention(q, k, v, n, impl="xla")),
+                               sets, qs, none, lengths, est)
+                ms_dense = _time(_chain(lambda q, k, v, n, h: decode_attention(q, k, v, n)),
+                                 sets, qs, none, lengths, est)
+                for count in counts:
+                    if count == K:
+                        ms = ms_dense
+                    else:
+                        hidxs = _selections(B, K, count, jax.random.fold_in(ck, count), CHAIN)
+                        ms = _time(_chain(lambda q, k, v, n, h: decode_attention(q, k, v, n, h)),
+                                   sets, qs, hidxs, lengths, est * count / K)
+                    gbps = _bytes(B, N, K, S, count) / (ms * 1e-3) / 1e9
+                    cfg = tk.attention_config(B, N, K, S, H, count, DTYPE)
+                    rec = dict(kernel="decode_attention", variant=variant, B=B, N=N, K=K, H=H, S=S, count=count,
+                               density=count / K, splits=cfg.splits, block_s=cfg.block_s, ms=ms, ms_dense=ms_dense,
+                               ms_xla=ms_xla, GBps=gbps, frac_bw=gbps * 1e9 / copy_bw,
+                               speedup_vs_dense=ms_dense / ms, speedup_vs_xla=ms_xla / ms, ideal=K / count)
+                    records.append(rec)
+                    print(" ".join(f"{c}={rec[c]:.4g}" if isinstance(rec[c], float) else f"{c}={rec[c]}"
+                                   for c in COLUMNS), flush=True)
+                del sets
+                print(f"# {variant} N={N} K={K} B={B} S={S}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# tuning: candidate kernel configurations at a few shapes
+
+TUNE_CASES = [  # N, K, B, S, count (None: dense path)
+    (32, 8, 64, 2048, 2),
+    (32, 32, 16, 2048, 10),
+    (32, 32, 64, 2048, 10),
+    (32, 32, 16, 2048, None),
+    (32, 8, 16, 2048, 2),
+    (32, 32, 16, 8192, 3),
+    (32, 8, 64, 2048, None),
+]
+
+
+def _candidates(N, K, B, S, C):
+    """The heuristic's config first. Much work (B*C programs fill the SMs several times): one split and
+    block variants. Little work: (block, stages) variants crossed with split counts, deep pipelines
+    (one CTA per SM) at few splits, shallow ones (several CTAs per SM) at more."""
+    A = tk.AttentionConfig
+    out = [tk.attention_config(B, N, K, S, H, C, DTYPE)]
+    if B * C >= 2 * tk.NUM_SMS:
+        for bs, w, st, P in [(128, 4, 3, 1), (64, 4, 5, 1), (64, 4, 3, 1), (128, 8, 3, 1), (32, 4, 8, 1),
+                             (64, 4, 6, 1), (128, 4, 3, 2)]:
+            out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
+    else:
+        for P in (1, 2, 3, 4, 6, 8, 12, 16):
+            if S // P < 256:
+                continue
+            if P <= 2:
+                grid = [(128, 4, 3), (64, 4, 5), (64, 4, 6), (32, 4, 8), (128, 8, 3), (64, 4, 3)]
+            elif P <= 4:
+                grid = [(64, 4, 3), (64, 4, 2), (32, 4, 4), (128, 4, 3), (64, 4, 5)]
+            else:
+                grid = [(64, 4, 2), (32, 4, 3), (64, 4, 3)]
+            for bs, w, st in grid:
+                out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
+    return list(dict.fromkeys(out))
+
+
+def tune(copy_bw: float, out_path: str | None = None, budget_s: float = 200.0) -> list[dict]:
+    """Time each case's candidates; budget_s shared equally by the cases. For the best split config, also
+    time the split kernel alone (no combine launch) to show what the combine costs."""
+    key = jax.random.key(1)
+    results = []
+    for N, K, B, S, count in TUNE_CASES:
+        t_start = time.perf_counter()
+        case_budget = budget_s / len(TUNE_CASES)
+        ck = jax.random.fold_in(key, N + K + B + S)
+        sets = _cache_sets(B, K, S, ck)[:2]
+        lengths = jnp.full((B,), S, jnp.int32)
+        qs = [jax.random.normal(jax.random.fold_in(ck, i), (B, N, H), jnp.float32).astype(DTYPE) for i in range(CHAIN)]
+        C = K if count is None else count
+        hidxs = [None] * CHAIN if count is None else _selections(B, K, count, ck, CHAIN)
+        nbytes = _bytes(B, N, K, S, C)
+        est = nbytes / 3.5e12 * 1e3
+        rows = []
+
+        def measure(cfg, partials=False):
+            def call(q, k, v, n, h, cfg=cfg):
+                return tk.decode_attention(q, k[None], v[None], n, h, layer=0, config=cfg, _partials_only=partials)
+            try:
+                ms = _time(_chain(call), sets, qs, hidxs, lengths, est)
+            except Exception as e:  # noqa: BLE001  (a config Triton rejects: report and go on)
+                print(f"N={N} K={K} B={B} S={S} C={C} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                return None
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            r = dict(N=N, K=K, B=B, S=S, count=C, cfg=str(cfg), partials_only=partials, ms=ms, GBps=gbps,
+                     frac_bw=gbps * 1e9 / copy_bw)
+            print(f"N={N} K={K} B={B} S={S} C={C} {cfg}{' [split kernel only]' if partials else ''}: "
+                  f"{ms * 1e3:.1f} us {gbps:.0f} GB/s", flush=True)
+            if not partials:
+                rows.append((r, cfg))
+            results.append(r)
+            return ms
+
+        for cfg in _candidates(N, K, B, S, C):
+            if time.perf_counter() - t_start > case_budget:
+                print(f"# budget: stopped before {cfg}", flush=True)
+                break
+            measure(cfg)
+        split = [rc for rc in rows if rc[1].splits > 1]
+        if split:
+            measure(min(split, key=lambda rc: rc[0]["ms"])[1], partials=True)
+        rows.sort(key=lambda rc: rc[0]["ms"])
+        if rows:
+            print(f"## best N={N} K={K} B={B} S={S} C={C}: {rows[0][0]['cfg']} {rows[0][0]['ms'] * 1e3:.1f} us "
+                  f"{rows[0][0]['GBps']:.0f} GB/s; heuristic {tk.attention_config(B, N, K, S, H, C, DTYPE)}",
+                  flush=True)
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(results, f, indent=1)
+        del sets
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# correctness of the compiled kernel at benchmark-like shapes
+
+CHECK_CASES = [  # N, K, B, S, H, dtype, C, config
+    (32, 32, 8, 1000, 128, jnp.float16, 10, None),
+    (32, 32, 64, 2048, 128, jnp.float16, None, None),
+    (32, 8, 8, 777, 80, jnp.float16, 2, None),
+    (32, 8, 3, 4096, 128, jnp.float16, 3, None),
+    (28, 4, 5, 300, 96, jnp.bfloat16, 3, None),
+    (16, 16, 4, 500, 64, jnp.float16, 5, tk.AttentionConfig(block_s=32, splits=4)),
+    (16, 16, 4, 500, 128, jnp.float16, 5, tk.AttentionConfig(block_s=32, splits=2, use_dot=False)),
+    (16, 16, 4, 500, 80, jnp.float32, None, tk.AttentionConfig(block_s=32, splits=1, use_dot=False)),
+]
+
+
+def check(cases=CHECK_CASES) -> float:
+    """Compiled kernel vs the f32 reference (fresh random inputs, ragged lengths, -1 slots); worst error."""
+    from tests.tolerances import REL_TOL, rel_error
+    worst = 0.0
+    key = jax.random.key(7)
+    for N, K, B, S, Hd, dtype, C, cfg in cases:
+        ks = jax.random.split(jax.random.fold_in(key, N * K + B + S + Hd), 6)
+        L = 2
+        k = jax.random.normal(ks[0], (L, B, K, S, Hd), jnp.float32).astype(dtype)
+        v = jax.random.normal(ks[1], (L, B, K, S, Hd), jnp.float32).astype(dtype)
+        if cfg is None:
+            fn = jax.jit(lambda q, k, v, n, h: decode_attention(q, k, v, n, h, layer=jnp.int32(1), impl="triton"))
+        else:
+            fn = jax.jit(lambda q, k, v, n, h, cfg=cfg: tk.decode_attention(q, k, v, n, h, layer=jnp.int32(1),
+                                                                            config=cfg))
+        for draw in range(2):
+            kd = jax.random.fold_in(ks[2], draw)
+            q = jax.random.normal(kd, (B, N, Hd), jnp.float32).astype(dtype)
+            lengths = jax.random.randint(jax.random.fold_in(kd, 1), (B,), 0, S + 1).at[0].set(S)
+            lengths = lengths.at[B - 1].set(0 if draw == 0 else 1).astype(jnp.int32)
+            hidx = None
+            if C is not None:
+                hidx = _selections(B, K, C, jax.random.fold_in(kd, 2), 1)[0]
+                hidx = hidx.at[B // 2, 0].set(-1).at[0, C - 1].set(-1)
+            o = fn(q, k, v, lengths, hidx)
+            ref = decode_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                             lengths, hidx, layer=1)
+            err = rel_error(o, ref)
+            zero_ok = bool(np.all(np.asarray(o, np.float32)[np.asarray(ref) == 0] == 0))
+            worst = max(worst, err if zero_ok else float("inf"))
+            ok = err <= REL_TOL[jnp.dtype(dtype).name] and zero_ok
+            print(f"check N={N} K={K} B={B} S={S} H={Hd} {jnp.dtype(dtype).name} C={C} {cfg}: rel err {err:.2e} "
+                  f"zeros {'ok' if zero_ok else 'WRONG'} ({'ok' if ok else 'FAIL'})", flush=True)
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-budget", type=float, default=200.0, help="seconds for the tuning sweep")
+    ap.add_argument("--check", action="store_true", help="only compare the kernel with the reference")
+    ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
+    args = ap.parse_args()
+    if args.check:
+        check()
+        return
+    copy_bw = common.copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s on {common.device_name()}", flush=True)
+    if args.tune:
+        out = os.path.join(args.out, "tune_attention.json") if args.out else None
+        tune(copy_bw, out, args.tune_budget)
+        return
+    records = run(copy_bw, quick=args.quick)
+    meta = common.metadata("python -m benchmarks.bench_attention" + (" --quick" if args.quick else ""))
+    meta["copy_bw_TBps"] = copy_bw / 1e12
+    kw = {"out_dir": Path(args.out)} if args.out else {}
+    common.write_results("kernels_attention", meta, records, COLUMNS, **kw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
