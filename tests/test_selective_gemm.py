@@ -185,24 +185,26 @@ def test_layer_scan(interpret, gated):
 # ---------------------------------------------------------------------------------------------------
 # dense path and dispatch (XLA only: fast)
 
-@pytest.mark.parametrize("gated,bias", [(False, True), (True, False)])
-def test_dense_equals_reference(gated, bias):
+@pytest.mark.parametrize("gated,bias,dtype", [(False, True, F32), (True, False, F32), (False, True, F16),
+                                               (True, True, BF16)])
+def test_dense_equals_reference(gated, bias, dtype):
     B, D, F, C = 5, 48, 64, 40
-    p = _make(B, D, F, C, F32, gated=gated, bias=bias)
+    p = _make(B, D, F, C, dtype, gated=gated, bias=bias)
+    f = {k: _f32(v) if k != "idx" else v for k, v in p.items()}
     for count in (0, 17, C):
-        args = dict(b_up=p["b_up"], w_gate=p["w_gate"])
+        args, args_f = dict(b_up=p["b_up"], w_gate=p["w_gate"]), dict(b_up=f["b_up"], w_gate=f["w_gate"])
         assert_close(reference.dense_up(p["x"], p["w_up"], p["idx"], count, **args),
-                     selective_up_reference(p["x"], p["w_up"], p["idx"], count, **args), F32)
-        h = _normal((B, C), F32)
+                     selective_up_reference(f["x"], f["w_up"], p["idx"], count, **args_f), dtype)
+        h = _normal((B, C), dtype)
         assert_close(reference.dense_down(h, p["w_down"], p["idx"], count, b_down=p["b_down"]),
-                     selective_down_reference(h, p["w_down"], p["idx"], count, b_down=p["b_down"]), F32)
+                     selective_down_reference(_f32(h), f["w_down"], p["idx"], count, b_down=f["b_down"]), dtype)
         assert_close(reference.dense_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], count, b_down=p["b_down"], **args),
-                     selective_mlp_reference(p["x"], p["w_up"], p["w_down"], p["idx"], count, b_down=p["b_down"],
-                                             **args), F32)
+                     selective_mlp_reference(f["x"], f["w_up"], f["w_down"], p["idx"], count, b_down=f["b_down"],
+                                             **args_f), dtype)
     # count == F with every neuron selected: the unmasked dense MLP
     idx = _idx(F, F)
     assert_close(reference.dense_mlp(p["x"], p["w_up"], p["w_down"], idx, F, all_selected=True, **args),
-                 selective_mlp_reference(p["x"], p["w_up"], p["w_down"], idx, F, **args), F32)
+                 selective_mlp_reference(f["x"], f["w_up"], f["w_down"], idx, F, **args_f), dtype)
 
 
 def test_dispatch(monkeypatch):

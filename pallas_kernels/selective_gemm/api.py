@@ -43,14 +43,20 @@ IMPLS = {
     "xla": {"up": reference.selective_up, "down": reference.selective_down, "mlp": reference.selective_mlp},
 }
 
-# Selected fraction of F above which the dense path is faster than the sparse kernels (H200, fp16,
-# kernel time, benchmarks/bench_mlp.py). The sparse kernels reach ~3 TB/s against cuBLAS's ~4, so they
-# lose near 100% at any batch (0.9x at B=16, 0.8x at B=128); sparse time against density crosses the
-# dense time near 0.85 at B=16 and 0.7 at B=128 (gated D=4096); at B=256 the selective GEMMs are
-# compute-bound (~370 TFLOP/s) and cross near 0.45.
+# Selected fraction of F above which the dense path is faster than the sparse kernels. Measured on an
+# H200 (fp16, kernel time, benchmarks/results/kernels_mlp.md): sparse time against density crosses the
+# dense time near 1.0 at B <= 16; at B=64 near 0.9 (D=8192) / 0.7 (D=4096); at B=128 near 0.8 / 0.58;
+# at B=256, where the selective GEMMs turn compute-bound, near 0.7 / 0.44. The limits sit ~0.1 below.
 def dense_is_faster(B: int, D: int, F: int, count: int) -> bool:
-    del D
-    limit = 0.8 if B <= 32 else 0.65 if B <= 128 else 0.4
+    big = D >= 8192
+    if B <= 32:
+        limit = 0.8
+    elif B <= 64:
+        limit = 0.8 if big else 0.6
+    elif B <= 128:
+        limit = 0.7 if big else 0.5
+    else:
+        limit = 0.6 if big else 0.35
     return count > limit * F
 
 
