@@ -69,7 +69,7 @@ def attention_config(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.f
     tune_attention.json), where configurations within ~5% of each other are not distinguishable:
       - B*C >= 2 x SMs slab programs: one split (no combine launch), 32 KB K and V tiles
         (block_s = 128 at H = 128 fp16), 3 stages: one CTA per SM with two tiles of each in flight.
-        4.3 TB/s dense MHA, 4.0 TB/s dense GQA at B = 64, S = 2048.
+        Dense: 4.3-4.4 TB/s MHA; GQA 3.6-4.0 TB/s at B = 64, S = 2048 and 4.0-4.3 TB/s above.
       - fewer: split each slab into P ~ 4 x SMs / (B*C) pieces (a power of two, >= 512 positions
         each), 16 KB tiles; pipeline depth by how many programs share an SM: 5 stages when there is
         at most one program per SM, 3 up to ~3.5 per SM, else 2 (three CTAs per SM).
