@@ -1,7 +1,7 @@
 """Selective-head decode attention kernel against the f32 reference.
 
-Every kernel test runs the Triton kernel in the Pallas interpreter on CPU (`interpret=True`) and, where
-a CUDA GPU is present, compiled (`interpret=False`): interpret mode is a parameter of the same test.
+Every kernel test runs the Triton kernel: in the Pallas interpreter on CPU (`interpret=True`), compiled
+where a CUDA GPU is present (`interpret=False`): interpret mode is a parameter of the same test.
 Inputs are fresh random draws (never zeros); each compiled function is called on several draws of
 (q, lengths, head_idx) with those traced, so one compile serves ragged lengths (0, 1, 7, block
 multiples and not, S) and selected counts 0 / odd / capacity (-1 padding). The reference is computed
@@ -23,8 +23,8 @@ from pallas_kernels.decode_attention.reference import selected_mask
 from tests.tolerances import assert_close
 
 HAS_GPU = jax.default_backend() == "gpu"
-INTERPRET = [pytest.param(True, id="interpret"),
-             pytest.param(False, id="gpu", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU"))]
+# Compiled through Triton where a CUDA GPU is present, the Pallas interpreter elsewhere: one test either way.
+INTERPRET = [pytest.param(not HAS_GPU, id="gpu" if HAS_GPU else "interpret")]
 F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
 _seed = iter(range(1 << 30))
 
