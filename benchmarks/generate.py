@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import copy_bandwidth, metadata, write_results
+from benchmarks.common import RESULTS, copy_bandwidth, metadata, write_results
 from benchmarks.shapes import DENSE_CASES, SPARSE_CASES, SPARSE_MODES
 from polar_jax.cache import KVCache, cache_bytes
 from polar_jax.config import ModelConfig, preset
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--smollm2-dir", default="models/smollm2-135m-instruct",
                     help="converted SmolLM2 model dir (real weights); random weights when absent")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke test)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the result files (default benchmarks/results)")
     args = ap.parse_args(argv)
     stats = jax.devices()[0].memory_stats() or {}
     GPU_BYTES = stats.get("bytes_limit", 16 << 30)
@@ -163,11 +164,11 @@ def main(argv=None) -> None:
     if args.part in ("dense", "all"):
         cases = DENSE_CASES[:2] if args.quick else DENSE_CASES
         recs = run_cases(cases, [("dense", 1.0)], bw, args.smollm2_dir)
-        write_results("generate_dense", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols)
+        write_results("generate_dense", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols, Path(args.out))
     if args.part in ("sparse", "all"):
         cases = SPARSE_CASES[:1] if args.quick else SPARSE_CASES
         recs = run_cases(cases, SPARSE_MODES, bw, args.smollm2_dir)
-        write_results("generate_sparse", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols)
+        write_results("generate_sparse", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols, Path(args.out))
 
 
 if __name__ == "__main__":
