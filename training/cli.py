@@ -85,6 +85,8 @@ def cmd_eval_ppl(args) -> None:
 
     if args.sparsity and args.attn_topk is not None:
         raise ValueError("pass either --sparsity or --attn-topk, not both")
+    if args.sweep and (args.sparsity or args.attn_topk is not None):
+        raise ValueError("--sweep sets the head densities itself (--densities); drop --sparsity / --attn-topk")
     cfg, params, tokenizer = _load_model(args.model)
     tokens, source = load_tokens(tokenizer, cfg.vocab_size, args.text, args.dataset, args.split, args.heldout_frac)
     windows = ev.eval_windows(cfg, tokens, args.prefix, args.decode_len, args.max_tokens)

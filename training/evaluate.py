@@ -156,6 +156,7 @@ def plot_sweep(result: dict, cfg: ModelConfig, path) -> None:
         if pts:
             ax.plot(*zip(*pts), style, label=f"{s} top-k")
     ax.axhline(result["dense"]["ppl"], color="k", lw=1, label="dense")
+    ax.set_yscale("log")  # sparse perplexities can be 10x the dense one; a log axis keeps both readable
     ax.set_xlabel("fraction of KV groups kept (layer 0 dense)")
     ax.set_ylabel("decode-mode perplexity")
     ax.set_title(f"{cfg.name}: {result['dense']['tokens']} decoded tokens")
