@@ -120,7 +120,8 @@ def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128),
 def format_k_table(table: dict[int, list[int]], F: int) -> str:
     bs = sorted(table)
     L = len(table[bs[0]])
-    head = f"MLP router top-k per layer (F={F}) by batch size\n{'layer':>5} " + " ".join(f"{'B=' + str(b):>7}" for b in bs)
+    head = f"MLP router top-k per layer (F={F}) by batch size\n{'layer':>5} " + " ".join(
+        f"{'B=' + str(b):>7}" for b in bs)
     rows = [f"{l:>5} " + " ".join(f"{table[b][l]:>7}" for b in bs) for l in range(L)]
     mean = f"{'mean':>5} " + " ".join(f"{np.mean(table[b]) / F:>7.1%}" for b in bs)
     return "\n".join([head, *rows, mean])

@@ -139,7 +139,8 @@ def format_sweep(result: dict, n_kv: int) -> str:
         by.setdefault(r["groups"], {})[r["source"]] = r["ppl"]
     for g in sorted(by):
         lines.append(f"| {g}/{n_kv} | " + " | ".join(f"{by[g][s]:.3f}" for s in sorted(by[g])) + " |")
-    lines.append(f"\ndense decode-mode perplexity: {result['dense']['ppl']:.3f} over {result['dense']['tokens']} tokens")
+    d = result["dense"]
+    lines.append(f"\ndense decode-mode perplexity: {d['ppl']:.3f} over {d['tokens']} tokens")
     return "\n".join(lines)
 
 
@@ -184,7 +185,7 @@ def write_sweep(result: dict, cfg: ModelConfig, prefix_path, meta: dict, router_
         m = a["metrics"]
         md += [f"| {l} | {m['topk_recall'][l]:.3f} | {m['recall'][l]:.3f} | {m['precision'][l]:.3f} |"
                for l in range(len(m["loss"]))]
-        md += [f"| mean | {np.mean(m['topk_recall']):.3f} | {np.mean(m['recall']):.3f} | {np.mean(m['precision']):.3f} |"]
+        md += ["| mean | " + " | ".join(f"{np.mean(m[c]):.3f}" for c in ("topk_recall", "recall", "precision")) + " |"]
     paths = [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
     paths[0].write_text(json.dumps(out, indent=1))
     paths[1].write_text("\n".join(md) + "\n")
