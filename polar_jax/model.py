@@ -9,10 +9,12 @@ per-layer slice handed to a custom call would be materialised as a copy of every
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from pallas_kernels.decode_attention import decode_attention
@@ -21,7 +23,7 @@ from polar_jax import layers
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
 from polar_jax.params import init_params
-from polar_jax.sparsity import SparsityConfig, attention_heads, mlp_neurons
+from polar_jax.sparsity import Segment, SparsityConfig, attention_heads, mlp_neurons, plan
 
 
 class Collected(NamedTuple):
@@ -67,7 +69,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     B, T = tokens.shape
     N, K, H, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len
     decode = T == 1
-    sp = sparsity or SparsityConfig()
+    sp = (sparsity or SparsityConfig()).for_batch(B)
     if collect and decode:
         raise ValueError("collect=True records prefill activations; pass more than one token")
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
@@ -100,7 +102,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
         return selective_down(a[:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]
 
-    def attention(l, h, k_all, v_all, n_heads):
+    def attention(l, h, k_all, v_all, n_heads, seg: Segment):
         q = project(h, l, lp["wq"], lp.get("bq"))  # [B, T, N*H]
         k = project(h, l, lp["wk"], lp.get("bk"))  # [B, T, K*H]
         v = project(h, l, lp["wv"], lp.get("bv"))
@@ -116,18 +118,18 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
                 o = decode_attention(q1, k_all, v_all, lengths, layer=l, sm_scale=sm_scale)
                 return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(B, K, -1), axis=-1))
 
-            head_idx = attention_heads(sp, cfg, l, n_heads, h[:, 0], routers, key, dense_norms)
+            head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h[:, 0], routers, key, dense_norms)
             out = decode_attention(q1, k_all, v_all, lengths, head_idx, layer=l, sm_scale=sm_scale)[:, None]
         else:
             out = layers.prefill_attention(q, k_all[l], v_all[l], positions, sm_scale)  # [B, T, N, H]
         return out, k_all, v_all
 
-    def mlp(l, h, n_neurons):
+    def mlp(l, h, n_neurons, seg: Segment):
         if not decode:
             hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
             return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
         h1 = h[:, 0]  # [B, D]
-        sel = mlp_neurons(sp, cfg, l, n_neurons, h1, routers, key,
+        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (jnp.arange(cfg.mlp_dim, dtype=jnp.int32), cfg.mlp_dim) if sel is None else sel
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
@@ -135,16 +137,16 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
                           layer=l, impl=impl)
         return y[:, None], None
 
-    def layer_step(carry, xs):
+    def layer_step(seg: Segment, carry, xs):
         x, k_all, v_all = carry
         l, n_heads, n_neurons = xs
         h = x if cfg.post_norm else layers.norm(cfg, _at(lp["attn_norm"], l), x)
-        attn, k_all, v_all = attention(l, h, k_all, v_all, n_heads)
+        attn, k_all, v_all = attention(l, h, k_all, v_all, n_heads, seg)
         x = x + unproject(attn.reshape(B, T, N * H), l, lp["wo"], lp.get("bo"))
         if cfg.post_norm:
             x = layers.norm(cfg, _at(lp["attn_norm"], l), x)
         h2 = x if cfg.post_norm else layers.norm(cfg, _at(lp["mlp_norm"], l), x)
-        y, hidden = mlp(l, h2, n_neurons)
+        y, hidden = mlp(l, h2, n_neurons, seg)
         x = x + y
         if cfg.post_norm:
             x = layers.norm(cfg, _at(lp["mlp_norm"], l), x)
@@ -154,9 +156,16 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
             rec = Collected(h, hidden, norms)
         return (x, k_all, v_all), rec
 
-    xs = (jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(sp.head_counts(cfg)),
-          jnp.asarray(sp.neuron_counts(cfg)))
-    (x, k_all, v_all), collected = jax.lax.scan(layer_step, (x, cache.k, cache.v), xs)
+    # One scan per run of layers with equal selection capacities (prefill: one run, all dense).
+    segments = plan(sp, cfg, B) if decode else [Segment(0, cfg.n_layers, None, None)]
+    xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, B))
+    carry, records = (x, cache.k, cache.v), []
+    for seg in segments:
+        carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,
+                                  tuple(jnp.asarray(a[seg.start:seg.stop]) for a in xs))
+        records.append(rec)
+    x, k_all, v_all = carry
+    collected = records[0] if collect else None  # prefill runs a single segment
 
     if last_only:
         x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)]  # [B, D]

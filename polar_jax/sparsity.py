@@ -120,24 +120,77 @@ class SparsityConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of consecutive layers that share capacities, so one `lax.scan` body serves them.
+
+    head_capacity / neuron_capacity: the static number of selection slots the kernels are sized for;
+    None means the layer is dense there (every head / neuron, no selection at all).
+    """
+
+    start: int
+    stop: int
+    head_capacity: int | None
+    neuron_capacity: int | None
+
+
+def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int) -> list[Segment]:
+    """Split the layers into segments of equal capacities (typically: dense layer 0, then the rest).
+
+    Sparse layers share the largest count among them as capacity, so the kernels' grids follow the work
+    (a dense layer in the same scan would force the capacity of every layer up to all heads / neurons).
+    """
+    K, F = cfg.n_kv_heads, cfg.mlp_dim
+    heads, neurons = sp.head_counts(cfg), sp.neuron_counts(cfg, batch)
+    dense = np.zeros(cfg.n_layers, bool)
+    dense[list(sp.dense_layers)] = True
+    sparse_heads = ~dense & (heads < K) & (sp.attn != "all")
+    head_cap = [int(heads[sparse_heads].max()) if s else None for s in sparse_heads]
+    sparse_mlp = ~dense & (sp.mlp != "all") & ((neurons < F) | (sp.mlp == "oracle"))
+    if sp.mlp == "router":  # the union of each token's top-k over the batch
+        cap = int(min(F, batch * neurons[sparse_mlp].max())) if sparse_mlp.any() else None
+    elif sp.mlp == "random":
+        cap = int(neurons[sparse_mlp].max()) if sparse_mlp.any() else None
+    else:
+        cap = F
+    neuron_cap = [cap if s else None for s in sparse_mlp]
+    segments: list[Segment] = []
+    for layer in range(cfg.n_layers):
+        caps = (head_cap[layer], neuron_cap[layer])
+        if segments and (segments[-1].head_capacity, segments[-1].neuron_capacity) == caps:
+            segments[-1] = dataclasses.replace(segments[-1], stop=layer + 1)
+        else:
+            segments.append(Segment(layer, layer + 1, *caps))
+    return segments
+
+
 def _top_slots(scores: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
-    """Ids of the `count` largest scores per row, padded with -1 to `capacity`: [B, X] -> [B, C]."""
-    _, ids = jax.lax.top_k(scores, capacity)
-    return jnp.where(jnp.arange(capacity)[None, :] < count, ids, -1).astype(jnp.int32)
+    """Ids of the `count` largest scores per row, padded with -1 to `capacity`: [B, X] -> [B, C].
+
+    Ranks by pairwise comparison ([B, X, X], X = heads <= a few hundred), ties broken by id: a couple of
+    fused elementwise kernels instead of a sort, which costs tens of microseconds per layer on a GPU.
+    """
+    X = scores.shape[-1]
+    ids = jnp.arange(X)
+    beats = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (ids[None, :] < ids[:, None]))  # [B, X(i), X(j)]
+    rank = jnp.sum(beats, axis=-1)  # [B, X]: a permutation of 0..X-1
+    slots = jnp.arange(capacity)
+    top = jnp.argmax(rank[:, None, :] == slots[None, :, None], axis=-1)  # [B, C]: the id ranked c
+    return jnp.where(slots[None, :] < count, top, -1).astype(jnp.int32)
 
 
-def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.Array, routers: dict | None,
-                    key: jax.Array, dense_norms=None) -> jax.Array | None:
-    """Head (KV-group) ids [B, C] for one decode step of one layer, -1 padded; None means all heads.
+def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, capacity: int | None, h: jax.Array,
+                    routers: dict | None, key: jax.Array, dense_norms=None) -> jax.Array | None:
+    """Head (KV-group) ids [B, capacity] for one decode step of one layer, -1 padded; None means all heads.
 
     h [B, D] is the router input (the attention-norm output). dense_norms() computes [B, K] output norms
     for the oracle (only called for it).
     """
-    capacity = cfg.n_kv_heads
-    if sp.attn == "all":
+    if capacity is None:
         return None
     if sp.attn == "random":
-        scores = jax.random.uniform(jax.random.fold_in(key, layer), (h.shape[0], capacity))
+        scores = jax.random.uniform(jax.random.fold_in(key, layer), (h.shape[0], cfg.n_kv_heads))
     elif sp.attn == "oracle":
         scores = dense_norms()
     else:
@@ -146,17 +199,16 @@ def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.A
     return _top_slots(scores, count, capacity)
 
 
-def mlp_neurons(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.Array, routers: dict | None,
-                key: jax.Array, dense_hidden=None) -> tuple[jax.Array, jax.Array] | None:
-    """(idx [C], n) neuron union over the batch for one layer; None means dense.
+def mlp_neurons(sp: SparsityConfig, cfg: ModelConfig, layer, count, capacity: int | None, h: jax.Array,
+                routers: dict | None, key: jax.Array, dense_hidden=None) -> tuple[jax.Array, jax.Array] | None:
+    """(idx [capacity], n) neuron union over the batch for one layer; None means dense.
 
     h [B, D] is the router input; dense_hidden() computes the dense activations [B, F] (oracle only).
     """
     F = cfg.mlp_dim
-    if sp.mlp == "all":
+    if capacity is None:
         return None
     if sp.mlp == "random":
-        capacity = int(sp.neuron_counts(cfg).max())
         idx = jax.random.permutation(jax.random.fold_in(key, layer), F)[:capacity]
         return idx.astype(jnp.int32), count
     if sp.mlp == "oracle":
@@ -168,6 +220,6 @@ def mlp_neurons(sp: SparsityConfig, cfg: ModelConfig, layer, count, h: jax.Array
                             preferred_element_type=jnp.float32) + r["b2"][layer]  # [B, F]
         kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (F - count)[None, None], axis=-1)  # [B, 1]
         union = jnp.any(logits >= kth, axis=0)  # [F]
-    n = jnp.sum(union).astype(jnp.int32)
-    idx = jnp.nonzero(union, size=F, fill_value=0)[0].astype(jnp.int32)  # ascending; all = arange(F)
+    n = jnp.minimum(jnp.sum(union), capacity).astype(jnp.int32)  # the union never exceeds capacity
+    idx = jnp.nonzero(union, size=capacity, fill_value=0)[0].astype(jnp.int32)  # ascending
     return idx, n

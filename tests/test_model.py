@@ -11,6 +11,7 @@ from convert.hf import params_from_torch_state_dict
 from polar_jax import SamplingConfig, SparsityConfig, forward, generate, init_cache, init_params, preset
 from polar_jax.cache import cache_bytes
 from polar_jax.params import param_shapes
+from polar_jax.sparsity import Segment, _top_slots, plan
 
 fwd = jax.jit(forward, static_argnums=0, static_argnames=("sparsity", "last_only", "collect"))
 
@@ -137,15 +138,34 @@ def test_sampling_controls():
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama-gqa"])
-def test_everything_selected_equals_dense(name):
-    cfg = preset(name)
+def test_oracle_mlp_union_equals_dense():
+    """ReLU: the batch union of active neurons through the selective kernels is the dense MLP exactly."""
+    cfg = preset("tiny-opt")
     params = init_params(cfg, jax.random.key(7))
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
     dense = generate(cfg, params, prompts, max_new_tokens=12, stop_tokens=())
-    full = SparsityConfig(attn="random", attn_density=1.0, mlp="random", mlp_k=cfg.mlp_dim)
-    sparse = generate(cfg, params, prompts, max_new_tokens=12, stop_tokens=(), sparsity=full)
-    np.testing.assert_array_equal(sparse.tokens, dense.tokens)
+    oracle = generate(cfg, params, prompts, max_new_tokens=12, stop_tokens=(), sparsity=SparsityConfig(mlp="oracle"))
+    np.testing.assert_array_equal(oracle.tokens, dense.tokens)
+
+
+def test_plan_runs_dense_layers_apart_and_everything_selected_is_dense():
+    cfg = preset("tiny-llama-gqa")  # 3 layers, K = 2
+    half = SparsityConfig(attn="router", attn_density=0.5, mlp="random", mlp_k=64)
+    assert plan(half, cfg, batch=4) == [Segment(0, 1, None, None), Segment(1, 3, 1, 64)]
+    full = SparsityConfig(attn="random", attn_density=1.0, mlp="random", mlp_k=cfg.mlp_dim, dense_layers=())
+    assert plan(full, cfg, batch=4) == [Segment(0, 3, None, None)]
+    router_mlp = SparsityConfig(mlp="router", mlp_k=(160, 16, 32))
+    assert plan(router_mlp, cfg, batch=2) == [Segment(0, 1, None, None), Segment(1, 3, None, 64)]
+
+
+def test_top_slots_ranks_without_sorting():
+    scores = jax.random.normal(jax.random.key(12), (5, 9))
+    scores = scores.at[1, 3].set(scores[1, 7])  # a tie: broken by the smaller id
+    for count in (0, 1, 4, 9):
+        got = np.asarray(_top_slots(scores, jnp.int32(count), 9))
+        want = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
+        np.testing.assert_array_equal(got[:, :count], want[:, :count])
+        assert np.all(got[:, count:] == -1)
 
 
 def test_sparse_decode_changes_logits_and_keeps_dense_layers():
