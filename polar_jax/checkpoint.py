@@ -16,6 +16,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import warnings
 import uuid
 from pathlib import Path
 
@@ -167,7 +168,11 @@ def load_tokenizer(path: str | Path):
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path))
+        # Our config.json is not a transformers config; AutoTokenizer peeks at it and warns about fields
+        # (rope_scaling) that mean nothing for the tokenizer.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return transformers.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 
