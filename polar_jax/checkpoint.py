@@ -16,8 +16,8 @@ import contextlib
 import json
 import shutil
 import tempfile
-import warnings
 import uuid
+import warnings
 from pathlib import Path
 
 import jax
