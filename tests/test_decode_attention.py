@@ -20,17 +20,9 @@ import pytest
 from pallas_kernels.decode_attention import api, decode_attention, decode_attention_reference
 from pallas_kernels.decode_attention import triton as tk
 from pallas_kernels.decode_attention.reference import selected_mask
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key, new_seed
 from tests.tolerances import assert_close
 
-HAS_GPU = jax.default_backend() == "gpu"
-# Compiled through Triton where a CUDA GPU is present, the Pallas interpreter elsewhere: one test either way.
-INTERPRET = [pytest.param(not HAS_GPU, id="gpu" if HAS_GPU else "interpret")]
-F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
-_seed = iter(range(1 << 30))
-
-
-def _key():
-    return jax.random.key(next(_seed))
 
 
 def _normal(shape, dtype):
@@ -43,7 +35,7 @@ def _f32(a):
 
 def _head_idx(B, K, C, counts):
     """[B, C]: sequence b selects counts[b] distinct random KV heads, the remaining slots are -1."""
-    rng = np.random.default_rng(next(_seed))
+    rng = np.random.default_rng(new_seed())
     out = np.full((B, C), -1, np.int32)
     for b in range(B):
         n = counts[b % len(counts)]
@@ -52,7 +44,7 @@ def _head_idx(B, K, C, counts):
 
 
 def _lengths(B, S, menu):
-    rng = np.random.default_rng(next(_seed))
+    rng = np.random.default_rng(new_seed())
     return jnp.asarray([menu[b % len(menu)] if b < len(menu) else rng.integers(0, S + 1) for b in range(B)],
                        jnp.int32)
 

@@ -23,17 +23,9 @@ from pallas_kernels.selective_gemm import (
     selective_down, selective_down_reference, selective_mlp, selective_mlp_reference, selective_up,
     selective_up_reference,
 )
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key
 from tests.tolerances import assert_close
 
-HAS_GPU = jax.default_backend() == "gpu"
-# Compiled through Triton where a CUDA GPU is present, the Pallas interpreter elsewhere: one test either way.
-INTERPRET = [pytest.param(not HAS_GPU, id="gpu" if HAS_GPU else "interpret")]
-F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
-_seed = iter(range(1 << 30))
-
-
-def _key():
-    return jax.random.key(next(_seed))
 
 
 def _normal(shape, dtype, scale=1.0):

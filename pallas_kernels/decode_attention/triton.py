@@ -42,6 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.backend import check_backend
+
 NUM_SMS = 132  # H100 / H200; sizes the split count only: a wrong value costs speed, not correctness.
 
 
@@ -270,15 +272,6 @@ def _combine_kernel(lengths_ref, hidx_ref, o_ref, m_ref, l_ref, out_ref, *, G: i
         plgpu.store(out_ref.at[b, k * G + rows2, hh2], jnp.zeros((GP, Hp), out_ref.dtype), mask=tile_mask)
 
 
-def _check_backend(interpret):
-    """Interpret mode anywhere; compiled only on a CUDA GPU (elsewhere the API falls back)."""
-    if interpret is None:
-        interpret = False
-    if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError("the Triton backend needs a CUDA GPU (pass interpret=True to run it on CPU)")
-    return interpret
-
-
 def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None, sm_scale=None, impl=None,
                      interpret=None, config: AttentionConfig | None = None, _partials_only: bool = False):
     """o [B, N, H]; arguments already validated by the API.
@@ -287,7 +280,7 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     cache to L = 1 with a free reshape). `_partials_only` (tuning) skips the combine launch.
     """
     del impl
-    interpret = _check_backend(interpret)
+    interpret = check_backend(interpret)
     B, N, H = q.shape
     L, _, K, S, _ = k_cache.shape
     G = N // K

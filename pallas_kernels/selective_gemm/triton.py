@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.backend import check_backend
+
 NUM_SMS = 132  # H100 / H200; only used to size the work split, a wrong value costs speed, not correctness.
 
 
@@ -292,15 +294,6 @@ def _scalar(v):
     return jnp.asarray(v, jnp.int32).reshape(1)
 
 
-def _check_backend(interpret):
-    """Interpret mode anywhere; compiled only on a CUDA GPU (elsewhere the API falls back)."""
-    if interpret is None:
-        interpret = False
-    if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError("the Triton backend needs a CUDA GPU (pass interpret=True to run it on CPU)")
-    return interpret
-
-
 def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None,
                  impl=None, interpret=None, config: UpConfig | None = None):
     """h [B, C] = act(x @ w_up[layer, idx].T + b_up[layer, idx]); arguments already validated by the API.
@@ -309,7 +302,7 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     2-D weights to L = 1).
     """
     del impl
-    interpret = _check_backend(interpret)
+    interpret = check_backend(interpret)
     B, D = x.shape
     C = idx.shape[0]
     if config is None:
@@ -348,7 +341,7 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
                    config: DownConfig | None = None):
     """y [B, D] = h[:, :count] @ w_down[layer, idx[:count]] + b_down[layer]; arguments already validated."""
     del impl
-    interpret = _check_backend(interpret)
+    interpret = check_backend(interpret)
     B, C = h.shape
     D = w_down.shape[-1]
     if config is None:
