@@ -48,43 +48,46 @@ def unpermute_k(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class NameMap:
-    """Source tensor names -> (our path, transform or None) for one source format."""
+    """Source tensor names -> (our path, transform or None, part or None) for one source format.
+
+    part: "q", "k" or "v" for tensors that fill their rows of the fused wqkv / bqkv (params.qkv_rows).
+    """
 
     format: str
-    names: dict[str, tuple[str, Transform | None]]
+    names: dict[str, tuple[str, Transform | None, str | None]]
     strip_prefix: str = ""  # dropped from source names before lookup (OPTForCausalLM's "model.")
     ignore: tuple[str, ...] = ()  # regexes of source tensors that carry nothing we need
 
     def __post_init__(self):
-        compiled = [(re.compile(re.escape(tpl).replace(re.escape("{l}"), r"(\d+)") + "$"), tpl, path, fn)
-                    for tpl, (path, fn) in self.names.items()]
+        compiled = [(re.compile(re.escape(tpl).replace(re.escape("{l}"), r"(\d+)") + "$"), tpl, entry)
+                    for tpl, entry in self.names.items()]
         object.__setattr__(self, "_compiled", compiled)
 
-    def lookup(self, name: str) -> tuple[str, int | None, Transform | None] | None:
-        """(path, layer or None, transform) for a source tensor; None when the tensor is ignored.
+    def lookup(self, name: str) -> tuple[str, int | None, Transform | None, str | None] | None:
+        """(path, layer or None, transform, part) for a source tensor; None when the tensor is ignored.
 
         Raises ValueError naming the tensor when the format has no entry for it.
         """
         key = name[len(self.strip_prefix):] if self.strip_prefix and name.startswith(self.strip_prefix) else name
-        for rx, tpl, path, fn in self._compiled:
+        for rx, tpl, (path, fn, part) in self._compiled:
             m = rx.match(key)
             if m:
-                return path, (int(m.group(1)) if "{l}" in tpl else None), fn
+                return path, (int(m.group(1)) if "{l}" in tpl else None), fn, part
         if any(re.search(p, name) for p in self.ignore):
             return None
         raise ValueError(f"unexpected tensor {name!r}: the {self.format} name map has no entry for it "
                          "(unsupported model variant?)")
 
-    def source_name(self, path: str, layer: int | None) -> str:
-        """The source tensor name that fills `path` (row `layer`), for error messages."""
-        for tpl, (p, _) in self.names.items():
-            if p == path:
+    def source_name(self, path: str, layer: int | None, part: str | None = None) -> str:
+        """The source tensor name that fills `path` (row `layer`, fused part `part`), for error messages."""
+        for tpl, (p, _, pt) in self.names.items():
+            if p == path and pt == part:
                 return tpl.replace("{l}", str(layer))
         return path
 
 
-def _m(path: str, fn: Transform | None = None) -> tuple[str, Transform | None]:
-    return path, fn
+def _m(path: str, fn: Transform | None = None, part: str | None = None) -> tuple[str, Transform | None, str | None]:
+    return path, fn, part
 
 
 # HF OPTForCausalLM (and old hub checkpoints saved without the "model." prefix).
@@ -99,12 +102,12 @@ HF_OPT = NameMap("HF OPT", strip_prefix="model.", names={
     "lm_head.weight": _m("lm_head"),  # [V, E]; absent or ignored when tied
     "decoder.layers.{l}.self_attn_layer_norm.weight": _m("layers.attn_norm.scale"),
     "decoder.layers.{l}.self_attn_layer_norm.bias": _m("layers.attn_norm.bias"),
-    "decoder.layers.{l}.self_attn.q_proj.weight": _m("layers.wq"),  # [N*H, D]
-    "decoder.layers.{l}.self_attn.k_proj.weight": _m("layers.wk"),
-    "decoder.layers.{l}.self_attn.v_proj.weight": _m("layers.wv"),
-    "decoder.layers.{l}.self_attn.q_proj.bias": _m("layers.bq"),
-    "decoder.layers.{l}.self_attn.k_proj.bias": _m("layers.bk"),
-    "decoder.layers.{l}.self_attn.v_proj.bias": _m("layers.bv"),
+    "decoder.layers.{l}.self_attn.q_proj.weight": _m("layers.wqkv", part="q"),  # [N*H, D]
+    "decoder.layers.{l}.self_attn.k_proj.weight": _m("layers.wqkv", part="k"),
+    "decoder.layers.{l}.self_attn.v_proj.weight": _m("layers.wqkv", part="v"),
+    "decoder.layers.{l}.self_attn.q_proj.bias": _m("layers.bqkv", part="q"),
+    "decoder.layers.{l}.self_attn.k_proj.bias": _m("layers.bqkv", part="k"),
+    "decoder.layers.{l}.self_attn.v_proj.bias": _m("layers.bqkv", part="v"),
     "decoder.layers.{l}.self_attn.out_proj.weight": _m("layers.wo", transpose),  # [D, N*H] -> [N*H, D]
     "decoder.layers.{l}.self_attn.out_proj.bias": _m("layers.bo"),
     "decoder.layers.{l}.final_layer_norm.weight": _m("layers.mlp_norm.scale"),
@@ -121,12 +124,12 @@ HF_LLAMA = NameMap("HF LLaMA", ignore=(r"rotary_emb\.inv_freq$",), names={
     "model.norm.weight": _m("final_norm.scale"),
     "lm_head.weight": _m("lm_head"),  # [V, D]; absent or ignored when tied
     "model.layers.{l}.input_layernorm.weight": _m("layers.attn_norm.scale"),
-    "model.layers.{l}.self_attn.q_proj.weight": _m("layers.wq"),  # [N*H, D]
-    "model.layers.{l}.self_attn.k_proj.weight": _m("layers.wk"),  # [K*H, D]
-    "model.layers.{l}.self_attn.v_proj.weight": _m("layers.wv"),
-    "model.layers.{l}.self_attn.q_proj.bias": _m("layers.bq"),
-    "model.layers.{l}.self_attn.k_proj.bias": _m("layers.bk"),
-    "model.layers.{l}.self_attn.v_proj.bias": _m("layers.bv"),
+    "model.layers.{l}.self_attn.q_proj.weight": _m("layers.wqkv", part="q"),  # [N*H, D]
+    "model.layers.{l}.self_attn.k_proj.weight": _m("layers.wqkv", part="k"),  # [K*H, D]
+    "model.layers.{l}.self_attn.v_proj.weight": _m("layers.wqkv", part="v"),
+    "model.layers.{l}.self_attn.q_proj.bias": _m("layers.bqkv", part="q"),
+    "model.layers.{l}.self_attn.k_proj.bias": _m("layers.bqkv", part="k"),
+    "model.layers.{l}.self_attn.v_proj.bias": _m("layers.bqkv", part="v"),
     "model.layers.{l}.self_attn.o_proj.weight": _m("layers.wo", transpose),  # [D, N*H] -> [N*H, D]
     "model.layers.{l}.self_attn.o_proj.bias": _m("layers.bo"),
     "model.layers.{l}.post_attention_layernorm.weight": _m("layers.mlp_norm.scale"),
@@ -142,9 +145,9 @@ GGUF_LLAMA = NameMap("GGUF llama", names={
     "output_norm.weight": _m("final_norm.scale"),
     "output.weight": _m("lm_head"),  # [V, D]; absent when tied
     "blk.{l}.attn_norm.weight": _m("layers.attn_norm.scale"),
-    "blk.{l}.attn_q.weight": _m("layers.wq", unpermute_q),  # [N*H, D]
-    "blk.{l}.attn_k.weight": _m("layers.wk", unpermute_k),  # [K*H, D]
-    "blk.{l}.attn_v.weight": _m("layers.wv"),
+    "blk.{l}.attn_q.weight": _m("layers.wqkv", unpermute_q, "q"),  # [N*H, D]
+    "blk.{l}.attn_k.weight": _m("layers.wqkv", unpermute_k, "k"),  # [K*H, D]
+    "blk.{l}.attn_v.weight": _m("layers.wqkv", part="v"),
     "blk.{l}.attn_output.weight": _m("layers.wo", transpose),  # [D, N*H] -> [N*H, D]
     "blk.{l}.ffn_norm.weight": _m("layers.mlp_norm.scale"),
     "blk.{l}.ffn_gate.weight": _m("layers.w_gate"),  # [F, D]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from convert.names import NameMap
 from polar_jax import checkpoint
 from polar_jax.config import ModelConfig
-from polar_jax.params import param_shapes
+from polar_jax.params import param_shapes, qkv_rows
 
 
 class Source(Protocol):
@@ -31,6 +31,9 @@ class Source(Protocol):
     def read(self, name: str) -> np.ndarray: ...  # source orientation, any float dtype
 
     def write_tokenizer(self, dest: Path) -> None: ...
+
+
+PARTS = ("q", "k", "v")  # the parts of a fused q/k/v parameter, in row order
 
 
 def target_dtype(dtype: str) -> np.dtype:
@@ -66,14 +69,17 @@ def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read:
     """
     shapes = _flat_shapes(param_shapes(cfg))
     arrays = {p: np.empty(s, dtype) for p, s in shapes.items()}  # allocated lazily by the OS, filled below
+    # Paths filled in parts (q, k, v rows of the fused wqkv / bqkv): one flag per part, else one.
+    parted = {path for path, _, part in name_map.names.values() if part is not None}
     # Which rows are filled: one flag per layer for stacked paths, one flag otherwise.
-    filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in shapes.items()}
+    filled = {p: np.zeros((s[0] if p.startswith("layers.") else 1, len(PARTS) if p in parted else 1), bool)
+              for p, s in shapes.items()}
     names = list(names)
     for name in tqdm(names, desc=desc, unit="tensor", disable=not progress):
         hit = name_map.lookup(name)
         if hit is None:
             continue
-        path, layer, fn = hit
+        path, layer, fn, part = hit
         if path not in shapes:
             if path == "lm_head" and cfg.tie_embeddings:
                 continue  # tied: the LM head is the embedding; a stored copy is redundant
@@ -85,6 +91,9 @@ def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read:
             if layer >= want[0]:
                 raise ValueError(f"tensor {name!r} is layer {layer} but the config has {want[0]} layers")
             want = want[1:]
+        rows = slice(None) if part is None else slice(*qkv_rows(cfg, part))
+        if part is not None:
+            want = (rows.stop - rows.start, *want[1:])
         x = read(name)
         if fn is not None:
             x = fn(x, cfg)
@@ -92,19 +101,19 @@ def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read:
             raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)} (as {path}), but the config "
                              f"(dim={cfg.dim}, heads={cfg.n_heads}/{cfg.n_kv_heads}, mlp_dim={cfg.mlp_dim}, "
                              f"vocab={cfg.vocab_size}) expects {tuple(want)}")
-        row = 0 if layer is None else layer
-        if filled[path][row]:
+        row, col = (0 if layer is None else layer), (0 if part is None else PARTS.index(part))
+        if filled[path][row, col]:
             raise ValueError(f"tensor {name!r} fills {path} a second time (duplicate tensor in the source)")
-        if layer is None:
-            arrays[path][...] = x  # casts to the target dtype in place
-        else:
-            arrays[path][layer] = x
-        filled[path][row] = True
+        target = arrays[path] if layer is None else arrays[path][layer]
+        target[rows] = x  # casts to the target dtype in place
+        filled[path][row, col] = True
         del x
     for path, done in filled.items():
         if not done.all():
-            layer = int(np.argmin(done)) if path.startswith("layers.") else None
-            raise ValueError(f"missing tensor {name_map.source_name(path, layer)!r} (for {path}"
+            row, col = np.argwhere(~done)[0]
+            layer = int(row) if path.startswith("layers.") else None
+            part = PARTS[col] if path in parted else None
+            raise ValueError(f"missing tensor {name_map.source_name(path, layer, part)!r} (for {path}"
                              f"{'' if layer is None else f' layer {layer}'}) in the {name_map.format} source")
     return _nest(arrays)
 

@@ -107,9 +107,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         return selective_down(a[:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]
 
     def attention(l, h, k_all, v_all, n_heads, seg: Segment):
-        q = project(h, l, lp["wq"], lp.get("bq"))  # [B, T, N*H]
-        k = project(h, l, lp["wk"], lp.get("bk"))  # [B, T, K*H]
-        v = project(h, l, lp["wv"], lp.get("bv"))
+        qkv = project(h, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H]
+        q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.positions == "rope":
             q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)

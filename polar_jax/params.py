@@ -14,9 +14,9 @@ Layout (nested dicts of arrays; layers stacked on a leading L axis):
   lm_head          [V, E]            untied models only (logits = x @ lm_head.T)
   layers:
     attn_norm      {scale [L, D], bias [L, D]}
-    wq             [L, N*H, D]       output-major: q = x @ wq[l].T; head n is rows n*H:(n+1)*H (HF order)
-    wk, wv         [L, K*H, D]
-    bq             [L, N*H]          qkv_bias only; likewise bk, bv [L, K*H]
+    wqkv           [L, (N+2K)*H, D]  output-major: [q; k; v] = x @ wqkv[l].T, one projection for all three;
+                                     q head n is rows n*H:(n+1)*H, then the K k heads, then the K v heads
+    bqkv           [L, (N+2K)*H]     qkv_bias only
     wo             [L, N*H, D]       input-major: o = attn @ wo[l]; bo [L, D] when out_bias
     mlp_norm       {scale [L, D], bias [L, D]}
     w_up           [L, F, D]         neuron-major: neuron f is row f (x @ w_up[l].T)
@@ -47,11 +47,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
     layers = {
         "attn_norm": norm(L), "mlp_norm": norm(L),
-        "wq": (L, NH, D), "wk": (L, KH, D), "wv": (L, KH, D), "wo": (L, NH, D),
+        "wqkv": (L, NH + 2 * KH, D), "wo": (L, NH, D),
         "w_up": (L, F, D), "w_down": (L, F, D),
     }
     if cfg.qkv_bias:
-        layers |= {"bq": (L, NH), "bk": (L, KH), "bv": (L, KH)}
+        layers["bqkv"] = (L, NH + 2 * KH)
     if cfg.out_bias:
         layers["bo"] = (L, D)
     if cfg.gated_mlp:
@@ -73,6 +73,12 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def qkv_rows(cfg: ModelConfig, part: str) -> tuple[int, int]:
+    """Rows [start, stop) of q, k or v inside wqkv / bqkv."""
+    NH, KH = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": (0, NH), "k": (NH, NH + KH), "v": (NH + KH, NH + 2 * KH)}[part]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:

@@ -20,7 +20,7 @@ from convert.gguf_source import GGUFSource
 from convert.hf import HFSource, params_from_torch_state_dict
 from convert.names import unpermute_k, unpermute_q
 from polar_jax import checkpoint, from_hf_config, init_params, preset
-from polar_jax.params import param_shapes
+from polar_jax.params import param_shapes, qkv_rows
 
 NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
@@ -92,9 +92,8 @@ def expected_params(cfg, model) -> dict:
             "wo": stack(ly + "self_attn.out_proj.weight", t=True), "bo": stack(ly + "self_attn.out_proj.bias"),
             "w_up": stack(ly + "fc1.weight"), "b_up": stack(ly + "fc1.bias"),
             "w_down": stack(ly + "fc2.weight", t=True), "b_down": stack(ly + "fc2.bias")}}
-        for ours, theirs in [("q", "q"), ("k", "k"), ("v", "v")]:
-            p["layers"][f"w{ours}"] = stack(ly + f"self_attn.{theirs}_proj.weight")
-            p["layers"][f"b{ours}"] = stack(ly + f"self_attn.{theirs}_proj.bias")
+        p["layers"]["wqkv"] = fused_qkv(stack, ly + "self_attn.{}_proj.weight")
+        p["layers"]["bqkv"] = fused_qkv(stack, ly + "self_attn.{}_proj.bias")
         if cfg.has_project:
             p |= {"project_in": sd[d + "project_in.weight"].T, "project_out": sd[d + "project_out.weight"].T}
         if cfg.has_final_norm:
@@ -104,15 +103,21 @@ def expected_params(cfg, model) -> dict:
         p = {"embed": sd["model.embed_tokens.weight"], "final_norm": {"scale": sd["model.norm.weight"]}, "layers": {
             "attn_norm": {"scale": stack(ly + "input_layernorm.weight")},
             "mlp_norm": {"scale": stack(ly + "post_attention_layernorm.weight")},
-            "wq": stack(ly + "self_attn.q_proj.weight"), "wk": stack(ly + "self_attn.k_proj.weight"),
-            "wv": stack(ly + "self_attn.v_proj.weight"), "wo": stack(ly + "self_attn.o_proj.weight", t=True),
+            "wqkv": fused_qkv(stack, ly + "self_attn.{}_proj.weight"),
+            "wo": stack(ly + "self_attn.o_proj.weight", t=True),
             "w_gate": stack(ly + "mlp.gate_proj.weight"), "w_up": stack(ly + "mlp.up_proj.weight"),
             "w_down": stack(ly + "mlp.down_proj.weight", t=True)}}
         if cfg.qkv_bias:
-            p["layers"] |= {f"b{x}": stack(ly + f"self_attn.{x}_proj.bias") for x in "qkv"}
+            p["layers"]["bqkv"] = fused_qkv(stack, ly + "self_attn.{}_proj.bias")
     if not cfg.tie_embeddings:
         p["lm_head"] = sd["lm_head.weight"]
     return p
+
+
+def fused_qkv(stack, template: str) -> np.ndarray:
+    """[L, (N+2K)*H, ...]: q, k and v stacked over layers, then concatenated along rows (our wqkv/bqkv)."""
+    parts = [stack(template.format("{}", x)) for x in "qkv"]
+    return np.concatenate(parts, axis=1)
 
 
 def assert_tree_equal(got: dict, want: dict, dtype) -> None:
@@ -168,7 +173,7 @@ def test_hf_round_trip(tmp_path, kind, dtype, shard, src_dtype):
     assert_tree_equal(params, expected_params(cfg, model.float()), NP_DTYPE[dtype])
     # load can cast on the way in
     _, p32, _ = checkpoint.load(out, dtype="fp32")
-    assert p32["layers"]["wq"].dtype == jnp.float32
+    assert p32["layers"]["wqkv"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("kind", ["opt-350m", "llama-gqa-tied"])
@@ -223,12 +228,13 @@ def test_gguf_tensors_match_transformers(smollm2):
                                                             dtype=torch.float32)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     ly = params["layers"]
+    q, k, v = (slice(*qkv_rows(cfg, x)) for x in "qkv")
     pairs = [  # Q/K after our un-permutation against transformers' own reverse permute
-        (ly["wq"][0], sd["model.layers.0.self_attn.q_proj.weight"]),
-        (ly["wq"][17], sd["model.layers.17.self_attn.q_proj.weight"]),
-        (ly["wk"][0], sd["model.layers.0.self_attn.k_proj.weight"]),
-        (ly["wk"][29], sd["model.layers.29.self_attn.k_proj.weight"]),
-        (ly["wv"][5], sd["model.layers.5.self_attn.v_proj.weight"]),
+        (ly["wqkv"][0, q], sd["model.layers.0.self_attn.q_proj.weight"]),
+        (ly["wqkv"][17, q], sd["model.layers.17.self_attn.q_proj.weight"]),
+        (ly["wqkv"][0, k], sd["model.layers.0.self_attn.k_proj.weight"]),
+        (ly["wqkv"][29, k], sd["model.layers.29.self_attn.k_proj.weight"]),
+        (ly["wqkv"][5, v], sd["model.layers.5.self_attn.v_proj.weight"]),
         (params["embed"], sd["model.embed_tokens.weight"]),
         (ly["w_down"][3], sd["model.layers.3.mlp.down_proj.weight"].T),
         (ly["wo"][11], sd["model.layers.11.self_attn.o_proj.weight"].T),
@@ -280,7 +286,7 @@ def test_checkpoint_save_load_with_routers(tmp_path):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
     got16 = checkpoint.load_params(out, dtype="fp16")
-    assert got16["layers"]["wq"].dtype == jnp.float16 and got16["routers"]["mlp"]["k"].dtype == jnp.int32
+    assert got16["layers"]["wqkv"].dtype == jnp.float16 and got16["routers"]["mlp"]["k"].dtype == jnp.int32
     with pytest.raises(FileExistsError, match="already exists"):
         checkpoint.save(out, cfg, params)
     params["routers"]["attn"]["w"] = 2 * params["routers"]["attn"]["w"]

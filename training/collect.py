@@ -48,7 +48,7 @@ def weights_fingerprint(params: dict) -> str:
     while different weights of one architecture (base vs instruct, random seeds) do not."""
     lp = params["layers"]
     stats = []
-    for a in (params["embed"], lp["wq"][0], lp["w_up"][-1]):
+    for a in (params["embed"], lp["wqkv"][0], lp["w_up"][-1]):
         a = jnp.asarray(a, jnp.float32)
         stats += [float(jnp.mean(jnp.abs(a))), float(jnp.std(a)), float(jnp.mean(a[:8]))]
     return hashlib.sha256(" ".join(f"{s:.3e}" for s in stats).encode()).hexdigest()[:16]
