@@ -236,6 +236,23 @@ TUNE = [  # kind, variant, D, B, count, config (None: the heuristic's)
       [("relu", 8192, 16, 3328), ("relu", 8192, 128, 3328), ("gated", 4096, 16, 1152)]],
 ]
 
+# The projections of a llama-2-7b decode step at batch 64 (every row selected): q/k/v (12288 rows),
+# the gated MLP up (11008), the MLP down (11008) and the attention output (4096).
+TUNE_DECODE = [
+    *[("up", "relu", 4096, 64, 12288, c) for c in [
+        None, U(64, 64, 64, 1, 4, 4), U(64, 64, 128, 1, 4, 3), U(64, 128, 64, 1, 8, 3), U(64, 32, 128, 1, 4, 4),
+        U(64, 64, 64, 2, 4, 4), U(32, 64, 128, 1, 4, 4), U(64, 64, 256, 1, 8, 2), U(16, 64, 256, 1, 4, 4)]],
+    *[("up", "gated", 4096, 64, 11008, c) for c in [
+        None, U(64, 64, 64, 1, 4, 4), U(64, 32, 128, 1, 4, 4), U(64, 64, 128, 1, 4, 3), U(64, 128, 64, 1, 8, 3),
+        U(32, 64, 128, 1, 4, 3)]],
+    *[("down", "relu", 4096, 64, 11008, c) for c in [
+        None, Dn(64, 64, 128, 1, 4, 3), Dn(64, 64, 128, 2, 4, 3), Dn(64, 64, 64, 2, 4, 4), Dn(64, 128, 128, 2, 8, 3),
+        Dn(64, 32, 128, 4, 4, 4), Dn(64, 64, 256, 2, 8, 3), Dn(64, 128, 64, 4, 4, 3)]],
+    *[("down", "relu", 4096, 64, 4096, c) for c in [
+        None, Dn(64, 64, 128, 2, 4, 3), Dn(64, 64, 64, 4, 4, 4), Dn(64, 64, 128, 4, 4, 3), Dn(64, 32, 64, 8, 4, 4),
+        Dn(64, 128, 128, 2, 8, 3)]],
+]
+
 
 def _tune_inputs(kind, variant, D, B, count, key):
     F = mlp_width(variant, D)
@@ -275,10 +292,10 @@ def _tune_chain(kind, variant, count, cfg):
     return jax.jit(chain)
 
 
-def tune() -> None:
+def tune(cases=TUNE) -> None:
     key = jax.random.key(3)
     inputs = {}
-    for i, (kind, variant, D, B, count, cfg) in enumerate(TUNE):
+    for i, (kind, variant, D, B, count, cfg) in enumerate(cases):
         ik = (kind in ("mlp", "xla"), kind, variant, D, B, count)
         if ik not in inputs:
             inputs.clear()
@@ -341,6 +358,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true", help="time the TUNE configurations of each kernel")
+    ap.add_argument("--tune-decode", action="store_true",
+                    help="time candidate configurations at the shapes of a llama-2-7b decode step (batch 64)")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
     ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
@@ -358,6 +377,9 @@ def main():
         return
     if args.check:
         check()
+        return
+    if args.tune_decode:
+        tune(TUNE_DECODE)
         return
     if args.tune:
         tune()

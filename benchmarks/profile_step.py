@@ -1,0 +1,62 @@
+"""Where one decode step's time goes: GPU kernels of a step from a JAX profiler trace, grouped by name.
+
+    python -m benchmarks.profile_step --model llama-2-7b --batch 64 --ctx 2048 [--attn random --density 0.5]
+
+Prints the kernels sorted by total time per step (count, total µs, share) and the step's device span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.bench_mlp import device_profile
+from benchmarks.generate import load_model, make_step, random_cache, random_routers
+from polar_jax.sparsity import SparsityConfig
+
+
+def _group(name: str) -> str:
+    """Kernel names carry numeric suffixes (fusion.123, loop_add_fusion_4): drop them to group."""
+    return re.sub(r"[._]\d+", "", name)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--attn", default="all", choices=["all", "random", "router", "oracle"])
+    ap.add_argument("--density", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=4, help="steps traced (the figures are per step)")
+    args = ap.parse_args(argv)
+
+    cfg, params, _ = load_model(args.model, None)
+    params = dict(params, routers=random_routers(cfg, jax.random.key(3)))
+    sp = None if args.attn == "all" else SparsityConfig(attn=args.attn, attn_density=args.density)
+    step = make_step(cfg, sp)
+    state = {"cache": random_cache(cfg, args.batch, args.ctx)}
+    tokens = jnp.zeros((args.batch,), jnp.int32) + 7
+
+    def run(key):  # threads the donated cache through the calls
+        tok, state["cache"] = step(params, state["cache"], tokens, key)
+        return tok
+
+    keys = [(jax.random.key(i),) for i in range(args.steps)]
+    kernels, span = device_profile(run, keys, calls=args.steps)
+    groups, counts = collections.defaultdict(float), collections.Counter()
+    for name, ns in kernels.items():
+        groups[_group(name)] += ns
+        counts[_group(name)] += 1
+    total = sum(groups.values())
+    print(f"{args.model} B={args.batch} ctx={args.ctx} attn={args.attn} {args.density}: device span "
+          f"{span / 1e3:.0f} us/step, kernels {total / 1e3:.0f} us/step")
+    for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"{ns / 1e3:9.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
