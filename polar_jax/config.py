@@ -71,10 +71,6 @@ class ModelConfig:
                 raise ValueError(f"invalid model config {self.name!r}: {msg}")
 
     @property
-    def group_size(self) -> int:  # G
-        return self.n_heads // self.n_kv_heads
-
-    @property
     def has_project(self) -> bool:
         return self.embed_dim != self.dim
 

@@ -23,7 +23,7 @@ from polar_jax import layers
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
 from polar_jax.params import init_params
-from polar_jax.sparsity import Segment, SparsityConfig, attention_heads, mlp_neurons, plan
+from polar_jax.sparsity import Segment, SparsityConfig, attention_heads, check_routers, mlp_neurons, plan
 
 
 class Collected(NamedTuple):
@@ -75,10 +75,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
     key = jax.random.key(sp.seed) if key is None else key
     lp, routers = params["layers"], params.get("routers")
-    for part in ("attn", "mlp"):
-        if getattr(sp, part) == "router" and part not in (routers or {}):
-            raise ValueError(f"sparsity {part}='router' needs a trained {part} router in params['routers']; "
-                             "train one with `polar train-routers` or pick the oracle/random source")
+    check_routers(cfg, params, sp)
     sm_scale = H ** -0.5
 
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]

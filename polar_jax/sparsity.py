@@ -68,10 +68,6 @@ class SparsityConfig:
         ks = next((ks for b, ks in self.mlp_k_table if b >= batch), self.mlp_k_table[-1][1])
         return dataclasses.replace(self, mlp_k=ks if len(ks) > 1 else ks[0], mlp_k_table=None)
 
-    @property
-    def is_dense(self) -> bool:
-        return self.attn == "all" and self.mlp == "all"
-
     def head_counts(self, cfg: ModelConfig) -> np.ndarray:
         """[L] KV heads (groups) kept per layer, at least 1; all of them in dense layers."""
         dens = np.broadcast_to(np.asarray(self.attn_density, dtype=np.float64), (cfg.n_layers,))
@@ -162,6 +158,35 @@ def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int) -> list[Segment]:
         else:
             segments.append(Segment(layer, layer + 1, *caps))
     return segments
+
+
+def check_routers(cfg: ModelConfig, params: dict, sp: SparsityConfig, where: str = "the model") -> None:
+    """Raise ValueError when `sp` asks for a learned router that params lacks or that does not fit cfg."""
+    L, D, K, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.mlp_dim
+    routers = params.get("routers") or {}
+    need = []
+    if sp.attn == "router":
+        need.append(("attn", {"w": (L, D, K), "b": (L, K)}))
+    if sp.mlp == "router":
+        r = routers.get("mlp", {}).get("w1")
+        R = None if r is None else r.shape[-1]  # the router's own hidden width; a missing w1 is named below
+        need.append(("mlp", {"w1": (L, D, R), "b1": (L, R), "w2": (L, R, F), "b2": (L, F)}))
+    sparse_layers = [l for l in range(L) if l not in sp.dense_layers]
+    for kind, shapes in need:
+        if kind not in routers:
+            raise ValueError(f"{where} has no {kind} router, but the sparsity config asks for {kind}=router on "
+                             f"layers {sparse_layers[:3]}{'...' if len(sparse_layers) > 3 else ''}; train one with "
+                             f"`polar train-routers`{' --mlp' if kind == 'mlp' else ''}")
+        for name, shape in shapes.items():
+            got = routers[kind].get(name)
+            if got is None:
+                raise ValueError(f"{where}: {kind} router has no {name!r}")
+            if tuple(got.shape) != shape:
+                if got.shape[:1] != shape[:1]:
+                    raise ValueError(f"{where}: the {kind} router covers {got.shape[0]} layers but {cfg.name} "
+                                     f"has {L}; layers {list(range(got.shape[0], L))[:8]} have no router")
+                raise ValueError(f"{where}: {kind} router {name!r} has shape {tuple(got.shape)}, {cfg.name} needs "
+                                 f"{shape}")
 
 
 def _top_slots(scores: jax.Array, count: jax.Array, capacity: int) -> jax.Array:

@@ -217,7 +217,7 @@ def test_bad_inputs_are_named():
         preset("llama-9")
     with pytest.raises(ValueError, match="density"):
         SparsityConfig(attn="random", attn_density=1.5)
-    with pytest.raises(ValueError, match="needs a trained attn router"):
+    with pytest.raises(ValueError, match="has no attn router"):
         generate(cfg, params, [[1, 2]], sparsity=SparsityConfig(attn="router", attn_density=0.5))
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)

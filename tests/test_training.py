@@ -10,6 +10,7 @@ import pytest
 from polar_jax import SparsityConfig, init_params, preset
 from polar_jax.checkpoint import load, save
 from polar_jax.cli import main as polar
+from polar_jax.sparsity import check_routers
 from training import calibrate as cal
 from training import evaluate as ev
 from training import routers as rt
@@ -147,7 +148,7 @@ def test_router_checkpoint_round_trip(tmp_path, tiny):
     _, back, _ = load(tmp_path / "m")
     for a, b in zip(jax.tree.leaves(routers), jax.tree.leaves(back["routers"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    rt.check_routers(cfg, back, SparsityConfig(attn="router", attn_density=0.5, mlp="router", mlp_k=128))
+    check_routers(cfg, back, SparsityConfig(attn="router", attn_density=0.5, mlp="router", mlp_k=128))
 
 
 def test_data_from_another_model_is_refused(tmp_path, tiny):
@@ -191,11 +192,11 @@ def test_missing_router_is_refused(tiny):
     with pytest.raises(ValueError, match="has no attn router"):
         ev.perplexity(cfg, params, windows, 4, SparsityConfig(attn="router", attn_density=0.5), progress=False)
     with pytest.raises(ValueError, match="has no mlp router"):
-        rt.check_routers(cfg, {**params, "routers": {"attn": rt.init_attn(cfg, jax.random.key(0))}},
+        check_routers(cfg, {**params, "routers": {"attn": rt.init_attn(cfg, jax.random.key(0))}},
                          SparsityConfig(mlp="router", mlp_k=128))
     short = {"w": jnp.zeros((2, cfg.dim, cfg.n_kv_heads)), "b": jnp.zeros((2, cfg.n_kv_heads))}
     with pytest.raises(ValueError, match=r"covers 2 layers .* layers \[2\] have no router"):
-        rt.check_routers(cfg, {**params, "routers": {"attn": short}}, SparsityConfig(attn="router", attn_density=0.5))
+        check_routers(cfg, {**params, "routers": {"attn": short}}, SparsityConfig(attn="router", attn_density=0.5))
 
 
 def test_text_split_is_disjoint(tiny):

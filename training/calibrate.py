@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from polar_jax.sparsity import SparsityConfig
 from training.collect import has_mlp_labels, load_data
-from training.routers import check_routers, mlp_logits
+from polar_jax.sparsity import check_routers
+from training.routers import mlp_logits
 
 K_MULTIPLE = 128  # the selective GEMM kernels work in blocks; a k between multiples buys nothing
 

@@ -22,7 +22,8 @@ from polar_jax.cache import init_cache
 from polar_jax.config import ModelConfig
 from polar_jax.model import forward
 from polar_jax.sparsity import SparsityConfig
-from training.routers import check_routers, topk_count
+from polar_jax.sparsity import check_routers
+from training.routers import topk_count
 
 SWEEP_SOURCES = ("router", "oracle")
 

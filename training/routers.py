@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from polar_jax.config import ModelConfig
-from polar_jax.sparsity import SparsityConfig
 
 MLP_HIDDEN = 1024  # R
 
@@ -73,30 +72,3 @@ def cast(routers: dict, dtype) -> dict:
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), routers)
 
 
-def check_routers(cfg: ModelConfig, params: dict, sp: SparsityConfig, where: str = "the model") -> None:
-    """Raise ValueError when `sp` asks for a learned router that params lacks or that does not fit cfg."""
-    L, D, K, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.mlp_dim
-    routers = params.get("routers") or {}
-    need = []
-    if sp.attn == "router":
-        need.append(("attn", {"w": (L, D, K), "b": (L, K)}))
-    if sp.mlp == "router":
-        r = routers.get("mlp", {}).get("w1")
-        R = r.shape[-1] if r is not None else MLP_HIDDEN
-        need.append(("mlp", {"w1": (L, D, R), "b1": (L, R), "w2": (L, R, F), "b2": (L, F)}))
-    sparse_layers = [l for l in range(L) if l not in sp.dense_layers]
-    for kind, shapes in need:
-        if kind not in routers:
-            raise ValueError(f"{where} has no {kind} router, but the sparsity config asks for {kind}=router on "
-                             f"layers {sparse_layers[:3]}{'...' if len(sparse_layers) > 3 else ''}; train one with "
-                             f"`polar train-routers`{' --mlp' if kind == 'mlp' else ''}")
-        for name, shape in shapes.items():
-            got = routers[kind].get(name)
-            if got is None:
-                raise ValueError(f"{where}: {kind} router has no {name!r}")
-            if tuple(got.shape) != shape:
-                if got.shape[:1] != shape[:1]:
-                    raise ValueError(f"{where}: the {kind} router covers {got.shape[0]} layers but {cfg.name} "
-                                     f"has {L}; layers {list(range(got.shape[0], L))[:8]} have no router")
-                raise ValueError(f"{where}: {kind} router {name!r} has shape {tuple(got.shape)}, {cfg.name} needs "
-                                 f"{shape}")
