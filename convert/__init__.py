@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.writer import target_dtype, write_model
+from polar_jax import checkpoint
 
 
 def open_source(src: str | Path):
@@ -39,9 +40,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str = "bf16", pr
     """
     target_dtype(dtype)  # cheap checks first, before reading anything
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass overwrite=True (polar convert --overwrite) "
-                              "to replace it")
+    checkpoint.refuse_existing(out, overwrite)
     source = open_source(src)
     return write_model(source, out, dtype, overwrite=overwrite, progress=progress)
 

@@ -40,6 +40,12 @@ TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_templa
 TOKENIZER_DIRS = ("additional_chat_templates",)
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass overwrite=True (polar convert --overwrite) "
+                              "to replace it")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False):
     """Yield a temporary sibling directory of `out`; rename it to `out` only if the block completes.
@@ -47,9 +53,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     On any exception (KeyboardInterrupt included) the temporary directory is removed and `out` is untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass overwrite=True (polar convert --overwrite) "
-                              "to replace it")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from pallas_kernels.common import concrete
 from pallas_kernels.decode_attention import reference
 from pallas_kernels.decode_attention import triton as triton_impl
 
@@ -45,16 +45,6 @@ IMPLS = {
     "triton": triton_impl.decode_attention,
     "xla": reference.decode_attention,
 }
-
-
-def _concrete(v):
-    """The numpy value of v if it is known at trace time, else None."""
-    if v is None or isinstance(v, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(v)
-    except Exception:  # noqa: BLE001  (anything that cannot be read on the host)
-        return None
 
 
 def _shape(a):
@@ -96,14 +86,14 @@ def check_contract(q, k_cache, v_cache, lengths, head_idx=None, layer=None, sm_s
         raise ValueError(f"lengths has shape {_shape(lengths)}; expected [B]=({B},)")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"lengths has dtype {lengths.dtype}; expected int32")
-    lv = _concrete(lengths)
+    lv = concrete(lengths)
     if lv is not None and B and (lv.min() < 0 or lv.max() > S):
         bad = lv[(lv < 0) | (lv > S)]
         raise ValueError(f"lengths must lie in [0, S={S}]; got {bad[:8].tolist()}")
     if layer is not None:
         if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
             raise TypeError(f"layer must be an integer scalar, got {layer!r}")
-        v = _concrete(layer)
+        v = concrete(layer)
         if v is not None and not 0 <= int(v) < L:
             raise ValueError(f"layer={int(v)} is out of range for {L} stacked layers")
     C = K
@@ -113,7 +103,7 @@ def check_contract(q, k_cache, v_cache, lengths, head_idx=None, layer=None, sm_s
         if not jnp.issubdtype(head_idx.dtype, jnp.integer):
             raise TypeError(f"head_idx has dtype {head_idx.dtype}; expected int32")
         C = head_idx.shape[1]
-        hv = _concrete(head_idx)
+        hv = concrete(head_idx)
         if hv is not None and hv.size and (hv.min() < -1 or hv.max() >= K):
             bad = hv[(hv < -1) | (hv >= K)]
             raise ValueError(f"head_idx holds ids outside [-1, K={K}): {bad[:8].tolist()}")

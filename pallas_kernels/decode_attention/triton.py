@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.backend import check_backend
+from pallas_kernels.common import check_backend, dot
 
 NUM_SMS = 132  # H100 / H200; sizes the split count only: a wrong value costs speed, not correctness.
 
@@ -88,12 +88,6 @@ def attention_config(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.f
     programs = work * splits
     stages = 5 if programs <= NUM_SMS else (3 if programs < 3.5 * NUM_SMS else 2)
     return AttentionConfig(block_s=block_s, splits=splits, num_warps=4, num_stages=stages)
-
-
-def _dot(a, b, *, trans_b: bool):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # IEEE f32, not TF32
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _split_size(length, P: int, BS: int):
@@ -145,14 +139,14 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
                 o, m, l = carry
                 s0 = start + j * BS
                 k, live = kv_block(k_ref, s0)
-                s = _dot(q, k, trans_b=True) * sm_scale                              # [GP, BS] f32
+                s = dot(q, k, trans_b=True) * sm_scale                              # [GP, BS] f32
                 s = jnp.where(live[None, :], s, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))                           # [GP]
                 corr = jnp.exp(m - m_new)
                 pr = jnp.exp(s - m_new[:, None])
                 l = l * corr + jnp.sum(pr, axis=1)
                 v, _ = kv_block(v_ref, s0)
-                o = o * corr[:, None] + _dot(pr.astype(v.dtype), v, trans_b=False)  # [GP, Hp]
+                o = o * corr[:, None] + dot(pr.astype(v.dtype), v, trans_b=False)  # [GP, Hp]
                 return o, m_new, l
 
             init = (jnp.zeros((GP, Hp), jnp.float32), jnp.full((GP,), -jnp.inf, jnp.float32),

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from pallas_kernels.common import concrete
 from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm import triton as triton_impl
 
@@ -63,16 +63,6 @@ def dense_is_faster(B: int, D: int, F: int, count: int) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # contract checks
 
-def _concrete(v):
-    """The numpy value of v if it is known at trace time, else None."""
-    if isinstance(v, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(v)
-    except Exception:  # noqa: BLE001  (anything that cannot be read on the host)
-        return None
-
-
 def _check_float(name, a):
     if not any(a.dtype == d for d in DTYPES):
         raise TypeError(f"{name} has dtype {a.dtype}; expected float16, bfloat16 or float32")
@@ -101,7 +91,7 @@ def _check_layer(layer, L):
         return
     if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
         raise TypeError(f"layer must be an integer scalar, got {layer!r}")
-    v = _concrete(layer)
+    v = concrete(layer)
     if v is not None and not 0 <= int(v) < L:
         raise ValueError(f"layer={int(v)} is out of range for {L} stacked layers")
 
@@ -114,10 +104,10 @@ def _check_idx(idx, count, F):
     C = idx.shape[0]
     if jnp.ndim(count) != 0:
         raise ValueError(f"count must be a scalar, got shape {jnp.shape(count)}")
-    c = _concrete(count)
+    c = concrete(count)
     if c is not None and not 0 <= int(c) <= C:
         raise ValueError(f"count={int(c)} must be in [0, C={C}] (the capacity of idx)")
-    v = _concrete(idx)
+    v = concrete(idx)
     if v is not None and C and (v.min() < 0 or v.max() >= F):
         bad = v[(v < 0) | (v >= F)]
         raise ValueError(f"idx holds neuron ids outside [0, F={F}): {bad[:8].tolist()}")
@@ -208,7 +198,7 @@ def _layer_arg(name, layer):
 
 
 def _expected_count(count, C):
-    c = _concrete(count)
+    c = concrete(count)
     return C if c is None else int(c)
 
 
@@ -257,7 +247,7 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but w_up has {tuple(w_up.shape)}")
     B = x.shape[0]
     C = idx.shape[0]
-    c = _concrete(count)
+    c = concrete(count)
     order = _order(impl, dense_is_faster(B, D, F, C if c is None else int(c)))
 
     def call(name, fn):

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.backend import check_backend
+from pallas_kernels.common import check_backend, dot
 
 NUM_SMS = 132  # H100 / H200; only used to size the work split, a wrong value costs speed, not correctness.
 
@@ -151,12 +151,6 @@ def _activate(h, activation):
     return h
 
 
-def _dot(a, b, *, trans_b: bool):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # IEEE f32, not TF32
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
 def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig, B: int, D: int, C: int,
                has_gate: bool, has_bias: bool, activation: str):
     g_ref = refs[0] if has_gate else None
@@ -190,10 +184,10 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
             xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
                             other=0 if x_mask is not None else None)          # [BB, BK]
             wt = plgpu.load(w_ref.at[layer, rows2, kk2], mask=w_mask, other=0)  # [BN, BK] gathered rows
-            out = [accs[0] + _dot(xt, wt, trans_b=True)]
+            out = [accs[0] + dot(xt, wt, trans_b=True)]
             if has_gate:
                 gt = plgpu.load(g_ref.at[layer, rows2, kk2], mask=w_mask, other=0)
-                out.append(accs[1] + _dot(xt, gt, trans_b=True))
+                out.append(accs[1] + dot(xt, gt, trans_b=True))
             return tuple(out)
 
         zero = jnp.zeros((BB, BN), jnp.float32)
@@ -269,7 +263,7 @@ def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownCo
                 w_mask = w_mask & d_mask[None, :]
         wt = plgpu.load(w_ref.at[layer, rows2, dd2], mask=w_mask,
                         other=0 if w_mask is not None else None)                # [BN, BD] gathered rows
-        return acc + _dot(ht, wt, trans_b=False)
+        return acc + dot(ht, wt, trans_b=False)
 
     # This program's share of the active neuron blocks: [lo, hi), of which [lo, min(hi, n_full)) are full.
     per = pl.cdiv(n_blocks, S)
