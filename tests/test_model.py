@@ -60,8 +60,9 @@ def test_parity_with_transformers(name):
     mask = (np.arange(13)[None] < lens[:, None]).astype(np.int64)
     with torch.no_grad():
         ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-    logits, cache, _ = forward(cfg, params, jnp.asarray(tokens), init_cache(cfg, 3, 32, jnp.float32),
-                               n_new=jnp.asarray(lens))
+    with jax.default_matmul_precision("highest"):  # on a GPU the fp32 default is TF32; parity is fp32
+        logits, cache, _ = forward(cfg, params, jnp.asarray(tokens), init_cache(cfg, 3, 32, jnp.float32),
+                                   n_new=jnp.asarray(lens))
     for b, n in enumerate(lens):
         np.testing.assert_allclose(np.asarray(logits[b, :n]), ref[b, :n], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
