@@ -1,34 +1,104 @@
-"""Head-major KV cache: one (sequence, kv head) is one contiguous [S, H] slab."""
+"""Paged KV cache: one format for the static batch and the serving engine.
+
+K and V live in a pool of fixed-size pages, `[L, P, K, Z, H]`: a page holds Z consecutive positions of one
+sequence for every layer and KV head, head-major inside the page, so one selected KV head of one page is a
+contiguous [Z, H] slab (selective heads read only their own bytes). Sequence b owns the pages
+`page_table[b, :]` in order: position s lives at page `page_table[b, s // Z]`, offset `s % Z`.
+
+The static batch (`init_cache`) is the special case where sequence b owns pages b*M .. b*M + M - 1; the
+serving engine owns a pool of pages and hands them out from a host-side free list (polar_jax/engine).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from polar_jax.config import ModelConfig
 
+PAGE_SIZE = 16  # positions per page; see benchmarks/results/paged.md for the measurement behind it
+
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array  # [L, P, K, Z, H]
+    v: jax.Array  # [L, P, K, Z, H]
+    page_table: jax.Array  # [B, M] int32: the pages of each sequence, in position order
     lengths: jax.Array  # [B] int32: valid positions per sequence
 
     @property
-    def max_len(self) -> int:
+    def page_size(self) -> int:
         return self.k.shape[3]
 
     @property
+    def max_len(self) -> int:
+        """Positions one sequence can hold: M pages of Z."""
+        return self.page_table.shape[1] * self.page_size
+
+    @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.page_table.shape[0]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-    # Zeros, not empty: uninitialised memory can hold NaN, and masked-out 0 * NaN is still NaN.
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int = PAGE_SIZE) -> tuple[int, ...]:
+    return (cfg.n_layers, num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
 
 
-def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> int:
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * max_len * cfg.head_dim * jnp.dtype(dtype).itemsize
+def init_pool(cfg: ModelConfig, num_pages: int, page_size: int = PAGE_SIZE, dtype=jnp.bfloat16):
+    """(k, v) page pools [L, P, K, Z, H] of zeros.
+
+    Zeros, not empty: uninitialised memory can hold NaN, and a masked-out 0 * NaN is still NaN.
+    """
+    shape = pool_shape(cfg, num_pages, page_size)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def pages_for(max_len: int, page_size: int = PAGE_SIZE) -> int:
+    return -(-max_len // page_size)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, page_size: int = PAGE_SIZE) -> KVCache:
+    """A static batch: `batch` sequences of up to `max_len` positions (rounded up to whole pages), each owning
+    its own M consecutive pages."""
+    M = pages_for(max_len, page_size)
+    k, v = init_pool(cfg, batch * M, page_size, dtype)
+    table = jnp.arange(batch * M, dtype=jnp.int32).reshape(batch, M)
+    return KVCache(k, v, table, jnp.zeros((batch,), jnp.int32))
+
+
+def contiguous_cache(k: jax.Array, v: jax.Array, lengths: jax.Array, page_size: int = PAGE_SIZE) -> KVCache:
+    """The paged cache holding a contiguous head-major cache k, v [L, B, K, S, H] (S a multiple of Z)."""
+    L, B, K, S, H = k.shape
+    assert S % page_size == 0, f"{S=} must be a multiple of {page_size=}"
+    M = S // page_size
+
+    def paged(a):  # [L, B, K, M, Z, H] -> [L, B, M, K, Z, H] -> [L, B*M, K, Z, H]
+        a = a.reshape(L, B, K, M, page_size, H).transpose(0, 1, 3, 2, 4, 5)
+        return a.reshape(L, B * M, K, page_size, H)
+
+    table = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
+    return KVCache(paged(k), paged(v), table, jnp.asarray(lengths, jnp.int32))
+
+
+def gather_contiguous(cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [L, B, K, M*Z, H]: each sequence's pages laid end to end (tests and the XLA reference)."""
+    def gather(pool):  # [L, P, K, Z, H] -> [L, B, M, K, Z, H] -> [L, B, K, M*Z, H]
+        L, _, K, Z, H = pool.shape
+        B, M = cache.page_table.shape
+        g = pool[:, cache.page_table]
+        return g.transpose(0, 1, 3, 2, 4, 5).reshape(L, B, K, M * Z, H)
+
+    return gather(cache.k), gather(cache.v)
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, page_size: int = PAGE_SIZE) -> int:
+    """Bytes of K and V for `batch` sequences of `max_len` positions (whole pages)."""
+    positions = pages_for(max_len, page_size) * page_size
+    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * positions * cfg.head_dim * np.dtype(dtype).itemsize
+
+
+def page_bytes(cfg: ModelConfig, page_size: int = PAGE_SIZE, dtype=jnp.bfloat16) -> int:
+    """Bytes of one page of K and V over all layers."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * page_size * cfg.head_dim * np.dtype(dtype).itemsize

@@ -1,8 +1,8 @@
 """The decoder shared by OPT and LLaMA: one functional forward over the parameter pytree.
 
-`forward` appends T tokens to every sequence of a head-major KV cache and returns their logits. T > 1 is
-prefill (dense, XLA attention over the cache); T == 1 is a decode step through the Pallas kernels, where
-sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`, so compile time does not grow
+`forward` appends T tokens to every sequence of a paged KV cache (polar_jax/cache.py) and returns their
+logits. T > 1 is prefill (dense; causal flash attention over the sequence's pages); T == 1 is a decode step
+through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`, so compile time does not grow
 with depth. The kernels receive the whole stacked cache / weights plus the layer index: inside the scan a
 per-layer slice handed to a custom call would be materialised as a copy of every byte it reads.
 """
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.paged_attention import paged_decode_attention
+from pallas_kernels.prefill_attention import paged_prefill_attention
 from pallas_kernels.selective_gemm import selective_down, selective_mlp, selective_up
 from polar_jax import layers
 from polar_jax.cache import KVCache
@@ -63,11 +64,14 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     """Append tokens [B, T] at each sequence's current length; return (logits, cache, collected).
 
     n_new [B]: how many of the T tokens are real for each sequence (ragged prompts; default T). Padding
-    tokens are neither cached nor counted. logits: [B, T, V] fp32, or [B, V] at each sequence's last real
-    token when last_only. collected: a Collected when collect (prefill only), else None.
+    tokens are neither cached nor counted; a row with n_new 0 (a padded batch row, a finished sequence)
+    changes nothing and takes no part in the batch's MLP neuron union. Positions past the cache's capacity
+    are never written, and lengths never grow past it. logits: [B, T, V] fp32, or [B, V] at each sequence's
+    last real token when last_only. collected: a Collected when collect (prefill only), else None.
     """
     B, T = tokens.shape
-    N, K, H, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len
+    N, K, H, S, Z = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len, cache.page_size
+    P = cache.k.shape[1]
     decode = T == 1
     sp = (sparsity or SparsityConfig()).for_batch(B)
     if collect and decode:
@@ -78,9 +82,13 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     check_routers(cfg, params, sp)
     sm_scale = H ** -0.5
 
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-    write_pos = jnp.where(jnp.arange(T)[None, :] < n_new[:, None], positions, S)  # S: dropped
-    rows = jnp.arange(B)[:, None]  # [B, 1]
+    starts = jnp.minimum(cache.lengths, S)  # [B]
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    real = (jnp.arange(T)[None, :] < n_new[:, None]) & (positions < S)  # [B, T]
+    n_new = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B]: what is really appended
+    page = jnp.take_along_axis(cache.page_table, jnp.minimum(positions // Z, S // Z - 1), axis=1)  # [B, T]
+    write_page = jnp.where(real, page, P)  # P: out of the pool, the write is dropped
+    write_off = positions % Z  # [B, T]
     x = embed(cfg, params, tokens, positions)
     if cfg.positions == "rope":
         cos, sin = layers.rope_tables(cfg, positions)
@@ -109,19 +117,22 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.positions == "rope":
             q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        k_all = k_all.at[l, rows, :, write_pos].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[l, rows, :, write_pos].set(v.astype(v_all.dtype), mode="drop")
+        # [B, T, K, H] into pages [l, page, :, off]: the advanced indices broadcast to [B, T] in front.
+        k_all = k_all.at[l, write_page, :, write_off].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[l, write_page, :, write_off].set(v.astype(v_all.dtype), mode="drop")
         if decode:
-            q1, lengths = q[:, 0], positions[:, 0] + 1  # [B, N, H], [B]
+            q1, lengths = q[:, 0], starts + n_new  # [B, N, H], [B]
 
             def dense_norms():  # oracle: [B, K] norms of each KV group's output
-                o = decode_attention(q1, k_all, v_all, lengths, layer=l, sm_scale=sm_scale)
+                o = paged_decode_attention(q1, k_all, v_all, lengths, table, layer=l, sm_scale=sm_scale)
                 return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(B, K, -1), axis=-1))
 
             head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h[:, 0], routers, key, dense_norms)
-            out = decode_attention(q1, k_all, v_all, lengths, head_idx, layer=l, sm_scale=sm_scale)[:, None]
+            out = paged_decode_attention(q1, k_all, v_all, lengths, table, head_idx, layer=l,
+                                         sm_scale=sm_scale)[:, None]
         else:
-            out = layers.prefill_attention(q, k_all[l], v_all[l], positions, sm_scale)  # [B, T, N, H]
+            out = paged_prefill_attention(q, k_all, v_all, table, starts, n_new, layer=l,
+                                          sm_scale=sm_scale)  # [B, T, N, H]
         return out, k_all, v_all
 
     def mlp(l, h, n_neurons, seg: Segment):
@@ -129,7 +140,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
             hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
             return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
         h1 = h[:, 0]  # [B, D]
-        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key,
+        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=n_new > 0,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (jnp.arange(cfg.mlp_dim, dtype=jnp.int32), cfg.mlp_dim) if sel is None else sel
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
@@ -159,6 +170,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     # One scan per run of layers with equal selection capacities (prefill: one run, all dense).
     segments = plan(sp, cfg, B) if decode else [Segment(0, cfg.n_layers, None, None)]
     xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, B))
+    table = cache.page_table
     carry, records = (x, cache.k, cache.v), []
     for seg in segments:
         carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,
@@ -170,7 +182,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     if last_only:
         x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)]  # [B, D]
     logits = unembed(cfg, params, x)
-    return logits, KVCache(k_all, v_all, cache.lengths + n_new), collected
+    return logits, KVCache(k_all, v_all, table, starts + n_new), collected
 
 
 class PolarLM(nn.Module):

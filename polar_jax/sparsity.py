@@ -225,26 +225,29 @@ def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, capacity
 
 
 def mlp_neurons(sp: SparsityConfig, cfg: ModelConfig, layer, count, capacity: int | None, h: jax.Array,
-                routers: dict | None, key: jax.Array, dense_hidden=None) -> tuple[jax.Array, jax.Array] | None:
+                routers: dict | None, key: jax.Array, dense_hidden=None,
+                valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | None:
     """(idx [capacity], n) neuron union over the batch for one layer; None means dense.
 
     h [B, D] is the router input; dense_hidden() computes the dense activations [B, F] (oracle only).
+    valid [B] bool: the rows that take part in the union (padded batch rows do not); default all.
     """
     F = cfg.mlp_dim
     if capacity is None:
         return None
+    rows = jnp.ones((h.shape[0],), bool) if valid is None else valid  # [B]
     if sp.mlp == "random":
         idx = jax.random.permutation(jax.random.fold_in(key, layer), F)[:capacity]
         return idx.astype(jnp.int32), count
     if sp.mlp == "oracle":
-        union = jnp.any(dense_hidden() != 0, axis=0)  # [F]
+        union = jnp.any((dense_hidden() != 0) & rows[:, None], axis=0)  # [F]
     else:
         r = routers["mlp"]
         z = jnp.einsum("bd,dr->br", h, r["w1"][layer], preferred_element_type=jnp.float32) + r["b1"][layer]
         logits = jnp.einsum("br,rf->bf", z.astype(h.dtype), r["w2"][layer],
                             preferred_element_type=jnp.float32) + r["b2"][layer]  # [B, F]
         kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (F - count)[None, None], axis=-1)  # [B, 1]
-        union = jnp.any(logits >= kth, axis=0)  # [F]
+        union = jnp.any((logits >= kth) & rows[:, None], axis=0)  # [F]
     n = jnp.minimum(jnp.sum(union), capacity).astype(jnp.int32)  # the union never exceeds capacity
     idx = jnp.nonzero(union, size=capacity, fill_value=0)[0].astype(jnp.int32)  # ascending
     return idx, n

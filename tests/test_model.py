@@ -193,7 +193,9 @@ def test_real_sizes_trace(name):
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
     cache = jax.eval_shape(lambda: init_cache(cfg, 4, 256, jnp.bfloat16))
-    assert cache.k.shape == (cfg.n_layers, 4, cfg.n_kv_heads, 256, cfg.head_dim)
+    Z = cache.page_size
+    assert cache.k.shape == (cfg.n_layers, 4 * 256 // Z, cfg.n_kv_heads, Z, cfg.head_dim)
+    assert cache.page_table.shape == (4, 256 // Z) and cache.max_len == 256
     assert cache_bytes(cfg, 4, 256) == 2 * cache.k.size * 2
     logits, new_cache, _ = jax.eval_shape(
         lambda p, c: forward(cfg, p, jnp.zeros((4, 1), jnp.int32), c), params, cache)

@@ -1,0 +1,230 @@
+"""The engine loop: requests in, per-step outputs (new tokens and text) out.
+
+    engine = LLMEngine(cfg, params, tokenizer, max_num_seqs=64)
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Each step: the scheduler picks decode rows and prefill chunks (host, plain Python), the model runner runs
+them (device, jitted programs), the scheduler applies the sampled tokens, and each sequence's detokenizer
+turns its new tokens into text (and catches stop strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+from typing import Sequence as Seq
+
+import jax
+import numpy as np
+
+from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
+from polar_jax.config import ModelConfig
+from polar_jax.engine.block_manager import BlockManager
+from polar_jax.engine.detokenizer import Detokenizer
+from polar_jax.engine.model_runner import Buckets, ModelRunner
+from polar_jax.engine.sampling_params import SamplingParams
+from polar_jax.engine.scheduler import Scheduler, SchedulerConfig
+from polar_jax.engine.sequence import Sequence
+from polar_jax.sparsity import SparsityConfig, check_routers
+
+DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "polar-jax" / "jax"
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step. new_token_ids / new_text: what this step added (for streaming)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    logprobs: list[float] | None  # of each output token (SamplingParams.logprobs)
+    prompt_logprobs: list[float | None] | None  # of each prompt token, None for the first
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_preemptions: int
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+def enable_compile_cache(path: str | os.PathLike | None = DEFAULT_COMPILE_CACHE) -> None:
+    """JAX's persistent compilation cache, so a restarted engine loads its programs instead of compiling them
+    (None: leave JAX's setting alone). An explicit JAX_COMPILATION_CACHE_DIR wins."""
+    if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def kv_pages_that_fit(cfg: ModelConfig, dtype, page_size: int, fraction: float) -> int:
+    """Pages of KV (all layers) that fit in `fraction` of the device memory JAX may use, less what is in use.
+
+    On a GPU: from the allocator's limit and use. On a CPU (no allocator statistics): `fraction` of the
+    physical memory available now.
+    """
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = fraction * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free // page_bytes(cfg, page_size, dtype))
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache.
+
+    max_num_seqs: sequences decoded together at most. max_model_len: prompt + output tokens of one request
+    (default: the model's context length). num_pages: KV pool size in pages (default: as many as
+    kv_memory_fraction of the device memory holds, capped at what max_num_seqs full-length sequences use).
+    prefill_chunk: prompt tokens of one sequence per step; max_num_batched_tokens: tokens per step, decode
+    and prefill together (default max(2 * prefill_chunk, max_num_seqs)). sparsity: how decode steps pick
+    heads and neurons (prefill is dense). compile: compile every bucket's program now (with a progress bar
+    when progress).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, *, sparsity: SparsityConfig | None = None,
+                 max_num_seqs: int = 64, max_model_len: int | None = None, num_pages: int | None = None,
+                 kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = 512,
+                 max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
+                 compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, seed: int = 0):
+        if not 0 < kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
+        max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
+        if not 1 <= max_model_len <= cfg.max_positions:
+            raise ValueError(f"max_model_len={max_model_len} must lie in [1, {cfg.max_positions}] (the model's "
+                             "context length)")
+        if prefill_chunk < 1 or max_num_seqs < 1:
+            raise ValueError(f"prefill_chunk ({prefill_chunk}) and max_num_seqs ({max_num_seqs}) must be >= 1")
+        if sparsity is not None:
+            check_routers(cfg, params, sparsity)
+        enable_compile_cache(compile_cache)
+        dtype = params["embed"].dtype
+        most = max_num_seqs * pages_for(max_model_len, page_size) + 1  # more pages than this are never used
+        if num_pages is None:
+            num_pages = min(most, kv_pages_that_fit(cfg, dtype, page_size, kv_memory_fraction))
+        budget = max_num_batched_tokens or max(2 * prefill_chunk, max_num_seqs)
+        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                      prefill_chunk=prefill_chunk, max_model_len=max_model_len,
+                                      page_size=page_size, num_pages=num_pages)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.scheduler = Scheduler(self.config, BlockManager(num_pages, page_size))
+        self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
+                                  max_model_len=max_model_len, sparsity=sparsity, seed=seed,
+                                  buckets=Buckets.make(max_num_seqs, prefill_chunk, budget))
+        self._detok: dict[str, Detokenizer] = {}
+        self._preemptions: dict[str, int] = {}
+        self.compile_s = 0.0
+        if compile:
+            self.compile_s = self.runner.compile_all(_progress_bar("compiling", progress))
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load a model with one")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; ValueError naming it (and nothing queued) when it cannot run."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.encode(prompt)
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.cfg.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
+        seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time)
+        seq.seed = params.seed if params.seed is not None else secrets.randbits(32)
+        self.scheduler.add(seq)  # raises ValueError naming the request
+        if self.tokenizer is not None:
+            self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop)
+        self._preemptions[request_id] = 0
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request in any state; its pages are free at once. False if unknown or finished."""
+        aborted = self.scheduler.abort(request_id)
+        self._detok.pop(request_id, None)
+        self._preemptions.pop(request_id, None)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; an output for every request that got a token (or finished) in it."""
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self._preemptions[seq.request_id] += 1
+        if not batch:
+            if self.scheduler.has_unfinished():  # add() admits only requests that fit alone: a bug if hit
+                raise RuntimeError(f"the scheduler made no progress with {self.scheduler.num_waiting} waiting "
+                                   f"and {self.scheduler.num_running} running requests")
+            return []
+        sampled, prompt_lp = self.runner.run(batch)
+        finished = set(id(s) for s in self.scheduler.update(batch, sampled, prompt_lp))
+        outputs = []
+        for seq in batch.decode + [c.seq for c in batch.prefill if c.samples]:
+            if seq.request_id not in sampled:
+                continue
+            token = sampled[seq.request_id][0]
+            detok = self._detok.get(seq.request_id)
+            delta = ""
+            if detok is not None:
+                delta = detok.add_token(token)
+                if detok.stopped is not None and not seq.is_finished:
+                    self.scheduler.finish(seq, "stop")
+                if seq.is_finished:
+                    delta += detok.flush()
+            outputs.append(self._output(seq, [token], delta))
+            if seq.is_finished or id(seq) in finished:
+                self._detok.pop(seq.request_id, None)
+                self._preemptions.pop(seq.request_id, None)
+        return outputs
+
+    def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
+        detok = self._detok.get(seq.request_id)
+        t = seq.timings
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
+            text=detok.text if detok is not None else "", new_token_ids=new_ids, new_text=delta,
+            finished=seq.is_finished, finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
+            arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish,
+            num_preemptions=self._preemptions.get(seq.request_id, 0))
+
+
+def _progress_bar(desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(i: int, n: int):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=n, desc=desc, unit="program")
+        bar.update(1)
+        if i == n:
+            bar.close()
+
+    return update

@@ -1,0 +1,251 @@
+"""The engine's device side: a scheduled batch in, sampled tokens out, through two jitted programs.
+
+  decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig), sample.
+  prefill  [Bp, Tc] chunks of new tokens (dense), sample at each row's last token.
+
+Both programs take the whole KV page pool (donated, updated in place) plus per-step arrays: page tables
+[B, M], lengths, tokens and per-row sampling parameters. Batch sizes and chunk lengths are padded to a small
+set of buckets (`Buckets`) so the number of compiled programs is bounded; `compile_all` compiles every one
+of them ahead of traffic. Padded rows have n_new = 0 (they write nothing, take no part in the MLP union) and
+point at page 0, which the allocator never hands out.
+
+The boundary to the host-side scheduler is `run` (ScheduledBatch -> {request_id: (token, logprob)}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polar_jax.cache import KVCache, init_pool, pages_for
+from polar_jax.config import ModelConfig
+from polar_jax.engine.sampler import sample_rows
+from polar_jax.engine.scheduler import ScheduledBatch
+from polar_jax.model import forward
+from polar_jax.sparsity import SparsityConfig
+
+
+def _pow2_up_to(lo: int, hi: int) -> list[int]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return out + [hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The padded shapes the programs are compiled for.
+
+    decode: batch sizes (powers of two from 4, and max_num_seqs). prefill: (rows, chunk length) pairs,
+    chunk lengths 64, 256, ... (x4) up to prefill_chunk, rows powers of two up to max_prefill_rows, with
+    rows * length <= the step's token budget.
+    """
+
+    decode: tuple[int, ...]
+    prefill: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def make(cls, max_num_seqs: int, prefill_chunk: int, token_budget: int, max_prefill_rows: int = 8) -> Buckets:
+        decode = tuple(_pow2_up_to(min(4, max_num_seqs), max_num_seqs))
+        lengths, t = [], min(64, prefill_chunk)
+        while t < prefill_chunk:
+            lengths.append(t)
+            t *= 4
+        lengths.append(prefill_chunk)
+        pairs = [(r, t) for t in lengths for r in _pow2_up_to(1, max_prefill_rows) if r * t <= max(token_budget, t)]
+        return cls(decode, tuple(pairs))
+
+    def decode_size(self, n: int) -> int:
+        return next(b for b in self.decode if b >= n)
+
+    def fits(self, rows: int, longest: int) -> bool:
+        return any(r >= rows and t >= longest for r, t in self.prefill)
+
+    def prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The smallest bucket (fewest padded tokens) that holds `rows` chunks of up to `longest` tokens."""
+        fits = [(r * t, r, t) for r, t in self.prefill if r >= rows and t >= longest]
+        if not fits:
+            raise ValueError(f"no prefill bucket holds {rows} chunks of {longest} tokens; buckets: {self.prefill}")
+        _, r, t = min(fits)
+        return r, t
+
+
+def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, tokens, table, lengths,
+                    valid, temps, top_k, top_p, seeds, steps, key):
+    cache = KVCache(k, v, table, lengths)
+    logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
+                               sparsity=sparsity, key=key)
+    tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps)
+    return cache.k, cache.v, tok, logprob
+
+
+def _prefill_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, temps, top_k, top_p, seeds,
+                     steps):
+    cache = KVCache(k, v, table, starts)
+    logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new, last_only=True)  # [Bp, V]
+    tok, logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps)
+    return cache.k, cache.v, tok, logprob
+
+
+def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, targets):
+    """Log-probabilities [Bp, Tc] of targets[b, t] (the token after position t) given the prefix."""
+    cache = KVCache(k, v, table, starts)
+    logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new)  # [Bp, Tc, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return cache.k, cache.v, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4))
+_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3))
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3))
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One engine step as the benchmark's roofline needs it."""
+
+    decode_rows: int  # real sequences decoded
+    decode_bucket: int
+    context_tokens: int  # sum over decoded sequences of their cache length (KV positions read, dense)
+    prefill_tokens: int  # real prefill tokens
+    prefill_context: int  # sum over prefill tokens of the positions each attends to
+    seconds: float
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params: dict, *, num_pages: int, page_size: int, max_model_len: int,
+                 buckets: Buckets, sparsity: SparsityConfig | None = None, seed: int = 0):
+        self.cfg, self.params, self.sparsity = cfg, params, sparsity
+        self.page_size, self.num_pages = page_size, num_pages
+        self.M = pages_for(max_model_len, page_size)
+        self.buckets = buckets
+        self.k, self.v = init_pool(cfg, num_pages, page_size, params["embed"].dtype)
+        self.key = jax.random.key(seed)
+        self.steps = 0
+        self.log: list[StepRecord] = []
+        self.record = False
+
+    # -- host arrays ------------------------------------------------------------------------------------
+    def _table(self, seqs, rows: int) -> np.ndarray:
+        table = np.zeros((rows, self.M), np.int32)  # page 0: the scratch page of padded rows
+        for i, s in enumerate(seqs):
+            table[i, : len(s.pages)] = s.pages
+        return table
+
+    @staticmethod
+    def _sampling(seqs, rows: int):
+        temps = np.zeros(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        top_p = np.ones(rows, np.float32)
+        seeds = np.zeros(rows, np.uint32)
+        steps = np.zeros(rows, np.int32)
+        for i, s in enumerate(seqs):
+            p = s.params
+            temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+            seeds[i] = s.seed & 0xFFFFFFFF
+            steps[i] = len(s.output_token_ids)  # the key of a request's n-th token depends on (seed, n) only
+        return temps, top_k, top_p, seeds, steps
+
+    # -- programs -------------------------------------------------------------------------------------
+    def _decode_args(self, seqs, rows: int):
+        tokens = np.zeros(rows, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        valid = np.zeros(rows, bool)
+        for i, s in enumerate(seqs):
+            tokens[i], lengths[i], valid[i] = s.all_token_ids[-1], s.num_computed, True
+        self.key, sub = jax.random.split(self.key)
+        return (tokens, self._table(seqs, rows), lengths, valid, *self._sampling(seqs, rows), sub)
+
+    def _prefill_args(self, chunks, rows: int, T: int):
+        tokens = np.zeros((rows, T), np.int32)
+        starts = np.zeros(rows, np.int32)
+        n_new = np.zeros(rows, np.int32)
+        for i, c in enumerate(chunks):
+            ids = c.seq.all_token_ids[c.start: c.start + c.n]
+            tokens[i, : c.n], starts[i], n_new[i] = ids, c.start, c.n
+        seqs = [c.seq for c in chunks]
+        return (tokens, self._table(seqs, rows), starts, n_new, *self._sampling(seqs, rows))
+
+    def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
+        """Compile every bucket's program before traffic; returns the seconds it took."""
+        t0 = time.perf_counter()
+        shapes = [("decode", b) for b in self.buckets.decode] + [("prefill", rt) for rt in self.buckets.prefill]
+        for i, (kind, shape) in enumerate(shapes):
+            if kind == "decode":
+                args = self._decode_args([], shape)
+                self.k, self.v, *_ = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, *args)
+            else:
+                args = self._prefill_args([], *shape)
+                self.k, self.v, *_ = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
+            jax.block_until_ready(self.k)
+            if progress:
+                progress(i + 1, len(shapes))
+        return time.perf_counter() - t0
+
+    def run(self, batch: ScheduledBatch) -> tuple[dict[str, tuple[int, float]], dict[str, np.ndarray]]:
+        """Run the batch's decode rows and prefill chunks.
+
+        Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob)} for every decode row and
+        every chunk that samples; prompt_logprobs {request_id: [n] logprobs of the chunk's tokens after its
+        first position} for chunks of requests that asked for them (Sequence.record_prompt_logprobs).
+        """
+        t0 = time.perf_counter()
+        pending, prompt_lp = [], {}
+        if batch.decode:
+            rows = self.buckets.decode_size(len(batch.decode))
+            args = self._decode_args(batch.decode, rows)
+            self.k, self.v, tok, lp = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, *args)
+            pending.append((batch.decode, tok, lp))
+        for group in self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n)):
+            rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))
+            if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in group):
+                prompt_lp.update(self._prompt_logprobs(group, rows, T))
+            args = self._prefill_args(group, rows, T)
+            self.k, self.v, tok, lp = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
+            pending.append(([c.seq if c.samples else None for c in group], tok, lp))
+        sampled = {}
+        for seqs, tok, lp in pending:
+            tok, lp = np.asarray(tok), np.asarray(lp)
+            for i, s in enumerate(seqs):
+                if s is not None:
+                    sampled[s.request_id] = (int(tok[i]), float(lp[i]))
+        self.steps += 1
+        if self.record:
+            self.log.append(StepRecord(
+                decode_rows=len(batch.decode),
+                decode_bucket=self.buckets.decode_size(len(batch.decode)) if batch.decode else 0,
+                context_tokens=sum(s.num_computed + 1 for s in batch.decode),
+                prefill_tokens=sum(c.n for c in batch.prefill),
+                prefill_context=sum(c.n * c.start + c.n * (c.n + 1) // 2 for c in batch.prefill),
+                seconds=time.perf_counter() - t0))
+        return sampled, prompt_lp
+
+    def _prefill_groups(self, chunks):
+        """Split chunks (longest first) into groups that each fit one prefill bucket."""
+        groups: list[list] = []
+        for c in chunks:
+            if groups and self.buckets.fits(len(groups[-1]) + 1, groups[-1][0].n):
+                groups[-1].append(c)
+            else:
+                groups.append([c])
+        return groups
+
+    def _prompt_logprobs(self, group, rows: int, T: int) -> dict[str, np.ndarray]:
+        """Log-probabilities of each chunk's tokens after its first position, from a prefill pass made just
+        before the chunk's own (it writes the same KV, which the second pass rewrites identically)."""
+        tokens, table, starts, n_new, *_ = self._prefill_args(group, rows, T)
+        targets = np.zeros((rows, T), np.int32)
+        for i, c in enumerate(group):
+            nxt = c.seq.all_token_ids[c.start + 1: c.start + c.n + 1]
+            targets[i, : len(nxt)] = nxt
+        self.k, self.v, lp = _PREFILL_LOGPROBS(self.cfg, self.params, self.k, self.v, tokens, table, starts, n_new,
+                                               targets)
+        lp = np.asarray(lp)
+        return {c.seq.request_id: lp[i, : c.n] for i, c in enumerate(group) if c.seq.params.prompt_logprobs}

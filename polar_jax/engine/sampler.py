@@ -1,0 +1,43 @@
+"""Per-row sampling inside one batch: each row has its own temperature, top-k, top-p and seed.
+
+A request's n-th token is drawn with the key fold_in(key(seed), n), so a seeded request reproduces its
+tokens whatever else shares its batch. Temperature 0 is greedy. logprob: the model's log-probability of
+the chosen token (log-softmax of the raw logits, before temperature and filtering).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """z [B, V] with everything outside each row's top-k and nucleus set to -inf."""
+    V = z.shape[-1]
+    desc = -jnp.sort(-z, axis=-1)  # [B, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B]
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    desc = jnp.where(jnp.arange(V)[None, :] < k[:, None], desc, -jnp.inf)
+    cum = jnp.cumsum(jax.nn.softmax(desc, axis=-1), axis=-1)  # [B, V]
+    # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+    cut = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1), V - 1)  # [B]
+    cutoff = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)  # [B, 1]
+    return jnp.where(z < cutoff, -jnp.inf, z)
+
+
+def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+                steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits [B, V] f32; temps, top_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B] int32.
+
+    Returns (tokens [B] int32, logprobs [B] f32).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    z = logits / jnp.where(temps > 0, temps, 1.0)[:, None]
+    needs_filter = jnp.any((temps > 0) & ((top_k > 0) | (top_p < 1)))
+    z = jax.lax.cond(needs_filter, _filtered, lambda z, *_: z, z, top_k, top_p)  # the sort only when asked
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    drawn = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+    tokens = jnp.where(temps > 0, drawn, greedy)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
