@@ -38,17 +38,17 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """Feed seq.all_token_ids[start:start + n] at positions start.. (start == seq.num_computed)."""
+    """Feed seq.all_token_ids[start:start + n] at positions start.. (start == seq.num_computed).
+    samples (set when made): the chunk reaches the end of the sequence's known tokens, so the runner samples
+    the next token after it."""
 
     seq: Sequence
     start: int
     n: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether the runner samples after this chunk: it reaches the end of the sequence's known tokens.
-        Valid between schedule() and update()."""
-        return self.start + self.n == self.seq.num_tokens
+    def __post_init__(self):
+        object.__setattr__(self, "samples", self.start + self.n == self.seq.num_tokens)
 
 
 @dataclass
