@@ -1,0 +1,246 @@
+"""Continuous batching: which sequences decode, which prefill a chunk, which are preempted, each step."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from polar_jax.engine.block_manager import BlockManager
+from polar_jax.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """max_num_seqs: running sequences at most (the decode batch); max_num_batched_tokens: tokens fed per
+    step, decode and prefill together; prefill_chunk: prompt tokens of one sequence per step at most;
+    max_model_len: prompt + output tokens of one sequence at most; page_size (Z) and num_pages (P, page 0
+    reserved) describe the KV page pool."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    prefill_chunk: int
+    max_model_len: int
+    page_size: int
+    num_pages: int
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_model_len", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1: got {getattr(self, name)}")
+        if self.num_pages < 2:
+            raise ValueError(f"SchedulerConfig.num_pages must be >= 2 (page 0 is reserved): got {self.num_pages}")
+        # Every running sequence decodes every step, so the budget must hold a full decode batch.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                             f">= max_num_seqs ({self.max_num_seqs})")
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Feed seq.all_token_ids[start:start + n] at positions start.. (start == seq.num_computed).
+    samples (set when made): the chunk reaches the end of the sequence's known tokens, so the runner samples
+    the next token after it."""
+
+    seq: Sequence
+    start: int
+    n: int
+    samples: bool = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "samples", self.start + self.n == self.seq.num_tokens)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. decode: each feeds its last token at position num_computed and samples one;
+    prefill: chunks; preempted: sequences sent back to waiting this step (their pages are already free)."""
+
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.n for c in self.prefill)
+
+    def __bool__(self):
+        return bool(self.decode or self.prefill)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list (admission order: the last is the newest)."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        if (block_manager.num_pages, block_manager.page_size) != (config.num_pages, config.page_size):
+            raise ValueError(f"BlockManager(num_pages={block_manager.num_pages}, page_size="
+                             f"{block_manager.page_size}) does not match {config}")
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._live: dict[object, Sequence] = {}  # request_id -> every sequence not yet finished
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request; ValueError naming it if it can never run."""
+        cfg, rid = self.config, seq.request_id
+        if rid in self._live:
+            raise ValueError(f"request {rid!r}: request_id already in use")
+        if seq.status is not SequenceStatus.WAITING or seq.output_token_ids or seq.pages:
+            raise ValueError(f"request {rid!r}: only a new sequence can be added")
+        if seq.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r}: empty prompt")
+        if seq.num_prompt_tokens > cfg.max_model_len:
+            raise ValueError(f"request {rid!r}: prompt has {seq.num_prompt_tokens} tokens, more than "
+                             f"max_model_len {cfg.max_model_len}")
+        # Positions whose KV is ever stored: the last sampled token is never fed.
+        stored = max(seq.num_prompt_tokens,
+                     min(seq.num_prompt_tokens + seq.params.max_tokens, cfg.max_model_len) - 1)
+        need = self.block_manager.pages_for(stored)
+        if need > self.block_manager.num_usable_pages:
+            raise ValueError(f"request {rid!r}: needs {need} KV pages of {cfg.page_size} tokens, the pool has "
+                             f"{self.block_manager.num_usable_pages}")
+        self._live[rid] = seq
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End seq now (from any state) and free its pages."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        seq.timings.finish = time.monotonic()
+        del self._live[seq.request_id]
+
+    def abort(self, request_id) -> bool:
+        """Finish the request with reason "abort"; False if it is unknown or already finished."""
+        seq = self._live.get(request_id)
+        if seq is None:
+            return False
+        self.finish(seq, "abort")
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        cfg, bm = self.config, self.block_manager
+        batch = ScheduledBatch()
+
+        # (1) Decode: every running sequence past prefill feeds one token, oldest first. A sequence whose
+        # pages are full needs one more; if none is free, preempt the newest until it fits (possibly itself).
+        # The oldest sequence is never preempted while others run, and alone it fits (add() checked), so it
+        # always progresses.
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.needs_prefill:
+                i += 1
+                continue
+            while not bm.can_allocate(seq, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, 1)
+                batch.decode.append(seq)
+                i += 1
+
+        # (2) Prefill with the budget left: running sequences mid-prefill first, then waiting ones in order.
+        # A sequence is admitted only with pages for its whole prefill, so running ones never wait on pages.
+        budget = cfg.max_num_batched_tokens - len(batch.decode)
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.needs_prefill:
+                budget -= self._add_chunk(batch, seq, budget)
+        # After a preemption the pool is short: admitting now would only take pages decode needs next step.
+        while budget > 0 and self.waiting and not batch.preempted and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq, seq.prefill_target):
+                break  # FIFO: nobody overtakes the front
+            self.waiting.popleft()
+            bm.allocate(seq, seq.prefill_target)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget -= self._add_chunk(batch, seq, budget)
+
+        now = time.monotonic()
+        for seq in batch.decode + [c.seq for c in batch.prefill]:
+            if seq.timings.first_scheduled is None:
+                seq.timings.first_scheduled = now
+        return batch
+
+    def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        n = min(seq.prefill_target - seq.num_computed, self.config.prefill_chunk, budget)
+        batch.prefill.append(PrefillChunk(seq, seq.num_computed, n))
+        return n
+
+    def update(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
+        """Apply one step's results. sampled: request_id -> (token_id, logprob or None) for every decode
+        sequence and every chunk with `samples`; prompt_logprobs (optional): request_id -> logprobs of the
+        chunk's prompt tokens after its first position (see Sequence.record_prompt_logprobs). Returns the
+        sequences that finished in this step (their pages are already free)."""
+        fed = [(seq, 1, True) for seq in batch.decode] + [(c.seq, c.n, c.samples) for c in batch.prefill]
+        finished = []
+        for seq, n, samples in fed:
+            if seq.is_finished:  # aborted between schedule() and update()
+                continue
+            if prompt_logprobs and seq.request_id in prompt_logprobs:
+                seq.record_prompt_logprobs(seq.num_computed, prompt_logprobs[seq.request_id])
+            seq.num_computed += n
+            if not samples:
+                continue
+            if seq.request_id not in sampled:
+                raise KeyError(f"update(): no sampled token for request {seq.request_id!r}")
+            token, logprob = sampled[seq.request_id]
+            seq.output_token_ids.append(int(token))
+            seq.output_logprobs.append(logprob if seq.params.logprobs else None)
+            if seq.timings.first_token is None:
+                seq.timings.first_token = time.monotonic()
+            reason = self._finish_reason(seq, int(token))
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in seq.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if pages or queues are inconsistent (tests call this every step)."""
+        self.block_manager.check_invariants(list(self._live.values()))
+        z = self.config.page_size
+        for seq in self.running:
+            assert seq.status is SequenceStatus.RUNNING, seq
+            assert len(seq.pages) * z >= seq.num_computed, seq
+        for seq in self.waiting:
+            assert seq.status is SequenceStatus.WAITING and not seq.pages and seq.num_computed == 0, seq
+        assert len(self.running) + len(self.waiting) == len(self._live)
+        assert len(self.running) <= self.config.max_num_seqs

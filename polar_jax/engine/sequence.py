@@ -1,0 +1,92 @@
+"""One request's state: its tokens, its pages and where it is in its life.
+
+Life: WAITING -> RUNNING -> FINISHED. Preemption sends a RUNNING sequence back to WAITING with its pages
+freed and num_computed = 0; its outputs are kept and prefilled again with the prompt. Every way into
+FINISHED (stop, length, abort) goes through Scheduler.finish, which frees the pages.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+from polar_jax.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass
+class Timings:
+    """time.monotonic() seconds; None until the event happens."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finish: float | None = None
+
+
+class Sequence:
+    """A request: prompt + outputs so far, the pages holding their KV, and why it ended."""
+
+    def __init__(self, request_id, prompt_token_ids, params: SamplingParams | None = None,
+                 eos_token_ids=(), arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = [int(t) for t in prompt_token_ids]
+        self.params = params if params is not None else SamplingParams()
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[float | None] = []  # one per output token (None unless params.logprobs)
+        # Entry i is the logprob of prompt token i; entry 0 (no context) is None.
+        self.prompt_logprobs: list[float | None] | None = [None] if self.params.prompt_logprobs else None
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.pages: list[int] = []  # page ids in order: position s lives in pages[s // Z] at s % Z
+        self.num_computed = 0  # leading tokens of all_token_ids whose KV is in the pages
+        self.timings = Timings(time.monotonic() if arrival_time is None else arrival_time)
+
+    def __repr__(self):
+        return (f"Sequence({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
+                f"output={len(self.output_token_ids)}, computed={self.num_computed}, pages={self.pages})")
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def prefill_target(self) -> int:
+        """How many tokens prefill computes: all of them before the first sample; after that (a preempted
+        sequence) all but the last sampled token, which the next decode step feeds."""
+        return self.num_tokens if not self.output_token_ids else self.num_tokens - 1
+
+    @property
+    def needs_prefill(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+    def record_prompt_logprobs(self, start: int, logprobs) -> None:
+        """logprobs[i]: of prompt token start + 1 + i, from a prefill chunk starting at `start`. Positions
+        already recorded (a preempted sequence's prompt computed again) are kept as they were."""
+        if self.prompt_logprobs is None:
+            return
+        for i, lp in enumerate(logprobs):
+            pos = start + 1 + i
+            if pos >= self.num_prompt_tokens:
+                break
+            if pos == len(self.prompt_logprobs):
+                self.prompt_logprobs.append(None if lp is None else float(lp))
