@@ -2,7 +2,9 @@
 
 from polar_jax.cache import KVCache, init_cache
 from polar_jax.config import ModelConfig, from_hf_config, preset
+from polar_jax.engine import SamplingParams
 from polar_jax.generate import GenerateOutput, SamplingConfig, generate
+from polar_jax.llm import LLM
 from polar_jax.model import forward
 from polar_jax.params import init_params
 from polar_jax.sparsity import SparsityConfig
@@ -15,5 +17,5 @@ def load(path):
     return _load(path)
 
 
-__all__ = ["KVCache", "ModelConfig", "GenerateOutput", "SamplingConfig", "SparsityConfig", "forward",
+__all__ = ["LLM", "KVCache", "ModelConfig", "SamplingParams", "GenerateOutput", "SamplingConfig", "SparsityConfig", "forward",
            "from_hf_config", "generate", "init_cache", "init_params", "load", "preset"]
