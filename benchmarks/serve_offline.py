@@ -1,0 +1,238 @@
+"""Offline serving benchmark: the engine on workload W, all requests submitted at once (GPU).
+
+W: `--requests` requests (default 512) with prompt lengths uniform in [128, 2048] and output lengths uniform
+in [64, 512], fixed seed, ignore_eos, greedy. For each model shape (random bf16 weights) and mode (dense,
+random 50% of heads, router 50% of heads) it reports output tokens/s, requests/s, the mean decode batch,
+peak KV pages in use, preemptions, and W's roofline time from the engine's own step log: each decode step's
+bytes (weights once, routers in use, the kept heads' KV of every sequence) over the streaming-read
+bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the same run.
+
+`--pool-fraction 0.25` sizes the page pool to a quarter of W's peak demand (preemption by recompute).
+`--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
+(benchmarks/generate.py's make_step) at batch B and context CTX.
+
+    python -m benchmarks.serve_offline --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import RESULTS, add_device_args, check_out_dir, measure_ceiling, metadata, require_gpu, \
+    time_fn, write_results
+from benchmarks.generate import make_step, random_cache, random_routers, router_bytes, weight_bytes
+from polar_jax import SamplingParams, SparsityConfig, init_params, preset
+from polar_jax.engine.llm_engine import LLMEngine
+
+DTYPE = jnp.bfloat16
+MODES = {"dense": None, "random-0.5": SparsityConfig(attn="random", attn_density=0.5),
+         "router-0.5": SparsityConfig(attn="router", attn_density=0.5)}
+
+
+def workload(n: int, vocab: int, seed: int = 0, prompt=(128, 2048), output=(64, 512)):
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(prompt[0], prompt[1] + 1, n)
+    o_len = rng.integers(output[0], output[1] + 1, n)
+    prompts = [rng.integers(3, vocab, p).tolist() for p in p_len]
+    return prompts, o_len.tolist()
+
+
+def matmul_rate() -> float:
+    """Measured bf16 matmul FLOP/s (8192^3, f32 accumulation)."""
+    n = 8192
+    xs = [(jax.random.normal(jax.random.key(i), (n, n), DTYPE), jax.random.normal(jax.random.key(i + 9), (n, n), DTYPE))
+          for i in range(2)]
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(DTYPE))
+    ms = time_fn(mm, xs, inner=5, reps=7)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def matmul_params(params: dict) -> int:
+    """Parameters a token multiplies (every layer matrix and the LM head)."""
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params["layers"]) if x.ndim == 3)
+    head = params.get("lm_head", params["embed"])
+    return n + head.size
+
+
+def roofline_seconds(cfg, params, sp, log, read_bw: float, mm_rate: float) -> dict:
+    kept = np.full(cfg.n_layers, cfg.n_kv_heads) if sp is None else sp.head_counts(cfg)
+    kv_per_pos = 2 * int(kept.sum()) * cfg.head_dim * jnp.dtype(DTYPE).itemsize  # K and V, kept heads, all layers
+    r_bytes = router_bytes(params, sp)
+    mm = matmul_params(params)
+    decode_s = prefill_s = 0.0
+    for s in log:
+        if s.decode_rows:
+            decode_s += (weight_bytes(cfg, params, s.decode_rows) + r_bytes + kv_per_pos * s.context_tokens) / read_bw
+        if s.prefill_tokens:
+            flops = 2 * mm * s.prefill_tokens + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * s.prefill_context
+            prefill_s += flops / mm_rate
+    return {"roofline_s": decode_s + prefill_s, "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
+
+
+def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[dict, list, list]:
+    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    prefill_chunk=args.prefill_chunk, num_pages=num_pages, progress=True)
+    eng.runner.record = True
+    bm = eng.scheduler.block_manager
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
+    results, peak_pages, preempt, t_steps = {}, 0, 0, []
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                results[out.request_id] = out
+                preempt += out.num_preemptions
+        peak_pages = max(peak_pages, bm.num_usable_pages - bm.num_free_pages)
+        t_steps.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    log = eng.runner.log
+    n_out = sum(len(r.token_ids) for r in results.values())
+    decode_steps = [s for s in log if s.decode_rows]
+    rec = {"requests": len(results), "output_tokens": n_out, "wall_s": wall, "output_tok_s": n_out / wall,
+           "req_s": len(results) / wall, "steps": len(log),
+           "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
+           "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
+           "compile_s": eng.compile_s}
+    series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_steps, log)]
+    return rec | {"tokens": {k: v.token_ids for k, v in results.items()}}, series, log
+
+
+def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
+    """ms per pure decode step inside the engine vs the static step (same batch, context, sparsity)."""
+    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=B, max_model_len=ctx + 256,
+                    prefill_chunk=args.prefill_chunk, progress=False)
+    rng = np.random.default_rng(1)
+    for i in range(B):
+        eng.add_request(f"s{i}", rng.integers(3, cfg.vocab_size, ctx).tolist(),
+                        SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    while any(s.needs_prefill for s in eng.scheduler.running) or eng.scheduler.num_waiting:
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            eng.step()
+        times.append((time.perf_counter() - t0) / 8 * 1e3)
+    step = make_step(cfg, sp)
+    cache = random_cache(cfg, B, ctx)
+    tokens = jnp.zeros((B,), jnp.int32)
+    key = jax.random.key(0)
+    static_ms = time_fn(lambda p, c, t: step(p, c, t, key)[0], [(params, cache, tokens)], inner=10, reps=7)
+    engine_ms = statistics.median(times)
+    return {"B": B, "ctx": ctx, "engine_ms_per_step": engine_ms, "static_ms_per_step": static_ms,
+            "engine_over_static": engine_ms / static_ms}
+
+
+def plot(series_by_run: dict, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name, series in series_by_run.items():
+        t = np.array([s[0] for s in series])
+        a1.plot(t, [s[1] for s in series], label=name, lw=0.8)
+        tok = np.array([s[1] for s in series], float)  # output tokens this step (one per decode row)
+        dt = np.array([s[3] for s in series])
+        k = 20
+        a2.plot(t, np.convolve(tok, np.ones(k), "same") / np.maximum(np.convolve(dt, np.ones(k), "same"), 1e-9),
+                label=name, lw=0.8)
+    a1.set_ylabel("decode batch")
+    a2.set_ylabel("output tokens/s (20-step window)")
+    a2.set_xlabel("seconds since submission")
+    a1.legend(fontsize=7)
+    fig.suptitle(f"serve_offline on {meta['device']}, {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama-2-7b,llama-3-8b", help="comma-separated model presets")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--requests", type=int, default=512, help="requests in W (default 512)")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch at most (default 64)")
+    ap.add_argument("--max-model-len", type=int, default=2048 + 512)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--pool-fraction", type=float, default=None,
+                    help="also run dense W with a page pool of this fraction of its peak demand (e.g. 0.25)")
+    ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
+    ap.add_argument("--short", action="store_true", help="W with 4x shorter prompts and outputs (a quick look)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_device_args(ap)
+    args = ap.parse_args(argv)
+    require_gpu("benchmarks.serve_offline", args.allow_cpu)
+    check_out_dir(args.out)
+    command = "python -m benchmarks.serve_offline " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = metadata(command)
+    ceiling = measure_ceiling()
+    mm_rate = matmul_rate()
+    print(f"bf16 matmul rate {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
+    meta |= {"read_bw_TBps": ceiling["read_bw"] / 1e12, "copy_bw_TBps": ceiling["copy_bw"] / 1e12,
+             "matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests, "max_num_seqs": args.max_num_seqs,
+             "prefill_chunk": args.prefill_chunk,
+             "ceiling": "streaming-read bandwidth for decode bytes, bf16 matmul rate for prefill FLOPs",
+             "copy_bw_note": "information only"}
+    records, series, checks = [], {}, []
+    for name in args.models.split(","):
+        cfg = preset(name)
+        params = jax.jit(lambda k: init_params(cfg, k, DTYPE))(jax.random.key(0))
+        params["routers"] = random_routers(cfg, jax.random.key(5))
+        scale = 4 if args.short else 1
+        prompts, outs = workload(args.requests, cfg.vocab_size, prompt=(128 // scale, 2048 // scale),
+                                 output=(64 // scale, 512 // scale))
+        dense_tokens, peak, dense_rec = None, None, None
+        for mode in args.modes.split(","):
+            sp = MODES[mode]
+            print(f"== {name} {mode}: {args.requests} requests", flush=True)
+            rec, ser, log = run_workload(cfg, params, sp, prompts, outs, args)
+            tokens = rec.pop("tokens")
+            rec |= roofline_seconds(cfg, params, sp, log, ceiling["read_bw"], mm_rate)
+            rec["efficiency"] = rec["roofline_s"] / rec["wall_s"]
+            if mode == "dense":
+                dense_tokens, peak, dense_rec = tokens, rec["peak_pages"], rec
+            elif dense_rec is not None:
+                rec["speedup"] = dense_rec["wall_s"] / rec["wall_s"]
+                rec["bound_speedup"] = dense_rec["roofline_s"] / rec["roofline_s"]
+                rec["frac_of_bound"] = rec["speedup"] / rec["bound_speedup"]
+            records.append({"model": name, "mode": mode, **rec})
+            series[f"{name} {mode}"] = ser
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
+        if args.pool_fraction and dense_tokens is not None:
+            pages = max(2, int(args.pool_fraction * peak)) + 1
+            print(f"== {name} dense, pool of {pages - 1} pages ({args.pool_fraction:.0%} of the peak {peak})", flush=True)
+            rec, ser, _ = run_workload(cfg, params, None, prompts, outs, args, num_pages=pages)
+            tokens = rec.pop("tokens")
+            rec["identical_to_unconstrained"] = tokens == dense_tokens
+            records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}", **rec})
+            series[f"{name} dense small pool"] = ser
+        if args.step_check:
+            B, ctx = (int(x) for x in args.step_check.split(","))
+            for mode in ("dense", "random-0.5"):
+                checks.append({"model": name, "mode": mode, **step_check(cfg, params, MODES[mode], B, ctx, args)})
+                print(checks[-1], flush=True)
+        del params
+    cols = ["model", "mode", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s", "mean_decode_batch",
+            "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
+            "frac_of_bound", "identical_to_unconstrained"]
+    write_results("serve_offline", meta, records, cols, args.out)
+    if checks:
+        write_results("serve_offline_steps", meta, checks, list(checks[0]), args.out)
+    plot(series, Path(args.out) / "serve_offline.png", meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
