@@ -449,3 +449,42 @@ def test_detokenizer_stop_inside_multibyte_and_special_tokens():
     ids = [ByteTokenizer.SPECIAL] + tok.encode("1€2€3")
     d, deltas = detok_all(tok, ids, stop=["2€"])
     assert "".join(deltas) == "1€" and d.stopped == "2€"
+
+
+def test_block_manager_pages_and_invariants():
+    bm = BlockManager(8, 4)
+    a, b = Sequence(0, [5] * 9), Sequence(1, [5])
+    assert bm.can_allocate(a, 9)
+    bm.allocate(a, 9)  # 9 positions: 3 pages
+    a.num_computed = 9
+    assert len(a.pages) == 3 and bm.num_free_pages == 4
+    bm.allocate(a, 3)  # positions 9..11 fit the third page
+    assert len(a.pages) == 3
+    assert bm.can_allocate(b, 16) and not bm.can_allocate(b, 17)
+    bm.allocate(b, 16)
+    assert 0 not in a.pages + b.pages and sorted(a.pages + b.pages) == list(range(1, 8))
+    with pytest.raises(RuntimeError, match="request 1 needs 1 pages, 0 free"):
+        b.num_computed = 16
+        bm.allocate(b, 1)
+    bm.check_invariants([a, b])
+    b.pages.append(a.pages[0])
+    with pytest.raises(AssertionError, match=f"page {a.pages[0]} of request 1 is not its own alone"):
+        bm.check_invariants([a, b])
+    b.pages.pop()
+    with pytest.raises(AssertionError, match="leaked"):
+        bm.check_invariants([a])
+    bm.free(a)
+    bm.free(b)
+    assert a.pages == b.pages == [] and bm.num_free_pages == 7
+    bm.check_invariants([])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), "SchedulerConfig.max_num_seqs must be >= 1: got 0"),
+    (dict(num_pages=1), "SchedulerConfig.num_pages must be >= 2 (page 0 is reserved): got 1"),
+    (dict(max_num_seqs=8, budget=4), "SchedulerConfig.max_num_batched_tokens (4) must be >= max_num_seqs (8)"),
+])
+def test_scheduler_config_invalid(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        make(**kwargs)
+    assert str(e.value) == message

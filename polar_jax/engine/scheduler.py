@@ -197,7 +197,8 @@ class Scheduler:
         batch.prefill.append(PrefillChunk(seq, seq.num_computed, n))
         return n
 
-    def update(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
+    def update(self, batch: ScheduledBatch, sampled: dict,
+               prompt_logprobs: dict | None = None) -> list[Sequence]:
         """Apply one step's results. sampled: request_id -> (token_id, logprob or None) for every decode
         sequence and every chunk with `samples`; prompt_logprobs (optional): request_id -> logprobs of the
         chunk's prompt tokens after its first position (see Sequence.record_prompt_logprobs). Returns the
