@@ -69,8 +69,7 @@ class Detokenizer:
             self._text = text[:cut]
             self._released = cut
             return text[start:cut]
-        end = len(text) if final else len(text) - _partial_stop(text, self.stop)
-        end = max(end, start)
+        end = len(text) if final else len(text) - _partial_stop(text[start:], self.stop)
         self._released = end
         return text[start:end]
 

@@ -115,7 +115,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End seq now (from any state) and free its pages."""
+        """End seq now, from any state, and free its pages (the engine calls it with "stop" when the
+        detokenizer finds a stop string)."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
