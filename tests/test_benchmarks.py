@@ -1,0 +1,117 @@
+"""The benchmarks' arithmetic (bytes per step, KV bytes, density labels), ceiling warnings and result files.
+
+CPU only and fast: parameter shapes come from jax.eval_shape, nothing large is allocated.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, generate
+from polar_jax import SparsityConfig, init_params, preset
+from polar_jax.params import param_shapes
+
+
+def _shape_params(cfg):
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
+
+
+def _expected_weight_bytes(cfg, B):
+    """From the parameter contract: all matrices once; B rows of embed (untied) / pos_embed; tied embed whole."""
+    shapes = param_shapes(cfg)
+    flat = jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(math.prod(s) for s in flat)
+    V, E = shapes["embed"]
+    if not cfg.tie_embeddings:
+        total += B * E - V * E
+    if "pos_embed" in shapes:
+        P, D = shapes["pos_embed"]
+        total += B * D - P * D
+    return 2 * total
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m", "opt-6.7b", "tiny-opt-350m"])
+@pytest.mark.parametrize("B", [1, 64])
+def test_step_bytes_weights_match_param_shapes(name, B):
+    cfg = preset(name)
+    params = _shape_params(cfg)
+    kv = generate.kv_bytes(cfg, B, 100, np.full(cfg.n_layers, cfg.n_kv_heads))
+    assert generate.step_bytes(cfg, params, B, 100, None) == _expected_weight_bytes(cfg, B) + kv
+
+
+@pytest.mark.parametrize("name, n_params", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248)])
+def test_untied_lm_head_counted_once(name, n_params):
+    """Published parameter counts (embed and lm_head each once); a step reads B = 16 rows of embed."""
+    cfg = preset(name)
+    B = 16
+    V, E = cfg.vocab_size, cfg.embed_dim
+    expected = 2 * (n_params - V * E + B * E)
+    assert generate.weight_bytes(cfg, _shape_params(cfg), B) == expected
+
+
+def test_kv_bytes_sparse_heads():
+    """llama-3-8b at 0.3: layer 0 dense (8 heads), the other 31 layers keep round(0.3 * 8) = 2."""
+    cfg = preset("llama-3-8b")
+    sp = SparsityConfig(attn="random", attn_density=0.3)
+    kept = generate.heads_kept(cfg, sp)
+    assert kept.tolist() == [8] + [2] * 31
+    B, ctx = 16, 2048
+    assert generate.kv_bytes(cfg, B, ctx, kept) == 2 * B * (8 + 31 * 2) * (ctx + 1) * 128 * 2
+    dense = generate.kv_bytes(cfg, B, ctx, generate.heads_kept(cfg, None))
+    assert dense == 2 * 32 * B * 8 * (ctx + 1) * 128 * 2
+    params = _shape_params(cfg)
+    with_routers = dict(params, routers={"attn": {"w": jax.ShapeDtypeStruct((32, 4096, 8), jnp.bfloat16)}})
+    diff = generate.step_bytes(cfg, with_routers, B, ctx, sp) - generate.step_bytes(cfg, params, B, ctx, sp)
+    assert diff == 0  # random selection reads no router
+    sp_router = SparsityConfig(attn="router", attn_density=0.3)
+    diff = generate.step_bytes(cfg, with_routers, B, ctx, sp_router) - generate.step_bytes(cfg, params, B, ctx, sp)
+    assert diff == 32 * 4096 * 8 * 2
+
+
+@pytest.mark.parametrize("name, requested, kept, density", [
+    ("llama-3-8b", 0.3, "2 of 8", 0.25), ("llama-3-8b", 0.5, "4 of 8", 0.5),
+    ("llama-2-7b", 0.3, "10 of 32", 10 / 32), ("smollm2-135m", 0.5, "2 of 3", 2 / 3),
+])
+def test_density_labels_say_what_ran(name, requested, kept, density):
+    cfg = preset(name)
+    labels = generate.density_labels(cfg, SparsityConfig(attn="random", attn_density=requested), requested)
+    assert labels["density_requested"] == requested
+    assert labels["kv_heads_kept"] == kept
+    assert labels["density"] == pytest.approx(density)
+    K, L = cfg.n_kv_heads, cfg.n_layers
+    assert labels["density_all_layers"] == pytest.approx((K + (L - 1) * density * K) / (K * L))
+    dense = generate.density_labels(cfg, None, 1.0)
+    assert (dense["kv_heads_kept"], dense["density"]) == (f"{K} of {K}", 1.0)
+
+
+def test_check_ceiling_warns_above_one(capsys):
+    recs = [{"name": "a", "frac": 0.97}, {"name": "b", "frac": 1.04}, {"name": "c", "frac": float("nan")}]
+    warnings = common.check_ceiling(recs, ["frac"], lambda r: r["name"])
+    assert len(warnings) == 1 and warnings[0].startswith("b: frac = 1.040")
+    assert "CEILING IS WRONG" in capsys.readouterr().err
+
+
+def test_write_results_header_and_cpu_refusal(tmp_path):
+    meta = dict(common.metadata("python -m benchmarks.x --out D"), **common.ceiling_meta(
+        {"read_bw": 3.16e12, "copy_bw": 3.01e12, "read_variants": {"f32 sum": 3.16e12}}),
+        clocks=["wall: host-timed"], warnings=["b: above the ceiling"])
+    common.write_results("x", meta, [{"a": 1.5}], ["a"], out_dir=tmp_path)
+    md = (tmp_path / "x.md").read_text()
+    for part in (common.device_name(), meta["date"], "`python -m benchmarks.x --out D`",
+                 "streaming-read bandwidth", "3.160 TB/s", "Copy bandwidth 3.010 TB/s", "Clock: wall",
+                 "**WARNING: b: above the ceiling**", "| 1.5 |"):
+        assert part in md
+    assert json.loads((tmp_path / "x.json").read_text())["meta"]["read_bw_TBps"] == pytest.approx(3.16)
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(SystemExit, match="not writing cpu figures"):
+        common.write_results("x", meta, [], ["a"])
+
+
+def test_require_gpu_refuses_cpu_at_once():
+    with pytest.raises(SystemExit, match="--allow-cpu"):
+        common.require_gpu("benchmarks.kernels", allow_cpu=False)
+    common.require_gpu("benchmarks.kernels", allow_cpu=True)
