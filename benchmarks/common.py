@@ -184,19 +184,26 @@ def header_lines(meta: dict) -> list[str]:
     return lines
 
 
-def write_results(name: str, meta: dict, records: list[dict], columns: list[str], out_dir: Path = RESULTS) -> str:
-    """Write NAME.json (meta + records) and NAME.md (header + table) whole, print the table, return it.
+def check_out_dir(out_dir: Path) -> None:
+    """Exit at once (before any measuring) if figures measured off a GPU would land in benchmarks/results."""
+    backend = jax.default_backend()
+    if backend != "gpu" and Path(out_dir).resolve() == RESULTS.resolve():
+        sys.exit(f"error: not writing {backend} figures into {RESULTS} (GPU results only); pass --out DIR")
+
+
+def write_results(name: str, meta: dict, records: list[dict], columns: list[str], out_dir: Path = RESULTS,
+                  echo: bool = True) -> str:
+    """Write NAME.json (meta + records) and NAME.md (header + table) whole, print the table (echo), return it.
 
     Refuses to write figures measured off a GPU into benchmarks/results.
     """
     out_dir = Path(out_dir)
     if meta.get("backend") != "gpu" and out_dir.resolve() == RESULTS.resolve():
-        sys.exit(f"error: not writing {meta.get('backend')} figures into {RESULTS} (GPU results only); "
-                 f"pass --out DIR")
+        sys.exit(f"error: not writing {meta.get('backend')} figures into {RESULTS} (GPU results only); pass --out DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     table = markdown_table(records, columns)
     (out_dir / f"{name}.md").write_text("\n".join([f"# {name}", "", *header_lines(meta), table, ""]))
-    print(table)
-    sys.stdout.flush()
+    if echo:
+        print(table, flush=True)
     return table

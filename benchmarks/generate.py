@@ -218,6 +218,7 @@ def main(argv=None) -> int:
     common.add_device_args(ap)
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.generate", args.allow_cpu)
+    common.check_out_dir(Path(args.out))
     stats = jax.devices()[0].memory_stats() or {}
     GPU_BYTES = stats.get("bytes_limit", 16 << 30)
     ceiling = common.measure_ceiling()
