@@ -115,3 +115,45 @@ def test_require_gpu_refuses_cpu_at_once():
     with pytest.raises(SystemExit, match="--allow-cpu"):
         common.require_gpu("benchmarks.kernels", allow_cpu=False)
     common.require_gpu("benchmarks.kernels", allow_cpu=True)
+
+
+@pytest.mark.parametrize("set_bytes", [1e6, 20e6, 134e6, 2.1e9, 30e9])
+@pytest.mark.parametrize("est_ms", [0.005, 0.03, 0.2, 5.0])
+def test_attention_chain_rotates_cache_sets(set_bytes, est_ms):
+    """No call reads the cache set of the call before it (within a chain or across back-to-back chains), and
+    the sets rotated through hold several times the L2 wherever memory allows."""
+    from benchmarks import bench_attention as ba
+    n_sets = ba.n_cache_sets(set_bytes)
+    n = ba.chain_len(est_ms, n_sets)
+    assert n_sets >= 2 and n >= ba.CHAIN
+    if set_bytes * ba.L2_ROTATION / common.L2_BYTES <= ba.SETS_BYTES / common.L2_BYTES:
+        assert n_sets * set_bytes >= ba.L2_ROTATION * common.L2_BYTES
+    # What the jitted chain does, traced on tiny stand-ins: which set each call reads, over two chains.
+    sets = [(jnp.full((1,), s, jnp.float32), jnp.zeros((1,))) for s in range(n_sets)]
+    chain = ba._chain(lambda q, k, v, lengths, h: k)
+    used = [int(o[0]) for _ in range(2) for o in chain(sets, [jnp.zeros(1)] * n, [None] * n, jnp.zeros(1))]
+    assert all(a != b for a, b in zip(used, used[1:])), used
+    assert set(used) == set(range(n_sets))
+
+
+def test_attention_chain_refuses_back_to_back_reuse():
+    from benchmarks import bench_attention as ba
+    sets = [(jnp.zeros(1), jnp.zeros(1))] * 2
+    with pytest.raises(ValueError, match="back to back"):
+        ba._chain(lambda q, k, v, n, h: k)(sets, [jnp.zeros(1)] * 3, [None] * 3, jnp.zeros(1))
+
+
+def test_mlp_kernel_clock_never_falls_back_to_wall(capsys):
+    """Without a GPU trace the kernel clock is NaN and the reason is kept; the wall clock is still measured."""
+    from benchmarks import bench_mlp
+    unavailable = set()
+    fn = jax.jit(lambda x: x * 2.0)
+    ms_kernel, ms_wall, per = bench_mlp._measure(fn, [(jnp.ones(8),)], unavailable=unavailable)
+    assert math.isnan(ms_kernel) and per == {}
+    assert ms_wall > 0
+    assert unavailable == {"no GPU kernels in the profiler trace (backend cpu)"}
+    meta = bench_mlp.clock_meta(unavailable)
+    assert meta["kernel_clock"].startswith("unavailable: no GPU kernels")
+    assert meta["clocks"][0].startswith("kernel: UNAVAILABLE") and meta["clocks"][1].startswith("wall:")
+    assert "kernel clock unavailable" in capsys.readouterr().out
+    assert bench_mlp.clock_meta(set())["kernel_clock"] == "profiler"
