@@ -126,7 +126,8 @@ def test_attention_chain_rotates_cache_sets(set_bytes, est_ms):
     n_sets = ba.n_cache_sets(set_bytes)
     n = ba.chain_len(est_ms, n_sets)
     assert n_sets >= 2 and n >= ba.CHAIN
-    if set_bytes * ba.L2_ROTATION / common.L2_BYTES <= ba.SETS_BYTES / common.L2_BYTES:
+    assert n_sets <= ba.MAX_SETS
+    if ba.L2_ROTATION * common.L2_BYTES <= min(ba.MAX_SETS * set_bytes, ba.SETS_BYTES):
         assert n_sets * set_bytes >= ba.L2_ROTATION * common.L2_BYTES
     # What the jitted chain does, traced on tiny stand-ins: which set each call reads, over two chains.
     sets = [(jnp.full((1,), s, jnp.float32), jnp.zeros((1,))) for s in range(n_sets)]
