@@ -158,3 +158,18 @@ def test_mlp_kernel_clock_never_falls_back_to_wall(capsys):
     assert meta["clocks"][0].startswith("kernel: UNAVAILABLE") and meta["clocks"][1].startswith("wall:")
     assert "kernel clock unavailable" in capsys.readouterr().out
     assert bench_mlp.clock_meta(set())["kernel_clock"] == "profiler"
+
+
+@pytest.mark.parametrize("module", ["kernels", "bench_attention", "bench_mlp", "generate", "profile_step"])
+def test_gpu_benchmarks_refuse_cpu_at_once(module, monkeypatch, capsys):
+    """On CPU each GPU benchmark exits at once (no measuring) with one line naming --allow-cpu."""
+    import importlib
+    import time
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setattr("sys.argv", [module])
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main() if module not in ("generate", "profile_step") else main([])
+    assert time.perf_counter() - t0 < 5
+    assert "measures GPU kernels" in str(exc.value) and "--allow-cpu" in str(exc.value)
+    assert capsys.readouterr().out == ""
