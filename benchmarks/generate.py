@@ -15,6 +15,7 @@ ceiling; the copy bandwidth is reported as information). Densities are reported 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import sys
@@ -93,10 +94,11 @@ def density_labels(cfg: ModelConfig, sp: SparsityConfig | None, requested: float
 
 def random_cache(cfg: ModelConfig, B: int, ctx: int):
     """A cache from `init_cache` with every floating-point buffer (the K and V data, whatever the layout)
-    filled with random values and every sequence `ctx` tokens long."""
+    filled with random values and every sequence `ctx` tokens long. Each buffer is donated to its fill, so
+    the cache is never held twice."""
     cache = init_cache(cfg, B, ctx + 128, DTYPE)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)
     def fill(x, key):  # one leading index at a time, so no full-size fp32 temporary
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x

@@ -173,3 +173,16 @@ def test_gpu_benchmarks_refuse_cpu_at_once(module, monkeypatch, capsys):
     assert time.perf_counter() - t0 < 5
     assert "measures GPU kernels" in str(exc.value) and "--allow-cpu" in str(exc.value)
     assert capsys.readouterr().out == ""
+
+
+def test_random_cache_fills_kv_and_sets_lengths():
+    """Whatever the cache layout: every floating-point buffer random (distinct per buffer), lengths = ctx."""
+    cfg = preset("tiny-llama-gqa")
+    cache = generate.random_cache(cfg, 3, 20)
+    assert cache.lengths.tolist() == [20, 20, 20]
+    floats = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(cache)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert len(floats) >= 2
+    for x in floats:
+        assert np.all(np.isfinite(x)) and 0.5 < x.std() < 2
+    assert not np.array_equal(floats[0], floats[1])
