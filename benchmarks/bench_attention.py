@@ -335,7 +335,7 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-budget", type=float, default=200.0, help="seconds for the tuning sweep")
     ap.add_argument("--check", action="store_true", help="only compare the kernel with the reference")
-    ap.add_argument("--out", default=str(common.RESULTS), help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     common.add_device_args(ap)
     args = ap.parse_args()
     common.require_gpu("benchmarks.bench_attention", args.allow_cpu)

@@ -419,7 +419,7 @@ def main() -> int:
                     help="time candidate configurations at the shapes of a llama-2-7b decode step (batch 64)")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
-    ap.add_argument("--out", default=str(common.RESULTS), help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="write kernels_mlp.{json,md} from the kernels_mlp.jsonl record logs of these folders")
     common.add_device_args(ap)

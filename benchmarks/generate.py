@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smollm2-dir", default="models/smollm2-135m-instruct",
                     help="converted SmolLM2 model dir (real weights); random weights when absent")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke test)")
-    ap.add_argument("--out", default=str(common.RESULTS), help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     common.add_device_args(ap)
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.generate", args.allow_cpu)

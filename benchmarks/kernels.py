@@ -87,7 +87,7 @@ def plot(records: list[dict], meta: dict, out_dir: Path) -> list[Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(common.RESULTS), help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     common.add_device_args(ap)
     args = ap.parse_args()
     common.require_gpu("benchmarks.kernels", args.allow_cpu)
