@@ -147,15 +147,15 @@ def run(read_bw: float, quick: bool = False) -> list[dict]:
                 qs = [jax.random.normal(jax.random.fold_in(ck, 1000 + i), (B, N, H), jnp.float32).astype(DTYPE)
                       for i in range(MAX_CHAIN + len(sets))]
                 est = _bytes(B, N, K, S, K) / 3.5e12 * 1e3
-                n = chain_len(est, len(sets))
-                none = [None] * n
+                n_dense = chain_len(est, len(sets))
+                none = [None] * n_dense
                 ms_xla = _time(_chain(lambda q, k, v, n, h: decode_attention(q, k, v, n, impl="xla")),
-                               sets, qs[:n], none, lengths, est)
+                               sets, qs[:n_dense], none, lengths, est)
                 ms_dense = _time(_chain(lambda q, k, v, n, h: decode_attention(q, k, v, n)),
-                                 sets, qs[:n], none, lengths, est)
+                                 sets, qs[:n_dense], none, lengths, est)
                 for count in counts:
                     if count == K:
-                        ms = ms_dense
+                        ms, n = ms_dense, n_dense
                     else:
                         n = chain_len(est * count / K, len(sets))
                         hidxs = _selections(B, K, count, jax.random.fold_in(ck, count), n)
