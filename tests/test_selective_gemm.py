@@ -216,8 +216,51 @@ def test_dispatch(monkeypatch):
     y = selective_mlp(*args, C, b_up=p["b_up"])
     assert calls[-1] == "dense"
     assert_close(y, selective_mlp_reference(*args, C, b_up=p["b_up"]), F32)
-    # traced count: decided from the capacity
     assert api.dense_is_faster(B, D, F, C) and not api.dense_is_faster(B, D, F, F // 10)
+
+
+@pytest.mark.parametrize("op", ["mlp", "up", "down"])
+def test_traced_count_decides_on_device(monkeypatch, op):
+    """A traced count with capacity C = F: the union size picks the branch at run time (a lax.cond),
+    so a small union runs the sparse kernels and a large one the dense path; both give the reference."""
+    B, D, F = 3, 32, 64
+    p = _make(B, D, F, F, F32, bias=True)
+    ran = []
+    for name in api.IMPLS:
+        fn = api.IMPLS[name][op]
+
+        def recorded(*a, _n=name, _f=fn, **k):
+            out = _f(*a, **k)  # a backend that declines raises here, before it is recorded
+            jax.debug.callback(lambda: ran.append(_n))  # fires only where this branch executes
+            return out
+
+        monkeypatch.setitem(api.IMPLS[name], op, recorded)
+    h = _normal((B, F), F32)
+    calls = {
+        "mlp": lambda c: selective_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], c, b_up=p["b_up"],
+                                       b_down=p["b_down"]),
+        "up": lambda c: selective_up(p["x"], p["w_up"], p["idx"], c, b_up=p["b_up"]),
+        "down": lambda c: selective_down(h, p["w_down"], p["idx"], c, b_down=p["b_down"]),
+    }
+    refs = {
+        "mlp": lambda c: selective_mlp_reference(p["x"], p["w_up"], p["w_down"], p["idx"], c, b_up=p["b_up"],
+                                                 b_down=p["b_down"]),
+        "up": lambda c: selective_up_reference(p["x"], p["w_up"], p["idx"], c, b_up=p["b_up"]),
+        "down": lambda c: selective_down_reference(h, p["w_down"], p["idx"], c, b_down=p["b_down"]),
+    }
+    fn = jax.jit(calls[op])
+    assert "cond[" in str(jax.make_jaxpr(calls[op])(jnp.int32(1)))
+    sparse = ["triton"] if HAS_GPU else ["xla"]  # without a GPU the Triton backend declines at trace time
+    for count, want in [(3, sparse), (F // 10, sparse), (F - 1, ["dense"]), (F, ["dense"])]:
+        ran.clear()
+        y = fn(jnp.int32(count))
+        jax.effects_barrier()
+        assert ran == want, (count, ran)
+        assert_close(y, refs[op](count), F32)
+    # a capacity below the dense threshold never needs the dense path: no cond
+    small = F // 10
+    jaxpr = jax.make_jaxpr(lambda c: selective_up(p["x"], p["w_up"], p["idx"][:small], c))(jnp.int32(1))
+    assert "cond[" not in str(jaxpr)
 
 
 # ---------------------------------------------------------------------------------------------------
