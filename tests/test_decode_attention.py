@@ -74,6 +74,10 @@ CASES = [  # B, N, K, S, H, dtype, C, config (None: the heuristic's), lengths me
     (3, 4, 4, 50, 64, F32, None, tk.AttentionConfig(block_s=16, splits=2, use_dot=False), (50, 0, 17), ()),
     (3, 16, 2, 70, 128, F16, 2, None, (70, 9, 0), (1, 2)),
     (16, 8, 8, 33, 64, BF16, None, None, (33, 0, 1, 7), ()),
+    # bf16 at H = 128 (the models' head dim): MHA sparse with the heuristic's config, GQA and MHA split
+    (2, 4, 4, 70, 128, BF16, 3, None, (70, 33), (3, 1)),
+    (3, 8, 2, 90, 128, BF16, None, tk.AttentionConfig(block_s=32, splits=2), (90, 0, 41), ()),
+    (2, 8, 8, 64, 128, BF16, 5, tk.AttentionConfig(block_s=16, splits=4), (64, 20), (5, 2)),
 ]
 
 
