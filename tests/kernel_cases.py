@@ -40,6 +40,8 @@ class BoundsChecked:
         return getattr(self._plgpu, name)
 
     def _check(self, ref, mask, what):
+        if not getattr(ref, "transforms", None):  # a whole ref, no indices to check
+            return
         indexer = ref.transforms[-1]
         oob = jnp.bool_(False)
         for axis, (i, dim) in enumerate(zip(indexer.indices, ref.ref.shape)):

@@ -186,7 +186,8 @@ def test_small_union_runs_sparse_with_capacity_f():
     full_ms = _ms(fn, x, perm, jnp.int32(F))  # the same compiled program, a count where dense wins
     print(f"capacity=count {exact_ms:.3f} ms, capacity=F {wide_ms:.3f} ms, dense {dense_ms:.3f} ms, "
           f"capacity=F count=F {full_ms:.3f} ms")
-    assert wide_ms < 2.0 * exact_ms + 0.02, "capacity F with a small union does not run the sparse kernels"
+    # The margin covers the cond itself (XLA may copy its predicate to the host before branching).
+    assert wide_ms < 2.0 * exact_ms + 0.05, "capacity F with a small union does not run the sparse kernels"
     assert wide_ms < 0.5 * dense_ms
     assert full_ms < 1.3 * dense_ms, "count = F with capacity F should take the dense path"
     assert_close(fn(x, perm, jnp.int32(count)), fn(x, perm[:count], jnp.int32(count)), dtype)
