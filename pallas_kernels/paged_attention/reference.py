@@ -32,4 +32,8 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, head_idx=No
     k = gather_pages(k_pages, page_table, layer)                                    # [B, K, S, H]
     v = gather_pages(v_pages, page_table, layer)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, M * Z)
+    # Positions past a sequence's length hold whatever the pool has there (stale, scratch): their
+    # scores are masked, but 0 * inf in the value einsum would still poison the row, so zero them.
+    live = jnp.arange(M * Z)[None, :] < lengths[:, None]                            # [B, S]
+    v = jnp.where(live[:, None, :, None], v, 0)
     return contiguous_reference(q, k, v, lengths, head_idx, sm_scale=sm_scale)

@@ -25,6 +25,8 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     G = N // K
     if sm_scale is None:
         sm_scale = H ** -0.5
+    if B == 0 or T == 0:
+        return jnp.zeros_like(q)
     upcast = jax.default_backend() == "cpu" or q.dtype == jnp.float32
     cdt = jnp.float32 if upcast else q.dtype
     precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
@@ -38,7 +40,8 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     qpos = starts[:, None] + t[None, :]                                             # [B, T]
     row_live = t[None, :] < n_new[:, None]                                          # [B, T]
     bound = M * Z
-    hi = jnp.minimum(jnp.max(jnp.where(n_new > 0, starts + n_new, 0)), bound)       # furthest causal limit
+    written = jnp.minimum(jnp.where(n_new > 0, starts + n_new, 0), bound)           # [B] positions read
+    hi = jnp.max(written)                                                           # furthest causal limit
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).astype(cdt)             # [B, K, G, T, H]
 
     def gather(pages, ids):
@@ -49,9 +52,12 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
         o, m, l = carry
         ids = lax.dynamic_slice_in_dim(table, j * ppb, ppb, axis=1)                 # [B, ppb]
         k, v = gather(k_pages, ids), gather(v_pages, ids)
+        pos = j * blk + jnp.arange(blk)
+        # Positions past a sequence's written length hold whatever the pool has there: masked scores
+        # give p = 0, but 0 * inf in the value einsum would still poison the row, so zero them.
+        v = jnp.where((pos[None, :] < written[:, None])[:, None, :, None], v, 0)
         s = jnp.einsum("bkgth,bksh->bkgts", qg, k, precision=precision,
                        preferred_element_type=jnp.float32) * sm_scale              # [B, K, G, T, blk]
-        pos = j * blk + jnp.arange(blk)
         vis = (pos[None, None, :] <= qpos[:, :, None]) & (pos < bound)[None, None, :]  # [B, T, blk]
         s = jnp.where(vis[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))                                 # [B, K, G, T]
