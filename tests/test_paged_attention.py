@@ -178,6 +178,18 @@ def test_layer_scan(interpret, splits):
     _check(xla, qs[1], k_pages[1], v_pages[1], table, lengths, hidx[1])
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_page_ids_clamped(interpret):
+    """Table entries outside [0, P) inside a sequence's length read the clamped page (0 or P - 1), as
+    the reference does: no load leaves the pool whatever the table holds."""
+    B, N, K, H, Z, NP = 2, 4, 2, 64, 8, 6
+    kp, vp, q = _normal((NP, K, Z, H), F32), _normal((NP, K, Z, H), F32), _normal((B, N, H), F32)
+    lengths = jnp.array([24, 13], jnp.int32)
+    table = jnp.array([[3, -2, NP + 5], [NP, 2, 1]], jnp.int32)
+    o = paged_decode_attention(q, kp, vp, lengths, table, impl="triton", interpret=interpret)
+    _check(o, q, kp, vp, np.clip(np.asarray(table), 0, NP - 1), np.asarray(lengths), None)
+
+
 def test_config_heuristic():
     for B, N, K, S, H, C, Z in [(64, 32, 32, 2048, 128, 32, 16), (16, 32, 32, 2048, 128, 10, 64),
                                 (64, 32, 8, 2048, 128, 2, 32), (1, 32, 8, 8192, 80, 1, 128), (4, 9, 3, 64, 64, 3, 8)]:
