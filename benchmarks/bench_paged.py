@@ -23,14 +23,17 @@ variant performs: causal 4 N H sum_t (start + t + 1) for ours and the XLA refere
 Timing: a jitted chain of calls on distinct inputs (input sets rotated so nothing stays in L2),
 block_until_ready, median of several repeats (benchmarks.common.time_fn), divided by the chain length.
 
-  python -m benchmarks.bench_paged [--out DIR] [--quick]
-writes DIR/kernels_paged_decode.{json,md} and DIR/kernels_paged_prefill.{json,md} (default
+  python -m benchmarks.bench_paged [--out DIR] [--quick | --tune]
+(--tune: time candidate configs of both kernels at one shape each, heuristic's first, ~3 min, into
+DIR/tune_paged.json) writes DIR/kernels_paged_decode.{json,md} and DIR/kernels_paged_prefill.{json,md} (default
 benchmarks/results) and prints both tables. About 2-3 minutes on an H100.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -248,10 +251,100 @@ def run_prefill(mm_rate: float, batches) -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------------------------------------------
+# tuning (--tune): candidate kernel configurations at one decode and one prefill shape
+
+def _decode_candidates(B, N, K, S, C, Z, dtype):
+    base = pk.paged_attention_config(B, N, K, S, H, C, Z, dtype)
+    out = [base]
+    for bs in (64, 128, 256):
+        for stages in (2, 3, 4):
+            c = pk.PagedAttentionConfig(block_s=bs, splits=base.splits, num_warps=4, num_stages=stages)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _prefill_candidates(B, T, N, K, Z):
+    base = fk.prefill_config(B, T, N, K, H, Z, jnp.bfloat16)
+    GP = 1 << max(0, (N // K - 1).bit_length())
+    out = [base]
+    for rows in (64, 128):
+        for bs in (32, 64, 128):
+            for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                c = fk.PrefillConfig(block_t=max(1, rows // GP), block_s=bs, num_warps=warps, num_stages=stages)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def tune(read_bw: float, mm_rate: float, budget_s: float = 150.0) -> list[dict]:
+    """Time the heuristic's config (first row) and candidates; stops adding candidates past budget_s."""
+    records = []
+    t_start = time.perf_counter()
+    key = jax.random.key(2)
+    B, S, Z, dtype = DECODE_B, DECODE_S, 16, jnp.float16
+    M, item = S // Z, 2
+    for N, K, C in ((32, 32, 32), (32, 8, 8), (32, 32, max(1, round(DENSITY * 32)))):
+        P = B * M + 1
+        ck = jax.random.fold_in(key, N + K + C)
+        sets = [(_pool(P, K, Z, dtype, jax.random.fold_in(ck, 2 * s)),
+                 _pool(P, K, Z, dtype, jax.random.fold_in(ck, 2 * s + 1)),
+                 _scattered_table(B, M, P, jax.random.fold_in(ck, 50 + s))) for s in range(N_SETS)]
+        qs = [jax.random.normal(jax.random.fold_in(ck, 9 + i), (B, N, H), jnp.float32).astype(dtype)
+              for i in range(CHAIN)]
+        hidxs = _selections(B, K, C, jax.random.fold_in(ck, 99), CHAIN) if C < K else [None] * CHAIN
+        args = [(qs[i],) + sets[i % N_SETS] + (hidxs[i],) for i in range(CHAIN)]
+        lengths = jnp.full((B,), S, jnp.int32)
+        for cfg in _decode_candidates(B, N, K, S, C, Z, dtype):
+            if time.perf_counter() - t_start > budget_s / 2:
+                break
+            call = (lambda q, k, v, t, h, cfg=cfg: pk.paged_decode_attention(
+                q, k[None], v[None], lengths, t, h, layer=0, config=cfg))
+            try:
+                ms = _time(call, args)
+            except Exception as e:  # noqa: BLE001  (a config Triton rejects: report, go on)
+                print(f"# {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            gbps = (2 * B * C * S * H * item + 2 * B * N * H * item) / (ms * 1e-3) / 1e9
+            rec = dict(kernel="paged_decode", N=N, K=K, C=C, Z=Z, ms=ms, frac_read_bw=gbps * 1e9 / read_bw,
+                       **dataclasses.asdict(cfg))
+            records.append(rec)
+            print(rec, flush=True)
+        del sets, args
+    Bp, T, N, K = 4, PREFILL_T, PREFILL_N, PREFILL_K
+    start = PREFILL_CONTEXT - T
+    P = Bp * (PREFILL_CONTEXT // Z) + 1
+    sets = [(_pool(P, K, Z, jnp.bfloat16, jax.random.fold_in(key, 300 + 2 * s)),
+             _pool(P, K, Z, jnp.bfloat16, jax.random.fold_in(key, 301 + 2 * s)),
+             _scattered_table(Bp, PREFILL_CONTEXT // Z, P, jax.random.fold_in(key, 350 + s))) for s in range(N_SETS)]
+    qs = [jax.random.normal(jax.random.fold_in(key, 400 + i), (Bp, T, N, H), jnp.float32).astype(jnp.bfloat16)
+          for i in range(PREFILL_CHAIN)]
+    args = [(qs[i],) + sets[i % N_SETS] for i in range(PREFILL_CHAIN)]
+    starts, n_new = jnp.full((Bp,), start, jnp.int32), jnp.full((Bp,), T, jnp.int32)
+    for cfg in _prefill_candidates(Bp, T, N, K, Z):
+        if time.perf_counter() - t_start > budget_s:
+            break
+        call = (lambda q, k, v, t, cfg=cfg: fk.paged_prefill_attention(
+            q, k[None], v[None], t, starts, n_new, layer=0, config=cfg))
+        try:
+            ms = _time(call, args)
+        except Exception as e:  # noqa: BLE001
+            print(f"# {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        tf = _causal_flops(Bp, T, start) / (ms * 1e-3) / 1e12
+        rec = dict(kernel="paged_prefill", B=Bp, N=N, K=K, Z=Z, ms=ms, TFLOPs=tf, frac_matmul=tf * 1e12 / mm_rate,
+                   **dataclasses.asdict(cfg))
+        records.append(rec)
+        print(rec, flush=True)
+    return records
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="fp16 decode only, prefill at B = 1 and 8")
+    ap.add_argument("--tune", action="store_true", help="only time candidate kernel configs (first: heuristic)")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit("bench_paged needs a CUDA GPU (the Triton kernels are compiled for it)")
@@ -260,6 +353,13 @@ def main():
     mm = matmul_rate()
     print(f"read bandwidth {read_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s on "
           f"{common.device_name()}", flush=True)
+    if args.tune:
+        recs = tune(read_bw, mm)
+        meta = common.metadata("python -m benchmarks.bench_paged --tune")
+        out = Path(args.out) if args.out else common.RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tune_paged.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+        return
     dec = run_decode(read_bw, DECODE_DTYPES[:1] if args.quick else DECODE_DTYPES)
     pre = run_prefill(mm, (1, 8) if args.quick else PREFILL_BATCHES)
     meta = common.metadata("python -m benchmarks.bench_paged" + (" --quick" if args.quick else ""))

@@ -142,6 +142,15 @@ def test_reference_is_blockwise():
     assert biggest < B * N * T * M * Z // 4, f"an intermediate of {biggest} elements: scores of the whole context?"
 
 
+def test_config_heuristic():
+    for B, T, N, K, H, Z in [(1, 512, 32, 32, 128, 16), (8, 512, 32, 32, 128, 64), (4, 512, 32, 8, 128, 16),
+                             (1, 1, 32, 8, 128, 16), (3, 5, 6, 2, 64, 32), (2, 9, 64, 8, 80, 8)]:
+        cfg = tk.prefill_config(B, T, N, K, H, Z)
+        GP = 1 << max(0, (N // K - 1).bit_length())
+        assert cfg.block_t * GP >= 16 and cfg.block_t & (cfg.block_t - 1) == 0, cfg
+        assert cfg.block_t * GP <= 128 and cfg.block_s >= 16 and cfg.num_warps in (4, 8), cfg
+
+
 def test_dispatch(monkeypatch):
     B, T, N, K, H, Z = 1, 4, 2, 2, 64, 8
     q, kp, vp = _normal((B, T, N, H), F32), _normal((3, K, Z, H), F32), _normal((3, K, Z, H), F32)

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import check_backend, dot
-from pallas_kernels.decode_attention.triton import _pow2_at_least
+from pallas_kernels.decode_attention.triton import NUM_SMS, _pow2_at_least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +37,17 @@ class PrefillConfig:
 def prefill_config(B: int, T: int, N: int, K: int, H: int, Z: int, dtype=jnp.float16) -> PrefillConfig:
     """Block sizes for B sequences of T new tokens, N / K heads, head dim H, page size Z.
 
-    The shape of Triton's flash-attention forward on H100 (128 dot rows, 64-position KV blocks, 8 warps
-    at 128 rows x H 128, 3 stages); a short chunk shrinks block_t to the chunk while the dot keeps
-    >= 16 rows. A starting point, to be confirmed by benchmarks/bench_paged.py.
+    The shape of Triton's flash-attention forward on H100: 128 dot rows (block_t * GP), 64-position KV
+    blocks, 8 warps at 128 rows x H 128, 3 stages. When that gives fewer programs than SMs (B = 1,
+    few KV heads) the rows halve to 64 so every SM gets work; a short chunk shrinks block_t to the
+    chunk while the dot keeps >= 16 rows. A starting point, to be confirmed by benchmarks/bench_paged.py.
     """
-    del B, Z, dtype
+    del Z, dtype
     GP = _pow2_at_least(N // K)
-    block_t = max(1, 128 // GP)
+    rows = 128 if B * K * pl.cdiv(T, max(1, 128 // GP)) >= NUM_SMS else 64
+    block_t = max(1, rows // GP)
     block_t = max(min(block_t, _pow2_at_least(T)), pl.cdiv(16, GP))
-    rows = block_t * GP
-    num_warps = 8 if rows * _pow2_at_least(H) >= 128 * 128 else 4
+    num_warps = 8 if block_t * GP * _pow2_at_least(H) >= 128 * 128 else 4
     return PrefillConfig(block_t=block_t, block_s=64, num_warps=num_warps, num_stages=3)
 
 
