@@ -5,7 +5,8 @@ Grid (B, K, cdiv(T, block_t)): program (b, kv, i) computes the G query heads of 
 chunk rows t in [i*block_t, (i+1)*block_t) of sequence b. The G heads of a group share every K/V load:
 they are folded into the rows of the dot, row r = t_local * GP + g (GP = pow2(G); M of the dot is
 block_t * GP, at least 16). The program loops over KV blocks of `block_s` positions from 0 to its causal
-limit starts[b] + (its last live query) + 1, with an f32 online softmax; position s of the sequence is
+limit starts[b] + (its last live query) + 1, with an f32 online softmax in base 2 (blocks wholly
+before the program's first query position skip the masks); position s of the sequence is
 read at pages[layer, page_table[b, s // Z], kv, s % Z, :] (page ids gathered per block, clamped into
 [0, P); positions bounded by M*Z). Query row t sees positions [0, starts[b] + t]; rows t >= n_new[b]
 are written as zeros and their programs skip the loop.
@@ -24,6 +25,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import check_backend, dot
 from pallas_kernels.decode_attention.triton import NUM_SMS, _pow2_at_least
+
+LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,33 +84,44 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
     # Positions [0, hi): the causal limit of the program's last live row, bounded by the page row.
     hi = jnp.clip(start + jnp.minimum(t0 + BT, n), 0, M * Z)
 
+    scale = sm_scale * LOG2E    # scores in base 2: exp2 is one instruction, exp a multiply and exp2
+
+    def step(j, carry, q, causal: bool):
+        """Fold KV block j into (o [R, Hp], m [R], l [R]). causal=False: every position of the block is
+        visible to every row (the block ends at or before the first row's position), so no masks."""
+        o, m, l = carry
+        pos = j * BS + pos_base                                                      # [BS]
+        live = pos < hi
+        page = plgpu.load(pt_ref.at[b, jnp.minimum(pos // Z, M - 1)], mask=live if causal else None, other=0)
+        page2 = jnp.broadcast_to(jnp.clip(page, 0, NP - 1)[:, None], (BS, Hp))
+        off2 = jnp.broadcast_to((pos % Z)[:, None], (BS, Hp))
+        if causal:
+            mask = live[:, None] & h_mask[None, :]
+        else:
+            mask = None if Hp == H else jnp.broadcast_to(h_mask[None, :], (BS, Hp))
+        k = plgpu.load(k_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)       # [BS, Hp]
+        s = dot(q, k, trans_b=True) * scale                                          # [R, BS] f32
+        if causal:
+            s = jnp.where((pos[None, :] <= qpos[:, None]) & live[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))                                   # [R]
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # a row with nothing visible yet
+        corr = jnp.exp2(m - m_safe)
+        pr = jnp.exp2(s - m_safe[:, None])
+        l = l * corr + jnp.sum(pr, axis=1)
+        v = plgpu.load(v_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)       # [BS, Hp]
+        o = o * corr[:, None] + dot(pr.astype(v.dtype), v, trans_b=False)          # [R, Hp]
+        return o, m_new, l
+
     @pl.when(t0 < n)
     def _():
         q = plgpu.load(q_ref.at[b, t2, n2, hh2], mask=row_live[:, None] & h_mask[None, :], other=0)  # [R, Hp]
-
-        def body(j, carry):
-            o, m, l = carry
-            pos = j * BS + pos_base                                                  # [BS]
-            live = pos < hi
-            page = plgpu.load(pt_ref.at[b, jnp.minimum(pos // Z, M - 1)], mask=live, other=0)
-            page2 = jnp.broadcast_to(jnp.clip(page, 0, NP - 1)[:, None], (BS, Hp))
-            off2 = jnp.broadcast_to((pos % Z)[:, None], (BS, Hp))
-            mask = live[:, None] & h_mask[None, :]
-            k = plgpu.load(k_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)   # [BS, Hp]
-            s = dot(q, k, trans_b=True) * sm_scale                                  # [R, BS] f32
-            s = jnp.where((pos[None, :] <= qpos[:, None]) & live[None, :], s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))                               # [R]
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # a row with nothing visible yet
-            corr = jnp.exp(m - m_safe)
-            pr = jnp.exp(s - m_safe[:, None])
-            l = l * corr + jnp.sum(pr, axis=1)
-            v = plgpu.load(v_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)   # [BS, Hp]
-            o = o * corr[:, None] + dot(pr.astype(v.dtype), v, trans_b=False)      # [R, Hp]
-            return o, m_new, l
-
         init = (jnp.zeros((R, Hp), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32),
                 jnp.zeros((R,), jnp.float32))
-        o, _, l = lax.fori_loop(0, (hi + BS - 1) // BS, body, init)
+        # Blocks wholly before the first row's position need no mask (most of a long context); the
+        # rest, up to the last live row's limit, are masked.
+        n_full = jnp.minimum(start + t0 + 1, hi) // BS
+        carry = lax.fori_loop(0, n_full, lambda j, c: step(j, c, q, False), init)
+        o, _, l = lax.fori_loop(n_full, (hi + BS - 1) // BS, lambda j, c: step(j, c, q, True), carry)
         o = jnp.where(row_live[:, None] & (l > 0)[:, None], o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
         plgpu.store(out_ref.at[b, t2, n2, hh2], o.astype(out_ref.dtype), mask=out_mask)
 
