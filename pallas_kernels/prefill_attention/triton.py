@@ -54,6 +54,11 @@ def prefill_config(B: int, T: int, N: int, K: int, H: int, Z: int, dtype=jnp.flo
     return PrefillConfig(block_t=block_t, block_s=64, num_warps=num_warps, num_stages=3)
 
 
+def _load(ref, mask):
+    """A load, masked lanes 0; mask None: unmasked (Triton's lowering rejects `other` without a mask)."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
 def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_ref, out_ref, *,
                     cfg: PrefillConfig, T: int, G: int, H: int, M: int, Z: int, NP: int, sm_scale: float):
     BT, BS = cfg.block_t, cfg.block_s
@@ -92,14 +97,14 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
         o, m, l = carry
         pos = j * BS + pos_base                                                      # [BS]
         live = pos < hi
-        page = plgpu.load(pt_ref.at[b, jnp.minimum(pos // Z, M - 1)], mask=live if causal else None, other=0)
+        page = _load(pt_ref.at[b, jnp.minimum(pos // Z, M - 1)], live if causal else None)
         page2 = jnp.broadcast_to(jnp.clip(page, 0, NP - 1)[:, None], (BS, Hp))
         off2 = jnp.broadcast_to((pos % Z)[:, None], (BS, Hp))
         if causal:
             mask = live[:, None] & h_mask[None, :]
         else:
             mask = None if Hp == H else jnp.broadcast_to(h_mask[None, :], (BS, Hp))
-        k = plgpu.load(k_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)       # [BS, Hp]
+        k = _load(k_ref.at[layer, page2, kv, off2, hh_s], mask)                       # [BS, Hp]
         s = dot(q, k, trans_b=True) * scale                                          # [R, BS] f32
         if causal:
             s = jnp.where((pos[None, :] <= qpos[:, None]) & live[None, :], s, -jnp.inf)
@@ -108,7 +113,7 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
         corr = jnp.exp2(m - m_safe)
         pr = jnp.exp2(s - m_safe[:, None])
         l = l * corr + jnp.sum(pr, axis=1)
-        v = plgpu.load(v_ref.at[layer, page2, kv, off2, hh_s], mask=mask, other=0)       # [BS, Hp]
+        v = _load(v_ref.at[layer, page2, kv, off2, hh_s], mask)                       # [BS, Hp]
         o = o * corr[:, None] + dot(pr.astype(v.dtype), v, trans_b=False)          # [R, Hp]
         return o, m_new, l
 
