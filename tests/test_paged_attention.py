@@ -237,3 +237,22 @@ def test_invalid_contracts():
         paged_decode_attention(q, kp, vp, lengths, table, jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         paged_decode_attention(q, kp, vp, lengths, table, impl="cuda")
+
+
+@pytest.mark.parametrize("config", [tk.PagedAttentionConfig(block_s=64), tk.PagedAttentionConfig(block_s=16, splits=2)],
+                         ids=["p1", "split"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "selective"])
+def test_lowers_to_triton(monkeypatch, config, dense):
+    """The kernel lowers to Triton IR for CUDA (on a CPU-only machine too): catches constructs the GPU
+    lowering rejects while the interpreter accepts them."""
+    monkeypatch.setattr(tk, "check_backend", lambda interpret: False)
+    sd = jax.ShapeDtypeStruct
+    B, N, K, H, Z, M, NP, L = 4, 6, 2, 80, 16, 8, 40, 2
+    args = [sd((B, N, H), BF16), sd((L, NP, K, Z, H), BF16), sd((L, NP, K, Z, H), BF16), sd((B,), jnp.int32),
+            sd((B, M), jnp.int32)] + ([] if dense else [sd((B, 3), jnp.int32)])
+
+    def fn(q, kp, vp, lengths, table, head_idx=None):
+        return tk.paged_decode_attention(q, kp, vp, lengths, table, head_idx, layer=1, config=config)
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "paged_decode_attention" in text

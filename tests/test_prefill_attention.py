@@ -175,3 +175,20 @@ def test_invalid_contracts():
         paged_prefill_attention(q, kp, vp, table, per.astype(F16), per)
     with pytest.raises(ValueError, match="head_dim=72 unsupported"):
         paged_prefill_attention(_normal((B, T, N, 72), F16), kp, vp, table, per, per)
+
+
+@pytest.mark.parametrize("N,K,H,dtype", [(8, 2, 128, BF16), (6, 6, 80, F32)])
+def test_lowers_to_triton(monkeypatch, N, K, H, dtype):
+    """The kernel lowers to Triton IR for CUDA (on a CPU-only machine too): catches constructs the GPU
+    lowering rejects while the interpreter accepts them (e.g. an unmasked load given `other`)."""
+    monkeypatch.setattr(tk, "check_backend", lambda interpret: False)
+    sd = jax.ShapeDtypeStruct
+    B, T, Z, M, NP, L = 2, 40, 16, 8, 20, 2
+    args = [sd((B, T, N, H), dtype), sd((L, NP, K, Z, H), dtype), sd((L, NP, K, Z, H), dtype), sd((B, M), jnp.int32),
+            sd((B,), jnp.int32), sd((B,), jnp.int32)]
+
+    def fn(q, kp, vp, table, starts, n_new):
+        return tk.paged_prefill_attention(q, kp, vp, table, starts, n_new, layer=1)
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "paged_prefill_attention" in text
