@@ -20,7 +20,7 @@ import pytest
 from pallas_kernels.prefill_attention import api, paged_prefill_attention
 from pallas_kernels.prefill_attention import reference
 from pallas_kernels.prefill_attention import triton as tk
-from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET
 from tests.test_paged_attention import _layout, _normal, _poison
 from tests.tolerances import assert_close
 
