@@ -43,14 +43,17 @@ def prefill_config(B: int, T: int, N: int, K: int, H: int, Z: int, dtype=jnp.flo
     The shape of Triton's flash-attention forward on H100: 128 dot rows (block_t * GP), 64-position KV
     blocks, 8 warps at 128 rows x H 128, 3 stages. When that gives fewer programs than SMs (B = 1,
     few KV heads) the rows halve to 64 so every SM gets work; a short chunk shrinks block_t to the
-    chunk while the dot keeps >= 16 rows. A starting point, to be confirmed by benchmarks/bench_paged.py.
+    chunk while the dot keeps >= 16 rows; f32 inputs get 32-position blocks and 2 stages (shared
+    memory). A starting point, to be confirmed by benchmarks/bench_paged.py.
     """
-    del Z, dtype
+    del Z
     GP = _pow2_at_least(N // K)
     rows = 128 if B * K * pl.cdiv(T, max(1, 128 // GP)) >= NUM_SMS else 64
     block_t = max(1, rows // GP)
     block_t = max(min(block_t, _pow2_at_least(T)), pl.cdiv(16, GP))
     num_warps = 8 if block_t * GP * _pow2_at_least(H) >= 128 * 128 else 4
+    if jnp.dtype(dtype).itemsize == 4:  # f32 tiles are twice the bytes: keep q + staged K/V in shared memory
+        return PrefillConfig(block_t=block_t, block_s=32, num_warps=num_warps, num_stages=2)
     return PrefillConfig(block_t=block_t, block_s=64, num_warps=num_warps, num_stages=3)
 
 
