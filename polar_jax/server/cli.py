@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def cmd_serve(args) -> None:
           f"http://{args.host}:{args.port}", flush=True)
     # uvicorn handles SIGTERM / SIGINT: it stops accepting, lets in-flight requests finish for up to
     # --shutdown-timeout seconds (then cancels them, which aborts their sequences) and runs the app's
-    # lifespan exit, which stops the engine thread.
+    # lifespan exit, which stops the engine thread. Then it raises the signal again for the handler it found:
+    # this one, so that a clean shutdown exits with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
 

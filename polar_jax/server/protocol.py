@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Requests accepted beyond the engine's max_num_seqs before the server answers 429.
 DEFAULT_MAX_QUEUE = 256
@@ -52,14 +52,15 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
 
-    @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop strings, got {len(stops)}")
-        return self
+        return stop
 
     @property
     def stops(self) -> tuple[str, ...]:
