@@ -98,8 +98,8 @@ def loaded(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    """uvicorn in a thread on a free port; yields the base URL."""
+def served(loaded):
+    """uvicorn in a thread on a free port; yields (base URL, the engine)."""
     cfg, params, tokenizer = loaded
     engine = LLMEngine(cfg, params, tokenizer, progress=False, **ENGINE_KW)
     app = build_app(engine, MODEL)
@@ -110,11 +110,16 @@ def server(loaded):
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 60, "the test server to start")
-    yield url
+    yield url, engine
     srv.should_exit = True
     thread.join(30)
     sock.close()
     assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +239,17 @@ def test_64_concurrent_streams_each_equal_their_offline_result(server, offline):
     assert m["polar_kv_pages_free"] == USABLE_PAGES and m["polar_requests_running"] == 0
 
 
+def test_several_prompts_in_one_request(client, offline, loaded):
+    prompts = ["abc", "Hello there", "z"]
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    want = offline.generate([loaded[2].encode(p) for p in prompts], sp, use_tqdm=False)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [w.text for w in want]
+    assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 15
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input
 
@@ -253,6 +269,8 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "less than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", "stop strings must be non-empty"),
     ("completions", {"model": MODEL}, 400, "prompt", "required"),
+    ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
+     "not supported"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages.0.role", "system"),
@@ -270,6 +288,7 @@ def test_bad_input_gets_400_naming_the_field(server, path, body, status, param, 
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param and message in err["message"], err
     assert err["type"] == "invalid_request_error"
+    assert "Traceback" not in err["message"] and len(err["message"]) < 300
 
 
 def test_attn_density_field(server, loaded):
@@ -293,6 +312,25 @@ def test_server_answers_after_bad_input(client):
         client.completions.create(model=MODEL, prompt="x", max_tokens=-3)
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=3).usage.completion_tokens <= 3
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_engine_failure_fails_its_requests_not_the_server(served, client, monkeypatch):
+    url, engine = served
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)  # the engine thread looks the method up every step
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 500 and "injected device fault" in r.json()["error"]["message"]
+    assert client.completions.create(model=MODEL, prompt="abc", max_tokens=4,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 4
+    m = metrics(url)
+    assert m["polar_kv_pages_free"] == USABLE_PAGES and httpx.get(f"{url}/health").status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------------

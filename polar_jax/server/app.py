@@ -123,6 +123,8 @@ def _validation_response(errors) -> JSONResponse:
     if err.get("type") == "json_invalid":
         return _bad(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None,
                     code="invalid_json").response()
+    if err.get("type") == "unsupported":
+        return _bad(err["msg"], err["ctx"]["name"], code="unsupported").response()
     # A union (prompt: str | list[int] | ...) reports each alternative: name the field, not the alternative.
     loc = [x for x in loc if not x.startswith(("str", "list[", "int", "float", "function-"))]
     param = ".".join(loc) or None
@@ -215,7 +217,7 @@ class _API:
         index = {r[0]: i for i, r in enumerate(engine_reqs)}
         sub = await self._submit(engine_reqs)
         if body.stream:
-            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only))
+            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only), sub)
         try:
             final: dict[int, RequestOutput] = {}
             async for out in sub.outputs(request.is_disconnected):
@@ -314,7 +316,7 @@ class _API:
         req_id = P.new_id("chatcmpl")
         sub = await self._submit([(req_id, ids, self._params(body, budget, body.logprobs, False), extra)])
         if body.stream:
-            return _sse(self._chat_stream(body, req_id, sub, len(ids)))
+            return _sse(self._chat_stream(body, req_id, sub, len(ids)), sub)
         try:
             final = None
             async for out in sub.outputs(request.is_disconnected):
@@ -368,15 +370,29 @@ def _error_event(e: Exception) -> str:
     return P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="server_error")).model_dump_json()
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events: each JSON event as `data: ...`, then `data: [DONE]`. A client that disconnects
-    cancels the iterator, whose `finally` aborts its requests (their pages go back to the pool)."""
+def _sse(events: AsyncIterator[str], sub: Submission) -> StreamingResponse:
+    """Server-sent events: each JSON event as `data: ...`, then `data: [DONE]`."""
 
     async def body():
         async for e in events:
             yield f"data: {e}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _SSEResponse(body(), sub)
 
+
+class _SSEResponse(StreamingResponse):
+    """Closes its submission however the response ends: a client that disconnects cancels the body (even
+    before its first event, when the body's own `finally` never runs), which aborts the requests and frees
+    their pages."""
+
+    def __init__(self, body, sub: Submission):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.sub = sub
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sub.close()

@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Requests accepted beyond the engine's max_num_seqs before the server answers 429.
 DEFAULT_MAX_QUEUE = 256
@@ -35,10 +36,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields completions and chat share. Unknown fields are ignored, as OpenAI clients send extras."""
+# OpenAI fields this server does not implement, with the value that means "not used": a request that sets
+# one otherwise gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None,
+               "best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
+               "response_format": None, "min_tokens": 0}
 
-    model_config = ConfigDict(extra="ignore")
+
+class _Sampling(BaseModel):
+    """Fields completions and chat share."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
@@ -51,6 +59,16 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, unused in UNSUPPORTED.items():
+                if data.get(name, unused) not in (unused, None):
+                    raise PydanticCustomError("unsupported", "{name} is not supported by this server",
+                                              {"name": name})
+        return data
 
     @field_validator("stop")
     @classmethod
