@@ -170,28 +170,61 @@ def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
     assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == len(want.token_ids)
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("max_tokens", [0, 1])
-def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens):
-    """What lm-evaluation-harness's local-completions asks: the prompt's own logprobs (token ids in)."""
+def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, stream):
+    """What lm-evaluation-harness's local-completions asks: the prompt's own logprobs (token ids in), and the
+    most likely token at each position."""
     cfg, params, tokenizer = loaded
     rng = np.random.default_rng(max_tokens)
     prompt = rng.integers(3, 60, 37).tolist()  # ordinary characters, two prefill chunks
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1,
-                                    temperature=0)
-    choice = out.choices[0]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+        text = "".join(c.text for c in chunks)
+        got = [x for c in chunks for x in c.logprobs.token_logprobs]
+        tokens = [x for c in chunks for x in c.logprobs.tokens]
+        top = [x for c in chunks for x in c.logprobs.top_logprobs]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, got, tokens, top = (choice.text, choice.logprobs.token_logprobs, choice.logprobs.tokens,
+                                  choice.logprobs.top_logprobs)
     logits, _, _ = forward(cfg, params, jnp.asarray([prompt]), init_cache(cfg, 1, 128, jnp.float32))
     logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
-    got = choice.logprobs.token_logprobs
-    assert len(got) == len(prompt) + max_tokens and got[0] is None
+    assert len(got) == len(tokens) == len(top) == len(prompt) + max_tokens and got[0] is None and top[0] is None
     np.testing.assert_allclose(got[1:len(prompt)], [logp[t - 1, prompt[t]] for t in range(1, len(prompt))],
                                rtol=1e-4, atol=1e-4)
-    assert choice.logprobs.tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
-    assert choice.text.startswith(tokenizer.decode(prompt))
+    assert tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+    for t in range(1, len(prompt) + max_tokens):  # the argmax of the position before, with its logprob
+        (best, lp), = top[t].items()
+        assert best == tokenizer.decode([int(logp[t - 1].argmax())]) and lp == pytest.approx(logp[t - 1].max(), abs=1e-4)
     if max_tokens == 1:  # greedy: the generated token is the argmax of the last position
         assert got[-1] == pytest.approx(logp[-1].max(), abs=1e-4)
-        assert choice.text == tokenizer.decode(prompt) + tokenizer.decode([int(logp[-1].argmax())])
+        assert text == tokenizer.decode(prompt) + tokenizer.decode([int(logp[-1].argmax())])
     else:
-        assert choice.text == tokenizer.decode(prompt) and out.usage.completion_tokens == 0
+        assert text == tokenizer.decode(prompt)
+
+
+def lm_eval_parse(choice: dict, ctxlen: int) -> tuple[float, bool]:
+    """lm-evaluation-harness's local-completions reading of an echo + logprobs answer."""
+    token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(token_logprobs), all(tok == max(top.values()) for tok, top in zip(token_logprobs, top_logprobs))
+
+
+def test_lm_eval_loglikelihood_request(server, offline):
+    """lm-eval's payload for a context + its greedy continuation: greedy; with one token changed: not, and a
+    lower loglikelihood."""
+    ctx = [7, 20, 33, 41, 12, 9]
+    cont = offline_one(offline, ctx, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
+    changed = list(cont)
+    changed[3] = 3 + (cont[3] - 3 + 1) % 60  # another token
+    payload = {"model": MODEL, "prompt": [ctx + cont, ctx + changed], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(f"{server}/v1/completions", json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    (ll, greedy), (ll_changed, greedy_changed) = [lm_eval_parse(c, len(ctx)) for c in r.json()["choices"]]
+    assert greedy and not greedy_changed and ll > ll_changed
 
 
 def test_64_concurrent_streams_each_equal_their_offline_result(server, offline):

@@ -8,6 +8,7 @@ or wrong API key, 429 when the queue is full, 500 when the engine failed on the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from typing import AsyncIterator
@@ -23,6 +24,7 @@ from polar_jax.engine.sampling_params import SamplingParams
 from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
 from polar_jax.server.metrics import ServerMetrics
+from polar_jax.server.top_logprobs import prompt_top1
 
 
 class APIError(Exception):
@@ -139,6 +141,7 @@ class _API:
 
     def __init__(self, async_engine: AsyncEngine, engine: LLMEngine, model_name: str):
         self.async_engine, self.tokenizer, self.model_name = async_engine, engine.tokenizer, model_name
+        self.cfg, self.params = engine.cfg, engine.runner.params
         self.vocab_size, self.max_model_len = engine.cfg.vocab_size, engine.config.max_model_len
 
     # -- shared checks -----------------------------------------------------------------------------------
@@ -215,9 +218,14 @@ class _API:
                        for i, (ids, n) in enumerate(zip(ids_per_prompt, budgets))]
         echo_only = [n == 0 for n in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
         index = {r[0]: i for i, r in enumerate(engine_reqs)}
+        tops = [None] * len(prompts)
+        if want_lp and body.echo:
+            loop = asyncio.get_running_loop()
+            tops = await asyncio.gather(*(loop.run_in_executor(None, prompt_top1, self.cfg, self.params, ids,
+                                                               self.max_model_len) for ids in ids_per_prompt))
         sub = await self._submit(engine_reqs)
         if body.stream:
-            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only), sub)
+            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only, tops), sub)
         try:
             final: dict[int, RequestOutput] = {}
             async for out in sub.outputs(request.is_disconnected):
@@ -238,10 +246,11 @@ class _API:
             logprobs = None
             if want_lp:
                 lps = [] if echo_only[i] else out.logprobs[:len(gen_ids)]
-                toks = gen_ids
+                toks, top = gen_ids, None
                 if body.echo:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
-                logprobs = self._completion_logprobs(toks, lps)
+                    top = self._top_entries(ids, gen_ids, lps, tops[i])
+                logprobs = self._completion_logprobs(toks, lps, top)
             choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
@@ -250,28 +259,43 @@ class _API:
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _completion_logprobs(self, token_ids, logprobs) -> P.CompletionLogprobs:
-        """OpenAI's legacy logprobs: each token's text, its logprob and where it starts (the running length of
-        the token texts). Only the chosen token's logprob is known, so top_logprobs is None."""
+    def _completion_logprobs(self, token_ids, logprobs, top=None) -> P.CompletionLogprobs:
+        """OpenAI's legacy logprobs: each token's text, its logprob, where it starts (the running length of
+        the token texts) and, with echo, the most likely token at each position (see _top_entries)."""
         tokens = [self._token_str(t) for t in token_ids]
         offsets, pos = [], 0
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), top_logprobs=None,
+        return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), top_logprobs=top,
                                     text_offset=offsets)
 
-    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, index, echo_only) -> AsyncIterator[str]:
+    def _top_entries(self, ids, gen_ids, logprobs, top) -> list[dict[str, float] | None]:
+        """top_logprobs for an echoed prompt ids + gen_ids with logprobs: {most likely token: its logprob} at
+        each prompt position after the first and at the first generated token (None where it is not known).
+        Where the most likely token is the one there, its logprob is the engine's own, so that a client
+        comparing the two (lm-eval's is_greedy) sees them equal."""
+        top_ids, top_lp = top
+        out: list[dict[str, float] | None] = [None]
+        for t, tok in enumerate((ids + gen_ids)[1:len(ids) + 1]):
+            best = int(top_ids[t])
+            out.append({self._token_str(best): logprobs[t + 1] if best == tok else float(top_lp[t])})
+        return out + [None] * (len(ids) + len(gen_ids) - len(out))
+
+    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, index, echo_only, tops
+                                 ) -> AsyncIterator[str]:
         want_lp = body.logprobs is not None
         sent_echo: set[int] = set()
         completion_tokens = 0
         try:
             async for out in sub.outputs():
                 i = index[out.request_id]
-                text, toks, lps = "", [], []
+                if echo_only[i] and not out.finished:
+                    continue
+                text, toks, lps, echoed = "", [], [], False
                 if body.echo and i not in sent_echo:
                     sent_echo.add(i)
-                    text, toks = self._text(ids_per_prompt[i]), list(ids_per_prompt[i])
+                    text, toks, echoed = self._text(ids_per_prompt[i]), list(ids_per_prompt[i]), True
                     lps = list(out.prompt_logprobs or [])
                 if not echo_only[i]:
                     text += out.new_text
@@ -280,10 +304,12 @@ class _API:
                         lps += out.logprobs[len(out.token_ids) - len(out.new_token_ids):len(out.token_ids)]
                     completion_tokens += len(out.new_token_ids)
                 finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
-                if echo_only[i] and not out.finished:
-                    continue
+                top = None
+                if want_lp and echoed:
+                    n = len(ids_per_prompt[i])
+                    top = self._top_entries(toks[:n], toks[n:], lps, tops[i])
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish,
-                                            logprobs=self._completion_logprobs(toks, lps) if want_lp else None)
+                                            logprobs=self._completion_logprobs(toks, lps, top) if want_lp else None)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
             if body.include_usage:
                 prompt_tokens = sum(map(len, ids_per_prompt))
