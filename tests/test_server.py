@@ -435,6 +435,18 @@ def test_real_server_key_queue_bench_and_sigterm(model_dir, tmp_path):
                 assert all(np.isfinite(v) and v >= 0 for v in run[key].values()), key
             assert run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"] and run["output_throughput"] > 0
         assert (tmp_path / "curve.png").stat().st_size > 1000
+        # A dataset file (token ids and text, own lengths), at most 2 in flight; then both reports on one plot.
+        data = tmp_path / "prompts.jsonl"
+        data.write_text('{"prompt": [5, 6, 7, 8], "max_tokens": 3}\n{"prompt": "hello there", "max_tokens": 5}\n')
+        rc = server_cli(["bench", "serve", "--url", url, "--api-key", "s3cret", "--num-prompts", "4",
+                         "--dataset", str(data), "--max-concurrency", "2", "--request-rate", "inf",
+                         "--label", "file", "--out", str(tmp_path / "file.json")])
+        run = json.loads((tmp_path / "file.json").read_text())["runs"][0]
+        assert rc == 0 and run["completed"] == 4 and run["output_tokens"] == 3 + 5 + 3 + 5
+        assert run["prompt_tokens"] == 4 + 11 + 4 + 11 and run["max_concurrency"] == 2
+        assert server_cli(["bench", "plot", str(out), str(tmp_path / "file.json"), "--out",
+                           str(tmp_path / "both.png")]) == 0
+        assert (tmp_path / "both.png").stat().st_size > 1000
 
         # max-queue 0: max_num_seqs requests in flight fill the server; one more gets 429.
         headers = {"Authorization": "Bearer s3cret"}

@@ -91,7 +91,7 @@ class Submission:
             self.engine.abort(rid)
         self.unfinished.clear()
         if self.request_ids:
-            self.engine._in_flight -= len(self.request_ids)
+            self.engine.release(len(self.request_ids))
             self.request_ids = []
 
 
@@ -132,6 +132,8 @@ class AsyncEngine:
         """
         if not self.alive:
             raise EngineError("the engine is not running")
+        if len(requests) > self.max_in_flight:
+            raise ValueError(f"{len(requests)} prompts in one request; this server takes at most {self.max_in_flight}")
         if self._in_flight + len(requests) > self.max_in_flight:
             raise QueueFull(f"the server is full ({self._in_flight} requests in flight, at most "
                             f"{self.max_in_flight}); retry later")
@@ -153,6 +155,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def release(self, n: int) -> None:
+        """n requests left the server (finished, refused or abandoned): room for n more."""
+        self._in_flight -= n
+
     # -- engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -169,7 +175,10 @@ class AsyncEngine:
                 if cmd[0] == "stop":
                     self._fail_all(EngineError("the server is shutting down"))
                     return
-                getattr(self, f"_{cmd[0]}")(*cmd[1:])
+                try:
+                    getattr(self, f"_{cmd[0]}")(*cmd[1:])
+                except Exception:  # noqa: BLE001 - a bookkeeping failure must not end the thread
+                    log.exception("engine command %s failed", cmd[0])
             if self.engine.has_unfinished():
                 self._step()
             self.metrics.set_engine_state(self.engine.scheduler)
