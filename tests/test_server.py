@@ -414,6 +414,8 @@ def test_real_server_key_queue_bench_and_sigterm(model_dir, tmp_path):
         wait_until(up, 180, "`polar serve` to come up")
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/completions", content=b"{not json").status_code == 401  # the key comes first
+        assert httpx.get(f"{url}/metrics").status_code == 200  # scrapers need no key
         r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)

@@ -13,7 +13,7 @@ import contextlib
 import secrets
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -72,14 +72,17 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     app = FastAPI(title="polar-jax", lifespan=lifespan)
     app.state.async_engine, app.state.metrics = async_engine, metrics
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
+    if api_key is not None:
+        # A middleware, so that the key is checked before anything else (even before the body is parsed).
+        @app.middleware("http")
+        async def check_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                            api_key.encode()):
+                    return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                    type="authentication_error", code="invalid_api_key").response()
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -103,15 +106,15 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     async def models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=model_name, max_model_len=engine.config.max_model_len)])
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
         return await api.completions(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions")
     async def chat(body: P.ChatCompletionRequest, request: Request):
         return await api.chat(body, request)
 
@@ -132,7 +135,8 @@ def _validation_response(errors) -> JSONResponse:
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     if "input" in err and err.get("type") != "missing":
-        msg += f", got {err['input']!r}"
+        got = repr(err["input"])
+        msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
     return _bad(f"{param}: {msg}" if param else msg, param).response()
 
 
