@@ -8,7 +8,6 @@ import asyncio
 import inspect
 import json
 import os
-import re
 import signal
 import socket
 import string
@@ -197,7 +196,8 @@ def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, 
     assert tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
     for t in range(1, len(prompt) + max_tokens):  # the argmax of the position before, with its logprob
         (best, lp), = top[t].items()
-        assert best == tokenizer.decode([int(logp[t - 1].argmax())]) and lp == pytest.approx(logp[t - 1].max(), abs=1e-4)
+        assert best == tokenizer.decode([int(logp[t - 1].argmax())])
+        assert lp == pytest.approx(logp[t - 1].max(), abs=1e-4)
     if max_tokens == 1:  # greedy: the generated token is the argmax of the last position
         assert got[-1] == pytest.approx(logp[-1].max(), abs=1e-4)
         assert text == tokenizer.decode(prompt) + tokenizer.decode([int(logp[-1].argmax())])
@@ -314,7 +314,8 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,status,param,message", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
 def test_bad_input_gets_400_naming_the_field(server, path, body, status, param, message):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    raw = isinstance(body, bytes)
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
     r = httpx.post(f"{server}/v1/{path}", timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]

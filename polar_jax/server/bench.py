@@ -117,8 +117,12 @@ async def run(url: str, items: list[Item], request_rate: float, max_concurrency:
     limits = httpx.Limits(max_connections=max_concurrency or len(items) or 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         if model is None:
-            r = await client.get(f"{url}/v1/models", headers=headers)
-            r.raise_for_status()
+            try:
+                r = await client.get(f"{url}/v1/models", headers=headers)
+            except httpx.HTTPError as e:
+                raise ValueError(f"cannot reach the server at {url}: {type(e).__name__}: {e}") from None
+            if r.status_code != 200:
+                raise ValueError(f"{url}/v1/models answered HTTP {r.status_code}: {r.text[:200]}")
             model = r.json()["data"][0]["id"]
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         rng = np.random.default_rng(seed)
