@@ -481,3 +481,17 @@ def test_real_server_key_queue_bench_and_sigterm(model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_bench_random_dataset_draws_like_the_engine_benchmarks_workload():
+    """`--dataset random` draws what benchmarks/serve_offline.py's workload() draws (its three lines, here)."""
+    from polar_jax.server.bench import parse_range, random_tokens
+
+    rng = np.random.default_rng(3)
+    p_len, o_len = rng.integers(5, 41, 20), rng.integers(2, 10, 20)
+    prompts = [rng.integers(3, 1000, p).tolist() for p in p_len]
+    items = random_tokens(20, parse_range("5:40", "--input-len"), parse_range("2:9", "--output-len"), 1000, 3)
+    assert [i.prompt for i in items] == prompts and [i.max_tokens for i in items] == o_len.tolist()
+    assert len({len(i.prompt) for i in items}) > 5
+    with pytest.raises(ValueError, match="--output-len"):
+        parse_range("9:2", "--output-len")

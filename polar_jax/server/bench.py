@@ -4,7 +4,8 @@ Requests leave with Poisson arrivals at --request-rate (inf: all at once), optio
 --max-concurrency at a time, each streaming /v1/completions. Per request: time to first token (TTFT), time
 per output token after the first (TPOT), the gaps between streamed chunks (ITL) and end-to-end latency (E2E).
 The report gives their mean, p50, p90 and p99 in ms, request and output-token throughput, as a table and
-JSON. --sweep runs one rate after another; `polar bench plot` draws latency against throughput for several
+JSON. Datasets: `synthetic` (pseudo-word text), `random` (token ids, lengths drawn from ranges; the engine
+benchmark's workload W with its defaults) or a JSON/JSONL file. --sweep runs one rate after another; `polar bench plot` draws latency against throughput for several
 result files (e.g. dense and sparse servers) on the same axes.
 """
 
@@ -49,6 +50,29 @@ def synthetic(n: int, input_len: int, output_len: int, seed: int) -> list[Item]:
         words = ["".join(rng.choice(_SYLLABLES, size=rng.integers(1, 3))) for _ in range(input_len)]
         items.append(Item(" ".join(words), output_len))
     return items
+
+
+def random_tokens(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
+                  seed: int) -> list[Item]:
+    """n prompts of random token ids in [3, vocab_size), lengths uniform in input_len (inclusive), outputs
+    uniform in output_len. The draws follow benchmarks/serve_offline.py's workload(), so `--input-len
+    128:2048 --output-len 64:512 --num-prompts 512 --seed 0` sends the engine benchmark's workload W."""
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(input_len[0], input_len[1] + 1, n)
+    o_len = rng.integers(output_len[0], output_len[1] + 1, n)
+    return [Item(rng.integers(3, vocab_size, p).tolist(), int(o)) for p, o in zip(p_len, o_len)]
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '128:2048' -> (128, 2048)."""
+    lo, _, hi = str(text).partition(":")
+    try:
+        r = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ValueError(f"{flag} must be N or LO:HI, got {text!r}") from None
+    if not 1 <= r[0] <= r[1]:
+        raise ValueError(f"{flag} must satisfy 1 <= LO <= HI, got {text!r}")
+    return r
 
 
 def load_dataset(path: str, n: int, output_len: int) -> list[Item]:
@@ -203,10 +227,17 @@ def bench_serve(args) -> dict:
     rates = [parse_rate(r) for r in args.sweep.split(",")] if args.sweep else [parse_rate(args.request_rate)]
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    input_len, output_len = parse_range(args.input_len, "--input-len"), parse_range(args.output_len, "--output-len")
     if args.dataset == "synthetic":
-        items = synthetic(args.num_prompts, args.input_len, args.output_len, args.seed)
+        if input_len[0] != input_len[1] or output_len[0] != output_len[1]:
+            raise ValueError("--dataset synthetic takes single lengths; ranges are for --dataset random")
+        items = synthetic(args.num_prompts, input_len[0], output_len[0], args.seed)
+    elif args.dataset == "random":
+        if args.vocab_size is None:
+            raise ValueError("--dataset random needs --vocab-size (token ids are drawn below it)")
+        items = random_tokens(args.num_prompts, input_len, output_len, args.vocab_size, args.seed)
     else:
-        items = load_dataset(args.dataset, args.num_prompts, args.output_len)
+        items = load_dataset(args.dataset, args.num_prompts, output_len[0])
     runs = []
     for rate in rates:
         results, duration = asyncio.run(run(args.url, items, rate, args.max_concurrency, args.model, args.api_key,

@@ -15,24 +15,51 @@ from pathlib import Path
 from polar_jax.server.protocol import DEFAULT_MAX_QUEUE
 
 
+def _model(args):
+    """(cfg, params, tokenizer, name) from --model DIR, or a preset with random weights (--random-weights)."""
+    from polar_jax.checkpoint import load, load_tokenizer
+
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer files in {args.tokenizer}")
+    if args.random_weights:
+        import jax
+        import jax.numpy as jnp
+
+        from polar_jax import init_params, preset
+
+        if tokenizer is None:
+            raise ValueError("--random-weights needs --tokenizer DIR (the server detokenizes its outputs)")
+        try:
+            cfg = preset(args.model)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+        params = jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(args.seed))
+        return cfg, params, tokenizer, f"{args.model}-random"
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    cfg, params, own_tokenizer = load(model_dir)
+    return cfg, params, tokenizer or own_tokenizer, model_dir.name
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from polar_jax.checkpoint import load
     from polar_jax.engine.llm_engine import LLMEngine
     from polar_jax.server.app import build_app
     from polar_jax.sparsity import SparsityConfig
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    cfg, params, tokenizer = load(model_dir)
+    cfg, params, tokenizer, default_name = _model(args)
     sparsity = SparsityConfig.from_json(args.sparsity) if args.sparsity else None
     kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk") if getattr(args, k) is not None}
     engine = LLMEngine(cfg, params, tokenizer, sparsity=sparsity, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, kv_memory_fraction=args.kv_memory_fraction,
                        progress=not args.quiet, **kw)
-    name = args.served_model_name or model_dir.name
+    name = args.served_model_name or default_name
     app = build_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, sparsity=sparsity)
     print(f"serving {name} ({engine.config.num_pages} KV pages of {engine.config.page_size}, max_num_seqs "
           f"{engine.config.max_num_seqs}, max_model_len {engine.config.max_model_len}) on "
@@ -64,7 +91,13 @@ def add_commands(sub) -> None:
                        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
                        "/health, /metrics) over the continuous-batching engine. Binds 127.0.0.1 unless --host says "
                        "otherwise.")
-    p.add_argument("--model", required=True, help="model directory (from `polar convert`), with tokenizer files")
+    p.add_argument("--model", required=True, help="model directory (from `polar convert`), with tokenizer files; "
+                   "with --random-weights, a preset name (e.g. llama-2-7b)")
+    p.add_argument("--tokenizer", help="take the tokenizer from this directory instead")
+    p.add_argument("--random-weights", action="store_true", help="serve preset --model with random weights (for "
+                   "benchmarks; needs --tokenizer)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--random-weights dtype")
+    p.add_argument("--seed", type=int, default=0, help="--random-weights seed")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`); default dense")
     p.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -99,10 +132,14 @@ def add_commands(sub) -> None:
     p.add_argument("--request-rate", default="inf", help="requests per second, or inf (default inf)")
     p.add_argument("--sweep", help="comma-separated request rates to run one after another (overrides --request-rate)")
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
-    p.add_argument("--dataset", default="synthetic", help="'synthetic' (default) or a JSON/JSONL file of "
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' (text of --input-len pseudo-words, default), "
+                   "'random' (token ids below --vocab-size; lengths may be ranges LO:HI), or a JSON/JSONL file of "
                    '{"prompt": ..., "max_tokens": ...}')
-    p.add_argument("--input-len", type=int, default=128, help="synthetic prompt length in words (default 128)")
-    p.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128; EOS ignored)")
+    p.add_argument("--input-len", default="128", help="prompt length: words (synthetic) or tokens, N or LO:HI "
+                   "(random; uniform) (default 128)")
+    p.add_argument("--output-len", default="128", help="output tokens per request, N or LO:HI (random) (default "
+                   "128; EOS ignored)")
+    p.add_argument("--vocab-size", type=int, help="--dataset random: token ids are drawn from [3, this)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", help="curve name in plots (e.g. dense, sparse-50%%)")
     p.add_argument("--out", help="write the report as JSON here")
