@@ -158,7 +158,7 @@ def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+                                                 stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     tokenizer = loaded[2]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -167,6 +167,7 @@ def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
     assert whole.choices[0].finish_reason == want.finish_reason
     assert stream[0].choices[0].delta.role == "assistant"
     assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == len(want.token_ids)
+    assert stream[-1].usage == whole.usage and not stream[-1].choices
 
 
 @pytest.mark.parametrize("stream", [False, True])
