@@ -5,7 +5,7 @@ field; a disconnect frees the request's pages; a real `polar serve` process chec
 when full, serves `polar bench serve` and exits cleanly on SIGTERM."""
 
 import asyncio
-import inspect
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +26,8 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from polar_jax import LLM, SamplingParams, forward, init_cache, init_params, preset  # noqa: E402
+from polar_jax import (LLM, SamplingParams, SparsityConfig, forward, init_cache, init_params,  # noqa: E402
+                       preset)
 from polar_jax.checkpoint import load, save  # noqa: E402
 from polar_jax.engine.llm_engine import LLMEngine  # noqa: E402
 from polar_jax.server.app import build_app  # noqa: E402
@@ -96,11 +97,9 @@ def loaded(model_dir):
     return load(model_dir)
 
 
-@pytest.fixture(scope="module")
-def served(loaded):
-    """uvicorn in a thread on a free port; yields (base URL, the engine)."""
-    cfg, params, tokenizer = loaded
-    engine = LLMEngine(cfg, params, tokenizer, progress=False, **ENGINE_KW)
+@contextlib.contextmanager
+def serving(engine):
+    """uvicorn in a thread on a free port serving `engine`; yields the base URL."""
     app = build_app(engine, MODEL)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -109,11 +108,22 @@ def served(loaded):
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 60, "the test server to start")
-    yield url, engine
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
-    assert not thread.is_alive(), "the server did not stop"
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def served(loaded):
+    """(base URL, the engine) of a dense server."""
+    cfg, params, tokenizer = loaded
+    engine = LLMEngine(cfg, params, tokenizer, progress=False, **ENGINE_KW)
+    with serving(engine) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -327,19 +337,31 @@ def test_bad_input_gets_400_naming_the_field(server, path, body, status, param, 
 
 
 def test_attn_density_field(server, loaded):
-    """Accepted and passed on when the engine takes attn_density; otherwise 400 saying so."""
-    cfg, params, tokenizer = loaded
-    accepts = "attn_density" in inspect.signature(LLMEngine.add_request).parameters
+    """A dense server refuses polar_attn_density; a sparse one serves dense and sparse requests side by side:
+    density 1 gives the dense model's tokens, no field gives the sparsity config's (oracle, 1 of 2 KV heads)."""
     r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "polar_attn_density": 0.5,
                                                      "max_tokens": 2}, timeout=30)
-    if accepts:
-        assert r.status_code == 200, r.text
-    else:
-        assert r.status_code == 400 and "not supported by this engine" in r.json()["error"]["message"]
-        assert r.json()["error"]["param"] == "polar_attn_density"
-    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "polar_attn_density": 1.5},
-                   timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "polar_attn_density"
+    assert r.status_code == 400 and "not supported by this engine" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "polar_attn_density"
+    cfg, params, tokenizer = loaded
+    sp = SparsityConfig(attn="oracle", attn_density=0.5)
+    engine = LLMEngine(cfg, params, tokenizer, progress=False, sparsity=sp, per_request_density=True, **ENGINE_KW)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = "the quick brown fox"
+    want = {name: LLM(loaded, sparsity=cfg_sp, progress=False, **ENGINE_KW).generate([prompt], greedy,
+                                                                                      use_tqdm=False)[0].text
+            for name, cfg_sp in (("dense", None), ("sparse", sp))}
+    assert want["dense"] != want["sparse"], "the planted case must tell dense from sparse"
+    with serving(engine) as url:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = {}
+        for name, extra in (("dense", {"polar_attn_density": 1.0}), ("sparse", {})):
+            r = httpx.post(f"{url}/v1/completions", json=body | extra, timeout=60)
+            assert r.status_code == 200, r.text
+            got[name] = r.json()["choices"][0]["text"]
+        r = httpx.post(f"{url}/v1/completions", json=body | {"polar_attn_density": 1.5}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "polar_attn_density"
+    assert got == want
 
 
 def test_server_answers_after_bad_input(client):

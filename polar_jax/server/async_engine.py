@@ -15,7 +15,6 @@ in the engine get an EngineError and are aborted, and the loop goes on with the 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import queue
 import threading
@@ -103,8 +102,9 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_in_flight: int):
         self.engine, self.metrics, self.max_in_flight = engine, metrics, max_in_flight
-        # The lead adds per-request attention density to add_request; until then the server refuses the field.
-        self.accepts_attn_density = "attn_density" in inspect.signature(engine.add_request).parameters
+        # Per-request attention density (polar_attn_density) needs an engine built for it (a sparsity config
+        # that selects heads, per_request_density=True).
+        self.accepts_attn_density = bool(getattr(engine, "per_request_density", False))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._in_flight = 0  # event loop only

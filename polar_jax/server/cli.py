@@ -56,6 +56,8 @@ def cmd_serve(args) -> None:
     cfg, params, tokenizer, default_name = _model(args)
     sparsity = SparsityConfig.from_json(args.sparsity) if args.sparsity else None
     kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk") if getattr(args, k) is not None}
+    # With heads selected by the sparsity config, each request may ask for its own density (polar_attn_density).
+    kw.setdefault("per_request_density", sparsity is not None and sparsity.attn != "all")
     engine = LLMEngine(cfg, params, tokenizer, sparsity=sparsity, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, kv_memory_fraction=args.kv_memory_fraction,
                        progress=not args.quiet, **kw)
