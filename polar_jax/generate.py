@@ -187,7 +187,7 @@ def check_memory(cfg: ModelConfig, batch: int, max_len: int, dtype) -> None:
     need = cache_bytes(cfg, batch, max_len, dtype)
     have, where = available_memory()
     if need > have:
-        raise ValueError(f"the KV cache for {batch} sequences of {max_len} positions ({jnp.dtype(dtype).name}) "
+        raise ValueError(f"the KV cache ({batch} sequences x {max_len} positions, {jnp.dtype(dtype).name}) "
                          f"needs {need / 2**30:.1f} GiB but there is {have / 2**30:.1f} GiB of {where}: "
                          "use fewer or shorter prompts, or fewer new tokens")
 
