@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,16 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
     return out
 
 
+def _weights_bytes(cfg, dtype) -> int:
+    """Bytes of the parameters (routers aside) in `dtype`, from the config alone."""
+    import jax
+
+    from polar_jax.params import param_shapes
+
+    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return sum(math.prod(s) for s in shapes) * dtype.itemsize
+
+
 def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     """Check everything that can be checked from the config and tokenizer, then load the weights and stream."""
     from polar_jax import checkpoint
@@ -93,7 +104,7 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     _, _, _, _, max_len = prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
     dtype = checkpoint.stored_dtype(model_dir)
     if dtype is not None:  # else stream checks it once the weights are loaded, still before the cache
-        check_memory(cfg, len(ids), max_len, dtype)
+        check_memory(cfg, len(ids), max_len, dtype, weights_bytes=_weights_bytes(cfg, dtype))
     params = checkpoint.load_params(model_dir, cfg)
     events = stream(cfg, params, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                     sparsity=sparsity, chunk_steps=STREAM_STEPS)

@@ -182,13 +182,15 @@ def available_memory() -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
 
 
-def check_memory(cfg: ModelConfig, batch: int, max_len: int, dtype) -> None:
-    """Raise a one-line ValueError when the KV cache of `batch` sequences of `max_len` cannot fit."""
+def check_memory(cfg: ModelConfig, batch: int, max_len: int, dtype, weights_bytes: int = 0) -> None:
+    """Raise a one-line ValueError when the KV cache of `batch` sequences of `max_len` cannot fit (next to
+    weights of `weights_bytes` not loaded yet)."""
     need = cache_bytes(cfg, batch, max_len, dtype)
     have, where = available_memory()
-    if need > have:
+    if need + weights_bytes > have:
+        weights = f" (+ {weights_bytes / 2**30:.1f} GiB of weights)" if weights_bytes else ""
         raise ValueError(f"the KV cache ({batch} sequences x {max_len} positions, {jnp.dtype(dtype).name}) "
-                         f"needs {need / 2**30:.1f} GiB but there is {have / 2**30:.1f} GiB of {where}: "
+                         f"needs {need / 2**30:.1f} GiB{weights} but there is {have / 2**30:.1f} GiB of {where}: "
                          "use fewer or shorter prompts, or fewer new tokens")
 
 
