@@ -137,8 +137,8 @@ def test_cache_too_big_for_memory(model_dir, tmp_path, capsys, no_weights):
     (big / "config.json").write_text(json.dumps(CFG.replace(max_positions=2**30).to_dict()))
     rc, out, err = run(capsys, "generate", "--model", big, "--prompt", "Hi", "--max-new-tokens", 500_000_000)
     assert rc == 2 and out == ""
-    assert "the KV cache (1 sequences x 536870912 positions, bfloat16) needs 768.0 GiB (+ 0.0 GiB of weights) "
-           "but there is" in err
+    assert ("the KV cache (1 sequences x 536870912 positions, bfloat16) needs 768.0 GiB (+ 0.0 GiB of weights) "
+            "but there is") in err
 
 
 def test_model_flag_given_a_conversion_source(tmp_path, capsys):
