@@ -1,8 +1,10 @@
 """Batched generation: dense prefill of ragged prompts, then a jitted `lax.while_loop` of decode steps.
 
 Prompts are right-padded to a power-of-two length bucket and the cache to a power-of-two length, so a new
-prompt length only recompiles when it crosses a bucket. The whole loop runs inside one jit; the cache is
-created there and updated in place.
+prompt length only recompiles when it crosses a bucket. Two jitted programs: prefill (creates the cache) and
+a decode loop that runs up to a step given at run time, so one compiled loop serves chunks of any size; its
+state (cache included) is donated and updated in place. `stream` runs the loop in chunks and yields the
+tokens of each as events; `generate` runs it in one chunk and returns the whole output.
 """
 
 from __future__ import annotations
