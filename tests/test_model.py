@@ -223,7 +223,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="density"):
         SparsityConfig(attn="random", attn_density=1.5)
     with pytest.raises(ValueError, match="has no attn router"):
-        generate(cfg, params, [[1, 2]], sparsity=SparsityConfig(attn="router", attn_density=0.5))
+        generate(cfg, params, [[1, 2]], max_new_tokens=4, sparsity=SparsityConfig(attn="router", attn_density=0.5))
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
 
