@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from polar_jax.server.cli import add_commands as add_server_commands
 from training.cli import add_commands as add_training_commands
 
 DEMO_PROMPTS = [
@@ -22,7 +23,6 @@ DEMO_PROMPTS = [
     "Explain in one sentence why the sky is blue.",
     "Give three tips for writing clear Python code.",
 ]
-STREAM_STEPS = 8  # decode steps between two looks at the tokens (one jitted program serves any count)
 
 
 def polar_home() -> Path:
@@ -89,10 +89,14 @@ def _weights_bytes(cfg, dtype) -> int:
 
 
 def run_generate(model_dir: Path, prompts: list[str], args) -> None:
-    """Check everything that can be checked from the config and tokenizer, then load the weights and stream."""
+    """Check everything that can be checked from the config and tokenizer, then load the weights and run the
+    prompts through the serving engine (polar_jax.llm.LLM), printing as tokens come."""
     from polar_jax import checkpoint
+    from polar_jax.cache import pages_for
     from polar_jax.config import load_config
-    from polar_jax.generate import check_memory, prepare, stream
+    from polar_jax.engine import SamplingParams
+    from polar_jax.generate import bucket, check_memory, prepare
+    from polar_jax.llm import LLM
 
     sampling, sparsity = check_flags(args, prompts)
     checkpoint.check_model_dir(model_dir)
@@ -101,57 +105,63 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; convert the model with its tokenizer")
     ids = encode_prompts(tokenizer, prompts, not args.no_chat_template)
-    _, _, _, _, max_len = prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
+    prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
+    need = max(map(len, ids)) + args.max_new_tokens  # positions the longest request can reach
     dtype = checkpoint.stored_dtype(model_dir)
-    if dtype is not None:  # else stream checks it once the weights are loaded, still before the cache
-        check_memory(cfg, len(ids), max_len, dtype, weights_bytes=_weights_bytes(cfg, dtype))
+    if dtype is not None:
+        check_memory(cfg, len(ids), need, dtype, weights_bytes=_weights_bytes(cfg, dtype))
     params = checkpoint.load_params(model_dir, cfg)
-    events = stream(cfg, params, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                    sparsity=sparsity, chunk_steps=STREAM_STEPS)
-    print_events(events, tokenizer, prompts)
+    # Engine shapes for this batch only: one decode bucket and one prefill chunk the size of the longest prompt
+    # (at most 512 tokens), so start-up compiles two programs.
+    chunk = min(512, bucket(max(map(len, ids))))
+    llm = LLM((cfg, params, tokenizer), sparsity=sparsity, max_num_seqs=len(ids), max_model_len=need,
+              num_pages=len(ids) * pages_for(need) + 1, prefill_chunk=chunk,
+              max_num_batched_tokens=max(chunk, len(ids)), progress=False, seed=args.seed)
+    llm.engine.runner.record = True
+    per_prompt = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                 seed=args.seed + i, max_tokens=args.max_new_tokens) for i in range(len(ids))]
+    print_outputs(llm.stream(ids, per_prompt), prompts, llm.engine)
 
 
-def print_events(events, tokenizer, prompts: list[str], out=None, err=None) -> None:
-    """Show a generation as its events come (polar_jax.generate.stream; a serving engine yields the same).
+def print_outputs(outputs, prompts: list[str], engine, out=None, err=None) -> None:
+    """Show a generation as the engine's outputs come (LLM.stream), then its timings.
 
-    One prompt: its text is streamed to `out` as tokens arrive. Several: a progress line per event on `err`,
-    then every text. Last, the timings: prefill and decode apart, and compile time.
+    One prompt: its text is streamed to `out` as tokens arrive. Several: a progress line on `err` as each
+    request finishes, then every text in order. Last: prefill and decode throughput apart (from the engine's
+    step log: steps with prefill chunks, and decode-only steps) and the compile time.
     """
-    from polar_jax.generate import Compiled, Finished, Tokens
-
     out, err = out or sys.stdout, err or sys.stderr
-    toks: list[list[int]] = [[] for _ in prompts]
-    shown = ""  # the streamed text so far (one prompt)
-    for event in events:
-        if isinstance(event, Compiled) and event.seconds > 0:
-            print(f"compiled in {event.seconds:.1f} s", file=err, flush=True)
-        elif isinstance(event, Tokens):
-            for t, new in zip(toks, event.new):
-                t.extend(new)
-            if len(prompts) == 1:
-                if event.phase == "prefill":
-                    print(f"--- [0] {prompts[0]}", file=out)
-                text = tokenizer.decode(toks[0], skip_special_tokens=True).rstrip("\ufffd")  # hold half a char
-                if text.startswith(shown):
-                    print(text[len(shown):], end="", file=out, flush=True)
-                    shown = text
-            else:
-                running = event.finished.count(False)
-                print(f"{event.phase}: {sum(map(len, toks))} tokens, {event.steps} decode steps, {running} of "
-                      f"{len(prompts)} sequences running", file=err, flush=True)
-        elif isinstance(event, Finished):
-            o = event.output
-            if len(prompts) == 1:
-                print("\n", file=out)
-            else:
-                for i, (prompt, t, n) in enumerate(zip(prompts, o.tokens, o.lengths)):
-                    text = tokenizer.decode(list(t[:n]), skip_special_tokens=True)
-                    print(f"--- [{i}] {prompt}\n{text.strip()}\n", file=out)
-            n_decode = int(o.lengths.sum()) - len(prompts)  # each first token comes from prefill
-            print(f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}: prefill {o.prompt_tokens} tokens in "
-                  f"{o.prefill_s:.2f} s ({o.prefill_tokens_per_s:.0f} tokens/s); decode {n_decode} tokens "
-                  f"in {o.decode_s:.2f} s ({o.decode_tokens_per_s:.1f} tokens/s, {o.steps} steps, "
-                  f"{o.ms_per_step:.1f} ms/step); compile {o.compile_s:.1f} s", file=out, flush=True)
+    finals: dict[str, object] = {}
+    order: list[str] = []
+    if len(prompts) == 1:
+        print(f"--- [0] {prompts[0]}", file=out, flush=True)
+    for o in outputs:
+        if o.request_id not in order:
+            order.append(o.request_id)
+        if len(prompts) == 1:
+            print(o.new_text, end="", file=out, flush=True)
+        if o.finished:
+            finals[o.request_id] = o
+            if len(prompts) > 1:
+                print(f"{len(finals)} of {len(prompts)} prompts done ({len(o.token_ids)} tokens, "
+                      f"{o.finish_reason})", file=err, flush=True)
+    if len(prompts) == 1:
+        print("\n", file=out)
+    else:
+        ids = sorted(finals, key=lambda r: int(r.rsplit("-", 1)[1]))  # request ids "req-N" in submission order
+        for i, (prompt, rid) in enumerate(zip(prompts, ids)):
+            print(f"--- [{i}] {prompt}\n{finals[rid].text.strip()}\n", file=out)
+    log = engine.runner.log
+    pre = [s for s in log if s.prefill_tokens]
+    dec = [s for s in log if not s.prefill_tokens]
+    n_pre = sum(s.prefill_tokens for s in pre)
+    pre_s = sum(s.seconds for s in pre)
+    n_dec = sum(s.decode_rows for s in dec)
+    dec_s = sum(s.seconds for s in dec)
+    print(f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}: prefill {n_pre} tokens in {pre_s:.2f} s "
+          f"({n_pre / max(pre_s, 1e-9):.0f} tokens/s); decode {n_dec} tokens in {dec_s:.2f} s "
+          f"({n_dec / max(dec_s, 1e-9):.1f} tokens/s, {len(dec)} steps, {1e3 * dec_s / max(len(dec), 1):.1f} ms/step); "
+          f"compile {engine.compile_s:.1f} s", file=out, flush=True)
 
 
 def cmd_convert(args) -> None:
@@ -232,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for a batch of prompts",
-                       description="Generate for a batch of prompts of different lengths: a dense prefill, then "
-                       "decode steps in chunks. One prompt's text streams as it is made; for several, progress "
-                       "goes to stderr and the texts follow. Last, the throughput of prefill and decode apart.")
+                       description="Generate for a batch of prompts of different lengths on the serving engine "
+                       "(continuous batching over a paged KV cache): dense prefill, then decode steps, sparse per "
+                       "--sparsity / --attn-density. One prompt's text streams as it is made; for several, "
+                       "progress goes to stderr and the texts follow. Last, prefill and decode throughput apart.")
     p.add_argument("--model", required=True, help="model directory written by `polar convert`")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -251,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_training_commands(sub)
+    add_server_commands(sub)
     return parser
 
 

@@ -1,10 +1,11 @@
 """The `polar` command line in-process: generate on a tiny random model, bad flags and paths fail fast with
-one line, the event printer, the demo's model folder."""
+one line, the output printer, the demo's model folder."""
 
 import io
 import json
 import shutil
 import string
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from polar_jax import checkpoint, generate, preset
 from polar_jax.cli import main as polar
-from polar_jax.cli import print_events
-from polar_jax.generate import Compiled, Finished, GenerateOutput, Tokens
+from polar_jax.cli import print_outputs
+from polar_jax.engine.model_runner import StepRecord
 from tests.test_convert import random_params
 
 CFG = preset("tiny-llama-gqa")  # vocab 103, 64 positions, EOS 2
@@ -60,7 +61,7 @@ def test_generate_bf16_ragged_batch(model_dir, capsys):
         text = tok.decode(list(want.tokens[i, : want.lengths[i]]), skip_special_tokens=True).strip()
         assert f"--- [{i}] {p}\n{text}\n" in out
     assert "3 prompts: prefill 35 tokens in" in out and "ms/step" in out and "compile" in out
-    assert "decode: " in err  # progress while decoding
+    assert "3 of 3 prompts done" in err  # progress while decoding
 
 
 def test_generate_one_prompt_streams(model_dir, capsys):
@@ -73,25 +74,24 @@ def test_generate_one_prompt_streams(model_dir, capsys):
     assert f"1 prompt: prefill 5 tokens" in out
 
 
-def test_print_events_prints_as_events_arrive():
-    """The printer consumes an iterator: each piece of text is out before the next event is asked for."""
-    tok, out, err = char_tokenizer(), io.StringIO(), io.StringIO()
+def test_print_outputs_prints_as_outputs_arrive():
+    """The printer consumes an iterator: each piece of text is out before the next output is asked for."""
+    out, err = io.StringIO(), io.StringIO()
     words = ["Once", " upon", " a", " time"]
+    log = [StepRecord(0, 0, 0, 4, 10, 0.1)] + [StepRecord(1, 1, 5 + i, 0, 0, 0.2) for i in range(3)]
+    engine = types.SimpleNamespace(runner=types.SimpleNamespace(log=log), compile_s=1.5)
 
-    def events():
-        yield Compiled(1.5)
-        yield Tokens([tok.encode(words[0])], [False], "prefill", 0, 0.1)
-        for i, w in enumerate(words[1:], 1):
-            assert out.getvalue().endswith("".join(words[:i]))  # the previous event's text is already shown
-            yield Tokens([tok.encode(w)], [i == len(words) - 1], "decode", 2 * i, 0.2)
-        ids = tok.encode("".join(words))
-        yield Finished(GenerateOutput(np.array([ids]), np.array([len(ids)]), 6, 1.5, 0.7, 4, 0.1, 0.6))
+    def outputs():
+        for i, w in enumerate(words):
+            if i:
+                assert out.getvalue().endswith("".join(words[:i]))  # the previous output's text is already shown
+            yield types.SimpleNamespace(request_id="req-0", new_text=w, finished=i == 3, token_ids=[0] * (i + 1),
+                                        finish_reason="length" if i == 3 else None, text="".join(words[:i + 1]))
 
-    print_events(events(), tok, ["a prompt"], out=out, err=err)
+    print_outputs(outputs(), ["a prompt"], engine, out=out, err=err)
     assert out.getvalue().startswith("--- [0] a prompt\nOnce upon a time\n")
-    assert "prefill 4 tokens in 0.10 s (40 tokens/s); decode 15 tokens in 0.60 s (25.0 tokens/s, 6 steps, " \
-           "100.0 ms/step); compile 1.5 s" in out.getvalue()
-    assert err.getvalue() == "compiled in 1.5 s\n"
+    assert "prefill 4 tokens in 0.10 s (40 tokens/s); decode 3 tokens in 0.60 s (5.0 tokens/s, 3 steps, " \
+           "200.0 ms/step); compile 1.5 s" in out.getvalue()
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_cache_too_big_for_memory(model_dir, tmp_path, capsys, no_weights):
     (big / "config.json").write_text(json.dumps(CFG.replace(max_positions=2**30).to_dict()))
     rc, out, err = run(capsys, "generate", "--model", big, "--prompt", "Hi", "--max-new-tokens", 500_000_000)
     assert rc == 2 and out == ""
-    assert ("the KV cache (1 sequences x 536870912 positions, bfloat16) needs 768.0 GiB (+ 0.0 GiB of weights) "
+    assert ("the KV cache (1 sequences x 500000002 positions, bfloat16) needs 715.3 GiB (+ 0.0 GiB of weights) "
             "but there is") in err
 
 
