@@ -4,22 +4,25 @@
 #   bash benchmarks/gpu_session.sh kernels OUT                 # kernel sweep -> OUT/kernels*.{json,md,png}
 #   bash benchmarks/gpu_session.sh e2e OUT [dense|sparse|all] [GGUF]
 #                                                              # (GGUF: convert SmolLM2 first) end-to-end decode
+#   bash benchmarks/gpu_session.sh bench OUT SECONDS MODULE [ARGS...]
+#                                                              # any benchmark module (bench_paged, serve_offline)
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
 # stamp under benchmarks/results/tmp/, which git ignores). Every command runs under `timeout`; the first
 # failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the session. Results
 # are written to a staging folder and copied into OUT only when the whole phase succeeded; after a failure
 # nothing is written to OUT (the staged files go to OUT.failed/ for inspection).
 set -euo pipefail
-phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF]}
+phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...]}
 out=${2:-benchmarks/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 tmp=benchmarks/results/tmp
 stamp=$tmp/gpu_tests_passed
 mkdir -p "$tmp"
 
-sources_hash() {  # every file the tests and benchmarks run
-  find polar_jax pallas_kernels tests benchmarks -name '*.py' -o -name '*.sh' | LC_ALL=C sort | xargs sha256sum \
-    | sha256sum | cut -c1-16
+sources_hash() {  # the files the GPU tests check: the model, the engine and the kernels (not the HTTP server,
+  # the evaluation front end or the benchmark scripts, which the tests do not run on the GPU)
+  find polar_jax pallas_kernels -name '*.py' -not -path 'polar_jax/server/*' -not -path 'polar_jax/evals/*' \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
 }
 
 quiet() { grep -v "^W0000\|Warning" || true; }  # drop JAX/XLA log noise; never fails the pipeline itself
@@ -54,8 +57,10 @@ rm -f "$stamp.new"
 case "$phase" in
   tests)
     rm -f "$stamp"
-    step 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider
-    step 150 python3 -m pytest tests/test_decode_attention.py tests/test_selective_gemm.py -x -q -p no:cacheprovider
+    step 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider
+    step 150 python3 -m pytest tests/test_decode_attention.py tests/test_selective_gemm.py \
+      tests/test_paged_attention.py tests/test_prefill_attention.py -x -q -p no:cacheprovider
+    step 120 python3 -m pytest tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
     sources_hash > "$stamp"
     echo "== GPU tests passed; stamp $(cat "$stamp")"
     ;;
@@ -80,5 +85,16 @@ case "$phase" in
     step 500 python3 -m benchmarks.generate --part "$part" --out "$stage"
     publish "$stage"
     ;;
-  *) echo "unknown phase $phase (tests | kernels | e2e)"; exit 2 ;;
+  bench)
+    require_tests
+    limit=${3:?bench OUT SECONDS MODULE [ARGS...]}
+    module=${4:?bench OUT SECONDS MODULE [ARGS...]}
+    shift 4
+    stage=$tmp/stage-$module
+    rm -rf "$stage" "$out.failed"
+    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
+    step "$limit" python3 -m "benchmarks.$module" --out "$stage" "$@"
+    publish "$stage"
+    ;;
+  *) echo "unknown phase $phase (tests | kernels | e2e | bench)"; exit 2 ;;
 esac
