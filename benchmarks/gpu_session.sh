@@ -57,7 +57,7 @@ rm -f "$stamp.new"
 case "$phase" in
   tests)
     rm -f "$stamp"
-    step 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider
+    step 300 python3 -m pytest tests/test_gpu.py -m gpu -x -q -p no:cacheprovider
     step 150 python3 -m pytest tests/test_decode_attention.py tests/test_selective_gemm.py \
       tests/test_paged_attention.py tests/test_prefill_attention.py -x -q -p no:cacheprovider
     step 120 python3 -m pytest tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider

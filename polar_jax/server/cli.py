@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from polar_jax.server.protocol import DEFAULT_MAX_QUEUE
+# Kept here, not imported from protocol.py: the `polar` command must start without pydantic / FastAPI.
+DEFAULT_MAX_QUEUE = 256
 
 
 def _model(args):

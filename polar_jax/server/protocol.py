@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 # Requests accepted beyond the engine's max_num_seqs before the server answers 429.
-DEFAULT_MAX_QUEUE = 256
+from polar_jax.server.cli import DEFAULT_MAX_QUEUE  # noqa: E402,F401  (the CLI owns it: no pydantic there)
 # OpenAI's own upper bound on temperature; larger values are almost surely mistakes.
 MAX_TEMPERATURE = 2.0
 
