@@ -202,8 +202,12 @@ def test_missing_router_is_refused(tiny):
 def test_text_split_is_disjoint(tiny):
     docs, _ = read_texts()
     ids = tokenize(None, docs[:3], tiny[0].vocab_size)
+    ids = ids + np.arange(len(ids), dtype=np.int32) * tiny[0].vocab_size  # every id unique: contents trace positions
     train_part, held = split_tokens(ids, "train", 0.25), split_tokens(ids, "heldout", 0.25)
-    assert len(train_part) + len(held) == len(ids) and len(held) == pytest.approx(0.25 * len(ids), abs=1)
+    assert not set(train_part.tolist()) & set(held.tolist())  # no token in both
+    np.testing.assert_array_equal(np.concatenate([train_part, held]), ids)  # together, the whole text in order
+    assert len(held) == pytest.approx(0.25 * len(ids), abs=1)
+    np.testing.assert_array_equal(split_tokens(ids, "all", 0.25), ids)
 
 
 # ---------------------------------------------------------------------------------------------------
