@@ -102,7 +102,7 @@ def eval_windows(cfg: ModelConfig, tokens: np.ndarray, prefix: int, decode_len: 
 
 def head_sparsity(source: str, density: float, cfg: ModelConfig) -> SparsityConfig:
     """Head (KV-group) sparsity from `source` at `density`, layer 0 dense, MLP dense."""
-    topk_count(density, cfg.n_kv_heads, "attention density (--attn-topk)")
+    topk_count(density, cfg.n_kv_heads, "attention density")
     if source not in ("router", "oracle", "random"):
         raise ValueError(f"--source {source!r}; choose router, oracle or random")
     return SparsityConfig(attn=source, attn_density=density)
