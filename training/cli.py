@@ -219,8 +219,8 @@ a batch recalls --recall of the truly active neurons, over random batches of the
 Perplexity measured through the decode path that produces the speedup: each window gets a dense prefill of
 --prefix tokens, then --decode-len teacher-forced single-token decode steps through the sparse kernels;
 NLL over the decoded tokens. Sparsity: --sparsity JSON (from calibrate), or --attn-density FRACTION /
---attn-groups COUNT with --source; neither = dense. --sweep: dense plus router and oracle top-k at each density, a table, and
-OUT.json / OUT.md / OUT.png (perplexity vs density).""")
+--attn-groups COUNT with --source; neither = dense. --sweep: dense plus router and oracle top-k at each
+density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--model", required=True, help="model directory (with routers for --source router)")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`)")
     _attn_flags(p, "kept per sequence in layers > 0")
