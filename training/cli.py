@@ -46,10 +46,10 @@ _TOPK_RENAMED = ("--attn-topk is gone: it took a fraction; pass --attn-density F
                  "or --attn-groups COUNT")
 
 
-def _attn_flags(p: argparse.ArgumentParser, what: str) -> None:
+def _attn_flags(p: argparse.ArgumentParser, what: str, default: str = "") -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--attn-density", type=float, metavar="FRACTION",
-                   help=f"fraction in (0, 1] of the KV groups {what} (rounded to whole groups, at least 1)")
+                   help=f"fraction in (0, 1] of the KV groups {what} (rounded to whole groups, at least 1){default}")
     g.add_argument("--attn-groups", type=int, metavar="COUNT", help=f"number of KV groups {what}")
     p.add_argument("--attn-topk", type=float, help=argparse.SUPPRESS)  # the old name: a clear error
 
@@ -168,13 +168,13 @@ Train per-layer routers on data from `polar collect`, all layers at once: the at
 D -> KV heads; label: the --attn-density fraction, or --attn-groups, of the KV groups with the largest output
 norm: train for the density the router will run at) and, with --mlp (ReLU models), the MLP router
 (D -> 1024 -> F; label: neuron active). Weighted BCE, AdamW. Three disjoint splits of the collected tokens
-(whole windows): the last 10%% is the test split (the metrics printed and `polar calibrate` use it); of the
+(whole windows): the last 10% is the test split (the metrics printed and `polar calibrate` use it); of the
 rest, the last --val-frac is for validation and early stopping, the remainder for training. Writes the
 model with params["routers"] to --out, a model directory that generate / eval / calibrate load.""")
     p.add_argument("--model", required=True, help="model directory the data was collected with")
     p.add_argument("--data", required=True, help="data directory from `polar collect`")
     p.add_argument("--out", required=True, help="output model directory (the model plus its routers)")
-    _attn_flags(p, "labelled positive per token (default: --attn-density 0.5)")
+    _attn_flags(p, "labelled positive per token", "; default 0.5")
     p.add_argument("--mlp", action="store_true", help="also train the MLP router (ReLU models only)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
@@ -198,7 +198,7 @@ Write the SparsityConfig JSON that generate / eval / benchmarks read (--sparsity
 --attn-density of KV groups per sequence (layer 0 dense) from the attention router. MLP (models with an
 MLP router): for each layer and batch size, the smallest router top-k (a multiple of 128) whose union over
 a batch recalls --recall of the truly active neurons, over random batches of the collected tokens' test split
-(the last 10%%, which the router neither trained nor stopped early on).""")
+(the last 10%, which the router neither trained nor stopped early on).""")
     p.add_argument("--model", required=True, help="model directory with routers (from `polar train-routers`)")
     p.add_argument("--data", required=True, help="data directory from `polar collect` (same model)")
     p.add_argument("--out", required=True, help="sparsity config JSON to write")
