@@ -16,6 +16,7 @@ from training import evaluate as ev
 from training import routers as rt
 from training.collect import collect, load_data
 from training.data import read_texts, split_tokens, tokenize
+from training.splits import range_of_test, split
 from training.train import Labels, TrainConfig, train
 
 TINY = "tiny-opt"
@@ -49,7 +50,7 @@ def test_attention_router_learns_planted_signal():
     labels = Labels(np.asarray(rt.attn_labels(head_norms, K, k)))
     cfg = preset("tiny-llama").replace(n_layers=L, dim=D, n_heads=N, n_kv_heads=K, head_dim=64)
     res = train(rt.attn_logits, rt.init_attn(cfg, jax.random.key(2)), X, labels,
-                TrainConfig(lr=1e-2, batch_size=256, max_epochs=15), topk=k, progress=False)
+                TrainConfig(lr=1e-2, batch_size=256, max_epochs=15), split(n, 1, 0.1), topk=k, progress=False)
     assert res.history[-1]["val_loss"] < 0.8 * res.history[0]["val_loss"]
     assert res.metrics["topk_recall"].min() > 0.9, res.metrics["topk_recall"]
     assert res.params["w"].shape == (L, D, K)
@@ -63,7 +64,7 @@ def test_mlp_router_learns_planted_signal():
     packed = np.packbits(np.asarray(act), axis=-1)
     cfg = preset(TINY).replace(n_layers=L, dim=D, mlp_dim=F)
     res = train(rt.mlp_logits, rt.init_mlp(cfg, jax.random.key(4), hidden=32), X, Labels(packed, F),
-                TrainConfig(lr=1e-2, batch_size=256, max_epochs=10), progress=False)
+                TrainConfig(lr=1e-2, batch_size=256, max_epochs=10), split(n, 1, 0.1), progress=False)
     assert res.metrics["recall"].min() > 0.9 and res.metrics["precision"].min() > 0.6, res.metrics
 
 
@@ -202,8 +203,44 @@ def test_missing_router_is_refused(tiny):
 def test_text_split_is_disjoint(tiny):
     docs, _ = read_texts()
     ids = tokenize(None, docs[:3], tiny[0].vocab_size)
+    ids = ids + np.arange(len(ids), dtype=np.int32) * tiny[0].vocab_size  # every id unique: contents trace positions
     train_part, held = split_tokens(ids, "train", 0.25), split_tokens(ids, "heldout", 0.25)
-    assert len(train_part) + len(held) == len(ids) and len(held) == pytest.approx(0.25 * len(ids), abs=1)
+    assert not set(train_part.tolist()) & set(held.tolist())  # no token in both
+    np.testing.assert_array_equal(np.concatenate([train_part, held]), ids)  # together, the whole text in order
+    assert len(held) == pytest.approx(0.25 * len(ids), abs=1)
+    np.testing.assert_array_equal(split_tokens(ids, "all", 0.25), ids)
+
+
+@pytest.mark.parametrize("val_frac,max_tokens", [(0.05, None), (0.3, None), (0.1, 1000)])
+def test_splits_are_disjoint_whole_windows_and_test_is_fixed(val_frac, max_tokens):
+    n, T = 2000, 16  # 125 windows, the last 12 (192 tokens) are the test split
+    sp = split(n, T, val_frac, max_tokens)
+    parts = [sp.train, sp.val, sp.test]
+    assert all(len(np.intersect1d(a, b)) == 0 for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert all(len(p) and len(p) % T == 0 and p[0] % T == 0 for p in parts)  # whole windows
+    assert (sp.test[0], sp.test[-1] + 1) == range_of_test(n, T) == (113 * T, 125 * T)  # never moves with val_frac
+    assert sp.val[-1] + 1 <= (113 * T if max_tokens is None else max_tokens)
+    assert len(sp.val) == max(1, round((sp.val[-1] + 1) // T * val_frac)) * T
+    with pytest.raises(ValueError, match="too few"):
+        split(2 * T, T, 0.1)
+
+
+def test_collect_states_the_size_and_refuses_a_full_disk(tmp_path, tiny, monkeypatch, capsys):
+    from training import collect as col
+
+    cfg, params = tiny
+    tokens = np.arange(512, dtype=np.int32) % cfg.vocab_size
+    per_token = cfg.n_layers * (2 * cfg.dim + 4 * cfg.n_heads + cfg.mlp_dim // 8) + 4  # tiny-opt is ReLU
+    assert col.bytes_per_token(cfg, True) == per_token
+    monkeypatch.setattr(col, "_free_bytes", lambda path: 256 * per_token - 1)
+    with pytest.raises(ValueError, match=r"needs 0.00 GB .* per token\) but only"):
+        collect(cfg, params, tokens, "test", tmp_path / "d", n_tokens=256, seq_len=32, batch=2, progress=False)
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+    monkeypatch.setattr(col, "_free_bytes", lambda path: 10 ** 12)
+    collect(cfg, params, tokens, "test", tmp_path / "d", n_tokens=256, seq_len=32, batch=2, progress=False)
+    assert f"collect: 256 tokens x {per_token / 1e3:.1f} KB" in capsys.readouterr().out
+    size = sum(f.stat().st_size for f in (tmp_path / "d").rglob("*.npy"))
+    assert 256 * per_token <= size <= 256 * per_token + 8 * 1024  # + .npy headers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,9 +260,11 @@ def test_tiny_opt_pipeline(tmp_path, tiny_dir, capsys):
     assert len(json.loads((d / "manifest.json").read_text())["shards"]) == 4 and not (d / "shard_00009.tmp").exists()
 
     assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m), "--mlp",
-                  "--attn-topk", "0.5", "--epochs", "3", "--batch-size", "256", *common]) == 0
+                  "--attn-density", "0.5", "--epochs", "3", "--batch-size", "256", *common]) == 0
     out = capsys.readouterr().out
-    assert "attention router (validation" in out and "MLP router (validation" in out
+    assert "attention router (test split" in out and "MLP router (test split" in out
+    report = json.loads((m / "routers_metrics.json").read_text())
+    assert report["splits"] == {"train": [0, 1664], "val": [1664, 1856], "test": [1856, 2048]}
     cfg, params, _ = load(m)
     assert set(params["routers"]) == {"attn", "mlp"}
     assert params["routers"]["mlp"]["w2"].shape == (cfg.n_layers, rt.MLP_HIDDEN, cfg.mlp_dim)
@@ -248,7 +287,11 @@ def test_tiny_opt_pipeline(tmp_path, tiny_dir, capsys):
     assert sw.with_suffix(".png").stat().st_size > 0 and "top-k recall" in sw.with_suffix(".md").read_text()
 
     # user errors: one line, status 2
-    assert polar(["eval", "ppl", "--model", str(tiny_dir), "--attn-topk", "0.5", *ppl_args]) == 2
+    assert polar(["eval", "ppl", "--model", str(tiny_dir), "--attn-density", "0.5", *ppl_args]) == 2
     assert "has no attn router" in capsys.readouterr().err
+    assert polar(["eval", "ppl", "--model", str(m), "--attn-topk", "0.5", *ppl_args]) == 2
+    assert "--attn-topk is gone" in capsys.readouterr().err
+    assert polar(["eval", "ppl", "--model", str(m), "--attn-groups", "4", *ppl_args]) == 2
+    assert "--attn-groups must lie in 1..2" in capsys.readouterr().err
     assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m)]) == 2
     assert "already exists" in capsys.readouterr().err

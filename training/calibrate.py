@@ -4,8 +4,8 @@ At decode time each token of a batch takes its router's top-k neurons and the la
 For a batch size B the k of a layer is the smallest multiple of 128 whose union recall reaches the target:
   recall(k) = |union_i topk_i(router) & union_i active_i| / |union_i active_i|   over batches of B tokens.
 A neuron is in the union of top-k sets iff its best rank over the batch is < k, so one pass of ranks gives
-recall at every k at once. Batches are drawn from the held-out end of the collected tokens (the router
-never trained on them), so the k is not tuned to tokens the router memorised.
+recall at every k at once. Batches are drawn from the test split of the collected tokens (training/splits.py:
+the router neither trained nor stopped early on them), so the k is not tuned to tokens the router memorised.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from polar_jax.sparsity import SparsityConfig
-from training.collect import has_mlp_labels, load_data
 from polar_jax.sparsity import check_routers
+from training.collect import has_mlp_labels, load_data
 from training.routers import mlp_logits
+from training.splits import range_of_test
 
 K_MULTIPLE = 128  # the selective GEMM kernels work in blocks; a k between multiples buys nothing
 
@@ -60,7 +61,7 @@ def min_k(recall: np.ndarray, target: float, multiple: int = K_MULTIPLE) -> tupl
 
 
 def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128), recall: float = 0.99,
-              attn_density: float = 0.5, heldout_frac: float = 0.1, n_batches: int = 16, seed: int = 0,
+              attn_density: float = 0.5, n_batches: int = 16, seed: int = 0,
               progress: bool = True) -> tuple[SparsityConfig, dict]:
     """Write a SparsityConfig JSON: uniform attention density (dense layers kept dense) and, for models with
     an MLP router, the per-layer router top-k table over batch_sizes. Returns (config, report)."""
@@ -89,10 +90,12 @@ def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128),
         sp = SparsityConfig(attn=attn, attn_density=density, dense_layers=dense_layers)
     else:
         ds = load_data(data_dir, cfg, params)
-        n_cal = max(int(round(ds.n * heldout_frac)), batch_sizes[-1])
-        if n_cal > ds.n:
-            raise ValueError(f"{data_dir} has {ds.n} tokens; batch size {batch_sizes[-1]} needs at least that many")
-        cal = slice(ds.n - n_cal, ds.n)
+        t0, t1 = range_of_test(ds.n, ds.manifest["seq_len"])
+        n_cal = t1 - t0
+        if n_cal < batch_sizes[-1]:
+            raise ValueError(f"the test split of {data_dir} holds {n_cal} tokens; batch size {batch_sizes[-1]} "
+                             "needs at least that many (collect more tokens)")
+        cal = slice(t0, t1)
         rng = np.random.default_rng(seed)
         table = {b: [F] * L for b in batch_sizes}
         achieved = {b: [1.0] * L for b in batch_sizes}
@@ -107,7 +110,7 @@ def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128),
                 table[b][l], achieved[b][l] = min_k(union_recall(rank, active, b, n_batches, rng), recall)
         sp = SparsityConfig(attn=attn, attn_density=density, mlp="router", dense_layers=dense_layers,
                             mlp_k_table=tuple((b, tuple(table[b])) for b in batch_sizes))
-        report |= {"calibration_tokens": n_cal, "mlp_k": {str(b): table[b] for b in batch_sizes},
+        report |= {"calibration_tokens": [t0, t1], "mlp_k": {str(b): table[b] for b in batch_sizes},
                    "union_recall": {str(b): achieved[b] for b in batch_sizes}}
         print(format_k_table(table, F))
     out_path = Path(out_path)

@@ -42,6 +42,18 @@ def _floats(s: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers, got {s!r}") from None
 
 
+_TOPK_RENAMED = ("--attn-topk is gone: it took a fraction; pass --attn-density FRACTION (of the KV groups, e.g. 0.5) "
+                 "or --attn-groups COUNT")
+
+
+def _attn_flags(p: argparse.ArgumentParser, what: str, default: str = "") -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--attn-density", type=float, metavar="FRACTION",
+                   help=f"fraction in (0, 1] of the KV groups {what} (rounded to whole groups, at least 1){default}")
+    g.add_argument("--attn-groups", type=int, metavar="COUNT", help=f"number of KV groups {what}")
+    p.add_argument("--attn-topk", type=float, help=argparse.SUPPRESS)  # the old name: a clear error
+
+
 def _command() -> str:
     return "polar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -60,9 +72,12 @@ def cmd_collect(args) -> None:
 def cmd_train_routers(args) -> None:
     from training.train import TrainConfig, train_routers
 
+    if args.attn_topk is not None:
+        raise ValueError(_TOPK_RENAMED)
     tc = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                      max_epochs=args.epochs, patience=args.patience, val_frac=args.val_frac, seed=args.seed)
-    train_routers(args.model, args.data, args.out, attn_topk=args.attn_topk, mlp=args.mlp, tc=tc,
+    train_routers(args.model, args.data, args.out, attn_density=args.attn_density, attn_groups=args.attn_groups,
+                  mlp=args.mlp, tc=tc,
                   max_tokens=args.max_tokens, overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -81,12 +96,16 @@ def cmd_eval_ppl(args) -> None:
     from polar_jax.sparsity import SparsityConfig
     from training import evaluate as ev
     from training.data import load_tokens
+    from training.routers import attn_group_count
     from training.train import METRICS_FILE
 
-    if args.sparsity and args.attn_topk is not None:
-        raise ValueError("pass either --sparsity or --attn-topk, not both")
-    if args.sweep and (args.sparsity or args.attn_topk is not None):
-        raise ValueError("--sweep sets the head densities itself (--densities); drop --sparsity / --attn-topk")
+    if args.attn_topk is not None:
+        raise ValueError(_TOPK_RENAMED)
+    heads_given = args.attn_density is not None or args.attn_groups is not None
+    if args.sparsity and heads_given:
+        raise ValueError("pass either --sparsity or --attn-density / --attn-groups, not both")
+    if args.sweep and (args.sparsity or heads_given):
+        raise ValueError("--sweep sets the head densities itself (--densities); drop --sparsity / --attn-density")
     cfg, params, tokenizer = _load_model(args.model)
     tokens, source = load_tokens(tokenizer, cfg.vocab_size, args.text, args.dataset, args.split, args.heldout_frac)
     windows = ev.eval_windows(cfg, tokens, args.prefix, args.decode_len, args.max_tokens)
@@ -112,8 +131,9 @@ def cmd_eval_ppl(args) -> None:
     if args.sparsity:
         sp = SparsityConfig.from_json(args.sparsity)
         what = f"sparsity {args.sparsity}"
-    elif args.attn_topk is not None:
-        sp = ev.head_sparsity(args.source, args.attn_topk, cfg)
+    elif heads_given:
+        k = attn_group_count(cfg.n_kv_heads, args.attn_density, args.attn_groups)
+        sp = ev.head_sparsity(args.source, k / cfg.n_kv_heads, cfg)
         what = f"{args.source} top-{int(sp.head_counts(cfg)[-1])}/{cfg.n_kv_heads} KV groups"
     else:
         sp, what = None, "dense"
@@ -129,7 +149,9 @@ Run the dense model (jitted, batched prefill) over text and record per layer and
 (attention-norm output), per-head attention-output L2 norms (attention labels) and, for ReLU models, which
 MLP neurons are active (act > 0, bit-packed). Writes shards and a manifest to --out. Resumable: run the
 same command again after an interruption and it continues after the last complete shard. Refuses to add
-to a directory holding data of another model or text.""")
+to a directory holding data of another model or text. Each token takes L * (2D + 4N + F/8 for ReLU models)
++ 4 bytes (SmolLM2-135M: about 36 KB, so 65,536 tokens = 2.3 GB); the size is printed before collecting,
+and collect refuses when the disk lacks the space.""")
     p.add_argument("--model", required=True, help="model directory (from `polar convert`)")
     p.add_argument("--out", required=True, help="data directory to create or resume")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to collect (default 100000)")
@@ -143,15 +165,16 @@ to a directory holding data of another model or text.""")
     p = sub.add_parser("train-routers", help="train attention (and MLP) routers on collected data",
                        formatter_class=_FMT, description="""\
 Train per-layer routers on data from `polar collect`, all layers at once: the attention router (linear
-D -> KV heads; label: the --attn-topk fraction of KV groups with the largest output norm) and, with --mlp
-(ReLU models), the MLP router (D -> 1024 -> F; label: neuron active). Weighted BCE, AdamW, the last
---val-frac of the tokens for validation and early stopping. Writes the model with params["routers"] to
---out, a model directory that generate / eval / calibrate load, and prints per-layer recall/precision.""")
+D -> KV heads; label: the --attn-density fraction, or --attn-groups, of the KV groups with the largest output
+norm: train for the density the router will run at) and, with --mlp (ReLU models), the MLP router
+(D -> 1024 -> F; label: neuron active). Weighted BCE, AdamW. Three disjoint splits of the collected tokens
+(whole windows): the last 10% is the test split (the metrics printed and `polar calibrate` use it); of the
+rest, the last --val-frac is for validation and early stopping, the remainder for training. Writes the
+model with params["routers"] to --out, a model directory that generate / eval / calibrate load.""")
     p.add_argument("--model", required=True, help="model directory the data was collected with")
     p.add_argument("--data", required=True, help="data directory from `polar collect`")
     p.add_argument("--out", required=True, help="output model directory (the model plus its routers)")
-    p.add_argument("--attn-topk", type=float, default=0.5,
-                   help="fraction in (0, 1] of KV groups labelled positive per token (default 0.5)")
+    _attn_flags(p, "labelled positive per token", "; default 0.5")
     p.add_argument("--mlp", action="store_true", help="also train the MLP router (ReLU models only)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
@@ -159,9 +182,12 @@ D -> KV heads; label: the --attn-topk fraction of KV groups with the largest out
     p.add_argument("--epochs", type=int, default=30, help="most epochs (default 30)")
     p.add_argument("--patience", type=int, default=3,
                    help="stop after this many epochs without any layer improving (default 3)")
-    p.add_argument("--val-frac", type=float, default=0.1, help="validation fraction of the tokens (default 0.1)")
-    p.add_argument("--max-tokens", type=int, help="use at most this many collected tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-frac", type=float, default=0.1,
+                   help="fraction of the non-test tokens used for early stopping (default 0.1)")
+    p.add_argument("--max-tokens", type=int, help="train and validate on at most this many collected tokens "
+                   "(the test split stays the last 10%% of all of them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router initialisation and of the batch "
+                   "order (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_routers)
@@ -171,7 +197,8 @@ D -> KV heads; label: the --attn-topk fraction of KV groups with the largest out
 Write the SparsityConfig JSON that generate / eval / benchmarks read (--sparsity). Attention: a uniform
 --attn-density of KV groups per sequence (layer 0 dense) from the attention router. MLP (models with an
 MLP router): for each layer and batch size, the smallest router top-k (a multiple of 128) whose union over
-a batch recalls --recall of the truly active neurons, over random batches of held-out collected tokens.""")
+a batch recalls --recall of the truly active neurons, over random batches of the collected tokens' test split
+(the last 10%, which the router neither trained nor stopped early on).""")
     p.add_argument("--model", required=True, help="model directory with routers (from `polar train-routers`)")
     p.add_argument("--data", required=True, help="data directory from `polar collect` (same model)")
     p.add_argument("--out", required=True, help="sparsity config JSON to write")
@@ -180,7 +207,7 @@ a batch recalls --recall of the truly active neurons, over random batches of hel
     p.add_argument("--attn-density", type=float, default=0.5,
                    help="fraction of KV groups kept per sequence in layers > 0 (default 0.5; 1 = dense)")
     p.add_argument("--n-batches", type=int, default=16, help="random batches per batch size (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration batches (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
@@ -191,14 +218,14 @@ a batch recalls --recall of the truly active neurons, over random batches of hel
                             formatter_class=_FMT, description="""\
 Perplexity measured through the decode path that produces the speedup: each window gets a dense prefill of
 --prefix tokens, then --decode-len teacher-forced single-token decode steps through the sparse kernels;
-NLL over the decoded tokens. Sparsity: --sparsity JSON (from calibrate), or --attn-topk X with --source;
-neither = dense. --sweep: dense plus router and oracle top-k at each density, a table, and
-OUT.json / OUT.md / OUT.png (perplexity vs density).""")
+NLL over the decoded tokens. Sparsity: --sparsity JSON (from calibrate), or --attn-density FRACTION /
+--attn-groups COUNT with --source; neither = dense. --sweep: dense plus router and oracle top-k at each
+density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--model", required=True, help="model directory (with routers for --source router)")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`)")
-    p.add_argument("--attn-topk", type=float, help="fraction in (0, 1] of KV groups kept per sequence")
+    _attn_flags(p, "kept per sequence in layers > 0")
     p.add_argument("--source", default="router", choices=["router", "oracle", "random"],
-                   help="where --attn-topk heads come from (default router)")
+                   help="where the kept groups come from (default router)")
     p.add_argument("--prefix", type=int, default=64, help="dense prefill tokens per window (default 64)")
     p.add_argument("--decode-len", type=int, default=192, help="decode steps per window (default 192)")
     p.add_argument("--max-tokens", type=int, default=8192, help="about this many decoded tokens (default 8192)")
@@ -206,7 +233,7 @@ OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--sweep", action="store_true", help="sweep head densities (router, oracle, dense)")
     p.add_argument("--densities", help="comma-separated densities for --sweep (default k/K for every k)")
     p.add_argument("--sources", default="router,oracle", help="sources for --sweep (default router,oracle)")
-    p.add_argument("--out", default="ppl_sweep", help="output prefix for --sweep files (default ppl_sweep)")
+    p.add_argument("--out", default="runs/ppl_sweep", help="output prefix for --sweep files (default runs/ppl_sweep)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random source (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _text_flags(p, "heldout")

@@ -39,6 +39,19 @@ def has_mlp_labels(cfg: ModelConfig) -> bool:
     return cfg.activation == "relu" and not cfg.gated_mlp
 
 
+def bytes_per_token(cfg: ModelConfig, mlp: bool) -> int:
+    """Disk bytes of one collected token: router input (f16), head norms (f32), MLP activity bits, token id."""
+    return cfg.n_layers * (2 * cfg.dim + 4 * cfg.n_heads + (-(-cfg.mlp_dim // 8) if mlp else 0)) + 4
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space of the file system `path` will be on (its nearest existing ancestor)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def config_hash(cfg: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -149,13 +162,21 @@ def collect(cfg: ModelConfig, params: dict, tokens: np.ndarray, source: str, out
         manifest = old
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists, is not empty and has no {MANIFEST}; use a new --out directory")
+    done_win = sum(s["windows"] for s in manifest["shards"])
+    todo = max(0, n_win - done_win) * seq_len
+    per_token, free = bytes_per_token(cfg, mlp), _free_bytes(out_dir)
+    need = todo * per_token
+    print(f"collect: {todo} tokens x {per_token / 1e3:.1f} KB = {need / 1e9:.2f} GB to write to {out_dir} "
+          f"({free / 1e9:.1f} GB free)")
+    if need > free:
+        raise ValueError(f"{out_dir}: collecting {todo} tokens needs {need / 1e9:.2f} GB ({per_token / 1e3:.1f} KB "
+                         f"per token) but only {free / 1e9:.2f} GB are free; pass fewer --tokens or another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     listed = {s["name"] for s in manifest["shards"]}
     for stale in out_dir.glob("shard_*"):  # half-written shards of an interrupted run
         if stale.name not in listed:
             shutil.rmtree(stale)
 
-    done_win = sum(s["windows"] for s in manifest["shards"])
     start_tokens = manifest["tokens"]
     fn = make_collect_fn(cfg, mlp)
     bar = tqdm(total=n_win * seq_len, initial=min(done_win, n_win) * seq_len, unit="tok", desc="collect",

@@ -102,7 +102,7 @@ def eval_windows(cfg: ModelConfig, tokens: np.ndarray, prefix: int, decode_len: 
 
 def head_sparsity(source: str, density: float, cfg: ModelConfig) -> SparsityConfig:
     """Head (KV-group) sparsity from `source` at `density`, layer 0 dense, MLP dense."""
-    topk_count(density, cfg.n_kv_heads, "attention density (--attn-topk)")
+    topk_count(density, cfg.n_kv_heads, "attention density")
     if source not in ("router", "oracle", "random"):
         raise ValueError(f"--source {source!r}; choose router, oracle or random")
     return SparsityConfig(attn=source, attn_density=density)
@@ -180,8 +180,8 @@ def write_sweep(result: dict, cfg: ModelConfig, prefix_path, meta: dict, router_
     if router_metrics and "attn" in router_metrics:
         a = router_metrics["attn"]
         out["router_metrics"] = router_metrics
-        md += ["", f"## Attention router per layer (validation tokens; trained on {router_metrics.get('tokens')} "
-               f"tokens of {router_metrics.get('source')}; labels: top-{a['topk']} groups by output norm)", "",
+        md += ["", f"## Attention router per layer (test split of the {router_metrics.get('tokens')} collected tokens "
+               f"of {router_metrics.get('source')}; labels: top-{a['topk']} groups by output norm)", "",
                "| layer | top-k recall | recall (p>0.5) | precision (p>0.5) |", "|---|---|---|---|"]
         m = a["metrics"]
         md += [f"| {l} | {m['topk_recall'][l]:.3f} | {m['recall'][l]:.3f} | {m['precision'][l]:.3f} |"

@@ -19,11 +19,26 @@ from polar_jax.config import ModelConfig
 MLP_HIDDEN = 1024  # R
 
 
-def topk_count(frac: float, n: int, what: str = "--attn-topk") -> int:
+DEFAULT_ATTN_DENSITY = 0.5
+
+
+def topk_count(frac: float, n: int, what: str = "--attn-density") -> int:
     """How many of n items a fraction keeps: the rounding SparsityConfig.head_counts uses, at least 1."""
     if not 0 < frac <= 1:
         raise ValueError(f"{what} must lie in (0, 1], got {frac}")
     return int(np.clip(np.round(frac * n), 1, n))
+
+
+def attn_group_count(n_kv: int, density: float | None = None, groups: int | None = None) -> int:
+    """KV groups kept (or labelled positive) per token: `groups` itself, else the `density` fraction of
+    n_kv (default DEFAULT_ATTN_DENSITY). The CLI's --attn-groups and --attn-density."""
+    if groups is None:
+        return topk_count(DEFAULT_ATTN_DENSITY if density is None else density, n_kv)
+    if density is not None:
+        raise ValueError("pass either --attn-density (a fraction) or --attn-groups (a count), not both")
+    if not 1 <= groups <= n_kv:
+        raise ValueError(f"--attn-groups must lie in 1..{n_kv} (the model's KV groups), got {groups}")
+    return groups
 
 
 def init_attn(cfg: ModelConfig, key: jax.Array) -> dict:

@@ -4,8 +4,8 @@ Both routers are per-layer classifiers of one token's router input h [D]: the at
 which KV groups are among the top-k by output norm, the MLP router which neurons are active. Layers are
 independent, so their parameters are stacked on L and the per-layer loss is vmapped; the summed loss gives
 each layer its own gradient, and AdamW normalises each parameter on its own, so this is L separate runs.
-Validation is the last val_frac of the tokens (whole windows, not interleaved with training tokens, so
-neighbouring tokens do not leak); each layer keeps its parameters from its best validation epoch.
+Three disjoint splits (training/splits.py): train for the steps, val for early stopping (each layer keeps
+its parameters from its best validation epoch), test for the metrics reported (nothing was tuned on it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import optax
 from tqdm.auto import tqdm
 
 from training.collect import has_mlp_labels, load_data
-from training.routers import attn_labels, attn_logits, cast, init_attn, init_mlp, mlp_logits, topk_count
+from training.routers import attn_group_count, attn_labels, attn_logits, cast, init_attn, init_mlp, mlp_logits
+from training.splits import TEST_FRAC, Splits, split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TrainConfig:
     batch_size: int = 1024  # tokens per step (every layer sees the same tokens)
     max_epochs: int = 30
     patience: int = 3  # epochs without any layer improving its validation loss before stopping
-    val_frac: float = 0.1
+    val_frac: float = 0.1  # of the tokens before the test split (training/splits.py)
     seed: int = 0
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ def _metrics_fn(apply: Callable, topk: int | None):
 
 def evaluate(apply, params, X: jax.Array, labels: Labels, idx: np.ndarray, pos_weight, topk=None,
              chunk: int = 4096) -> dict[str, np.ndarray]:
-    """Per-layer validation metrics over tokens idx: loss, recall, precision (at p = 0.5), positive rate,
+    """Per-layer metrics over tokens idx: loss, recall, precision (at p = 0.5), positive rate,
     and with topk the top-k recall (share of the true top-k that the router's top-k finds)."""
     fn = _metrics_fn(apply, topk)
     tot = 0
@@ -112,22 +113,22 @@ def evaluate(apply, params, X: jax.Array, labels: Labels, idx: np.ndarray, pos_w
 @dataclasses.dataclass
 class TrainResult:
     params: dict  # stacked [L, ...] router parameters (each layer at its best validation epoch)
-    metrics: dict[str, np.ndarray]  # per-layer validation metrics of those parameters
+    metrics: dict[str, np.ndarray]  # per-layer metrics of those parameters on the test split
     history: list[dict]  # per epoch: train loss, mean validation loss, layers improved
     epochs: int
 
 
-def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc: TrainConfig,
+def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc: TrainConfig, splits: Splits,
           topk: int | None = None, progress: bool = True, desc: str = "train") -> TrainResult:
     """Fit stacked per-layer routers `apply(p_l, x [b, D]) -> logits [b, X]` to labels [L, n, X].
 
-    X [L, n, D] router inputs (any float dtype; cast to f32 per batch).
+    X [L, n, D] router inputs (any float dtype; cast to f32 per batch). splits: disjoint token indices
+    into n: steps on train, early stopping on val, the returned metrics on test.
     """
-    L, n = X.shape[:2]
-    n_val = int(round(n * tc.val_frac))
-    if n_val < 1 or n - n_val < 1:
-        raise ValueError(f"{n} tokens are too few to split into training and validation (val_frac {tc.val_frac})")
-    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    L = X.shape[0]
+    train_idx, val_idx, test_idx = splits.train, splits.val, splits.test
+    if len(np.intersect1d(train_idx, val_idx)) or len(np.intersect1d(test_idx, np.r_[train_idx, val_idx])):
+        raise ValueError("train, validation and test tokens must be disjoint")
     bs = min(tc.batch_size, len(train_idx))
     Xd = jnp.asarray(X)
     rate = positive_rate(labels, train_idx)
@@ -157,8 +158,7 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
         return p, s, jnp.mean(losses)
 
     rng = np.random.default_rng(tc.seed)
-    best = evaluate(apply, params, Xd, labels, val_idx, pos_weight, topk)
-    best_params, best_loss = params, best["loss"]
+    best_params, best_loss = params, evaluate(apply, params, Xd, labels, val_idx, pos_weight, topk)["loss"]
     history, stale, epoch = [], 0, 0
     bar = tqdm(range(tc.max_epochs), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
@@ -172,7 +172,6 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
         best_params = jax.tree_util.tree_map(
             lambda b, p: jnp.where(keep.reshape((-1,) + (1,) * (p.ndim - 1)), p, b), best_params, params)
         best_loss = np.where(better, m["loss"], best_loss)
-        best = {k: np.where(better, m[k], best[k]) for k in best}
         train_loss = float(train_loss)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": float(np.mean(m["loss"])),
                         "layers_improved": int(better.sum())})
@@ -181,11 +180,12 @@ def train(apply: Callable, init_params: dict, X: np.ndarray, labels: Labels, tc:
         if stale >= tc.patience:
             break
     bar.close()
-    return TrainResult(best_params, best, history, len(history))
+    test = evaluate(apply, best_params, Xd, labels, test_idx, pos_weight, topk)
+    return TrainResult(best_params, test, history, len(history))
 
 
 def format_table(metrics: dict[str, np.ndarray], title: str) -> str:
-    """A per-layer text table of validation metrics."""
+    """A per-layer text table of router metrics."""
     cols = [c for c in ("loss", "positive_rate", "recall", "precision", "topk_recall") if c in metrics]
     head = f"{'layer':>5} " + " ".join(f"{c:>13}" for c in cols)
     rows = [f"{l:>5} " + " ".join(f"{metrics[c][l]:>13.4f}" for c in cols) for l in range(len(metrics["loss"]))]
@@ -205,45 +205,57 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it (it may be --model itself)")
 
 
-def train_routers(model_dir, data_dir, out_dir, *, attn_topk: float = 0.5, mlp: bool = False,
+def train_routers(model_dir, data_dir, out_dir, *, attn_density: float | None = None, attn_groups: int | None = None,
+                  mlp: bool = False,
                   tc: TrainConfig = TrainConfig(), max_tokens: int | None = None, overwrite: bool = False,
                   progress: bool = True) -> dict:
     """Train the attention router (and the MLP router with mlp=True) on collected data; write the model
-    with params["routers"] to out_dir. Returns the report also written to out_dir/routers_metrics.json."""
+    with params["routers"] to out_dir. Returns the report also written to out_dir/routers_metrics.json.
+
+    The attention labels are the top-k KV groups by output norm, k = attn_groups, or else the attn_density
+    fraction of the groups (the density the router will run at)."""
     from polar_jax.checkpoint import load, save
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg, params, tokenizer = load(model_dir)
-    k = topk_count(attn_topk, cfg.n_kv_heads)
+    k = attn_group_count(cfg.n_kv_heads, attn_density, attn_groups)
     if mlp and not has_mlp_labels(cfg):
         raise ValueError(f"--mlp needs a ReLU MLP (a neuron is active when act > 0); {cfg.name} uses "
                          f"{'gated ' if cfg.gated_mlp else ''}{cfg.activation}")
     _check_out(out_dir, overwrite)
-    ds = load_data(data_dir, cfg, params, max_tokens)
+    ds = load_data(data_dir, cfg, params)
     if mlp and ds.mlp_active is None:
         raise ValueError(f"{data_dir} holds no MLP activity; collect it again with this ReLU model")
-    print(f"{ds.n} tokens from {ds.manifest['source']}; {cfg.n_layers} layers, {cfg.n_kv_heads} KV groups "
-          f"(labels: top {k} by output norm)")
+    sp = split(ds.n, ds.manifest["seq_len"], tc.val_frac, max_tokens)
+    # Only the tokens of the three splits travel to the device; indices are renumbered into that selection.
+    used = np.r_[sp.train, sp.val, sp.test]
+    a, b = len(sp.train), len(sp.train) + len(sp.val)
+    local = Splits(np.arange(a), np.arange(a, b), np.arange(b, len(used)))
+    X = ds.router_in[:, used]  # [L, n_used, D]
+    print(f"{ds.n} tokens from {ds.manifest['source']}: train {len(sp.train)}, validation {len(sp.val)}, "
+          f"test {len(sp.test)} (the last {TEST_FRAC:.0%}; metrics below are on it); {cfg.n_layers} layers, "
+          f"{cfg.n_kv_heads} KV groups (labels: top {k} by output norm)")
     key_a, key_m = jax.random.split(jax.random.key(tc.seed))
     report = {"model": cfg.name, "data": str(Path(data_dir).resolve()), "tokens": ds.n,
-              "source": ds.manifest["source"], "train_config": dataclasses.asdict(tc)}
+              "source": ds.manifest["source"], "train_config": dataclasses.asdict(tc), "splits": sp.ranges(),
+              "metrics_split": "test"}
 
-    labels = np.concatenate([np.asarray(attn_labels(ds.head_norms[:, i: i + 65536], cfg.n_kv_heads, k))
-                             for i in range(0, ds.n, 65536)], axis=1)  # [L, n, K]
-    res = train(attn_logits, init_attn(cfg, key_a), ds.router_in, Labels(labels), tc, topk=k, progress=progress,
+    labels = np.concatenate([np.asarray(attn_labels(ds.head_norms[:, used[i: i + 65536]], cfg.n_kv_heads, k))
+                             for i in range(0, len(used), 65536)], axis=1)  # [L, n_used, K]
+    res = train(attn_logits, init_attn(cfg, key_a), X, Labels(labels), tc, local, topk=k, progress=progress,
                 desc="attention router")
     routers = dict(params.get("routers") or {})
     routers["attn"] = res.params
-    report["attn"] = {"topk": k, "attn_topk": attn_topk, "epochs": res.epochs, "history": res.history,
+    report["attn"] = {"topk": k, "density": k / cfg.n_kv_heads, "epochs": res.epochs, "history": res.history,
                       "metrics": {m: v.tolist() for m, v in res.metrics.items()}}
-    print(format_table(res.metrics, f"attention router (validation; top-{k} of {cfg.n_kv_heads} groups):"))
+    print(format_table(res.metrics, f"attention router (test split; top-{k} of {cfg.n_kv_heads} groups):"))
     if mlp:
-        res = train(mlp_logits, init_mlp(cfg, key_m), ds.router_in, Labels(ds.mlp_active, cfg.mlp_dim), tc,
+        res = train(mlp_logits, init_mlp(cfg, key_m), X, Labels(ds.mlp_active[:, used], cfg.mlp_dim), tc, local,
                     progress=progress, desc="MLP router")
         routers["mlp"] = res.params
         report["mlp"] = {"epochs": res.epochs, "history": res.history,
                          "metrics": {m: v.tolist() for m, v in res.metrics.items()}}
-        print(format_table(res.metrics, "MLP router (validation; active = act > 0, predicted = p > 0.5):"))
+        print(format_table(res.metrics, "MLP router (test split; active = act > 0, predicted = p > 0.5):"))
 
     params = {**params, "routers": cast(routers, params["embed"].dtype)}
     # Atomic: out_dir (even when it is model_dir) is replaced only once the new directory is complete.
