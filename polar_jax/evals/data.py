@@ -89,7 +89,7 @@ def read_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"task data file not found: {path}")
-    rows, kinds = [], set()
+    rows, kinds, ids = [], set(), {}
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
@@ -102,6 +102,9 @@ def read_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             rows.append(_check_row(row, where))
+            if row["id"] in ids:
+                raise TaskDataError(f"{where}: id {row['id']!r} repeats line {ids[row['id']]}; ids are unique per file")
+            ids[row["id"]] = n
             kinds.add(row["kind"])
             if len(kinds) > 1:
                 raise TaskDataError(f"{where}: kind {row['kind']!r} differs from the file's earlier rows "
