@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from polar_jax.evals import data
 
 
@@ -24,10 +26,13 @@ def build_tasks(names: list[str], folder: str | os.PathLike | None = None) -> li
 
 def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limit: int | None = None,
              bootstrap_iters: int = 1000) -> dict:
-    """{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": docs}} plus "_timing".
+    """{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": docs, "preds": [...]}} plus
+    "_timing" {"seconds", "requests", "requests_per_s"}.
 
     lm: an lm-eval LM (a PolarLM, or lm-eval's own `hf` for a side-by-side). stderr: lm-eval's (the sample
-    standard error for acc; a bootstrap of `bootstrap_iters` for perplexity).
+    standard error for acc; a bootstrap of `bootstrap_iters` for perplexity). preds, in document order: the
+    argmax choice (multiple choice) or whether greedy decoding reproduced the target (lambada), so two runs
+    can be compared item by item.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -35,16 +40,21 @@ def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limi
 
     tasks = build_tasks(names, folder)
     t0 = time.perf_counter()
-    res = simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+    res = simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                           task_manager=TaskManager(include_defaults=False))
     seconds = time.perf_counter() - t0
-    out = {}
+    out, n_requests = {}, 0
     for name in names:
         r = res["results"][name]
         metrics = {k.split(",")[0]: v for k, v in r.items() if "," in k and "_stderr" not in k}
         stderr = {k.split(",")[0].replace("_stderr", ""): v for k, v in r.items() if "_stderr," in k}
-        out[name] = {"metrics": metrics, "stderr": stderr, "n": res["n-samples"][name]["effective"]}
-    out["_timing"] = {"seconds": seconds}
+        samples = sorted(res["samples"][name], key=lambda x: x["doc_id"])
+        n_requests += sum(len(x["filtered_resps"]) for x in samples)
+        greedy = "perplexity" in metrics  # a lambada task: one target, right when greedy decoding reproduces it
+        preds = [int(bool(x["filtered_resps"][0][1])) if greedy else
+                 int(np.argmax([float(ll) for ll, _ in x["filtered_resps"]])) for x in samples]
+        out[name] = {"metrics": metrics, "stderr": stderr, "n": res["n-samples"][name]["effective"], "preds": preds}
+    out["_timing"] = {"seconds": seconds, "requests": n_requests, "requests_per_s": n_requests / seconds}
     return out
 
 
