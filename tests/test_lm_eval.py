@@ -70,7 +70,7 @@ def ragged_requests(cfg, params, rng, Z):
                          ids=["dense", "oracle-all-heads", "random-density-1"])
 def test_decode_mode_equals_full_forward(tiny, sparsity):
     cfg, params = tiny
-    Z = 4  # small pages: contexts span several shared full pages plus a copied partial one
+    Z = 8  # small pages: contexts span several shared full pages plus a copied partial one
     reqs = ragged_requests(cfg, params, np.random.default_rng(5), Z)
     got = loglikelihood(cfg, params, reqs, sparsity=sparsity, batch_size=3, page_size=Z)
     for i, ((ctx, cont), (ll, greedy)) in enumerate(zip(reqs, got)):
@@ -81,7 +81,7 @@ def test_decode_mode_equals_full_forward(tiny, sparsity):
 
 
 def test_choices_share_the_context_pages():
-    cfg, Z = preset("tiny-llama-gqa"), 4
+    cfg, Z = preset("tiny-llama-gqa"), 8
     ctx_a, ctx_b = tuple(range(1, 2 * Z + 4)), tuple(range(1, Z + 1))  # 2Z+2 and Z-1 tokens prefilled
     reqs = [(ctx_a, (5, 6)), (ctx_a, (7,)), (ctx_a, (8, 9, 10)), (ctx_b, (11,))]
     b = _pack(cfg, reqs, [(ctx_a, [0, 1, 2]), (ctx_b, [3])], batch_rows=4, page_size=Z)
