@@ -1,22 +1,26 @@
 """Sparse MLP kernel benchmark: selective_mlp (the public function) against XLA's dense MLP.
 
 Each case runs a jitted chain of CHAIN MLP calls (x <- x + mlp(x), as in the model's residual stream),
-each call on a different (weight set, idx draw) pair, so neither the weights nor the selected rows stay in
-L2 from one call to the next. Two clocks, both per MLP call:
+each call on a different (weight set, idx draw) pair (weight sets alternate, each >= 256 MB, and CHAIN is
+even, so no call reads the weights of the call before it). Two clocks, both per MLP call, both reported,
+every figure named by its clock (suffix _kernel or _wall):
 
-  kernel time   the sum of the GPU kernels' durations, read from a JAX profiler trace (what the targets
-                are stated in: it leaves out launch gaps between kernels, which CUDA graphs or a longer
-                stream of work hide)
-  wall time     host-timed pipelined calls (benchmarks.common.time_fn): kernels plus the gaps between them
+  kernel   the sum of the GPU kernels' durations, read from a JAX profiler trace (it leaves out launch gaps
+           between kernels, which CUDA graphs or a longer stream of work hide). Where no GPU trace can be
+           read (no GPU, profiler error), the _kernel figures are NaN and the output and JSON say why:
+           never replaced by the wall clock.
+  wall     host-timed pipelined calls (benchmarks.common.time_fn): kernels plus the gaps between them
 
-Record fields (kernel time unless named _wall):
-  ms, ms_wall       public function at this density (sparse kernels, or the dense path where faster)
-  ms_sparse         the Triton kernels themselves (impl="triton"), also where the public function is dense
-  GBps, frac_bw     bytes that must move (weights of the `count` selected neurons + x + y) / ms, and that
-                    over the measured copy bandwidth
-  speedup_vs_dense  our 100% path (the public function at count = F, i.e. the dense path) / ms
-  speedup_vs_xla    XLA's dense `act(x @ W1.T + b1) @ W2 + b2` (gated: silu(x@Wg.T) * (x@Wu.T) @ Wd) / ms;
-                    speedup_vs_xla_wall the same in wall time
+Record fields:
+  density_requested, count, density
+                    the nominal density, the neurons that ran (a multiple of 128, or F) and count / F
+  ms_*              the public function at this density (sparse kernels, or the dense path where faster)
+  ms_sparse_kernel  the Triton kernels themselves (impl="triton"), also where the public function is dense
+  GBps_*, frac_read_bw_*
+                    bytes that must move (weights of the `count` selected neurons + x + y) / ms, and that
+                    over the measured streaming-read bandwidth (the ceiling; see benchmarks/common.py)
+  speedup_vs_dense_*  our 100% path (the public function at count = F, i.e. the dense path) / ms
+  speedup_vs_xla_*  XLA's dense `act(x @ W1.T + b1) @ W2 + b2` (gated: silu(x@Wg.T) * (x@Wu.T) @ Wd) / ms
   ideal             1 / density = F / count
 
 `python -m benchmarks.bench_mlp` runs the sweep and writes results/kernels_mlp.{json,md};
@@ -50,8 +54,12 @@ CHAIN = 8          # MLP calls per timed jit call
 N_WSETS = 2        # weight sets rotated through (each >= 256 MB, L2 is 60 MB)
 GATED_F = {4096: 11008, 8192: 22016}
 DTYPE = jnp.float16
-COLUMNS = ["variant", "D", "F", "B", "density", "count", "path", "ms", "ms_sparse", "ms_xla", "GBps", "frac_bw",
-           "speedup_vs_dense", "speedup_vs_xla", "ideal", "ms_wall", "speedup_vs_xla_wall"]
+COLUMNS = ["variant", "D", "F", "B", "density_requested", "count", "density", "path", "ms_kernel", "ms_wall",
+           "ms_sparse_kernel", "ms_xla_kernel", "ms_xla_wall", "frac_read_bw_kernel", "frac_read_bw_wall",
+           "speedup_vs_dense_kernel", "speedup_vs_dense_wall", "speedup_vs_xla_kernel", "speedup_vs_xla_wall",
+           "ideal"]
+KERNEL_CLOCK = "kernel: sum of GPU kernel durations from a JAX profiler trace, per MLP call (`*_kernel` columns)"
+WALL_CLOCK = "wall: host-timed pipelined chains of calls, per MLP call (`*_wall` columns)"
 
 
 def mlp_width(variant: str, D: int) -> int:
@@ -112,7 +120,9 @@ def _xla_dense(x, w):
 
 
 def device_profile(fn, arg_sets, calls: int = 2):
-    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace."""
+    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace.
+
+    An empty dict (and NaN span) when the trace holds no GPU kernels (no GPU)."""
     for a in arg_sets:
         jax.block_until_ready(fn(*a))
     d = tempfile.mkdtemp()
@@ -142,12 +152,22 @@ def device_profile(fn, arg_sets, calls: int = 2):
     return dict(kernels), ((max(ends) - min(starts)) / calls if starts else float("nan"))
 
 
-def _measure(fn, arg_sets, wall=True):
-    """Per MLP call: (kernel ms, wall ms, {kernel: ms}) of a CHAIN-call jitted fn."""
-    kernels, _ = device_profile(fn, arg_sets)
+def _measure(fn, arg_sets, wall=True, unavailable=None):
+    """Per MLP call: (kernel ms, wall ms, {kernel: ms}) of a CHAIN-call jitted fn.
+
+    Kernel ms is NaN when no GPU kernel can be read from a trace; the reason is added to the set
+    `unavailable`. Wall ms is NaN unless `wall`."""
+    nan = float("nan")
+    try:
+        kernels, _ = device_profile(fn, arg_sets)
+        reason = None if kernels else f"no GPU kernels in the profiler trace (backend {jax.default_backend()})"
+    except Exception as e:  # noqa: BLE001  (the profiler failing must not stop the wall clock; it is reported)
+        kernels, reason = {}, f"profiler failed: {type(e).__name__}: {str(e)[:200]}"
+    if reason and unavailable is not None:
+        unavailable.add(reason)
     per = {k: v * 1e-6 / CHAIN for k, v in kernels.items()}
-    ms_wall = common.time_fn(fn, arg_sets, inner=5, reps=7, warmup=1) / CHAIN if wall or not per else float("nan")
-    return (sum(per.values()) if per else ms_wall), ms_wall, per  # no GPU trace (CPU): wall time
+    ms_wall = common.time_fn(fn, arg_sets, inner=5, reps=7, warmup=1) / CHAIN if wall else nan
+    return (sum(per.values()) if per else nan), ms_wall, per
 
 
 def _bytes(variant, D, B, count):
@@ -155,11 +175,15 @@ def _bytes(variant, D, B, count):
     return count * D * 2 * mats + 2 * B * D * 2
 
 
-def run(copy_bw: float, quick: bool = False, variants=("relu", "gated"), log_path: str | None = None) -> list[dict]:
-    """One record per (variant, D, B, density); see the module docstring for the fields.
+def run(read_bw: float, quick: bool = False, variants=("relu", "gated"), log_path: str | None = None,
+        unavailable: set | None = None) -> list[dict]:
+    """One record per (variant, D, B, density); see the module docstring for the fields. read_bw: the ceiling.
 
     log_path: also append each record to this file as a JSON line as soon as it is measured.
+    unavailable: a set that collects why the kernel clock could not be read (if it could not).
     """
+    unavailable = set() if unavailable is None else unavailable
+    m = lambda *a, **kw: _measure(*a, unavailable=unavailable, **kw)  # noqa: E731
     cases = [(v, D) for v in variants for D in MLP_DIMS]
     batches, densities = MLP_BATCHES, MLP_DENSITIES
     if quick:
@@ -175,9 +199,9 @@ def run(copy_bw: float, quick: bool = False, variants=("relu", "gated"), log_pat
         for B in batches:
             x = jax.random.normal(jax.random.fold_in(key, B), (B, D), jnp.float32).astype(DTYPE)
             t0 = time.perf_counter()
-            ms_xla, wall_xla, _ = _measure(xla, [(x, wsets, [jnp.zeros((1,), jnp.int32)])])
+            ms_xla, wall_xla, _ = m(xla, [(x, wsets, [jnp.zeros((1,), jnp.int32)])])
             all_idx = [jnp.arange(F, dtype=jnp.int32)]
-            ms_full, wall_full, _ = _measure(_chain(_public(F, activation)), [(x, wsets, all_idx)])
+            ms_full, wall_full, _ = m(_chain(_public(F, activation)), [(x, wsets, all_idx)])
             for density in densities:
                 count = neuron_count(density, F)
                 idxs = all_idx if count == F else _idx_draws(F, count, jax.random.fold_in(key, count))
@@ -185,17 +209,24 @@ def run(copy_bw: float, quick: bool = False, variants=("relu", "gated"), log_pat
                 if count == F:
                     ms, ms_wall = ms_full, wall_full
                 else:
-                    ms, ms_wall, _ = _measure(_chain(_public(count, activation)), [(x, wsets, idxs)])
+                    ms, ms_wall, _ = m(_chain(_public(count, activation)), [(x, wsets, idxs)])
                 ms_sparse = ms
                 if dense:
-                    ms_sparse, _, _ = _measure(_chain(_public(count, activation, impl="triton")),
+                    ms_sparse, _, _ = m(_chain(_public(count, activation, impl="triton")),
                                                [(x, wsets, idxs)], wall=False)
-                gbps = _bytes(variant, D, B, count) / (ms * 1e-3) / 1e9
-                rec = dict(kernel="selective_mlp", variant=variant, B=B, D=D, F=F, density=density, count=count,
-                           path="dense" if dense else "sparse", ms=ms, ms_wall=ms_wall, ms_sparse=ms_sparse,
-                           ms_xla=ms_xla, ms_xla_wall=wall_xla, ms_full=ms_full, GBps=gbps,
-                           frac_bw=gbps * 1e9 / copy_bw, speedup_vs_dense=ms_full / ms, speedup_vs_xla=ms_xla / ms,
-                           speedup_vs_xla_wall=wall_xla / ms_wall, ideal=F / count)
+                nbytes = _bytes(variant, D, B, count)
+                rec = dict(kernel="selective_mlp", variant=variant, B=B, D=D, F=F, density_requested=density,
+                           count=count, density=count / F, path="dense" if dense else "sparse",
+                           kernel_clock="profiler" if ms == ms else "unavailable", ms_kernel=ms, ms_wall=ms_wall,
+                           ms_sparse_kernel=ms_sparse, ms_xla_kernel=ms_xla, ms_xla_wall=wall_xla,
+                           ms_full_kernel=ms_full, ms_full_wall=wall_full, ideal=F / count,
+                           read_bw_TBps=read_bw / 1e12)
+                for clock in ("kernel", "wall"):
+                    t = rec[f"ms_{clock}"] * 1e-3
+                    rec[f"GBps_{clock}"] = nbytes / t / 1e9
+                    rec[f"frac_read_bw_{clock}"] = nbytes / t / read_bw
+                    rec[f"speedup_vs_dense_{clock}"] = rec[f"ms_full_{clock}"] / rec[f"ms_{clock}"]
+                    rec[f"speedup_vs_xla_{clock}"] = rec[f"ms_xla_{clock}"] / rec[f"ms_{clock}"]
                 records.append(rec)
                 if log_path:
                     with open(log_path, "a") as f:
@@ -293,6 +324,8 @@ def _tune_chain(kind, variant, count, cfg):
 
 
 def tune(cases=TUNE) -> None:
+    """Print each configuration's kernel-clock time per call (profiler trace; NaN, said once, without one)."""
+    unavailable = set()
     key = jax.random.key(3)
     inputs = {}
     for i, (kind, variant, D, B, count, cfg) in enumerate(cases):
@@ -308,21 +341,23 @@ def tune(cases=TUNE) -> None:
             cfg_s = str(cfg)
         t0 = time.perf_counter()
         try:
-            ms, _, per = _measure(_tune_chain(kind, variant, count, cfg), [(p,)], wall=False)
+            ms, _, per = _measure(_tune_chain(kind, variant, count, cfg), [(p,)], wall=False, unavailable=unavailable)
         except Exception as e:  # noqa: BLE001  (a config Triton rejects: report and go on)
             print(f"tune {kind} {variant} D={D} B={B} count={count} {cfg_s}: FAILED {type(e).__name__}: "
                   f"{str(e)[:200]}", flush=True)
             continue
         parts = ", ".join(f"{k[:32]} {v * 1e3:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
-        print(f"tune {kind} {variant} D={D} B={B} count={count} {cfg_s}: {ms * 1e3:.1f} us  [{parts}]  "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"tune {kind} {variant} D={D} B={B} count={count} {cfg_s}: {ms * 1e3:.1f} us kernel clock  "
+              f"[{parts}]  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    for reason in sorted(unavailable):
+        print(f"WARNING: kernel clock unavailable: {reason}", flush=True)
 
 
-def check() -> float:
-    """Triton kernels vs the f32 reference at benchmark shapes (fresh random inputs); worst relative error."""
+def check() -> bool:
+    """Triton kernels vs the f32 reference at benchmark shapes (fresh random inputs); True if all pass."""
     from pallas_kernels.selective_gemm import reference
     from tests.tolerances import REL_TOL, rel_error
-    worst = 0.0
+    all_ok = True
     key = jax.random.key(7)
     for variant, D, B, count, C in [("relu", 8192, 16, 3328, 3328), ("relu", 8192, 128, 3000, 3328),
                                     ("gated", 4096, 1, 1111, 1152), ("gated", 4096, 256, 4096, 4096),
@@ -348,13 +383,35 @@ def check() -> float:
                                           b_up=f32.get("b_up"), b_down=f32.get("b_down"), w_gate=f32.get("w_gate"),
                                           activation=act, layer=1)
             err = rel_error(y, ref)
-            worst = max(worst, err)
+            ok = err <= REL_TOL["float16"]
+            all_ok &= ok
             print(f"check {impl} {variant} D={D} B={B} count={count} C={C}: rel err {err:.2e} "
-                  f"({'ok' if err <= REL_TOL['float16'] else 'FAIL'})", flush=True)
-    return worst
+                  f"({'ok' if ok else 'FAIL'})", flush=True)
+    return all_ok
 
 
-def main():
+def clock_meta(unavailable: set) -> dict:
+    """The clocks lines of the result files; the kernel clock's absence and why, when it is absent."""
+    if not unavailable:
+        return {"clocks": [KERNEL_CLOCK, WALL_CLOCK], "kernel_clock": "profiler"}
+    why = "; ".join(sorted(unavailable))
+    print(f"WARNING: kernel clock unavailable ({why}): *_kernel figures are NaN, not replaced by wall time",
+          flush=True)
+    return {"clocks": [f"kernel: UNAVAILABLE ({why}); `*_kernel` columns are NaN", WALL_CLOCK],
+            "kernel_clock": f"unavailable: {why}"}
+
+
+def _label(r: dict) -> str:
+    return f"{r['variant']} D={r['D']} B={r['B']} count={r['count']}"
+
+
+def _finish(meta: dict, records: list[dict], out_dir: pathlib.Path) -> int:
+    warnings = common.check_ceiling(records, ["frac_read_bw_kernel", "frac_read_bw_wall"], _label)
+    common.write_results("kernels_mlp", dict(meta, warnings=warnings), records, COLUMNS, out_dir=out_dir)
+    return 3 if warnings else 0
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true", help="time the TUNE configurations of each kernel")
@@ -362,41 +419,51 @@ def main():
                     help="time candidate configurations at the shapes of a llama-2-7b decode step (batch 64)")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
-    ap.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="write kernels_mlp.{json,md} from the kernels_mlp.jsonl record logs of these folders")
+    common.add_device_args(ap)
     args = ap.parse_args()
-    out_dir = pathlib.Path(args.out) if args.out else common.RESULTS
-    if args.merge:
+    out_dir = pathlib.Path(args.out)
+    if args.merge:  # runs of --variant relu and --variant gated in separate device calls, one file
         metas, records = [], []
         for d in args.merge:
             metas.append(json.loads((pathlib.Path(d) / "meta.json").read_text()))
-            records += [json.loads(l) for l in (pathlib.Path(d) / "kernels_mlp.jsonl").read_text().splitlines()]
-        meta = dict(metas[0], command=" && ".join(m["command"] for m in metas))
-        common.write_results("kernels_mlp", meta, records, COLUMNS, out_dir=out_dir)
-        return
+            records += [json.loads(line) for line in (pathlib.Path(d) / "kernels_mlp.jsonl").read_text().splitlines()]
+        devices = {m["device"] for m in metas}
+        if len(devices) > 1:
+            sys.exit(f"error: the runs to merge were made on different devices ({', '.join(sorted(devices))})")
+        meta = dict(metas[0], command=" && ".join(m["command"] for m in metas),
+                    read_bw_TBps=min(m["read_bw_TBps"] for m in metas),
+                    runs=[{k: m[k] for k in ("command", "date", "read_bw_TBps", "copy_bw_TBps", "kernel_clock")}
+                          for m in metas])
+        meta["clocks"] = metas[0]["clocks"] + [
+            "merged runs, each record's frac_read_bw_* over its own run's ceiling (read_bw_TBps column of the "
+            "JSON); the header gives the lowest"]
+        return _finish(meta, records, out_dir)
+    common.require_gpu("benchmarks.bench_mlp", args.allow_cpu)
+    common.check_out_dir(out_dir)
     if args.check:
-        check()
-        return
+        return 0 if check() else 1
     if args.tune_decode:
         tune(TUNE_DECODE)
-        return
+        return 0
     if args.tune:
         tune()
-        return
-    copy_bw = common.copy_bandwidth()
-    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s on {common.device_name()}", flush=True)
+        return 0
+    ceiling = common.measure_ceiling()
     command = "python -m benchmarks.bench_mlp" + (" --quick" if args.quick else "") + (
         f" --variant {args.variant}" if args.variant else "")
-    meta = common.metadata(command)
-    meta["copy_bw_TBps"] = copy_bw / 1e12
+    meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").write_text(json.dumps(meta))
     log = out_dir / "kernels_mlp.jsonl"
     log.unlink(missing_ok=True)
     variants = (args.variant,) if args.variant else ("relu", "gated")
-    records = run(copy_bw, quick=args.quick, variants=variants, log_path=str(log))
-    common.write_results("kernels_mlp", meta, records, COLUMNS, out_dir=out_dir)
+    unavailable = set()
+    records = run(ceiling["read_bw"], quick=args.quick, variants=variants, log_path=str(log), unavailable=unavailable)
+    meta.update(clock_meta(unavailable))
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    return _finish(meta, records, out_dir)
 
 
 if __name__ == "__main__":

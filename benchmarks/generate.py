@@ -1,8 +1,11 @@
 """End-to-end decode throughput on the GPU: dense and sparse decode steps against the HBM roofline.
 
 One decode step at a fixed context (every sequence holds `ctx` cached tokens; the step rewrites the same
-position so the context does not drift while timing). The roofline is the bytes one step must read
-(weights once + the KV slabs it attends to) over the copy bandwidth measured in the same run.
+position so the context does not drift while timing). Clock: wall (host-timed pipelined steps). The
+roofline is the bytes one step must read (`step_bytes`: every weight once, the embedding rows of the B
+tokens, the KV slabs it attends to) over the streaming-read bandwidth measured in the same run (the
+ceiling; the copy bandwidth is reported as information). Densities are reported as run: the KV heads
+(groups) kept per sparse layer and their fraction, next to the density asked for.
 
     python -m benchmarks.generate                # everything (dense sweep + sparse sweep)
     python -m benchmarks.generate --part dense   # issue 2: smollm2-135m and llama-2-7b, B 1/16/64, ctx 512/2048
@@ -12,6 +15,7 @@ position so the context does not drift while timing). The roofline is the bytes 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import sys
@@ -22,42 +26,89 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, copy_bandwidth, metadata, write_results
+from benchmarks import common
 from benchmarks.shapes import DENSE_CASES, SPARSE_CASES, SPARSE_MODES
-from polar_jax.cache import KVCache, cache_bytes
-from polar_jax.config import ModelConfig, preset
-from polar_jax.model import forward
-from polar_jax.params import init_params
-from polar_jax.sparsity import SparsityConfig
+from polar_jax import ModelConfig, SparsityConfig, forward, init_cache, init_params, preset
 
 DTYPE = jnp.bfloat16
 GPU_BYTES = None  # filled from the device at start
 
 
-def step_bytes(cfg: ModelConfig, params: dict, B: int, ctx: int, sp: SparsityConfig | None) -> float:
-    """Bytes one decode step must read: every weight once (B rows of the embedding table) + KV slabs."""
-    leaves = jax.tree_util.tree_leaves({k: v for k, v in params.items() if k not in ("embed", "routers")})
-    weights = sum(x.size * x.dtype.itemsize for x in leaves)
-    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    weights += head.size * head.dtype.itemsize + B * cfg.embed_dim * 2 * (not cfg.tie_embeddings)
-    per_layer_kv = cache_bytes(cfg, B, ctx + 1, DTYPE) / cfg.n_layers
-    if sp is None or sp.attn == "all":
-        kv = per_layer_kv * cfg.n_layers
-    else:
-        kv = float((sp.head_counts(cfg) / cfg.n_kv_heads).sum()) * per_layer_kv
-    return weights + kv
+def _nbytes(x) -> int:
+    return x.size * jnp.dtype(x.dtype).itemsize
 
 
-def random_cache(cfg: ModelConfig, B: int, ctx: int) -> KVCache:
-    S = ctx + 128
-    shape = (cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim)
+def weight_bytes(cfg: ModelConfig, params: dict, B: int) -> int:
+    """Weight bytes one decode step reads: every matrix once, but only the B rows of the token (and, for
+    learned positions, position) embeddings; a tied embedding table is read whole as the LM head.
+    params: arrays or ShapeDtypeStructs; routers are left out (see step_bytes)."""
+    total = 0
+    for name, value in params.items():
+        if name in ("routers", "embed", "pos_embed"):
+            continue
+        total += sum(_nbytes(x) for x in jax.tree_util.tree_leaves(value))
+    embed = params["embed"]  # [V, E]
+    row = _nbytes(embed) // embed.shape[0]
+    total += _nbytes(embed) if cfg.tie_embeddings else B * row
+    if "pos_embed" in params:
+        pos = params["pos_embed"]
+        total += B * _nbytes(pos) // pos.shape[0]
+    return total
 
-    @jax.jit
-    def make(key):  # one layer at a time, so no full-size fp32 temporary
-        keys = jax.random.split(key, cfg.n_layers)
-        return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], DTYPE), keys)
 
-    return KVCache(make(jax.random.key(1)), make(jax.random.key(2)), jnp.full((B,), ctx, jnp.int32))
+def router_bytes(params: dict, sp: SparsityConfig | None) -> int:
+    """Bytes of the routers a step reads: the attention router when heads are routed, the MLP one likewise."""
+    if sp is None or "routers" not in params:
+        return 0
+    used = [k for k, mode in (("attn", sp.attn), ("mlp", sp.mlp)) if mode == "router" and k in params["routers"]]
+    return sum(_nbytes(x) for k in used for x in jax.tree_util.tree_leaves(params["routers"][k]))
+
+
+def heads_kept(cfg: ModelConfig, sp: SparsityConfig | None) -> np.ndarray:
+    """[L] KV heads (groups) a step attends to in each layer."""
+    return np.full(cfg.n_layers, cfg.n_kv_heads) if sp is None else sp.head_counts(cfg)
+
+
+def kv_bytes(cfg: ModelConfig, B: int, ctx: int, kept: np.ndarray, dtype=DTYPE) -> int:
+    """K and V bytes a step reads: the kept heads' slabs over ctx + 1 positions (the cache and the new token)."""
+    return int(2 * B * int(np.sum(kept)) * (ctx + 1) * cfg.head_dim * jnp.dtype(dtype).itemsize)
+
+
+def step_bytes(cfg: ModelConfig, params: dict, B: int, ctx: int, sp: SparsityConfig | None) -> int:
+    """Bytes one decode step must read: weights (`weight_bytes`), routers in use, KV slabs of the kept heads."""
+    return weight_bytes(cfg, params, B) + router_bytes(params, sp) + kv_bytes(cfg, B, ctx, heads_kept(cfg, sp))
+
+
+def density_labels(cfg: ModelConfig, sp: SparsityConfig | None, requested: float) -> dict:
+    """What ran: KV heads kept per sparse layer ("2/8"), that as a fraction, over all layers, and what was asked."""
+    kept = heads_kept(cfg, sp)
+    K = cfg.n_kv_heads
+    sparse = np.ones(cfg.n_layers, bool)
+    if sp is not None and sp.attn != "all":
+        sparse[list(sp.dense_layers)] = False
+    per_layer = np.unique(kept[sparse]) if sparse.any() else np.unique(kept)
+    kept_s = "/".join(str(int(c)) for c in per_layer) + f" of {K}"
+    return dict(density_requested=requested, kv_heads_kept=kept_s, density=float(np.mean(kept[sparse] / K)) if
+                sparse.any() else 1.0, density_all_layers=float(np.sum(kept) / (K * cfg.n_layers)))
+
+
+def random_cache(cfg: ModelConfig, B: int, ctx: int):
+    """A cache from `init_cache` with every floating-point buffer (the K and V data, whatever the layout)
+    filled with random values and every sequence `ctx` tokens long. Each buffer is donated to its fill, so
+    the cache is never held twice."""
+    cache = init_cache(cfg, B, ctx + 128, DTYPE)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fill(x, key):  # one leading index at a time, so no full-size fp32 temporary
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        keys = jax.random.split(key, x.shape[0])
+        return jax.lax.map(lambda k: jax.random.normal(k, x.shape[1:], x.dtype), keys)
+
+    leaves, treedef = jax.tree_util.tree_flatten(cache)
+    leaves = [fill(x, jax.random.key(i + 1)) for i, x in enumerate(leaves)]
+    cache = jax.tree_util.tree_unflatten(treedef, leaves)
+    return cache.replace(lengths=jnp.full((B,), ctx, jnp.int32))
 
 
 def random_routers(cfg: ModelConfig, key) -> dict:
@@ -66,7 +117,8 @@ def random_routers(cfg: ModelConfig, key) -> dict:
     return {"attn": {"w": w, "b": jnp.zeros((cfg.n_layers, cfg.n_kv_heads), jnp.float32)}}
 
 
-def time_steps(step, params, cache, tokens, *, inner: int = 10, reps: int = 7) -> tuple[float, KVCache]:
+def time_steps(step, params, cache, tokens, *, inner: int = 10, reps: int = 7):
+    """(median wall ms per step, cache): pipelined steps, blocking once per `inner`."""
     key = jax.random.key(0)
     for _ in range(3):
         tokens, cache = step(params, cache, tokens, key)
@@ -90,14 +142,13 @@ def make_step(cfg: ModelConfig, sp: SparsityConfig | None):
 
 
 def fits(cfg: ModelConfig, B: int, ctx: int) -> bool:
-    weights = sum(s.size for s in jax.tree_util.tree_leaves(
-        jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), DTYPE)))) * 2
-    return weights + cache_bytes(cfg, B, ctx + 128, DTYPE) < 0.85 * GPU_BYTES
+    shapes = jax.eval_shape(lambda: (init_params(cfg, jax.random.key(0), DTYPE), init_cache(cfg, B, ctx + 128, DTYPE)))
+    return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(shapes)) < 0.85 * GPU_BYTES
 
 
 def load_model(name: str, smollm2_dir: str | None):
     if name == "smollm2-135m" and smollm2_dir and (Path(smollm2_dir) / "config.json").is_file():
-        from polar_jax.checkpoint import load
+        from polar_jax import load
 
         cfg, params, _ = load(smollm2_dir)
         return cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(x, DTYPE), params), "real"
@@ -106,7 +157,7 @@ def load_model(name: str, smollm2_dir: str | None):
     return cfg, params, "random"
 
 
-def run_cases(cases, modes, bw, smollm2_dir) -> list[dict]:
+def run_cases(cases, modes, read_bw, smollm2_dir) -> list[dict]:
     records = []
     by_model: dict[str, list] = {}
     for name, B, ctx in cases:
@@ -126,17 +177,18 @@ def run_cases(cases, modes, bw, smollm2_dir) -> list[dict]:
                 ms, cache = time_steps(make_step(cfg, sp), params, cache, tokens)
                 nbytes = step_bytes(cfg, params, B, ctx, sp)
                 dense_ms = ms if mode == "dense" else dense_ms
-                rec = dict(model=name, weights=weights, B=B, ctx=ctx, mode=mode, density=density, ms=ms,
-                           tokens_per_s=B / (ms * 1e-3), GB_per_step=nbytes / 1e9,
-                           roofline_frac=nbytes / bw / (ms * 1e-3))
+                rec = dict(model=name, weights=weights, B=B, ctx=ctx, mode=mode, **density_labels(cfg, sp, density),
+                           ms_wall=ms, tokens_per_s_wall=B / (ms * 1e-3), GB_per_step=nbytes / 1e9,
+                           roofline_frac_wall=nbytes / read_bw / (ms * 1e-3))
                 if mode != "dense":
-                    rec["speedup"] = dense_ms / ms
+                    rec["speedup_wall"] = dense_ms / ms
                     rec["bw_bound_speedup"] = step_bytes(cfg, params, B, ctx, None) / nbytes
-                    rec["frac_of_bw_bound"] = rec["speedup"] / rec["bw_bound_speedup"]
+                    rec["frac_of_bw_bound_wall"] = rec["speedup_wall"] / rec["bw_bound_speedup"]
                 records.append(rec)
-                print(f"{name:14s} B={B:4d} ctx={ctx:5d} {mode:7s} {density:.2f}: {ms:8.3f} ms/step "
-                      f"{rec['tokens_per_s']:9.0f} tok/s  roofline {rec['roofline_frac']:.2f}"
-                      + (f"  speedup {rec['speedup']:.2f} (bw-bound {rec['bw_bound_speedup']:.2f})"
+                print(f"{name:14s} B={B:4d} ctx={ctx:5d} {mode:7s} {rec['kv_heads_kept']:>9s} kv heads: "
+                      f"{ms:8.3f} ms/step {rec['tokens_per_s_wall']:9.0f} tok/s  "
+                      f"roofline {rec['roofline_frac_wall']:.2f}"
+                      + (f"  speedup {rec['speedup_wall']:.2f} (bw-bound {rec['bw_bound_speedup']:.2f})"
                          if mode != "dense" else ""), flush=True)
             del cache
             gc.collect()
@@ -145,31 +197,46 @@ def run_cases(cases, modes, bw, smollm2_dir) -> list[dict]:
     return records
 
 
-def main(argv=None) -> None:
+COLUMNS = ["model", "weights", "B", "ctx", "mode", "density_requested", "kv_heads_kept", "density", "ms_wall",
+           "tokens_per_s_wall", "GB_per_step", "roofline_frac_wall", "speedup_wall", "bw_bound_speedup",
+           "frac_of_bw_bound_wall"]
+CLOCKS = ["wall: host-timed pipelined decode steps (`*_wall` columns; no profiler clock here)",
+          "roofline_frac = (GB_per_step / read ceiling) / ms; bw_bound_speedup = dense bytes / sparse bytes; "
+          "density = KV heads kept / K in the sparse layers (layer 0 stays dense)"]
+
+
+def _label(r: dict) -> str:
+    return f"{r['model']} B={r['B']} ctx={r['ctx']} {r['mode']} {r['kv_heads_kept']}"
+
+
+def main(argv=None) -> int:
     global GPU_BYTES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["dense", "sparse", "all"], default="all")
     ap.add_argument("--smollm2-dir", default="models/smollm2-135m-instruct",
                     help="converted SmolLM2 model dir (real weights); random weights when absent")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke test)")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for the result files (default benchmarks/results)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
+    common.add_device_args(ap)
     args = ap.parse_args(argv)
+    common.require_gpu("benchmarks.generate", args.allow_cpu)
+    common.check_out_dir(Path(args.out))
     stats = jax.devices()[0].memory_stats() or {}
     GPU_BYTES = stats.get("bytes_limit", 16 << 30)
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {jax.devices()[0].device_kind}", flush=True)
+    ceiling = common.measure_ceiling()
     command = "python -m benchmarks.generate " + " ".join(argv if argv is not None else sys.argv[1:])
-    cols = ["model", "weights", "B", "ctx", "mode", "density", "ms", "tokens_per_s", "GB_per_step",
-            "roofline_frac", "speedup", "bw_bound_speedup", "frac_of_bw_bound"]
-    if args.part in ("dense", "all"):
-        cases = DENSE_CASES[:2] if args.quick else DENSE_CASES
-        recs = run_cases(cases, [("dense", 1.0)], bw, args.smollm2_dir)
-        write_results("generate_dense", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols, Path(args.out))
-    if args.part in ("sparse", "all"):
-        cases = SPARSE_CASES[:1] if args.quick else SPARSE_CASES
-        recs = run_cases(cases, SPARSE_MODES, bw, args.smollm2_dir)
-        write_results("generate_sparse", dict(metadata(command), copy_bw_TBps=bw / 1e12), recs, cols, Path(args.out))
+    meta = dict(common.metadata(command.strip()), **common.ceiling_meta(ceiling), clocks=CLOCKS)
+    warned = False
+    for part, all_cases, modes in [("dense", DENSE_CASES, [("dense", 1.0)]), ("sparse", SPARSE_CASES, SPARSE_MODES)]:
+        if args.part not in (part, "all"):
+            continue
+        cases = all_cases[:2 if part == "dense" else 1] if args.quick else all_cases
+        recs = run_cases(cases, modes, ceiling["read_bw"], args.smollm2_dir)
+        warnings = common.check_ceiling(recs, ["roofline_frac_wall"], _label)
+        common.write_results(f"generate_{part}", dict(meta, warnings=warnings), recs, COLUMNS, Path(args.out))
+        warned |= bool(warnings)
+    return 3 if warned else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
     python -m benchmarks.profile_step --model llama-2-7b --batch 64 --ctx 2048 [--attn random --density 0.5]
 
-Prints the kernels sorted by total time per step (count, total µs, share) and the step's device span.
+Prints the kernels sorted by total time per step (count, total µs, share) and the step's device span
+(kernel clock: durations from the profiler trace). Without a GPU trace it says so and exits non-zero.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from benchmarks.bench_mlp import device_profile
 from benchmarks.generate import load_model, make_step, random_cache, random_routers
 from polar_jax.sparsity import SparsityConfig
@@ -32,7 +35,9 @@ def main(argv=None) -> None:
     ap.add_argument("--attn", default="all", choices=["all", "random", "router", "oracle"])
     ap.add_argument("--density", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=4, help="steps traced (the figures are per step)")
+    common.add_device_args(ap)
     args = ap.parse_args(argv)
+    common.require_gpu("benchmarks.profile_step", args.allow_cpu)
 
     cfg, params, _ = load_model(args.model, None)
     params = dict(params, routers=random_routers(cfg, jax.random.key(3)))
@@ -47,6 +52,8 @@ def main(argv=None) -> None:
 
     keys = [(jax.random.key(i),) for i in range(args.steps)]
     kernels, span = device_profile(run, keys, calls=args.steps)
+    if not kernels:
+        sys.exit(f"error: no GPU kernels in the profiler trace (backend {jax.default_backend()}): no kernel clock")
     groups, counts = collections.defaultdict(float), collections.Counter()
     for name, ns in kernels.items():
         groups[_group(name)] += ns

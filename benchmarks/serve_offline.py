@@ -1,7 +1,7 @@
 """Offline serving benchmark: the engine on workload W, all requests submitted at once (GPU).
 
 W: `--requests` requests (default 512) with prompt lengths uniform in [128, 2048] and output lengths uniform
-in [64, 512], fixed seed, ignore_eos, greedy. For each model shape (random bf16 weights) and mode (dense,
+in [64, 512] (`--prompt-len`, `--output-len`), fixed seed, ignore_eos, greedy. For each model shape (random bf16 weights) and mode (dense,
 random 50% of heads, router 50% of heads) it reports output tokens/s, requests/s, the mean decode batch,
 peak KV pages in use, preemptions, and W's roofline time from the engine's own step log: each decode step's
 bytes (weights once, routers in use, the kept heads' KV of every sequence) over the streaming-read
@@ -43,6 +43,11 @@ def workload(n: int, vocab: int, seed: int = 0, prompt=(128, 2048), output=(64, 
     o_len = rng.integers(output[0], output[1] + 1, n)
     prompts = [rng.integers(3, vocab, p).tolist() for p in p_len]
     return prompts, o_len.tolist()
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
 
 
 def matmul_rate() -> float:
@@ -169,7 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pool-fraction", type=float, default=None,
                     help="also run dense W with a page pool of this fraction of its peak demand (e.g. 0.25)")
     ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
-    ap.add_argument("--short", action="store_true", help="W with 4x shorter prompts and outputs (a quick look)")
+    ap.add_argument("--prompt-len", default="128,2048", help="LO,HI: prompt lengths uniform in [LO, HI]")
+    ap.add_argument("--output-len", default="64,512", help="LO,HI: output lengths uniform in [LO, HI]")
     ap.add_argument("--out", type=Path, default=RESULTS)
     add_device_args(ap)
     args = ap.parse_args(argv)
@@ -190,9 +196,8 @@ def main(argv=None) -> int:
         cfg = preset(name)
         params = jax.jit(lambda k: init_params(cfg, k, DTYPE))(jax.random.key(0))
         params["routers"] = random_routers(cfg, jax.random.key(5))
-        scale = 4 if args.short else 1
-        prompts, outs = workload(args.requests, cfg.vocab_size, prompt=(128 // scale, 2048 // scale),
-                                 output=(64 // scale, 512 // scale))
+        prompts, outs = workload(args.requests, cfg.vocab_size, prompt=_pair(args.prompt_len),
+                                 output=_pair(args.output_len))
         dense_tokens, peak, dense_rec = None, None, None
         for mode in args.modes.split(","):
             sp = MODES[mode]

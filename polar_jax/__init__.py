@@ -17,5 +17,5 @@ def load(path):
     return _load(path)
 
 
-__all__ = ["LLM", "KVCache", "ModelConfig", "SamplingParams", "GenerateOutput", "SamplingConfig", "SparsityConfig", "forward",
-           "from_hf_config", "generate", "init_cache", "init_params", "load", "preset"]
+__all__ = ["LLM", "KVCache", "ModelConfig", "SamplingParams", "GenerateOutput", "SamplingConfig", "SparsityConfig",
+           "forward", "from_hf_config", "generate", "init_cache", "init_params", "load", "preset"]

@@ -4,6 +4,8 @@ A model directory (written by `polar convert` or `save`) holds:
   config.json      our ModelConfig (ModelConfig.to_dict), not a transformers config
   params/          orbax PyTree checkpoint of the parameter pytree (polar_jax/params.py), incl. optional routers
   tokenizer files  as transformers saves them (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...)
+  polar-model.json the marker: says this directory was written here (and the params dtype), so that
+                   `overwrite=True` replaces only directories we wrote, never a user's own folder
 
 Params are always saved as host numpy arrays, so a checkpoint written on one device kind loads on any other.
 Only the stable orbax API (PyTreeCheckpointer) is used: it reads and writes the same format in
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from polar_jax.params import check_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+MARKER_FILE = "polar-model.json"
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 # Files transformers reads a tokenizer from (any one of the first group makes a tokenizer directory);
 # generation_config.json rides along for the sampling defaults it carries.
@@ -40,10 +42,33 @@ TOKENIZER_EXTRAS = ("special_tokens_map.json", "added_tokens.json", "chat_templa
 TOKENIZER_DIRS = ("additional_chat_templates",)
 
 
+def is_model_dir(path: Path) -> bool:
+    """True for a directory written by `save` / `polar convert` (it holds our marker file)."""
+    return path.is_dir() and (path / MARKER_FILE).is_file()
+
+
+def stored_dtype(path: str | Path) -> np.dtype | None:
+    """The parameter dtype a model directory's marker records, or None (no marker, or an unreadable one)."""
+    try:
+        return jnp.dtype(json.loads((Path(path) / MARKER_FILE).read_text())["dtype"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+    """Raise unless `out` may be written: it does not exist, or it is one of our model directories and
+    overwrite is on. Every ancestor that exists must be a directory."""
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"cannot create {out}: {parent} is a file, not a directory")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
         raise FileExistsError(f"output {out} already exists; pass overwrite=True (polar convert --overwrite) "
                               "to replace it")
+    if not is_model_dir(out):
+        raise FileExistsError(f"refusing to overwrite {out}: it is not a model directory written by polar "
+                              f"(no {MARKER_FILE}); remove it yourself or choose another output")
 
 
 @contextlib.contextmanager
@@ -51,14 +76,18 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     """Yield a temporary sibling directory of `out`; rename it to `out` only if the block completes.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and `out` is untouched.
+    With overwrite, only a model directory we wrote (it has our marker) is replaced; see refuse_existing.
     """
     out = Path(out)
     refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # A plain mkdir (not tempfile.mkdtemp, which makes it 0700) so the model gets the user's umask.
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         yield tmp
         if out.exists() or out.is_symlink():
+            refuse_existing(out, overwrite)  # again: something may have appeared there meanwhile
             # Move the old one aside first, so `out` is never half old, half new.
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             out.rename(old)
@@ -104,6 +133,8 @@ def write(path: str | Path, cfg: ModelConfig, params: dict, tokenizer_dir: str |
     (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, path)
+    marker = {"written_by": "polar-jax", "dtype": str(host["embed"].dtype)}
+    (path / MARKER_FILE).write_text(json.dumps(marker) + "\n")
 
 
 def save(path: str | Path, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | None = None,
@@ -116,6 +147,24 @@ def save(path: str | Path, cfg: ModelConfig, params: dict, tokenizer_dir: str | 
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write(tmp, cfg, params, tokenizer_dir)
     return Path(path)
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise a one-line error when `path` is not a model directory, saying what it is instead."""
+    make = f"make a model directory from it with `polar convert {path} DIR`"
+    if path.is_file():
+        kind = "a GGUF file" if path.suffix.lower() == ".gguf" else "a file"
+        raise ValueError(f"{path} is {kind}, not a polar model directory; {make}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if is_model_dir(path) or not (path / CONFIG_FILE).is_file():
+        return
+    try:
+        hf = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return  # load_config names the broken file
+    if isinstance(hf, dict) and ("architectures" in hf or "model_type" in hf):
+        raise ValueError(f"{path} is a transformers (HF) model directory, not a polar model directory; {make}")
 
 
 def _resolve_dtype(dtype):
@@ -135,8 +184,7 @@ def load_params(path: str | Path, cfg: ModelConfig | None = None, dtype=None) ->
     The tree is checked against the config (polar_jax.params.check_params); a "routers" subtree rides along.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
+    check_model_dir(path)
     cfg = cfg if cfg is not None else load_config(path / CONFIG_FILE)
     ckpt = path / PARAMS_DIR
     if not ckpt.is_dir():
@@ -187,8 +235,7 @@ def load(path: str | Path, dtype=None):
     tokenizer is a transformers tokenizer, or None when the directory has no tokenizer files.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
+    check_model_dir(path)
     cfg = load_config(path / CONFIG_FILE)
     params = load_params(path, cfg, dtype)
     return cfg, params, load_tokenizer(path)

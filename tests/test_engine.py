@@ -158,3 +158,24 @@ def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     with pytest.raises(ValueError, match="prompt 1"):
         llm.generate([prompts[0], [5] * 70], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished(), "the valid prompt of a rejected call was left queued"
+
+
+def test_per_request_density_serves_dense_and_sparse_side_by_side(params, prompts):
+    """One engine, one batch: a request asking for density 1 gets the dense tokens, one left at the config's
+    density (oracle, 1 of 2 KV heads) gets the static sparse path's tokens."""
+    sp = SparsityConfig(attn="oracle", attn_density=0.5)
+    eng = engine(params, sparsity=sp, per_request_density=True)
+    picks = prompts[:4]
+    for i, p in enumerate(picks):
+        eng.add_request(f"r{i}", p, GREEDY, attn_density=1.0 if i % 2 == 0 else None)
+    with pytest.raises(ValueError, match="attn_density must lie in"):
+        eng.add_request("bad", picks[0], GREEDY, attn_density=1.5)
+    done = {}
+    while eng.has_unfinished():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    dense = static_tokens(params, picks, GREEDY.max_tokens)
+    sparse = static_tokens(params, picks, GREEDY.max_tokens, sparsity=sp)
+    for i in range(len(picks)):
+        want = dense[i] if i % 2 == 0 else sparse[i]
+        assert done[f"r{i}"].token_ids == want, f"request {i}"
+    assert any(dense[i] != sparse[i] for i in range(len(picks)))

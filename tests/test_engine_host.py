@@ -41,6 +41,16 @@ def step(sched, token=fake_token):
     return batch, sched.update(batch, sampled_for(batch, token))
 
 
+def step_while(sched, cond, token=fake_token, max_steps=500):
+    """Step while cond() holds; the last step's batch. Fails instead of hanging when the run stalls."""
+    batch = None
+    for _ in range(max_steps):
+        if not cond():
+            return batch
+        batch, _ = step(sched, token)
+    raise AssertionError(f"still going after {max_steps} steps: {sched.running} {list(sched.waiting)}")
+
+
 def expected_output(rid, prompt_len, max_tokens, max_model_len, stop_ids=()):
     """The fake model's output for a request run alone, and why it ends."""
     out = []
@@ -76,6 +86,7 @@ class FakeKV:
 
 def run_fake_step(sched, kv, budget, chunk):
     """schedule -> fake model (writes and reads the fake KV) -> update; checks the batch's contract."""
+    outputs = {s.request_id: list(s.output_token_ids) for s in sched.running}
     batch = sched.schedule()
     cfg = sched.config
     assert len(batch.decode) <= cfg.max_num_seqs and sched.num_running <= cfg.max_num_seqs
@@ -96,6 +107,7 @@ def run_fake_step(sched, kv, budget, chunk):
             kv.check_context(c.seq, c.start + c.n)
     for s in batch.preempted:
         assert s.status is SequenceStatus.WAITING and not s.pages and s.num_computed == 0
+        assert s.output_token_ids == outputs[s.request_id], "preemption changed the outputs"
     finished = sched.update(batch, sampled_for(batch))
     sched.check_invariants()
     return batch, finished
@@ -173,9 +185,9 @@ def test_preemption_picks_newest_and_keeps_outputs():
     # Z=2, 3 usable pages: A (2 tokens), B and C (1 token) take one page each; A's first decode (position 2)
     # needs a second page, so the newest, C, goes, although C itself needs no page.
     sched = make(max_num_seqs=3, budget=16, chunk=16, max_model_len=32, page_size=2, num_pages=4)
-    a, b, c = (seq(rid, n, eos=(), max_tokens=4) for rid, n in ((0, 2), (1, 1), (2, 1)))
-    for s in (a, b, c):
-        sched.add(s)
+    a, b, c, d = (seq(rid, n, eos=(), max_tokens=4) for rid, n in ((0, 2), (1, 1), (2, 1), (3, 1)))
+    for s in (a, b, c, d):
+        sched.add(s)  # D waits: max_num_seqs = 3
     batch, _ = step(sched)
     assert [(ch.seq.request_id, ch.start, ch.n) for ch in batch.prefill] == [(0, 0, 2), (1, 0, 1), (2, 0, 1)]
     assert sched.block_manager.num_free_pages == 0
@@ -185,21 +197,19 @@ def test_preemption_picks_newest_and_keeps_outputs():
     batch, _ = step(sched)
     assert batch.preempted == [c] and batch.decode == [a, b] and not batch.prefill
     assert c.status is SequenceStatus.WAITING and c.num_computed == 0 and not c.pages
-    assert c.output_token_ids == c_out and list(sched.waiting) == [c]
+    assert c.output_token_ids == c_out and list(sched.waiting) == [c, d]  # C before D
     assert a.pages[1] == c_pages[0]  # C's page went to A
     sched.check_invariants()
 
     # C comes back: its prompt and output so far are prefilled (all but the last token, fed by decode next),
     # and preemption changes nobody's output.
-    while c.status is SequenceStatus.WAITING:
-        batch, _ = step(sched)
+    batch = step_while(sched, lambda: c.status is SequenceStatus.WAITING)
     assert [(ch.start, ch.n, ch.samples) for ch in batch.prefill if ch.seq is c] == [(0, 1, False)]
     assert c.output_token_ids == c_out
     batch, _ = step(sched)
     assert c in batch.decode and c.output_token_ids == c_out + [fake_token(2, 2)]
-    while sched.has_unfinished():
-        step(sched)
-    for s, n in ((a, 2), (b, 1), (c, 1)):
+    step_while(sched, sched.has_unfinished)
+    for s, n in ((a, 2), (b, 1), (c, 1), (d, 1)):
         assert s.output_token_ids == expected_output(s.request_id, n, 4, 32)[0]
     assert sched.block_manager.num_free_pages == 3
 
@@ -214,10 +224,8 @@ def test_preemption_of_itself_when_newest():
     batch, _ = step(sched)
     assert batch.decode == [a] and batch.preempted == [b]
     # A runs alone until it finishes; B waits at the front, then gets its own outputs back.
-    while b.status is SequenceStatus.WAITING:
-        step(sched)
-    while sched.has_unfinished():
-        step(sched)
+    step_while(sched, lambda: b.status is SequenceStatus.WAITING)
+    step_while(sched, sched.has_unfinished)
     for s in (a, b):
         assert s.output_token_ids == expected_output(s.request_id, 2, 3, 32)[0]
     assert sched.block_manager.num_free_pages == 2
@@ -227,11 +235,14 @@ def test_decode_batch_and_budget_limits():
     sched = make(max_num_seqs=2, budget=5, chunk=4, max_model_len=64, page_size=4, num_pages=64)
     for rid in range(5):
         sched.add(seq(rid, 6, eos=(), max_tokens=3))
-    while sched.has_unfinished():
+    for _ in range(100):
         batch, _ = step(sched)
         assert sched.num_running <= 2 and len(batch.decode) + len(batch.prefill) <= 2
         assert batch.num_tokens <= 5
         assert all(ch.n <= 4 for ch in batch.prefill)
+        if not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished()
 
 
 def test_chunked_prefill_chunks():
@@ -275,8 +286,7 @@ def test_abort_frees_pages_in_each_state(state):
         assert sched.abort(0)  # let s run
         step(sched)
     if state == "decode":
-        while s.needs_prefill:
-            step(sched)
+        step_while(sched, lambda: s.needs_prefill)
     held = len(s.pages)
     assert held == (0 if state == "waiting" else 3)
     batch = sched.schedule()
@@ -294,8 +304,7 @@ def test_abort_frees_pages_in_each_state(state):
 def run_alone(s, max_model_len=64, token=fake_token):
     sched = make(max_model_len=max_model_len)
     sched.add(s)
-    while sched.has_unfinished():
-        step(sched, token)
+    step_while(sched, sched.has_unfinished, token)
     assert sched.block_manager.num_free_pages == sched.config.num_pages - 1
     return s
 
@@ -346,8 +355,7 @@ def test_add_rejects_requests_that_can_never_run():
     sched.add(seq(4, 30, max_tokens=3))  # 32 positions: fits exactly
     with pytest.raises(ValueError, match=r"request 0: request_id already in use"):
         sched.add(seq(0, 5))
-    while sched.has_unfinished():
-        step(sched)
+    step_while(sched, sched.has_unfinished)
     assert ok.output_token_ids == expected_output(0, 5, 3, 64)[0]
 
 
@@ -441,3 +449,42 @@ def test_detokenizer_stop_inside_multibyte_and_special_tokens():
     ids = [ByteTokenizer.SPECIAL] + tok.encode("1€2€3")
     d, deltas = detok_all(tok, ids, stop=["2€"])
     assert "".join(deltas) == "1€" and d.stopped == "2€"
+
+
+def test_block_manager_pages_and_invariants():
+    bm = BlockManager(8, 4)
+    a, b = Sequence(0, [5] * 9), Sequence(1, [5])
+    assert bm.can_allocate(a, 9)
+    bm.allocate(a, 9)  # 9 positions: 3 pages
+    a.num_computed = 9
+    assert len(a.pages) == 3 and bm.num_free_pages == 4
+    bm.allocate(a, 3)  # positions 9..11 fit the third page
+    assert len(a.pages) == 3
+    assert bm.can_allocate(b, 16) and not bm.can_allocate(b, 17)
+    bm.allocate(b, 16)
+    assert 0 not in a.pages + b.pages and sorted(a.pages + b.pages) == list(range(1, 8))
+    with pytest.raises(RuntimeError, match="request 1 needs 1 pages, 0 free"):
+        b.num_computed = 16
+        bm.allocate(b, 1)
+    bm.check_invariants([a, b])
+    b.pages.append(a.pages[0])
+    with pytest.raises(AssertionError, match=f"page {a.pages[0]} of request 1 is not its own alone"):
+        bm.check_invariants([a, b])
+    b.pages.pop()
+    with pytest.raises(AssertionError, match="leaked"):
+        bm.check_invariants([a])
+    bm.free(a)
+    bm.free(b)
+    assert a.pages == b.pages == [] and bm.num_free_pages == 7
+    bm.check_invariants([])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), "SchedulerConfig.max_num_seqs must be >= 1: got 0"),
+    (dict(num_pages=1), "SchedulerConfig.num_pages must be >= 2 (page 0 is reserved): got 1"),
+    (dict(max_num_seqs=8, budget=4), "SchedulerConfig.max_num_batched_tokens (4) must be >= max_num_seqs (8)"),
+])
+def test_scheduler_config_invalid(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        make(**kwargs)
+    assert str(e.value) == message

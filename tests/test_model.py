@@ -63,8 +63,10 @@ def test_parity_with_transformers(name):
     with jax.default_matmul_precision("highest"):  # on a GPU the fp32 default is TF32; parity is fp32
         logits, cache, _ = forward(cfg, params, jnp.asarray(tokens), init_cache(cfg, 3, 32, jnp.float32),
                                    n_new=jnp.asarray(lens))
+    # 2e-4: prefill attention is a blockwise online softmax, whose fp32 sums run in another order than
+    # torch's one-pass softmax (seen: 1.1e-4 on tiny-opt-350m's post-norm stack).
     for b, n in enumerate(lens):
-        np.testing.assert_allclose(np.asarray(logits[b, :n]), ref[b, :n], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(logits[b, :n]), ref[b, :n], atol=2e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
 
 
@@ -221,7 +223,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="density"):
         SparsityConfig(attn="random", attn_density=1.5)
     with pytest.raises(ValueError, match="has no attn router"):
-        generate(cfg, params, [[1, 2]], sparsity=SparsityConfig(attn="router", attn_density=0.5))
+        generate(cfg, params, [[1, 2]], max_new_tokens=4, sparsity=SparsityConfig(attn="router", attn_density=0.5))
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
 

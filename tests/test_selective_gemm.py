@@ -147,6 +147,36 @@ def test_configs(interpret, B, D, F, C, up_cfg, down_cfg):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the heuristics' own rules at the batches the model and the benchmarks run (64, 128): D, F and C kept
+# small for the interpreter but chosen so that the rules take the branches they take at model shapes
+# (block_b 64 / 128 with block_n 64, split_k and down splits > 1, and the unsplit B = 64 case)
+
+BATCH_CASES = [  # B, D, F, C, dtype, gated, expected (up block_b, split_k), (down block_b, split)
+    (64, 512, 480, 400, BF16, True, (64, 2), (64, 2)),
+    (64, 256, 320, 200, F16, False, (64, 1), (64, 1)),
+    (128, 1024, 640, 600, F16, False, (128, 4), (128, 2)),
+    (128, 512, 256, 200, BF16, True, (128, 2), (128, 1)),
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("B,D,F,C,dtype,gated,up_rule,down_rule", BATCH_CASES)
+def test_batch_rules(interpret, B, D, F, C, dtype, gated, up_rule, down_rule):
+    u, d = tk.up_config(B, D, C, gated), tk.down_config(B, D, C)  # what the kernels pick for a traced count
+    assert (u.block_b, u.split_k) == up_rule and u.block_n == 64, u
+    assert (d.block_b, d.split) == down_rule, d
+    p = _make(B, D, F, C, dtype, gated=gated, bias=not gated)
+    fn = jax.jit(lambda x, count: selective_mlp(
+        x, p["w_up"], p["w_down"], p["idx"], count, b_up=p["b_up"], b_down=p["b_down"], w_gate=p["w_gate"],
+        activation="relu", impl="triton", interpret=interpret))
+    for count in (1, 131, C):  # within one block, a ragged block count, the capacity
+        x = _normal((B, D), dtype)
+        ref = selective_mlp_reference(_f32(x), _f32(p["w_up"]), _f32(p["w_down"]), p["idx"], count,
+                                      b_up=_f32(p["b_up"]), b_down=_f32(p["b_down"]), w_gate=_f32(p["w_gate"]))
+        assert_close(fn(x, jnp.int32(count)), ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the stacked [L, F, D] path inside a jitted lax.scan equals the 2-D path layer by layer
 
 @pytest.mark.parametrize("interpret", INTERPRET)
@@ -216,8 +246,51 @@ def test_dispatch(monkeypatch):
     y = selective_mlp(*args, C, b_up=p["b_up"])
     assert calls[-1] == "dense"
     assert_close(y, selective_mlp_reference(*args, C, b_up=p["b_up"]), F32)
-    # traced count: decided from the capacity
     assert api.dense_is_faster(B, D, F, C) and not api.dense_is_faster(B, D, F, F // 10)
+
+
+@pytest.mark.parametrize("op", ["mlp", "up", "down"])
+def test_traced_count_decides_on_device(monkeypatch, op):
+    """A traced count with capacity C = F: the union size picks the branch at run time (a lax.cond),
+    so a small union runs the sparse kernels and a large one the dense path; both give the reference."""
+    B, D, F = 3, 32, 64
+    p = _make(B, D, F, F, F32, bias=True)
+    ran = []
+    for name in api.IMPLS:
+        fn = api.IMPLS[name][op]
+
+        def recorded(*a, _n=name, _f=fn, **k):
+            out = _f(*a, **k)  # a backend that declines raises here, before it is recorded
+            jax.debug.callback(lambda: ran.append(_n))  # fires only where this branch executes
+            return out
+
+        monkeypatch.setitem(api.IMPLS[name], op, recorded)
+    h = _normal((B, F), F32)
+    calls = {
+        "mlp": lambda c: selective_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], c, b_up=p["b_up"],
+                                       b_down=p["b_down"]),
+        "up": lambda c: selective_up(p["x"], p["w_up"], p["idx"], c, b_up=p["b_up"]),
+        "down": lambda c: selective_down(h, p["w_down"], p["idx"], c, b_down=p["b_down"]),
+    }
+    refs = {
+        "mlp": lambda c: selective_mlp_reference(p["x"], p["w_up"], p["w_down"], p["idx"], c, b_up=p["b_up"],
+                                                 b_down=p["b_down"]),
+        "up": lambda c: selective_up_reference(p["x"], p["w_up"], p["idx"], c, b_up=p["b_up"]),
+        "down": lambda c: selective_down_reference(h, p["w_down"], p["idx"], c, b_down=p["b_down"]),
+    }
+    fn = jax.jit(calls[op])
+    assert "cond[" in str(jax.make_jaxpr(calls[op])(jnp.int32(1)))
+    sparse = ["triton"] if HAS_GPU else ["xla"]  # without a GPU the Triton backend declines at trace time
+    for count, want in [(3, sparse), (F // 10, sparse), (F - 1, ["dense"]), (F, ["dense"])]:
+        ran.clear()
+        y = fn(jnp.int32(count))
+        jax.effects_barrier()
+        assert ran == want, (count, ran)
+        assert_close(y, refs[op](count), F32)
+    # a capacity below the dense threshold never needs the dense path: no cond
+    small = F // 10
+    jaxpr = jax.make_jaxpr(lambda c: selective_up(p["x"], p["w_up"], p["idx"][:small], c))(jnp.int32(1))
+    assert "cond[" not in str(jaxpr)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Shapes and dtypes:
   k_cache  [B, K, S, H] in q's dtype, or the stacked [L, B, K, S, H] together with `layer`; N % K == 0
            (G = N // K query heads share a KV head: MHA G = 1, GQA G > 1).
   v_cache  same shape and dtype as k_cache.
-  lengths  [B] int32: sequence b attends to cache positions [0, lengths[b]); 0 gives zeros.
+  lengths  [B] int32 in [0, S]: sequence b attends to cache positions [0, lengths[b]); 0 gives zeros.
   head_idx None (every KV head), or [B, C] int32: the selected KV heads (GQA: KV groups, all G query
            heads of a group are computed while its K/V slab is read once). -1 marks an empty slot, so a
            static capacity C can hold a varying count; other ids must lie in [0, K). Query heads whose
@@ -21,8 +21,10 @@ Shapes and dtypes:
 
 Checks: shapes, dtypes, head dim and the layer/cache rank agreement are checked always (they are static).
 Values (head_idx ids in [-1, K), lengths in [0, S], layer in [0, L)) are checked only when the array is
-concrete: under jit they are tracers and the checks are skipped (out-of-range ids then give unspecified
-results for that sequence, never an out-of-bounds read of another head: do not rely on it).
+concrete: under jit they are tracers and the checks are skipped. Both implementations stay safe for any
+values there: a length outside [0, S] acts as the nearest bound (a length past S attends to all S
+positions, never the next head's slab), an id outside [0, K) acts as an empty slot (nothing read or
+written for it; its heads are 0 unless another slot selects them). A traced layer must lie in [0, L).
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas flash-decoding kernel lowered through Triton on a CUDA GPU, or run by the Pallas

@@ -12,7 +12,8 @@ from jax import lax
 
 
 def selected_mask(head_idx, K: int):
-    """[B, K] bool: KV head k is selected for sequence b (entries -1 are empty slots)."""
+    """[B, K] bool: KV head k is selected for sequence b (entries outside [0, K), -1 included, select
+    nothing: the kernel ignores them too)."""
     return jnp.any(head_idx[:, :, None] == jnp.arange(K)[None, None, :], axis=1)
 
 
@@ -31,7 +32,7 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     qg = q.reshape(B, K, G, H)
     s = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, precision=precision,
                    preferred_element_type=jnp.float32) * sm_scale                   # [B, K, G, S]
-    live = jnp.arange(S)[None, :] < lengths[:, None]                                # [B, S]
+    live = jnp.arange(S)[None, :] < lengths[:, None]                # [B, S]; lengths > S act as S
     s = jnp.where(live[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)                                            # empty sequence

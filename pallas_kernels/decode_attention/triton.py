@@ -2,18 +2,22 @@
 interpreter (CPU).
 
 Grid (B, C, P): one program per (sequence b, selected slot c, KV split p). A program reads its KV head
-id `kv = head_idx[b, c]` and exits at once when the slot is empty (-1) or its split starts at or past
-`lengths[b]`; otherwise it loads the G query rows of group `kv` and streams its part of the K/V slab
-`cache[layer, b, kv, start:end, :]` in `block_s`-position blocks with an f32 online softmax. Each
-selected slab is read once, and only its valid positions (loads past `lengths[b]` are masked off, so
-they fetch nothing).
+id `kv = head_idx[b, c]` and exits at once when the slot selects nothing (-1, or any id outside
+[0, K)) or its split starts at or past `lengths[b]`; otherwise it loads the G query rows of group `kv`
+and streams its part of the K/V slab `cache[layer, b, kv, start:end, :]` in `block_s`-position blocks
+with an f32 online softmax. Each selected slab is read once, and only its valid positions (loads past
+`lengths[b]` are masked off, so they fetch nothing).
+
+Memory safety for any input values (under jit the API cannot check them): `lengths[b]` is clamped to
+[0, S] in both kernels, so no load leaves the sequence's own [S, H] slab; an id outside [0, K) is an
+unselected slot, so no program reads or writes rows of another head or sequence for it.
 
 Splits follow the *dynamic* length: sequence b's positions are cut into P pieces of
 `round_up(cdiv(lengths[b], P), block_s)`, so short sequences in a long cache still use all P programs
 and a split past the length is an early exit.
-  P == 1: one launch. A slot program normalises and writes its G rows of the [B, N, H] result; the
-          grid has K extra programs per sequence (c >= C) that write zeros for the KV heads no slot
-          selects, so no scatter pass follows.
+  P == 1: one launch. A slot program normalises and writes its G rows of the [B, N, H] result; slot c
+          also writes zeros for the KV heads k with k % C == c that no slot selects, so no scatter
+          pass follows.
   P > 1:  slot programs write partial (o, max, sum) in f32; `_combine_kernel` (grid (B, K), a second
           small launch) merges the splits that ran and writes the result, zeros for unselected heads.
 
@@ -96,15 +100,26 @@ def _split_size(length, P: int, BS: int):
     return (per + BS - 1) // BS * BS
 
 
+def _clamp_length(length, S: int):
+    """lengths[b] clamped to [0, S]: every load stays inside the sequence's own [S, H] slab, whatever the
+    caller passes (under jit the API cannot check values; a length past S would read the next head)."""
+    return jnp.minimum(jnp.maximum(length, 0), S)
+
+
 def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_refs, cfg: AttentionConfig,
                  G: int, H: int, K: int, C: int, sm_scale: float, dense: bool):
     BS, P = cfg.block_s, cfg.splits
     Hp = _pow2_at_least(H)
     GP = _pow2_at_least(G, 16) if cfg.use_dot else 1
     b, c, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = lengths_ref[b]
+    length = _clamp_length(lengths_ref[b], k_ref.shape[3])
     layer = layer_ref[0]
-    kv = c if dense else hidx_ref[b, jnp.minimum(c, C - 1)]
+    if dense:
+        kv, chosen = c, True
+    else:
+        kv = hidx_ref[b, c]
+        chosen = (kv >= 0) & (kv < K)   # any other id (-1 = empty slot, or out of range) selects nothing
+        kv = jnp.where(chosen, kv, 0)   # never used to address memory unless chosen
     per = _split_size(length, P, BS)
     start = p * per
     end = jnp.minimum(start + per, length)
@@ -177,7 +192,7 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
         o, m, l, *_ = lax.fori_loop(0, n_blocks, body, init)
         return o[None, :], m[None], l[None]
 
-    active = (start < end) if dense else (kv >= 0) & (start < end)
+    active = chosen & (start < end)
 
     if P == 1:
         (out_ref,) = out_refs                                                        # [B, N, H]
@@ -191,8 +206,8 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
             ids = plgpu.load(hidx_ref.at[b, cc], mask=cc < C, other=-1)              # [Cp]
             n_rows = jnp.arange(Np)
             k_of = n_rows // G                                                       # [Np]
-            chosen = jnp.max(jnp.where(k_of[:, None] == ids[None, :], 1, 0), axis=1) > 0
-            mine = (n_rows < N) & (k_of % C == c) & jnp.logical_not(chosen)
+            row_chosen = jnp.max(jnp.where(k_of[:, None] == ids[None, :], 1, 0), axis=1) > 0  # [Np]
+            mine = (n_rows < N) & (k_of % C == c) & jnp.logical_not(row_chosen)
             z_rows = jnp.broadcast_to(n_rows[:, None], (Np, Hp))
             z_hh = jnp.broadcast_to(hh[None, :], (Np, Hp))
             plgpu.store(out_ref.at[b, z_rows, z_hh], jnp.zeros((Np, Hp), out_ref.dtype),
@@ -205,7 +220,7 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
                         mask=tile_mask)
 
         # A selected head of an empty sequence: zeros.
-        @pl.when((length <= 0) if dense else (kv >= 0) & (length <= 0))
+        @pl.when(chosen & (length <= 0))
         def _():
             plgpu.store(out_ref.at[b, kv * G + rows2, hh2], zeros, mask=tile_mask)
     else:
@@ -220,11 +235,11 @@ def _attn_kernel(lengths_ref, hidx_ref, layer_ref, q_ref, k_ref, v_ref, *out_ref
 
 
 def _combine_kernel(lengths_ref, hidx_ref, o_ref, m_ref, l_ref, out_ref, *, G: int, H: int, C: int, P: int,
-                    block_s: int, dense: bool):
+                    S: int, block_s: int, dense: bool):
     """Program (b, k): merge the splits of KV head k of sequence b into out[b, k*G:(k+1)*G], or zeros."""
     Hp, GP = _pow2_at_least(H), _pow2_at_least(G)
     b, k = pl.program_id(0), pl.program_id(1)
-    length = lengths_ref[b]
+    length = _clamp_length(lengths_ref[b], S)   # as in _attn_kernel: the same splits ran
     hh = jnp.arange(Hp)
     rows = jnp.arange(GP)
     row_mask = rows < G
@@ -317,7 +332,7 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     )(lengths, hidx, layer, q, k_cache, v_cache)
     if _partials_only:
         return o, m, l
-    combine = functools.partial(_combine_kernel, G=G, H=H, C=C, P=P, block_s=config.block_s, dense=dense)
+    combine = functools.partial(_combine_kernel, G=G, H=H, C=C, P=P, S=S, block_s=config.block_s, dense=dense)
     return pl.pallas_call(
         combine,
         out_shape=jax.ShapeDtypeStruct((B, N, H), q.dtype),

@@ -22,13 +22,17 @@ Implementations, tried in order until one accepts the inputs (backends raise Not
   interpret=True), "xla" (the pure-jnp reference, last resort). "dense" computes the same function
   over all F neurons through a neuron mask with library GEMMs; impl=None takes it where the selected
   fraction is high enough that gathering would be slower than reading everything (see
-  `dense_is_faster`): from the concrete count when it is known, else from the capacity C.
+  `dense_is_faster`). A concrete count decides at trace time. A traced count whose capacity C could
+  reach that fraction decides on the device: a `lax.cond` on the dynamic count between the dense path
+  and the sparse kernels, so a large capacity (e.g. C = F) with a small union still runs sparse. Where
+  even C is below the fraction, the sparse kernels run without a cond.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.common import concrete
 from pallas_kernels.selective_gemm import reference
@@ -165,12 +169,7 @@ def _check_down(h, w_down, idx, count, b_down, layer):
 # ---------------------------------------------------------------------------------------------------
 # dispatch
 
-def _order(impl, use_dense):
-    if impl is not None:
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; expected one of {tuple(IMPLS)} or None")
-        return [impl]
-    return ["dense"] if use_dense else ["triton", "xla"]
+SPARSE = ["triton", "xla"]
 
 
 def _dispatch(op, order, call):
@@ -182,6 +181,23 @@ def _dispatch(op, order, call):
             if i == len(order) - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def _run(op, impl, B, D, F, count, C, call):
+    """Dispatch `op`: a forced impl; else dense or sparse by the count (see the module docstring)."""
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; expected one of {tuple(IMPLS)} or None")
+        return _dispatch(op, [impl], call)
+    c = concrete(count)
+    if c is not None:
+        return _dispatch(op, ["dense"] if dense_is_faster(B, D, F, int(c)) else SPARSE, call)
+    if not dense_is_faster(B, D, F, C):
+        return _dispatch(op, SPARSE, call)
+    # Traced count, capacity in dense territory: choose on the device. Both branches are compiled;
+    # only the taken one runs (the sparse kernels' work follows the dynamic count).
+    return lax.cond(dense_is_faster(B, D, F, count), lambda: _dispatch(op, ["dense"], call),
+                    lambda: _dispatch(op, SPARSE, call))
 
 
 def _stack(w, layer):
@@ -197,11 +213,6 @@ def _layer_arg(name, layer):
     return layer
 
 
-def _expected_count(count, C):
-    c = concrete(count)
-    return C if c is None else int(c)
-
-
 def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
                  interpret=None):
     """h [B, C] in x's dtype: column j < count is act(x @ w_up[idx[j]] + b_up[idx[j]]), the rest 0.
@@ -211,44 +222,41 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     """
     F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
     B, D = x.shape
-    order = _order(impl, dense_is_faster(B, D, F, _expected_count(count, idx.shape[0])))
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
         return fn(x, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
                   layer=_layer_arg(name, layer), interpret=interpret)
 
-    return _dispatch("up", order, call)
+    return _run("up", impl, B, D, F, count, idx.shape[0], call)
 
 
 def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None):
     """y [B, D] in h's dtype: sum_{j < count} h[:, j] * w_down[idx[j]] + b_down (see the module docstring)."""
     F, D = _check_down(h, w_down, idx, count, b_down, layer)
     B = h.shape[0]
-    order = _order(impl, dense_is_faster(B, D, F, _expected_count(count, idx.shape[0])))
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
         return fn(h, st(w_down), idx, count, b_down=st(b_down), layer=_layer_arg(name, layer),
                   interpret=interpret)
 
-    return _dispatch("down", order, call)
+    return _run("down", impl, B, D, F, count, idx.shape[0], call)
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
                   layer=None, impl=None, interpret=None):
     """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
 
-    Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`.
+    Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`;
+    with a traced count and a large capacity that choice is a `lax.cond` on the device.
     """
     F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
     Fd, D = _check_down(jax.ShapeDtypeStruct((x.shape[0], idx.shape[0]), x.dtype), w_down, idx, count, b_down, layer)
     if Fd != F or w_down.shape != w_up.shape:
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but w_up has {tuple(w_up.shape)}")
     B = x.shape[0]
-    C = idx.shape[0]
     c = concrete(count)
-    order = _order(impl, dense_is_faster(B, D, F, C if c is None else int(c)))
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
@@ -258,4 +266,4 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
         return fn(x, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
                   activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra)
 
-    return _dispatch("mlp", order, call)
+    return _run("mlp", impl, B, D, F, count, idx.shape[0], call)

@@ -62,17 +62,14 @@ class Detokenizer:
 
     def _release(self, final: bool) -> str:
         text, start = self._text, self._released
-        longest = max((len(s) for s in self.stop), default=0)
-        # A stop string that ends in new text starts after start - longest + 1 at the earliest.
-        search_from = max(0, start - longest + 1)
-        hits = [(i, s) for s in self.stop if (i := text.find(s, search_from)) >= 0]
+        # Released text never ends in the start of a stop string, so a stop string starts after it.
+        hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
         if hits:
             cut, self.stopped = min(hits)
             self._text = text[:cut]
             self._released = cut
             return text[start:cut]
-        end = len(text) if final else len(text) - _partial_stop(text, self.stop)
-        end = max(end, start)
+        end = len(text) if final else len(text) - _partial_stop(text[start:], self.stop)
         self._released = end
         return text[start:end]
 

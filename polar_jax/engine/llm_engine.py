@@ -98,7 +98,8 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_model_len: int | None = None, num_pages: int | None = None,
                  kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = 512,
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
-                 compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, seed: int = 0):
+                 compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, per_request_density: bool = False,
+                 seed: int = 0):
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
         max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
@@ -109,6 +110,10 @@ class LLMEngine:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) and max_num_seqs ({max_num_seqs}) must be >= 1")
         if sparsity is not None:
             check_routers(cfg, params, sparsity)
+        if per_request_density and (sparsity is None or sparsity.attn == "all"):
+            raise ValueError("per_request_density needs a sparsity config that selects heads (attn = router, "
+                             "oracle or random): it says where a request's heads come from")
+        self.per_request_density = per_request_density
         enable_compile_cache(compile_cache)
         dtype = params["embed"].dtype
         most = max_num_seqs * pages_for(max_model_len, page_size) + 1  # more pages than this are never used
@@ -122,6 +127,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, BlockManager(num_pages, page_size))
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
                                   max_model_len=max_model_len, sparsity=sparsity, seed=seed,
+                                  per_request_density=per_request_density,
                                   buckets=Buckets.make(max_num_seqs, prefill_chunk, budget))
         self._detok: dict[str, Detokenizer] = {}
         self._preemptions: dict[str, int] = {}
@@ -138,8 +144,17 @@ class LLMEngine:
         return [int(t) for t in prompt]
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request; ValueError naming it (and nothing queued) when it cannot run."""
+                    arrival_time: float | None = None, attn_density: float | None = None) -> None:
+        """Queue a request; ValueError naming it (and nothing queued) when it cannot run.
+
+        attn_density: this request's fraction of KV heads in sparse layers (engine built with
+        per_request_density); None: the sparsity config's."""
+        if attn_density is not None:
+            if not self.per_request_density:
+                raise ValueError(f"request {request_id!r}: attn_density needs an engine built with "
+                                 "per_request_density=True and a sparsity config")
+            if not (isinstance(attn_density, (int, float)) and 0 < attn_density <= 1):
+                raise ValueError(f"request {request_id!r}: attn_density must lie in (0, 1], got {attn_density!r}")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}")
@@ -152,6 +167,7 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time)
         seq.seed = params.seed if params.seed is not None else secrets.randbits(32)
+        seq.attn_density = None if attn_density is None else float(attn_density)
         self.scheduler.add(seq)  # raises ValueError naming the request
         if self.tokenizer is not None:
             self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop)

@@ -78,10 +78,10 @@ class Buckets:
 
 
 def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, tokens, table, lengths,
-                    valid, temps, top_k, top_p, seeds, steps, key):
+                    valid, row_density, temps, top_k, top_p, seeds, steps, key):
     cache = KVCache(k, v, table, lengths)
     logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
-                               sparsity=sparsity, key=key)
+                               sparsity=sparsity, key=key, row_density=row_density)
     tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps)
     return cache.k, cache.v, tok, logprob
 
@@ -121,8 +121,12 @@ class StepRecord:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict, *, num_pages: int, page_size: int, max_model_len: int,
-                 buckets: Buckets, sparsity: SparsityConfig | None = None, seed: int = 0):
+                 buckets: Buckets, sparsity: SparsityConfig | None = None, per_request_density: bool = False,
+                 seed: int = 0):
+        """per_request_density: decode takes each sequence's own attention density (seq.attn_density, None
+        for the config's), at the price of head capacity K in sparse layers; needs a sparse `sparsity`."""
         self.cfg, self.params, self.sparsity = cfg, params, sparsity
+        self.per_request_density = per_request_density
         self.page_size, self.num_pages = page_size, num_pages
         self.M = pages_for(max_model_len, page_size)
         self.buckets = buckets
@@ -158,10 +162,14 @@ class ModelRunner:
         tokens = np.zeros(rows, np.int32)
         lengths = np.zeros(rows, np.int32)
         valid = np.zeros(rows, bool)
+        density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
         for i, s in enumerate(seqs):
             tokens[i], lengths[i], valid[i] = s.all_token_ids[-1], s.num_computed, True
+            if getattr(s, "attn_density", None) is not None:
+                density[i] = s.attn_density
         self.key, sub = jax.random.split(self.key)
-        return (tokens, self._table(seqs, rows), lengths, valid, *self._sampling(seqs, rows), sub)
+        return (tokens, self._table(seqs, rows), lengths, valid, density if self.per_request_density else None,
+                *self._sampling(seqs, rows), sub)
 
     def _prefill_args(self, chunks, rows: int, T: int):
         tokens = np.zeros((rows, T), np.int32)

@@ -115,7 +115,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End seq now (from any state) and free its pages."""
+        """End seq now, from any state, and free its pages (the engine calls it with "stop" when the
+        detokenizer finds a stop string)."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
@@ -197,7 +198,8 @@ class Scheduler:
         batch.prefill.append(PrefillChunk(seq, seq.num_computed, n))
         return n
 
-    def update(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
+    def update(self, batch: ScheduledBatch, sampled: dict,
+               prompt_logprobs: dict | None = None) -> list[Sequence]:
         """Apply one step's results. sampled: request_id -> (token_id, logprob or None) for every decode
         sequence and every chunk with `samples`; prompt_logprobs (optional): request_id -> logprobs of the
         chunk's prompt tokens after its first position (see Sequence.record_prompt_logprobs). Returns the

@@ -1,0 +1,428 @@
+"""The OpenAI-compatible HTTP API over the serving engine (FastAPI).
+
+The app only translates: a request body becomes token ids and SamplingParams, the AsyncEngine runs them, and
+RequestOutputs become response bodies or server-sent events. Errors use OpenAI's body
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request (naming the field), 401 for a missing
+or wrong API key, 429 when the queue is full, 500 when the engine failed on the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polar_jax.engine.llm_engine import LLMEngine, RequestOutput
+from polar_jax.engine.sampling_params import SamplingParams
+from polar_jax.server import protocol as P
+from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
+from polar_jax.server.metrics import ServerMetrics
+from polar_jax.server.top_logprobs import prompt_top1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        body = P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                                 code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+def _bad(message: str, param: str | None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
+              max_queue: int = P.DEFAULT_MAX_QUEUE, sparsity=None) -> FastAPI:
+    """The app serving `engine` as model `model_name`.
+
+    api_key: required as `Authorization: Bearer KEY` on /v1/* (None: open). max_queue: requests accepted
+    beyond the engine's max_num_seqs before answering 429. sparsity: shown in /metrics (default: the
+    engine's). The engine thread starts and stops with the app's lifespan.
+    """
+    if engine.tokenizer is None:
+        raise ValueError("the server needs a tokenizer: serve a model directory with tokenizer files")
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    sparsity = sparsity if sparsity is not None else getattr(engine.runner, "sparsity", None)
+    metrics = ServerMetrics(model_name, sparsity)
+    async_engine = AsyncEngine(engine, metrics, max_in_flight=engine.config.max_num_seqs + max_queue)
+    api = _API(async_engine, engine, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async_engine.start()
+        metrics.set_engine_state(engine.scheduler)
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="polar-jax", lifespan=lifespan)
+    app.state.async_engine, app.state.metrics = async_engine, metrics
+
+    if api_key is not None:
+        # A middleware, so that the key is checked before anything else (even before the body is parsed).
+        @app.middleware("http")
+        async def check_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                            api_key.encode()):
+                    return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                    type="authentication_error", code="invalid_api_key").response()
+            return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return _validation_response(e.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), type="invalid_request_error").response()
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.alive:
+            return APIError(503, "the engine is not running", type="server_error").response()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> P.ModelList:
+        return P.ModelList(data=[P.ModelCard(id=model_name, max_model_len=engine.config.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        return await api.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatCompletionRequest, request: Request):
+        return await api.chat(body, request)
+
+    return app
+
+
+def _validation_response(errors) -> JSONResponse:
+    """400 naming the first offending field ('temperature', 'messages.0.role'); malformed JSON says so."""
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return _bad(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None,
+                    code="invalid_json").response()
+    if err.get("type") == "unsupported":
+        return _bad(err["msg"], err["ctx"]["name"], code="unsupported").response()
+    # A union (prompt: str | list[int] | ...) reports each alternative: name the field, not the alternative.
+    loc = [x for x in loc if not x.startswith(("str", "list[", "int", "float", "function-"))]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if "input" in err and err.get("type") != "missing":
+        got = repr(err["input"])
+        msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
+    return _bad(f"{param}: {msg}" if param else msg, param).response()
+
+
+class _API:
+    """Request translation for the routes; one instance per app."""
+
+    def __init__(self, async_engine: AsyncEngine, engine: LLMEngine, model_name: str):
+        self.async_engine, self.tokenizer, self.model_name = async_engine, engine.tokenizer, model_name
+        self.cfg, self.params = engine.cfg, engine.runner.params
+        self.vocab_size, self.max_model_len = engine.cfg.vocab_size, engine.config.max_model_len
+
+    # -- shared checks -----------------------------------------------------------------------------------
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise _bad(f"model {name!r} does not exist; this server serves {self.model_name!r}", "model",
+                       code="model_not_found")
+
+    def _extra(self, body: P._Sampling) -> dict:
+        if body.polar_attn_density is None:
+            return {}
+        if not self.async_engine.accepts_attn_density:
+            raise _bad("polar_attn_density is not supported by this engine", "polar_attn_density")
+        return {"attn_density": body.polar_attn_density}
+
+    def _check_lengths(self, ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
+        """The output budget of one prompt (max_tokens, or what the context leaves when None)."""
+        if not ids:
+            raise _bad("the prompt is empty", prompt_param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", prompt_param)
+        if len(ids) > self.max_model_len:
+            raise _bad(f"the prompt has {len(ids)} tokens, more than the context length {self.max_model_len}",
+                       prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            return max(self.max_model_len - len(ids), 0)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise _bad(f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens exceeds the context length "
+                       f"{self.max_model_len}", "max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def _params(self, body: P._Sampling, max_tokens: int, logprobs: bool, prompt_logprobs: bool) -> SamplingParams:
+        try:
+            # max_tokens 0 (echo only): the engine generates one token, which is dropped.
+            return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                                  seed=body.seed, max_tokens=max(max_tokens, 1), stop=body.stops,
+                                  ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        except ValueError as e:  # "SamplingParams.top_p must be ...": name the field
+            field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
+            raise _bad(str(e), field) from None
+
+    async def _submit(self, requests) -> Submission:
+        try:
+            return await self.async_engine.submit(requests)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+        except (ValueError, TypeError) as e:
+            raise _bad(str(e), None) from None
+        except EngineError as e:
+            raise APIError(503, str(e), type="server_error") from None
+
+    def _text(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # -- /v1/completions ---------------------------------------------------------------------------------
+    async def completions(self, body: P.CompletionRequest, request: Request):
+        self._check_model(body.model)
+        extra = self._extra(body)
+        prompts = body.prompts()
+        if not prompts:
+            raise _bad("no prompt given", "prompt")
+        ids_per_prompt = []
+        for p in prompts:
+            ids = list(self.tokenizer.encode(p)) if isinstance(p, str) else list(p)
+            ids_per_prompt.append(ids)
+        budgets = [self._check_lengths(ids, body.max_tokens, "prompt") for ids in ids_per_prompt]
+        want_lp = body.logprobs is not None
+        req_id = P.new_id("cmpl")
+        engine_reqs = [(f"{req_id}-{i}", ids, self._params(body, n, want_lp, want_lp and body.echo), extra)
+                       for i, (ids, n) in enumerate(zip(ids_per_prompt, budgets))]
+        echo_only = [n == 0 for n in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
+        index = {r[0]: i for i, r in enumerate(engine_reqs)}
+        tops = [None] * len(prompts)
+        if want_lp and body.echo:
+            loop = asyncio.get_running_loop()
+            tops = await asyncio.gather(*(loop.run_in_executor(None, prompt_top1, self.cfg, self.params, ids,
+                                                               self.max_model_len) for ids in ids_per_prompt))
+        sub = await self._submit(engine_reqs)
+        if body.stream:
+            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only, tops), sub)
+        try:
+            final: dict[int, RequestOutput] = {}
+            async for out in sub.outputs(request.is_disconnected):
+                if out.finished:
+                    final[index[out.request_id]] = out
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineError as e:
+            raise APIError(500, str(e), type="server_error") from None
+        finally:
+            sub.close()
+        choices, completion_tokens = [], 0
+        for i, ids in enumerate(ids_per_prompt):
+            out = final[i]
+            gen_ids = [] if echo_only[i] else out.token_ids
+            text = out.text if not echo_only[i] else ""
+            completion_tokens += len(gen_ids)
+            logprobs = None
+            if want_lp:
+                lps = [] if echo_only[i] else out.logprobs[:len(gen_ids)]
+                toks, top = gen_ids, None
+                if body.echo:
+                    lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
+                    top = self._top_entries(ids, gen_ids, lps, tops[i])
+                logprobs = self._completion_logprobs(toks, lps, top)
+            choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
+                                              logprobs=logprobs,
+                                              finish_reason="length" if echo_only[i] else out.finish_reason))
+        prompt_tokens = sum(map(len, ids_per_prompt))
+        return P.CompletionResponse(id=req_id, model=self.model_name, choices=choices,
+                                    usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                  total_tokens=prompt_tokens + completion_tokens))
+
+    def _completion_logprobs(self, token_ids, logprobs, top=None) -> P.CompletionLogprobs:
+        """OpenAI's legacy logprobs: each token's text, its logprob, where it starts (the running length of
+        the token texts) and, with echo, the most likely token at each position (see _top_entries)."""
+        tokens = [self._token_str(t) for t in token_ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), top_logprobs=top,
+                                    text_offset=offsets)
+
+    def _top_entries(self, ids, gen_ids, logprobs, top) -> list[dict[str, float] | None]:
+        """top_logprobs for an echoed prompt ids + gen_ids with logprobs: {most likely token: its logprob} at
+        each prompt position after the first and at the first generated token (None where it is not known).
+        Where the most likely token is the one there, its logprob is the engine's own, so that a client
+        comparing the two (lm-eval's is_greedy) sees them equal."""
+        top_ids, top_lp = top
+        out: list[dict[str, float] | None] = [None]
+        for t, tok in enumerate((ids + gen_ids)[1:len(ids) + 1]):
+            best = int(top_ids[t])
+            out.append({self._token_str(best): logprobs[t + 1] if best == tok else float(top_lp[t])})
+        return out + [None] * (len(ids) + len(gen_ids) - len(out))
+
+    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, index, echo_only, tops
+                                 ) -> AsyncIterator[str]:
+        want_lp = body.logprobs is not None
+        sent_echo: set[int] = set()
+        completion_tokens = 0
+        try:
+            async for out in sub.outputs():
+                i = index[out.request_id]
+                if echo_only[i] and not out.finished:
+                    continue
+                text, toks, lps, echoed = "", [], [], False
+                if body.echo and i not in sent_echo:
+                    sent_echo.add(i)
+                    text, toks, echoed = self._text(ids_per_prompt[i]), list(ids_per_prompt[i]), True
+                    lps = list(out.prompt_logprobs or [])
+                if not echo_only[i]:
+                    text += out.new_text
+                    toks += out.new_token_ids
+                    if want_lp:
+                        lps += out.logprobs[len(out.token_ids) - len(out.new_token_ids):len(out.token_ids)]
+                    completion_tokens += len(out.new_token_ids)
+                finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
+                top = None
+                if want_lp and echoed:
+                    n = len(ids_per_prompt[i])
+                    top = self._top_entries(toks[:n], toks[n:], lps, tops[i])
+                choice = P.CompletionChoice(index=i, text=text, finish_reason=finish,
+                                            logprobs=self._completion_logprobs(toks, lps, top) if want_lp else None)
+                yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
+            if body.include_usage:
+                prompt_tokens = sum(map(len, ids_per_prompt))
+                usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                total_tokens=prompt_tokens + completion_tokens)
+                yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[],
+                                           usage=usage).model_dump_json()
+        except EngineError as e:
+            yield _error_event(e)
+        finally:
+            sub.close()
+
+    # -- /v1/chat/completions ----------------------------------------------------------------------------
+    async def chat(self, body: P.ChatCompletionRequest, request: Request):
+        self._check_model(body.model)
+        extra = self._extra(body)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise _bad("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except Exception as e:  # noqa: BLE001 - a template that rejects these messages (roles, order)
+            raise _bad(f"the chat template rejected the messages: {e}", "messages") from None
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        budget = self._check_lengths(ids, body.wanted_tokens, "messages")
+        if budget == 0:
+            raise _bad(f"the messages fill the context length {self.max_model_len}", "messages",
+                       code="context_length_exceeded")
+        req_id = P.new_id("chatcmpl")
+        sub = await self._submit([(req_id, ids, self._params(body, budget, body.logprobs, False), extra)])
+        if body.stream:
+            return _sse(self._chat_stream(body, req_id, sub, len(ids)), sub)
+        try:
+            final = None
+            async for out in sub.outputs(request.is_disconnected):
+                final = out
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineError as e:
+            raise APIError(500, str(e), type="server_error") from None
+        finally:
+            sub.close()
+        logprobs = self._chat_logprobs(final.token_ids, final.logprobs) if body.logprobs else None
+        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=len(final.token_ids),
+                        total_tokens=len(ids) + len(final.token_ids))
+        choice = P.ChatChoice(index=0, message=P.ChatResponseMessage(content=final.text), logprobs=logprobs,
+                              finish_reason=final.finish_reason)
+        return P.ChatCompletionResponse(id=req_id, model=self.model_name, choices=[choice], usage=usage)
+
+    def _chat_logprobs(self, token_ids, logprobs) -> P.ChatChoiceLogprobs:
+        content = []
+        for t, lp in zip(token_ids, logprobs):
+            s = self._token_str(t)
+            content.append(P.ChatLogprob(token=s, logprob=lp, bytes=list(s.encode())))
+        return P.ChatChoiceLogprobs(content=content)
+
+    async def _chat_stream(self, body, req_id, sub, prompt_tokens: int) -> AsyncIterator[str]:
+        def chunk(delta: P.ChatDelta, finish=None, logprobs=None) -> str:
+            choice = P.ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)
+            return P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
+
+        completion_tokens = 0
+        try:
+            yield chunk(P.ChatDelta(role="assistant", content=""))
+            async for out in sub.outputs():
+                completion_tokens = len(out.token_ids)
+                lp = None
+                if body.logprobs:
+                    lp = self._chat_logprobs(out.new_token_ids, out.logprobs[-len(out.new_token_ids):])
+                yield chunk(P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp)
+            if body.include_usage:
+                usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                total_tokens=prompt_tokens + completion_tokens)
+                yield P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[],
+                                            usage=usage).model_dump_json()
+        except EngineError as e:
+            yield _error_event(e)
+        finally:
+            sub.close()
+
+
+def _error_event(e: Exception) -> str:
+    return P.ErrorResponse(error=P.ErrorInfo(message=str(e), type="server_error")).model_dump_json()
+
+
+def _sse(events: AsyncIterator[str], sub: Submission) -> StreamingResponse:
+    """Server-sent events: each JSON event as `data: ...`, then `data: [DONE]`."""
+
+    async def body():
+        async for e in events:
+            yield f"data: {e}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return _SSEResponse(body(), sub)
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its submission however the response ends: a client that disconnects cancels the body (even
+    before its first event, when the body's own `finally` never runs), which aborts the requests and frees
+    their pages."""
+
+    def __init__(self, body, sub: Submission):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.sub = sub
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sub.close()

@@ -1,0 +1,50 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process).
+
+The engine thread sets the gauges after every step and counts tokens; /metrics renders the registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+# Seconds; from a few ms (a decode step on a GPU) to a minute (a long queue).
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 2.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, sparsity=None):
+        self.registry = r = CollectorRegistry()
+        self.running = Gauge("polar_requests_running", "Requests being decoded or prefilled", registry=r)
+        self.waiting = Gauge("polar_requests_waiting", "Requests queued in the engine", registry=r)
+        self.kv_pages_used = Gauge("polar_kv_pages_used", "KV cache pages held by requests", registry=r)
+        self.kv_pages_free = Gauge("polar_kv_pages_free", "KV cache pages in the free pool", registry=r)
+        self.ttft = Histogram("polar_time_to_first_token_seconds", "Arrival to first output token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("polar_inter_token_latency_seconds", "Time between a request's output tokens",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("polar_e2e_request_latency_seconds", "Arrival to finish", buckets=_TTFT_BUCKETS,
+                             registry=r)
+        self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("polar_generation_tokens", "Output tokens generated", registry=r)
+        self.finished = Counter("polar_requests_finished", "Finished requests by reason", ["reason"], registry=r)
+        self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode "
+                                  "(1: dense)", registry=r)
+        self.sparsity = Info("polar_sparsity", "The engine's sparsity configuration", registry=r)
+        attn = "all" if sparsity is None else sparsity.attn
+        density = 1.0 if sparsity is None else sparsity.attn_density
+        mean = sum(density) / len(density) if isinstance(density, tuple) else float(density)
+        self.attn_density.set(mean if attn != "all" else 1.0)
+        self.sparsity.info({"model": model_name, "attn": attn, "attn_density": str(density),
+                            "mlp": "all" if sparsity is None else sparsity.mlp,
+                            "mlp_k": str(None if sparsity is None else sparsity.mlp_k)})
+
+    def set_engine_state(self, scheduler) -> None:
+        bm = scheduler.block_manager
+        self.running.set(scheduler.num_running)
+        self.waiting.set(scheduler.num_waiting)
+        self.kv_pages_free.set(bm.num_free_pages)
+        self.kv_pages_used.set(bm.num_usable_pages - bm.num_free_pages)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,188 @@
+"""The benchmarks' arithmetic (bytes per step, KV bytes, density labels), ceiling warnings and result files.
+
+CPU only and fast: parameter shapes come from jax.eval_shape, nothing large is allocated.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, generate
+from polar_jax import SparsityConfig, init_params, preset
+from polar_jax.params import param_shapes
+
+
+def _shape_params(cfg):
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
+
+
+def _expected_weight_bytes(cfg, B):
+    """From the parameter contract: all matrices once; B rows of embed (untied) / pos_embed; tied embed whole."""
+    shapes = param_shapes(cfg)
+    flat = jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(math.prod(s) for s in flat)
+    V, E = shapes["embed"]
+    if not cfg.tie_embeddings:
+        total += B * E - V * E
+    if "pos_embed" in shapes:
+        P, D = shapes["pos_embed"]
+        total += B * D - P * D
+    return 2 * total
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m", "opt-6.7b", "tiny-opt-350m"])
+@pytest.mark.parametrize("B", [1, 64])
+def test_step_bytes_weights_match_param_shapes(name, B):
+    cfg = preset(name)
+    params = _shape_params(cfg)
+    kv = generate.kv_bytes(cfg, B, 100, np.full(cfg.n_layers, cfg.n_kv_heads))
+    assert generate.step_bytes(cfg, params, B, 100, None) == _expected_weight_bytes(cfg, B) + kv
+
+
+@pytest.mark.parametrize("name, n_params", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248)])
+def test_untied_lm_head_counted_once(name, n_params):
+    """Published parameter counts (embed and lm_head each once); a step reads B = 16 rows of embed."""
+    cfg = preset(name)
+    B = 16
+    V, E = cfg.vocab_size, cfg.embed_dim
+    expected = 2 * (n_params - V * E + B * E)
+    assert generate.weight_bytes(cfg, _shape_params(cfg), B) == expected
+
+
+def test_kv_bytes_sparse_heads():
+    """llama-3-8b at 0.3: layer 0 dense (8 heads), the other 31 layers keep round(0.3 * 8) = 2."""
+    cfg = preset("llama-3-8b")
+    sp = SparsityConfig(attn="random", attn_density=0.3)
+    kept = generate.heads_kept(cfg, sp)
+    assert kept.tolist() == [8] + [2] * 31
+    B, ctx = 16, 2048
+    assert generate.kv_bytes(cfg, B, ctx, kept) == 2 * B * (8 + 31 * 2) * (ctx + 1) * 128 * 2
+    dense = generate.kv_bytes(cfg, B, ctx, generate.heads_kept(cfg, None))
+    assert dense == 2 * 32 * B * 8 * (ctx + 1) * 128 * 2
+    params = _shape_params(cfg)
+    with_routers = dict(params, routers={"attn": {"w": jax.ShapeDtypeStruct((32, 4096, 8), jnp.bfloat16)}})
+    diff = generate.step_bytes(cfg, with_routers, B, ctx, sp) - generate.step_bytes(cfg, params, B, ctx, sp)
+    assert diff == 0  # random selection reads no router
+    sp_router = SparsityConfig(attn="router", attn_density=0.3)
+    diff = generate.step_bytes(cfg, with_routers, B, ctx, sp_router) - generate.step_bytes(cfg, params, B, ctx, sp)
+    assert diff == 32 * 4096 * 8 * 2
+
+
+@pytest.mark.parametrize("name, requested, kept, density", [
+    ("llama-3-8b", 0.3, "2 of 8", 0.25), ("llama-3-8b", 0.5, "4 of 8", 0.5),
+    ("llama-2-7b", 0.3, "10 of 32", 10 / 32), ("smollm2-135m", 0.5, "2 of 3", 2 / 3),
+])
+def test_density_labels_say_what_ran(name, requested, kept, density):
+    cfg = preset(name)
+    labels = generate.density_labels(cfg, SparsityConfig(attn="random", attn_density=requested), requested)
+    assert labels["density_requested"] == requested
+    assert labels["kv_heads_kept"] == kept
+    assert labels["density"] == pytest.approx(density)
+    K, L = cfg.n_kv_heads, cfg.n_layers
+    assert labels["density_all_layers"] == pytest.approx((K + (L - 1) * density * K) / (K * L))
+    dense = generate.density_labels(cfg, None, 1.0)
+    assert (dense["kv_heads_kept"], dense["density"]) == (f"{K} of {K}", 1.0)
+
+
+def test_check_ceiling_warns_above_one(capsys):
+    recs = [{"name": "a", "frac": 0.97}, {"name": "b", "frac": 1.04}, {"name": "c", "frac": float("nan")}]
+    warnings = common.check_ceiling(recs, ["frac"], lambda r: r["name"])
+    assert len(warnings) == 1 and warnings[0].startswith("b: frac = 1.040")
+    assert "CEILING IS WRONG" in capsys.readouterr().err
+
+
+def test_write_results_header_and_cpu_refusal(tmp_path):
+    meta = dict(common.metadata("python -m benchmarks.x --out D"), **common.ceiling_meta(
+        {"read_bw": 3.16e12, "copy_bw": 3.01e12, "read_variants": {"f32 sum": 3.16e12}}),
+        clocks=["wall: host-timed"], warnings=["b: above the ceiling"])
+    common.write_results("x", meta, [{"a": 1.5}], ["a"], out_dir=tmp_path)
+    md = (tmp_path / "x.md").read_text()
+    for part in (common.device_name(), meta["date"], "`python -m benchmarks.x --out D`",
+                 "streaming-read bandwidth", "3.160 TB/s", "Copy bandwidth 3.010 TB/s", "Clock: wall",
+                 "**WARNING: b: above the ceiling**", "| 1.5 |"):
+        assert part in md
+    assert json.loads((tmp_path / "x.json").read_text())["meta"]["read_bw_TBps"] == pytest.approx(3.16)
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(SystemExit, match="not writing cpu figures"):
+        common.write_results("x", meta, [], ["a"])
+
+
+def test_require_gpu_refuses_cpu_at_once():
+    with pytest.raises(SystemExit, match="--allow-cpu"):
+        common.require_gpu("benchmarks.kernels", allow_cpu=False)
+    common.require_gpu("benchmarks.kernels", allow_cpu=True)
+
+
+@pytest.mark.parametrize("set_bytes", [1e6, 20e6, 134e6, 2.1e9, 30e9])
+@pytest.mark.parametrize("est_ms", [0.005, 0.03, 0.2, 5.0])
+def test_attention_chain_rotates_cache_sets(set_bytes, est_ms):
+    """No call reads the cache set of the call before it (within a chain or across back-to-back chains), and
+    the sets rotated through hold several times the L2 wherever memory allows."""
+    from benchmarks import bench_attention as ba
+    n_sets = ba.n_cache_sets(set_bytes)
+    n = ba.chain_len(est_ms, n_sets)
+    assert n_sets >= 2 and n >= ba.CHAIN
+    assert n_sets <= ba.MAX_SETS
+    if ba.L2_ROTATION * common.L2_BYTES <= min(ba.MAX_SETS * set_bytes, ba.SETS_BYTES):
+        assert n_sets * set_bytes >= ba.L2_ROTATION * common.L2_BYTES
+    # What the jitted chain does, traced on tiny stand-ins: which set each call reads, over two chains.
+    sets = [(jnp.full((1,), s, jnp.float32), jnp.zeros((1,))) for s in range(n_sets)]
+    chain = ba._chain(lambda q, k, v, lengths, h: k)
+    used = [int(o[0]) for _ in range(2) for o in chain(sets, [jnp.zeros(1)] * n, [None] * n, jnp.zeros(1))]
+    assert all(a != b for a, b in zip(used, used[1:])), used
+    assert set(used) == set(range(n_sets))
+
+
+def test_attention_chain_refuses_back_to_back_reuse():
+    from benchmarks import bench_attention as ba
+    sets = [(jnp.zeros(1), jnp.zeros(1))] * 2
+    with pytest.raises(ValueError, match="back to back"):
+        ba._chain(lambda q, k, v, n, h: k)(sets, [jnp.zeros(1)] * 3, [None] * 3, jnp.zeros(1))
+
+
+def test_mlp_kernel_clock_never_falls_back_to_wall(capsys):
+    """Without a GPU trace the kernel clock is NaN and the reason is kept; the wall clock is still measured."""
+    from benchmarks import bench_mlp
+    unavailable = set()
+    fn = jax.jit(lambda x: x * 2.0)
+    ms_kernel, ms_wall, per = bench_mlp._measure(fn, [(jnp.ones(8),)], unavailable=unavailable)
+    assert math.isnan(ms_kernel) and per == {}
+    assert ms_wall > 0
+    assert unavailable == {"no GPU kernels in the profiler trace (backend cpu)"}
+    meta = bench_mlp.clock_meta(unavailable)
+    assert meta["kernel_clock"].startswith("unavailable: no GPU kernels")
+    assert meta["clocks"][0].startswith("kernel: UNAVAILABLE") and meta["clocks"][1].startswith("wall:")
+    assert "kernel clock unavailable" in capsys.readouterr().out
+    assert bench_mlp.clock_meta(set())["kernel_clock"] == "profiler"
+
+
+@pytest.mark.parametrize("module", ["kernels", "bench_attention", "bench_mlp", "generate", "profile_step"])
+def test_gpu_benchmarks_refuse_cpu_at_once(module, monkeypatch, capsys):
+    """On CPU each GPU benchmark exits at once (no measuring) with one line naming --allow-cpu."""
+    import importlib
+    import time
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setattr("sys.argv", [module])
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main() if module not in ("generate", "profile_step") else main([])
+    assert time.perf_counter() - t0 < 5
+    assert "measures GPU kernels" in str(exc.value) and "--allow-cpu" in str(exc.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_random_cache_fills_kv_and_sets_lengths():
+    """Whatever the cache layout: every floating-point buffer random (distinct per buffer), lengths = ctx."""
+    cfg = preset("tiny-llama-gqa")
+    cache = generate.random_cache(cfg, 3, 20)
+    assert cache.lengths.tolist() == [20, 20, 20]
+    floats = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(cache)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert len(floats) >= 2
+    for x in floats:
+        assert np.all(np.isfinite(x)) and 0.5 < x.std() < 2
+    assert not np.array_equal(floats[0], floats[1])

@@ -1,0 +1,177 @@
+"""The `polar` command line in-process: generate on a tiny random model, bad flags and paths fail fast with
+one line, the output printer, the demo's model folder."""
+
+import io
+import json
+import shutil
+import string
+import types
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from polar_jax import checkpoint, generate, preset
+from polar_jax.cli import main as polar
+from polar_jax.cli import print_outputs
+from polar_jax.engine.model_runner import StepRecord
+from tests.test_convert import random_params
+
+CFG = preset("tiny-llama-gqa")  # vocab 103, 64 positions, EOS 2
+
+
+def char_tokenizer():
+    """One token per character (ids 3..72), no chat template: short prompts stay short."""
+    chars = string.ascii_letters + string.digits + " .,!?"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A bf16 model directory (the default dtype of `polar convert`) with a tokenizer."""
+    tmp = tmp_path_factory.mktemp("cli")
+    char_tokenizer().save_pretrained(tmp / "tok")
+    return checkpoint.save(tmp / "tiny", CFG, random_params(CFG, jnp.bfloat16), tokenizer_dir=tmp / "tok")
+
+
+def run(capsys, *argv):
+    rc = polar([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_bf16_ragged_batch(model_dir, capsys):
+    """bf16 on CPU with prompts of different lengths once crashed in prefill (no bf16 x bf16 -> f32 dot)."""
+    prompts = ["Hi", "What is the capital of France?", "Sea"]
+    rc, out, err = run(capsys, "generate", "--model", model_dir, *(a for p in prompts for a in ("--prompt", p)),
+                       "--max-new-tokens", 7)
+    assert rc == 0, err
+    cfg, params, tok = checkpoint.load(model_dir)
+    assert params["embed"].dtype == jnp.bfloat16
+    want = generate(cfg, params, [tok.encode(p) for p in prompts], max_new_tokens=7)
+    for i, p in enumerate(prompts):
+        text = tok.decode(list(want.tokens[i, : want.lengths[i]]), skip_special_tokens=True).strip()
+        assert f"--- [{i}] {p}\n{text}\n" in out
+    assert "3 prompts: prefill 35 tokens in" in out and "ms/step" in out and "compile" in out
+    assert "3 of 3 prompts done" in err  # progress while decoding
+
+
+def test_generate_one_prompt_streams(model_dir, capsys):
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", 20)
+    assert rc == 0, err
+    cfg, params, tok = checkpoint.load(model_dir)
+    want = generate(cfg, params, [tok.encode("Hello")], max_new_tokens=20)
+    text = tok.decode(list(want.tokens[0, : want.lengths[0]]), skip_special_tokens=True)
+    assert out.startswith(f"--- [0] Hello\n{text}\n")
+    assert f"1 prompt: prefill 5 tokens" in out
+
+
+def test_print_outputs_prints_as_outputs_arrive():
+    """The printer consumes an iterator: each piece of text is out before the next output is asked for."""
+    out, err = io.StringIO(), io.StringIO()
+    words = ["Once", " upon", " a", " time"]
+    log = [StepRecord(0, 0, 0, 4, 10, 0.1)] + [StepRecord(1, 1, 5 + i, 0, 0, 0.2) for i in range(3)]
+    engine = types.SimpleNamespace(runner=types.SimpleNamespace(log=log), compile_s=1.5)
+
+    def outputs():
+        for i, w in enumerate(words):
+            if i:
+                assert out.getvalue().endswith("".join(words[:i]))  # the previous output's text is already shown
+            yield types.SimpleNamespace(request_id="req-0", new_text=w, finished=i == 3, token_ids=[0] * (i + 1),
+                                        finish_reason="length" if i == 3 else None, text="".join(words[:i + 1]))
+
+    print_outputs(outputs(), ["a prompt"], engine, out=out, err=err)
+    assert out.getvalue().startswith("--- [0] a prompt\nOnce upon a time\n")
+    assert "prefill 4 tokens in 0.10 s (40 tokens/s); decode 3 tokens in 0.60 s (5.0 tokens/s, 3 steps, " \
+           "200.0 ms/step); compile 1.5 s" in out.getvalue()
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading the weights fails the test: every check here must come before it."""
+    def load_params(*a, **k):
+        raise AssertionError("the weights were loaded before the bad input was noticed")
+
+    monkeypatch.setattr(checkpoint, "load_params", load_params)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attn-density", "1.5"], "--attn-density must lie in (0, 1], got 1.5"),
+    (["--attn-density", "nan"], "--attn-density must lie in (0, 1], got nan"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (["--top-p", "0"], "top_p must lie in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--prompt", " \t "], "prompt 1 is empty or only whitespace"),
+    (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with max_new_tokens=20000 it needs 20002 positions, "
+                                    "more than the model's context length of 64"),
+    (["--max-new-tokens", "1000000000"], "model's context length of 64"),
+])
+def test_bad_flags_fail_before_the_model_loads(model_dir, capsys, no_weights, flags, message):
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", *flags)
+    assert rc == 2 and out == ""
+    assert err.startswith("polar: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_broken_sparsity_json_names_the_file(model_dir, tmp_path, capsys, no_weights):
+    bad = tmp_path / "sparsity.json"
+    bad.write_text('{"attn": "random",\n "attn_density": 0.5,,\n}')
+    rc, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", "--sparsity", bad)
+    assert rc == 2 and f"sparsity config {bad} is not valid JSON" in err and "line 2 column 22" in err, err
+    bad.write_text('{"attn": "sideways"}')
+    rc, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", "--sparsity", bad)
+    assert rc == 2 and f"bad sparsity config {bad}" in err and "sideways" in err, err
+
+
+def test_cache_too_big_for_memory(model_dir, tmp_path, capsys, no_weights):
+    """A model with a huge context: 5e8 new tokens pass the context check but not the memory check."""
+    big = Path(shutil.copytree(model_dir, tmp_path / "big"))
+    (big / "config.json").write_text(json.dumps(CFG.replace(max_positions=2**30).to_dict()))
+    rc, out, err = run(capsys, "generate", "--model", big, "--prompt", "Hi", "--max-new-tokens", 500_000_000)
+    assert rc == 2 and out == ""
+    assert ("the KV cache (1 sequences x 500000002 positions, bfloat16) needs 715.3 GiB (+ 0.0 GiB of weights) "
+            "but there is") in err
+
+
+def test_model_flag_given_a_conversion_source(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for src, what in [(hf, "a transformers (HF) model directory"), (gguf, "a GGUF file")]:
+        rc, _, err = run(capsys, "generate", "--model", src, "--prompt", "Hi")
+        assert rc == 2
+        assert err == (f"polar: error: {src} is {what}, not a polar model directory; make a model directory "
+                       f"from it with `polar convert {src} DIR`\n")
+
+
+def test_convert_output_under_a_file(tmp_path, capsys):
+    (tmp_path / "somefile").write_text("x")
+    rc, _, err = run(capsys, "convert", tmp_path / "x.gguf", tmp_path / "somefile" / "out")
+    assert rc == 2
+    assert err == (f"polar: error: cannot create {tmp_path}/somefile/out: {tmp_path}/somefile is a file, "
+                   "not a directory\n")
+
+
+def test_demo_uses_a_per_user_folder(tmp_path, monkeypatch, capsys):
+    import convert
+    import polar_jax.cli as cli
+
+    seen = {}
+    monkeypatch.setenv("POLAR_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda src, out, dtype: seen.setdefault("out", out))
+    monkeypatch.setattr(cli, "default_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(cli, "run_generate", lambda model_dir, prompts, args: seen.setdefault("run", model_dir))
+    assert polar(["demo"]) == 0
+    assert seen["out"] == seen["run"] == tmp_path / "home" / "models" / "smollm2-135m-instruct-fp32"
+    assert not (tmp_path / "models").exists()

@@ -1,0 +1,520 @@
+"""The OpenAI-compatible server on a tiny random model with a character tokenizer (CPU), through the official
+`openai` client and raw HTTP: streamed and whole answers agree and equal the offline engine's; echo logprobs
+are the model's log-softmax; 64 concurrent streams each get their own answer; bad input gets 400 naming the
+field; a disconnect frees the request's pages; a real `polar serve` process checks the API key, answers 429
+when full, serves `polar bench serve` and exits cleanly on SIGTERM."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from polar_jax import (LLM, SamplingParams, SparsityConfig, forward, init_cache, init_params,  # noqa: E402
+                       preset)
+from polar_jax.checkpoint import load, save  # noqa: E402
+from polar_jax.engine.llm_engine import LLMEngine  # noqa: E402
+from polar_jax.server.app import build_app  # noqa: E402
+from polar_jax.server.cli import main as server_cli  # noqa: E402
+
+CFG = preset("tiny-llama-gqa").replace(max_positions=128)
+MODEL = "tiny"
+# The same engine shapes everywhere, so the test server, the offline reference and the subprocess share
+# compiled programs through JAX's persistent cache.
+ENGINE_KW = dict(max_num_seqs=16, prefill_chunk=32, page_size=8, num_pages=200, max_model_len=128)
+USABLE_PAGES = ENGINE_KW["num_pages"] - 1
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_model_dir(out: Path) -> Path:
+    """A tiny random llama with a character-level tokenizer (one token per character, ids < vocab size)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,!?'<>|_:\n-"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(chars)}
+    assert len(vocab) <= CFG.vocab_size and CFG.eos_token_ids == (2,)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out.parent / "tokenizer")
+    return save(out, CFG, init_params(CFG, jax.random.key(0), jnp.float32), tokenizer_dir=out.parent / "tokenizer")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, seconds: float, what: str):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics samples as {name{labels}: value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("server") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load(model_dir)
+
+
+@contextlib.contextmanager
+def serving(engine):
+    """uvicorn in a thread on a free port serving `engine`; yields the base URL."""
+    app = build_app(engine, MODEL)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.started, 60, "the test server to start")
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def served(loaded):
+    """(base URL, the engine) of a dense server."""
+    cfg, params, tokenizer = loaded
+    engine = LLMEngine(cfg, params, tokenizer, progress=False, **ENGINE_KW)
+    with serving(engine) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def offline(loaded):
+    return LLM(loaded, progress=False, **ENGINE_KW)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def offline_one(offline, prompt, sp: SamplingParams):
+    return offline.generate([prompt], sp, use_tqdm=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# answers
+
+def test_completion_stream_equals_whole_and_offline(client, offline, loaded):
+    prompt, n = "The quick brown fox", 12
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    want = offline_one(offline, loaded[2].encode(prompt), SamplingParams(temperature=0, max_tokens=n,
+                                                                          ignore_eos=True))
+    assert whole.choices[0].text == streamed == want.text
+    assert whole.choices[0].finish_reason == "length" and chunks[-2].choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len(prompt) and whole.usage.completion_tokens == n
+    assert chunks[-1].usage.completion_tokens == n and not chunks[-1].choices
+    assert sum(1 for c in chunks if c.choices) == n  # a chunk per token (one character each here)
+
+
+def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    tokenizer = loaded[2]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    want = offline_one(offline, list(ids), SamplingParams(temperature=0, max_tokens=10))
+    assert whole.choices[0].message.content == streamed == want.text
+    assert whole.choices[0].finish_reason == want.finish_reason
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == len(want.token_ids)
+    assert stream[-1].usage == whole.usage and not stream[-1].choices
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, stream):
+    """What lm-evaluation-harness's local-completions asks: the prompt's own logprobs (token ids in), and the
+    most likely token at each position."""
+    cfg, params, tokenizer = loaded
+    rng = np.random.default_rng(max_tokens)
+    prompt = rng.integers(3, 60, 37).tolist()  # ordinary characters, two prefill chunks
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+        text = "".join(c.text for c in chunks)
+        got = [x for c in chunks for x in c.logprobs.token_logprobs]
+        tokens = [x for c in chunks for x in c.logprobs.tokens]
+        top = [x for c in chunks for x in c.logprobs.top_logprobs]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, got, tokens, top = (choice.text, choice.logprobs.token_logprobs, choice.logprobs.tokens,
+                                  choice.logprobs.top_logprobs)
+    logits, _, _ = forward(cfg, params, jnp.asarray([prompt]), init_cache(cfg, 1, 128, jnp.float32))
+    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
+    assert len(got) == len(tokens) == len(top) == len(prompt) + max_tokens and got[0] is None and top[0] is None
+    np.testing.assert_allclose(got[1:len(prompt)], [logp[t - 1, prompt[t]] for t in range(1, len(prompt))],
+                               rtol=1e-4, atol=1e-4)
+    assert tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+    for t in range(1, len(prompt) + max_tokens):  # the argmax of the position before, with its logprob
+        (best, lp), = top[t].items()
+        assert best == tokenizer.decode([int(logp[t - 1].argmax())])
+        assert lp == pytest.approx(logp[t - 1].max(), abs=1e-4)
+    if max_tokens == 1:  # greedy: the generated token is the argmax of the last position
+        assert got[-1] == pytest.approx(logp[-1].max(), abs=1e-4)
+        assert text == tokenizer.decode(prompt) + tokenizer.decode([int(logp[-1].argmax())])
+    else:
+        assert text == tokenizer.decode(prompt)
+
+
+def lm_eval_parse(choice: dict, ctxlen: int) -> tuple[float, bool]:
+    """lm-evaluation-harness's local-completions reading of an echo + logprobs answer."""
+    token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(token_logprobs), all(tok == max(top.values()) for tok, top in zip(token_logprobs, top_logprobs))
+
+
+def test_lm_eval_loglikelihood_request(server, offline):
+    """lm-eval's payload for a context + its greedy continuation: greedy; with one token changed: not, and a
+    lower loglikelihood."""
+    ctx = [7, 20, 33, 41, 12, 9]
+    cont = offline_one(offline, ctx, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
+    changed = list(cont)
+    changed[3] = 3 + (cont[3] - 3 + 1) % 60  # another token
+    payload = {"model": MODEL, "prompt": [ctx + cont, ctx + changed], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(f"{server}/v1/completions", json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    (ll, greedy), (ll_changed, greedy_changed) = [lm_eval_parse(c, len(ctx)) for c in r.json()["choices"]]
+    assert greedy and not greedy_changed and ll > ll_changed
+
+
+def test_64_concurrent_streams_each_equal_their_offline_result(server, offline):
+    rng = np.random.default_rng(7)
+    cases = []
+    for i in range(64):
+        prompt = rng.integers(3, 70, int(rng.integers(1, 41))).tolist()
+        kind = i % 4
+        sp = dict(temperature=0.0, max_tokens=int(rng.integers(1, 11)), seed=1000 + i, ignore_eos=bool(i % 3))
+        if kind == 1:
+            sp |= dict(temperature=1.3)
+        elif kind == 2:
+            sp |= dict(temperature=0.8, top_k=5)
+        elif kind == 3:
+            sp |= dict(temperature=1.0, top_p=0.7)
+        cases.append((prompt, sp))
+    want = offline.generate([p for p, _ in cases], [SamplingParams(**sp) for _, sp in cases], use_tqdm=False)
+
+    async def one(aclient, prompt, sp):
+        extra = {"ignore_eos": sp["ignore_eos"], "top_k": sp.get("top_k", 0)}
+        stream = await aclient.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=sp["max_tokens"], temperature=sp["temperature"],
+            top_p=sp.get("top_p", 1.0), seed=sp["seed"], stream=True, logprobs=1,
+            stream_options={"include_usage": True}, extra_body=extra)
+        text, tokens, finish, usage = "", [], None, None
+        async for c in stream:
+            if c.choices:
+                text += c.choices[0].text
+                tokens += c.choices[0].logprobs.token_logprobs
+                finish = c.choices[0].finish_reason or finish
+            usage = c.usage or usage
+        return text, len(tokens), finish, usage.completion_tokens
+
+    async def all_of_them():
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+        async with aclient:
+            return await asyncio.wait_for(asyncio.gather(*(one(aclient, p, sp) for p, sp in cases)), 150)
+
+    got = asyncio.run(all_of_them())
+    assert len({w.text for w in want}) > 50, "the cases should give mostly different answers"
+    for i, ((text, n_logprobs, finish, n_usage), w) in enumerate(zip(got, want)):
+        assert (text, finish) == (w.text, w.finish_reason), f"request {i}"
+        assert n_logprobs == n_usage == len(w.token_ids), f"request {i}"
+    m = metrics(server)
+    assert m["polar_kv_pages_free"] == USABLE_PAGES and m["polar_requests_running"] == 0
+
+
+def test_several_prompts_in_one_request(client, offline, loaded):
+    prompts = ["abc", "Hello there", "z"]
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    want = offline.generate([loaded[2].encode(p) for p in prompts], sp, use_tqdm=False)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [w.text for w in want]
+    assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 15
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+
+BAD = [
+    # (path, body, status, param, message part)
+    ("completions", b'{"model": "tiny", "prompt": "x"', 400, None, "malformed JSON"),
+    ("completions", {"model": "gpt-9", "prompt": "x"}, 400, "model", "does not exist"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context length 128"),
+    ("completions", {"model": MODEL, "prompt": "a" * 129, "max_tokens": 0}, 400, "prompt", "129 tokens"),
+    ("completions", {"model": MODEL, "prompt": [5, 103]}, 400, "prompt", "outside the vocabulary"),
+    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
+    ("completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than"),
+    ("completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ("completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k", "greater than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "less than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", "stop strings must be non-empty"),
+    ("completions", {"model": MODEL}, 400, "prompt", "required"),
+    ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
+     "not supported"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "messages.0.role", "system"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a" * 130}]}, 400, "messages",
+     "context length"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,message", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_400_naming_the_field(server, path, body, status, param, message):
+    raw = isinstance(body, bytes)
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
+    r = httpx.post(f"{server}/v1/{path}", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and message in err["message"], err
+    assert err["type"] == "invalid_request_error"
+    assert "Traceback" not in err["message"] and len(err["message"]) < 300
+
+
+def test_attn_density_field(server, loaded):
+    """A dense server refuses polar_attn_density; a sparse one serves dense and sparse requests side by side:
+    density 1 gives the dense model's tokens, no field gives the sparsity config's (oracle, 1 of 2 KV heads)."""
+    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "polar_attn_density": 0.5,
+                                                     "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and "not supported by this engine" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "polar_attn_density"
+    cfg, params, tokenizer = loaded
+    sp = SparsityConfig(attn="oracle", attn_density=0.5)
+    engine = LLMEngine(cfg, params, tokenizer, progress=False, sparsity=sp, per_request_density=True, **ENGINE_KW)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = "the quick brown fox"
+    want = {name: LLM(loaded, sparsity=cfg_sp, progress=False, **ENGINE_KW).generate([prompt], greedy,
+                                                                                      use_tqdm=False)[0].text
+            for name, cfg_sp in (("dense", None), ("sparse", sp))}
+    assert want["dense"] != want["sparse"], "the planted case must tell dense from sparse"
+    with serving(engine) as url:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = {}
+        for name, extra in (("dense", {"polar_attn_density": 1.0}), ("sparse", {})):
+            r = httpx.post(f"{url}/v1/completions", json=body | extra, timeout=60)
+            assert r.status_code == 200, r.text
+            got[name] = r.json()["choices"][0]["text"]
+        r = httpx.post(f"{url}/v1/completions", json=body | {"polar_attn_density": 1.5}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "polar_attn_density"
+    assert got == want
+
+
+def test_server_answers_after_bad_input(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-3)
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=3).usage.completion_tokens <= 3
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_engine_failure_fails_its_requests_not_the_server(served, client, monkeypatch):
+    url, engine = served
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)  # the engine thread looks the method up every step
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 500 and "injected device fault" in r.json()["error"]["message"]
+    assert client.completions.create(model=MODEL, prompt="abc", max_tokens=4,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 4
+    m = metrics(url)
+    assert m["polar_kv_pages_free"] == USABLE_PAGES and httpx.get(f"{url}/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------
+# cancellation
+
+def test_disconnect_mid_stream_frees_pages(server):
+    before = metrics(server)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        events = [line for _, line in zip(range(6), (x for x in lines if x.startswith("data: ")))]
+        assert len(events) == 6
+        during = metrics(server)
+    # The response is closed here, in the middle of 120 tokens.
+    assert during["polar_kv_pages_used"] > 0
+    wait_until(lambda: metrics(server)["polar_kv_pages_free"] == USABLE_PAGES, 20, "the pages to come back")
+    after = metrics(server)
+    assert after["polar_kv_pages_used"] == 0 and after["polar_requests_running"] == 0
+    key = 'polar_requests_finished_total{reason="abort"}'
+    assert after.get(key, 0) == before.get(key, 0) + 1, "the request was not aborted"
+    assert after["polar_generation_tokens_total"] - before["polar_generation_tokens_total"] < 120
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real `polar serve` process
+
+def _start(model_dir, port, *flags):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "polar_jax.server", "serve", "--model", str(model_dir), "--port", str(port),
+           "--quiet", "--log-level", "warning", *flags]
+    for k, v in ENGINE_KW.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_real_server_key_queue_bench_and_sigterm(model_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(model_dir, port, "--api-key", "s3cret", "--max-queue", "0", "--shutdown-timeout", "20")
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, 180, "`polar serve` to come up")
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/completions", content=b"{not json").status_code == 401  # the key comes first
+        assert httpx.get(f"{url}/metrics").status_code == 200  # scrapers need no key
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert keyed.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+        # `polar bench serve` with the key: a complete report.
+        out = tmp_path / "bench.json"
+        rc = server_cli(["bench", "serve", "--url", url, "--api-key", "s3cret", "--num-prompts", "12",
+                         "--sweep", "20,inf", "--input-len", "8", "--output-len", "6", "--label", "dense",
+                         "--out", str(out), "--plot", str(tmp_path / "curve.png")])
+        assert rc == 0
+        report = json.loads(out.read_text())
+        assert [r["request_rate"] for r in report["runs"]] == [20.0, "inf"]
+        for run in report["runs"]:
+            assert run["completed"] == 12 and run["failed"] == 0 and run["output_tokens"] == 12 * 6
+            for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+                assert all(np.isfinite(v) and v >= 0 for v in run[key].values()), key
+            assert run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"] and run["output_throughput"] > 0
+        assert (tmp_path / "curve.png").stat().st_size > 1000
+        # A dataset file (token ids and text, own lengths), at most 2 in flight; then both reports on one plot.
+        data = tmp_path / "prompts.jsonl"
+        data.write_text('{"prompt": [5, 6, 7, 8], "max_tokens": 3}\n{"prompt": "hello there", "max_tokens": 5}\n')
+        rc = server_cli(["bench", "serve", "--url", url, "--api-key", "s3cret", "--num-prompts", "4",
+                         "--dataset", str(data), "--max-concurrency", "2", "--request-rate", "inf",
+                         "--label", "file", "--out", str(tmp_path / "file.json")])
+        run = json.loads((tmp_path / "file.json").read_text())["runs"][0]
+        assert rc == 0 and run["completed"] == 4 and run["output_tokens"] == 3 + 5 + 3 + 5
+        assert run["prompt_tokens"] == 4 + 11 + 4 + 11 and run["max_concurrency"] == 2
+        assert server_cli(["bench", "plot", str(out), str(tmp_path / "file.json"), "--out",
+                           str(tmp_path / "both.png")]) == 0
+        assert (tmp_path / "both.png").stat().st_size > 1000
+
+        # max-queue 0: max_num_seqs requests in flight fill the server; one more gets 429.
+        headers = {"Authorization": "Bearer s3cret"}
+        long = {"model": MODEL, "prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60, headers=headers) as c:
+            streams = [c.stream("POST", f"{url}/v1/completions", json=long) for _ in range(ENGINE_KW["max_num_seqs"])]
+            opened = [s.__enter__() for s in streams]
+            try:
+                assert all(r.status_code == 200 for r in opened)
+                r = c.post(f"{url}/v1/completions", json=body)
+                assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            finally:
+                for s in streams:
+                    s.__exit__(None, None, None)
+
+        # SIGTERM with a request in flight: it finishes, then the process exits cleanly.
+        with httpx.Client(timeout=60, headers=headers) as c, c.stream(
+                "POST", f"{url}/v1/completions", json=long | {"max_tokens": 60}) as r:
+            lines = r.iter_lines()
+            first = next(x for x in lines if x.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [x for x in lines if x.startswith("data: ")]
+        texts = [json.loads(x[6:])["choices"][0]["text"] for x in [first] + rest[:-1]]
+        assert rest[-1] == "data: [DONE]" and len(texts) == 60
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_bench_random_dataset_draws_like_the_engine_benchmarks_workload():
+    """`--dataset random` draws what benchmarks/serve_offline.py's workload() draws (its three lines, here)."""
+    from polar_jax.server.bench import parse_range, random_tokens
+
+    rng = np.random.default_rng(3)
+    p_len, o_len = rng.integers(5, 41, 20), rng.integers(2, 10, 20)
+    prompts = [rng.integers(3, 1000, p).tolist() for p in p_len]
+    items = random_tokens(20, parse_range("5:40", "--input-len"), parse_range("2:9", "--output-len"), 1000, 3)
+    assert [i.prompt for i in items] == prompts and [i.max_tokens for i in items] == o_len.tolist()
+    assert len({len(i.prompt) for i in items}) > 5
+    with pytest.raises(ValueError, match="--output-len"):
+        parse_range("9:2", "--output-len")
