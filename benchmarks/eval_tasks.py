@@ -139,7 +139,7 @@ def main(argv=None) -> None:
           + (f" First {args.limit} items of each task." if args.limit else " Whole splits."), "",
           markdown(runs + ([hf] if hf else []))]
     # Mean accuracy per run, and router against oracle at each density (the router-quality target).
-    md += ["", "| run | mean acc over tasks | requests/s |", "|---|---:|---:|"]
+    md += ["", "| run | mean acc over tasks | requests/s (compilation included) |", "|---|---:|---:|"]
     for r in runs + ([hf] if hf else []):
         mean = np.mean([r["results"][t]["metrics"]["acc"] for t in tasks]) * 100
         md.append(f"| {r['label']} | {mean:.2f} | {r['results']['_timing']['requests_per_s']:.1f} |")

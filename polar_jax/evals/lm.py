@@ -142,7 +142,7 @@ class PolarLM(TemplateLM):
             max_new = int(gen.pop("max_gen_toks", 256))
             sample = bool(gen.pop("do_sample", False))
             temperature = float(gen.pop("temperature", 1.0 if sample else 0.0))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]  # room for the generation
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]  # room for the generation
             prompts.append(ids)
             params.append(SamplingParams(temperature=temperature if sample else 0.0, max_tokens=max_new,
                                          stop=tuple(until), seed=self.seed))
