@@ -315,3 +315,13 @@ def test_generate_until_through_the_engine(smollm2):
     want = generate(cfg, params, [tok.encode(p) for p in prompts], max_new_tokens=8, stop_tokens=())
     for text, ids in zip(texts, want.tokens):
         assert text == tok.decode(list(ids)).split("\n")[0]
+
+
+def test_model_args_reach_polar(tmp_path):
+    """lm-eval's CLI passes --batch_size (default 1) beside --model_args; model_args win, bad ones are named."""
+    from polar_jax.evals.lm import PolarLM
+
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nowhere"):
+        PolarLM.create_from_arg_obj({"model": str(tmp_path / "nowhere"), "batch_size": 8}, {"batch_size": 1})
+    with pytest.raises(ValueError, match="unknown polar model_args: dtype"):
+        PolarLM.create_from_arg_string(f"model={tmp_path},dtype=bf16", {"batch_size": 1, "device": None})

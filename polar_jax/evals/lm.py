@@ -71,13 +71,16 @@ class PolarLM(TemplateLM):
         self._llm = None
 
     @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """model_args win over the CLI's --batch_size (whose default, 1, is always passed)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """model_args win over the CLI's --batch_size (whose default, 1, would otherwise always be set)."""
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
     def eot_token_id(self) -> int:
