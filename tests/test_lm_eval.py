@@ -181,7 +181,8 @@ def test_malformed_row_names_file_and_line(tmp_path, bad, message):
 
 def test_unknown_task_and_missing_files(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "mine.jsonl", [ROW])
-    with pytest.raises(data.TaskDataError, match=r"unknown task 'piqa': .*piqa.jsonl does not exist .*tasks in .*: mine"):
+    with pytest.raises(data.TaskDataError,
+                       match=r"unknown task 'piqa': .*piqa.jsonl does not exist .*tasks in .*: mine"):
         data.task_file("piqa", tmp_path)
     monkeypatch.delenv(data.ENV_DIR, raising=False)
     with pytest.raises(data.TaskDataError, match=f"pass --tasks-dir DIR or set {data.ENV_DIR}"):
@@ -323,5 +324,8 @@ def test_model_args_reach_polar(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="model directory not found: .*nowhere"):
         PolarLM.create_from_arg_obj({"model": str(tmp_path / "nowhere"), "batch_size": 8}, {"batch_size": 1})
+    cfg = preset("tiny-llama-gqa")
+    with pytest.raises(ValueError, match="the model has no attn router"):
+        PolarLM((cfg, init_params(cfg, jax.random.key(0)), object()), attn="router", attn_density=0.5)
     with pytest.raises(ValueError, match="unknown polar model_args: dtype"):
         PolarLM.create_from_arg_string(f"model={tmp_path},dtype=bf16", {"batch_size": 1, "device": None})

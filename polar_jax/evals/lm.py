@@ -21,7 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from polar_jax.evals.loglik import loglikelihood
-from polar_jax.sparsity import SparsityConfig
+from polar_jax.sparsity import SparsityConfig, check_routers
 
 
 def _parse_sparsity(sparsity, attn: str | None, attn_density) -> SparsityConfig | None:
@@ -48,6 +48,7 @@ class PolarLM(TemplateLM):
     def __init__(self, model: str | os.PathLike | tuple = None, sparsity=None, batch_size: int | str = 32,
                  max_length: int | None = None, seed: int = 0, attn: str | None = None,
                  attn_density: float | None = None, max_batch_size=None, device=None, **kwargs):
+        # max_batch_size and device come from lm-eval's CLI; the device is JAX's default one.
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown polar model_args: {', '.join(sorted(kwargs))} (known: model, sparsity, "
@@ -65,6 +66,9 @@ class PolarLM(TemplateLM):
         if self.tokenizer is None:
             raise ValueError(f"{model} has no tokenizer files; lm-eval requests are text")
         self.sparsity = _parse_sparsity(sparsity, attn, attn_density)
+        if self.sparsity is not None:
+            where = "the model" if isinstance(model, tuple) else str(model)
+            check_routers(self.cfg, self.params, self.sparsity, where=where)
         self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.cfg.max_positions)
         self.seed = int(seed)
