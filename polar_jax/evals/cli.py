@@ -1,0 +1,64 @@
+"""`polar eval tasks`: accuracy on lm-eval tasks through the sparse decode path (a front door to run.py).
+
+The lead wires `add_tasks_command` into the `polar eval` group; errors reach the caller as ValueError /
+FileNotFoundError, which `polar` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_eval_tasks(args) -> None:
+    try:
+        from polar_jax.evals.lm import PolarLM
+        from polar_jax.evals.run import evaluate, markdown
+    except ImportError as e:
+        raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
+    from polar_jax.evals import data
+
+    folder = data.data_dir(args.tasks_dir)
+    names = data.available(folder) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    for n in names:  # fail on a bad name before loading the model
+        data.task_file(n, folder)
+    if args.sparsity and args.attn_source:
+        raise ValueError("pass either --sparsity JSON or --attn-source/--attn-density, not both")
+    lm = PolarLM(args.model, sparsity=args.sparsity, attn=args.attn_source, attn_density=args.attn_density,
+                 batch_size=args.batch_size, seed=args.seed)
+    results = evaluate(lm, names, folder, limit=args.limit)
+    table = markdown([{"label": "polar" + (" (sparse)" if lm.sparsity else " (dense)"), "results": results}])
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "polar " + " ".join(sys.argv[1:]), "model": str(args.model), "limit": args.limit,
+                "sparsity": None if lm.sparsity is None else repr(lm.sparsity), "tasks_dir": str(folder)}
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {out}")
+
+
+def add_tasks_command(eval_subparsers) -> argparse.ArgumentParser:
+    """Add `tasks` to the subparsers of `polar eval`; returns its parser."""
+    p = eval_subparsers.add_parser(
+        "tasks", help="accuracy on lm-eval tasks (piqa, arc_easy, ...) through the sparse decode path",
+        description="""\
+Accuracy on multiple-choice / lambada tasks with lm-eval's own metrics (acc, acc_norm, perplexity and their
+stderr), each continuation scored in decode mode: the context is prefilled densely, then the continuation is
+fed one token per step through the sparse decode kernels. Tasks are NAME.jsonl files in --tasks-dir
+(default $POLAR_EVALS_DIR), in the schema of the shared evals folder's README.""")
+    p.add_argument("--model", required=True, help="model directory (`polar convert`)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names, or 'all' (every file of --tasks-dir)")
+    p.add_argument("--tasks-dir", help="folder of NAME.jsonl task files (default $POLAR_EVALS_DIR)")
+    p.add_argument("--sparsity", help="sparsity config JSON (`polar calibrate`); default dense")
+    p.add_argument("--attn-source", choices=["router", "oracle", "random"],
+                   help="head source for --attn-density (instead of --sparsity)")
+    p.add_argument("--attn-density", type=float, default=1.0, help="fraction of KV groups kept (default 1)")
+    p.add_argument("--limit", type=int, help="first N items of each task (a quick run)")
+    p.add_argument("--batch-size", type=int, default=32, help="continuation rows per device call (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random head source (default 0)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval_tasks)
+    return p
