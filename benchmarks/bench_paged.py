@@ -71,15 +71,6 @@ PREFILL_COLUMNS = ["impl", "Z", "B", "T", "context", "ms", "TFLOPs", "frac_matmu
 # ---------------------------------------------------------------------------------------------------
 # hardware yardsticks measured in the same run
 
-def read_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Streaming-read bandwidth in bytes/s: a jnp.sum over `nbytes` of f32 (two arrays, rotated)."""
-    n = nbytes // 4
-    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.float32) for i in range(2)]
-    ms = common.time_fn(jax.jit(jnp.sum), [(x,) for x in xs], inner=10, reps=10)
-    del xs
-    return nbytes / (ms * 1e-3)
-
-
 def matmul_rate(n: int = 8192) -> float:
     """bf16 matmul FLOP/s of an n x n x n product (f32 accumulation), chains of 4 on rotated inputs."""
     keys = jax.random.split(jax.random.key(7), 4)
@@ -349,7 +340,8 @@ def main():
     if jax.default_backend() != "gpu":
         sys.exit("bench_paged needs a CUDA GPU (the Triton kernels are compiled for it)")
     t0 = time.perf_counter()
-    read_bw = read_bandwidth()
+    ceiling = common.measure_ceiling()
+    read_bw = ceiling["read_bw"]
     mm = matmul_rate()
     print(f"read bandwidth {read_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s on "
           f"{common.device_name()}", flush=True)
@@ -363,7 +355,7 @@ def main():
     dec = run_decode(read_bw, DECODE_DTYPES[:1] if args.quick else DECODE_DTYPES)
     pre = run_prefill(mm, (1, 8) if args.quick else PREFILL_BATCHES)
     meta = common.metadata("python -m benchmarks.bench_paged" + (" --quick" if args.quick else ""))
-    meta.update(read_bw_TBps=read_bw / 1e12, matmul_bf16_TFLOPs=mm / 1e12)
+    meta.update(common.ceiling_meta(ceiling), matmul_bf16_TFLOPs=mm / 1e12)
     kw = {"out_dir": Path(args.out)} if args.out else {}
     common.write_results("kernels_paged_decode", meta, dec, DECODE_COLUMNS, **kw)
     common.write_results("kernels_paged_prefill", meta, pre, PREFILL_COLUMNS, **kw)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, add_device_args, check_out_dir, measure_ceiling, metadata, require_gpu, \
-    time_fn, write_results
+from benchmarks.common import RESULTS, add_device_args, ceiling_meta, check_out_dir, measure_ceiling, metadata, \
+    require_gpu, time_fn, write_results
 from benchmarks.generate import make_step, random_cache, random_routers, router_bytes, weight_bytes
 from polar_jax import SamplingParams, SparsityConfig, init_params, preset
 from polar_jax.engine.llm_engine import LLMEngine
@@ -186,11 +186,10 @@ def main(argv=None) -> int:
     ceiling = measure_ceiling()
     mm_rate = matmul_rate()
     print(f"bf16 matmul rate {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
-    meta |= {"read_bw_TBps": ceiling["read_bw"] / 1e12, "copy_bw_TBps": ceiling["copy_bw"] / 1e12,
-             "matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests, "max_num_seqs": args.max_num_seqs,
-             "prefill_chunk": args.prefill_chunk,
-             "ceiling": "streaming-read bandwidth for decode bytes, bf16 matmul rate for prefill FLOPs",
-             "copy_bw_note": "information only"}
+    meta |= ceiling_meta(ceiling) | {"matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests,
+                                     "max_num_seqs": args.max_num_seqs,
+                                     "prefill_chunk": args.prefill_chunk}
+    meta["ceiling"] += "; prefill FLOPs over the bf16 matmul rate measured in the same run"
     records, series, checks = [], {}, []
     for name in args.models.split(","):
         cfg = preset(name)
