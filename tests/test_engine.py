@@ -117,6 +117,7 @@ def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prom
         assert tok in top3[len(p) - 1 + j], f"token {j} outside the top 3"
 
 
+@jax.default_matmul_precision("highest")  # on a GPU the fp32 default is TF32; the comparison is fp32
 def test_logprobs_equal_the_models_log_softmax(params, prompts):
     llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False)
     p = prompts[4]  # 40 tokens: prompt logprobs span three chunks

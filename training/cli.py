@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from polar_jax.evals.cli import add_tasks_command
 from training.data import HELDOUT_FRAC
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -211,7 +212,8 @@ a batch recalls --recall of the truly active neurons, over random batches of the
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
-    p_eval = sub.add_parser("eval", help="evaluate a model: decode-mode perplexity (`polar eval ppl`)",
+    p_eval = sub.add_parser("eval", help="evaluate a model: decode-mode perplexity (`polar eval ppl`), task "
+                            "accuracy (`polar eval tasks`)",
                             description="Evaluation through the sparse decode path.")
     eval_sub = p_eval.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
     p = eval_sub.add_parser("ppl", help="decode-mode perplexity, dense or sparse, or a sweep over head densities",
@@ -238,3 +240,4 @@ density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _text_flags(p, "heldout")
     p.set_defaults(func=cmd_eval_ppl)
+    add_tasks_command(eval_sub)
