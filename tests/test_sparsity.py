@@ -36,8 +36,8 @@ def _spy_heads(monkeypatch) -> list[tuple[np.ndarray, np.ndarray]]:
     """Record (head ids [B, C], router input h [B, D]) of every sparse layer the model runs, in layer order."""
     calls, real = [], model_lib.attention_heads
 
-    def spy(sp, cfg, layer, count, capacity, h, routers, key, dense_norms=None):
-        ids = real(sp, cfg, layer, count, capacity, h, routers, key, dense_norms)
+    def spy(sp, cfg, layer, count, capacity, h, routers, key, dense_norms=None, **kw):
+        ids = real(sp, cfg, layer, count, capacity, h, routers, key, dense_norms, **kw)
         if ids is not None:
             jax.debug.callback(lambda i, x: calls.append((np.asarray(i), np.asarray(x, np.float64))), ids, h,
                                ordered=True)
