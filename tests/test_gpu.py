@@ -134,7 +134,8 @@ def test_attention_benchmark_shapes(N, K, B, S, dtype):
     for hidx in (None, head_idx):
         o = fn(q, k, v, lengths, hidx, impl="triton")
         assert_close(o, fn(q, k, v, lengths, hidx, impl="xla"), dtype)
-    assert _runs_triton(lambda q: decode_attention(q, k, v, lengths, head_idx, impl="triton"), q)
+    # Everything as an argument: a closed-over array would be baked into the program as a constant.
+    assert _runs_triton(lambda *a: decode_attention(*a, impl="triton"), q, k, v, lengths, head_idx)
 
 
 MLP_CASES = [(variant, D, B) for variant in ("relu", "gated") for D, B in ((MLP_DIMS[0], 128), (MLP_DIMS[-1], 16))]
@@ -151,11 +152,12 @@ def test_mlp_benchmark_shapes(variant, D, B):
     for density in (0.1, 1.0):
         C = int(density * F)
         idx = jax.random.permutation(_key("idx", D, C), F)[:C].astype(jnp.int32)
-        fn = jax.jit(lambda x, idx, c, impl: selective_mlp(x, w_up, w_down, idx, c, w_gate=w_gate, activation=act,
-                                                            impl=impl), static_argnames=("impl",))
+        # Weights as arguments: closed over, 0.5 GB matrices would be compiled in as constants.
+        fn = jax.jit(lambda x, w_up, w_down, w_gate, idx, c, impl: selective_mlp(
+            x, w_up, w_down, idx, c, w_gate=w_gate, activation=act, impl=impl), static_argnames=("impl",))
         for count in (C, C // 2 + 1):  # traced: one compile serves both
-            y = fn(x, idx, jnp.int32(count), "triton")
-            assert_close(y, fn(x, idx, jnp.int32(count), "xla"), dtype)
+            args = (x, w_up, w_down, w_gate, idx, jnp.int32(count))
+            assert_close(fn(*args, impl="triton"), fn(*args, impl="xla"), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,8 +184,16 @@ def test_small_union_runs_sparse_with_capacity_f():
     x = _normal(_key("gap-x"), (B, D), dtype)
     count = F // 10
     perm = jax.random.permutation(_key("gap-idx"), F).astype(jnp.int32)                       # [F]
-    fn = jax.jit(lambda x, idx, c: selective_mlp(x, w_up, w_down, idx, c))                    # impl=None
-    dense = jax.jit(lambda x, idx, c: selective_mlp(x, w_up, w_down, idx, c, impl="dense"))
+    # Weights as arguments (closed over, they would be compiled in as constants).
+    mlp = jax.jit(lambda x, w_up, w_down, idx, c: selective_mlp(x, w_up, w_down, idx, c))    # impl=None
+    dense_mlp = jax.jit(lambda x, w_up, w_down, idx, c: selective_mlp(x, w_up, w_down, idx, c, impl="dense"))
+
+    def fn(x, idx, c):
+        return mlp(x, w_up, w_down, idx, c)
+
+    def dense(x, idx, c):
+        return dense_mlp(x, w_up, w_down, idx, c)
+
     exact_ms = _ms(fn, x, perm[:count], jnp.int32(count))
     wide_ms = _ms(fn, x, perm, jnp.int32(count))
     dense_ms = _ms(dense, x, perm, jnp.int32(count))
