@@ -36,7 +36,7 @@ from training import evaluate as ev
 from training.calibrate import calibrate
 from training.collect import collect
 from training.data import load_tokens
-from training.train import METRICS_FILE, TrainConfig, train_routers
+from training.train import TrainConfig, train_routers
 
 NAME = "routers_smollm2"
 # (full run, --quick): collected tokens, collect window, epochs, eval prefix, decode steps, decoded tokens, batch

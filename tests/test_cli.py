@@ -9,7 +9,6 @@ import types
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -71,7 +70,7 @@ def test_generate_one_prompt_streams(model_dir, capsys):
     want = generate(cfg, params, [tok.encode("Hello")], max_new_tokens=20)
     text = tok.decode(list(want.tokens[0, : want.lengths[0]]), skip_special_tokens=True)
     assert out.startswith(f"--- [0] Hello\n{text}\n")
-    assert f"1 prompt: prefill 5 tokens" in out
+    assert "1 prompt: prefill 5 tokens" in out
 
 
 def test_print_outputs_prints_as_outputs_arrive():

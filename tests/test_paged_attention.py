@@ -199,7 +199,7 @@ def test_config_heuristic():
 
 
 def test_dispatch(monkeypatch):
-    B, N, K, H, Z, M = 2, 4, 2, 64, 8, 2
+    B, N, K, H, Z = 2, 4, 2, 64, 8
     kp, vp, q = _normal((5, K, Z, H), F32), _normal((5, K, Z, H), F32), _normal((B, N, H), F32)
     lengths, table = jnp.array([16, 5], jnp.int32), jnp.array([[3, 1], [4, 0]], jnp.int32)
     calls = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from polar_jax import SparsityConfig, init_cache, init_params, preset
 from polar_jax import model as model_lib

@@ -28,7 +28,8 @@ Implementations, tried in order until one accepts the inputs (backends raise Not
 
 from __future__ import annotations
 
-from pallas_kernels.paged_attention.api import check_pages, check_per_sequence, dispatch
+from pallas_kernels.common import check_per_sequence, dispatch
+from pallas_kernels.paged_attention.api import check_pages
 from pallas_kernels.prefill_attention import reference
 from pallas_kernels.prefill_attention import triton as triton_impl
 

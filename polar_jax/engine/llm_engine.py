@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence as Seq
 
 import jax
-import numpy as np
 
 from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
 from polar_jax.config import ModelConfig

@@ -15,7 +15,6 @@ The boundary to the host-side scheduler is `run` (ScheduledBatch -> {request_id:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm.auto import tqdm
 
 from polar_jax.evals.loglik import loglikelihood
 from polar_jax.sparsity import SparsityConfig, check_routers
