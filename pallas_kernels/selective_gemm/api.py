@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import concrete
+from pallas_kernels.common import check_layer, concrete
 from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm import triton as triton_impl
 
@@ -90,16 +90,6 @@ def _check_weight(name, w, D, dtype, layer):
     return w.shape[-2]
 
 
-def _check_layer(layer, L):
-    if layer is None:
-        return
-    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-        raise TypeError(f"layer must be an integer scalar, got {layer!r}")
-    v = concrete(layer)
-    if v is not None and not 0 <= int(v) < L:
-        raise ValueError(f"layer={int(v)} is out of range for {L} stacked layers")
-
-
 def _check_idx(idx, count, F):
     if idx.ndim != 1:
         raise ValueError(f"idx has shape {tuple(idx.shape)}; expected [C]")
@@ -142,7 +132,7 @@ def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     stacked = w_up.ndim == 3
     L = w_up.shape[0] if stacked else 1
-    _check_layer(layer, L)
+    check_layer(layer, L)
     _check_bias("b_up", b_up, F, x.dtype, stacked, L)
     _check_idx(idx, count, F)
     return F
@@ -158,7 +148,7 @@ def _check_down(h, w_down, idx, count, b_down, layer):
     F = _check_weight("w_down", w_down, D, h.dtype, layer)
     stacked = w_down.ndim == 3
     L = w_down.shape[0] if stacked else 1
-    _check_layer(layer, L)
+    check_layer(layer, L)
     _check_bias("b_down", b_down, D, h.dtype, stacked, L)
     C = _check_idx(idx, count, F)
     if h.shape[1] != C:
