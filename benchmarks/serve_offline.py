@@ -1,9 +1,9 @@
 """Offline serving benchmark: the engine on workload W, all requests submitted at once (GPU).
 
 W: `--requests` requests (default 512) with prompt lengths uniform in [128, 2048] and output lengths uniform
-in [64, 512] (`--prompt-len`, `--output-len`), fixed seed, ignore_eos, greedy. For each model shape (random bf16 weights) and mode (dense,
-random 50% of heads, router 50% of heads) it reports output tokens/s, requests/s, the mean decode batch,
-peak KV pages in use, preemptions, and W's roofline time from the engine's own step log: each decode step's
+in [64, 512] (`--prompt-len`, `--output-len`), fixed seed, ignore_eos, greedy. For each model shape (random
+bf16 weights) and mode (dense, random 50% of heads, router 50% of heads) it reports output tokens/s,
+requests/s, the mean decode batch, peak KV pages in use, preemptions, and W's roofline time from the engine's own step log: each decode step's
 bytes (weights once, routers in use, the kept heads' KV of every sequence) over the streaming-read
 bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the same run.
 
@@ -216,7 +216,8 @@ def main(argv=None) -> int:
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
         if args.pool_fraction and dense_tokens is not None:
             pages = max(2, int(args.pool_fraction * peak)) + 1
-            print(f"== {name} dense, pool of {pages - 1} pages ({args.pool_fraction:.0%} of the peak {peak})", flush=True)
+            print(f"== {name} dense, pool of {pages - 1} pages ({args.pool_fraction:.0%} of the peak {peak})",
+                  flush=True)
             rec, ser, _ = run_workload(cfg, params, None, prompts, outs, args, num_pages=pages)
             tokens = rec.pop("tokens")
             rec["identical_to_unconstrained"] = tokens == dense_tokens

@@ -77,24 +77,3 @@ def dense_mlp_out(cfg: ModelConfig, lp: dict, layer, h: jax.Array) -> jax.Array:
     """h @ W_down (+ b): [..., F] -> [..., D]."""
     y = jnp.einsum("...f,fd->...d", h, lp["w_down"][layer])
     return y + lp["b_down"][layer] if cfg.mlp_bias else y
-
-
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, sm_scale: float) -> jax.Array:
-    """Causal attention of T new queries over a cache that already holds them.
-
-    q [B, T, N, H]; k, v [B, K, S, H]; q_pos [B, T] absolute positions. Key s is visible to the query at
-    position p when s <= p (everything before p was written earlier, positions up to p in this call).
-    """
-    B, T, N, H = q.shape
-    K = k.shape[1]
-    dtype = q.dtype
-    if jax.default_backend() == "cpu":
-        # XLA:CPU has no bf16 x bf16 -> f32 dot (DotThunk UNIMPLEMENTED): give it f32 operands.
-        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    visible = jnp.arange(k.shape[2])[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(dtype)

@@ -3,8 +3,9 @@
 `forward` appends T tokens to every sequence of a paged KV cache (polar_jax/cache.py) and returns their
 logits. T > 1 is prefill (dense; causal flash attention over the sequence's pages); T == 1 is a decode step
 through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`,
-so compile time does not grow with depth. The kernels receive the whole stacked cache / weights plus the layer index: inside the scan a
-per-layer slice handed to a custom call would be materialised as a copy of every byte it reads.
+so compile time does not grow with depth. The kernels receive the whole stacked cache / weights plus the
+layer index: inside the scan a per-layer slice handed to a custom call would be materialised as a copy of
+every byte it reads.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def test_print_outputs_prints_as_outputs_arrive():
     """The printer consumes an iterator: each piece of text is out before the next output is asked for."""
     out, err = io.StringIO(), io.StringIO()
     words = ["Once", " upon", " a", " time"]
-    log = [StepRecord(0, 0, 0, 4, 10, 0.1)] + [StepRecord(1, 1, 5 + i, 0, 0, 0.2) for i in range(3)]
+    log = [StepRecord(0, 0, 4, 10, 0.1)] + [StepRecord(1, 5 + i, 0, 0, 0.2) for i in range(3)]
     engine = types.SimpleNamespace(runner=types.SimpleNamespace(log=log), compile_s=1.5)
 
     def outputs():

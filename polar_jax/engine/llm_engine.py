@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -129,7 +128,6 @@ class LLMEngine:
                                   per_request_density=per_request_density,
                                   buckets=Buckets.make(max_num_seqs, prefill_chunk, budget))
         self._detok: dict[str, Detokenizer] = {}
-        self._preemptions: dict[str, int] = {}
         self.compile_s = 0.0
         if compile:
             self.compile_s = self.runner.compile_all(_progress_bar("compiling", progress))
@@ -164,19 +162,16 @@ class LLMEngine:
                              f"[0, {self.cfg.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
-        seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time)
-        seq.seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq.attn_density = None if attn_density is None else float(attn_density)
+        seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time,
+                       attn_density=None if attn_density is None else float(attn_density))
         self.scheduler.add(seq)  # raises ValueError naming the request
         if self.tokenizer is not None:
             self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop)
-        self._preemptions[request_id] = 0
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request in any state; its pages are free at once. False if unknown or finished."""
         aborted = self.scheduler.abort(request_id)
         self._detok.pop(request_id, None)
-        self._preemptions.pop(request_id, None)
         return aborted
 
     def has_unfinished(self) -> bool:
@@ -186,15 +181,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step; an output for every request that got a token (or finished) in it."""
         batch = self.scheduler.schedule()
-        for seq in batch.preempted:
-            self._preemptions[seq.request_id] += 1
         if not batch:
             if self.scheduler.has_unfinished():  # add() admits only requests that fit alone: a bug if hit
                 raise RuntimeError(f"the scheduler made no progress with {self.scheduler.num_waiting} waiting "
                                    f"and {self.scheduler.num_running} running requests")
             return []
         sampled, prompt_lp = self.runner.run(batch)
-        finished = set(id(s) for s in self.scheduler.update(batch, sampled, prompt_lp))
+        self.scheduler.update(batch, sampled, prompt_lp)
         outputs = []
         for seq in batch.decode + [c.seq for c in batch.prefill if c.samples]:
             if seq.request_id not in sampled:
@@ -209,9 +202,8 @@ class LLMEngine:
                 if seq.is_finished:
                     delta += detok.flush()
             outputs.append(self._output(seq, [token], delta))
-            if seq.is_finished or id(seq) in finished:
+            if seq.is_finished:
                 self._detok.pop(seq.request_id, None)
-                self._preemptions.pop(seq.request_id, None)
         return outputs
 
     def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
@@ -224,7 +216,7 @@ class LLMEngine:
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
             arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish,
-            num_preemptions=self._preemptions.get(seq.request_id, 0))
+            num_preemptions=seq.num_preemptions)
 
 
 def _progress_bar(desc: str, enabled: bool):

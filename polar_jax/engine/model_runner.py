@@ -111,7 +111,6 @@ class StepRecord:
     """One engine step as the benchmark's roofline needs it."""
 
     decode_rows: int  # real sequences decoded
-    decode_bucket: int
     context_tokens: int  # sum over decoded sequences of their cache length (KV positions read, dense)
     prefill_tokens: int  # real prefill tokens
     prefill_context: int  # sum over prefill tokens of the positions each attends to
@@ -131,7 +130,6 @@ class ModelRunner:
         self.buckets = buckets
         self.k, self.v = init_pool(cfg, num_pages, page_size, params["embed"].dtype)
         self.key = jax.random.key(seed)
-        self.steps = 0
         self.log: list[StepRecord] = []
         self.record = False
 
@@ -164,7 +162,7 @@ class ModelRunner:
         density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
         for i, s in enumerate(seqs):
             tokens[i], lengths[i], valid[i] = s.all_token_ids[-1], s.num_computed, True
-            if getattr(s, "attn_density", None) is not None:
+            if s.attn_density is not None:
                 density[i] = s.attn_density
         self.key, sub = jax.random.split(self.key)
         return (tokens, self._table(seqs, rows), lengths, valid, density if self.per_request_density else None,
@@ -223,11 +221,9 @@ class ModelRunner:
             for i, s in enumerate(seqs):
                 if s is not None:
                     sampled[s.request_id] = (int(tok[i]), float(lp[i]))
-        self.steps += 1
         if self.record:
             self.log.append(StepRecord(
                 decode_rows=len(batch.decode),
-                decode_bucket=self.buckets.decode_size(len(batch.decode)) if batch.decode else 0,
                 context_tokens=sum(s.num_computed + 1 for s in batch.decode),
                 prefill_tokens=sum(c.n for c in batch.prefill),
                 prefill_context=sum(c.n * c.start + c.n * (c.n + 1) // 2 for c in batch.prefill),

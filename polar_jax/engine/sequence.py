@@ -8,6 +8,7 @@ FINISHED (stop, length, abort) goes through Scheduler.finish, which frees the pa
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -34,10 +35,15 @@ class Sequence:
     """A request: prompt + outputs so far, the pages holding their KV, and why it ended."""
 
     def __init__(self, request_id, prompt_token_ids, params: SamplingParams | None = None,
-                 eos_token_ids=(), arrival_time: float | None = None):
+                 eos_token_ids=(), arrival_time: float | None = None, attn_density: float | None = None):
         self.request_id = request_id
         self.prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.params = params if params is not None else SamplingParams()
+        # The sampling seed: the request's own, else drawn once, so every token of the request (also after a
+        # preemption) comes from one key stream.
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(32)
+        self.attn_density = attn_density  # fraction of KV heads in sparse layers; None: the engine's config
+        self.num_preemptions = 0
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float | None] = []  # one per output token (None unless params.logprobs)
