@@ -6,7 +6,8 @@ per output token after the first (TPOT), the gaps between streamed chunks (ITL) 
 The report gives their mean, p50, p90 and p99 in ms, request and output-token throughput, as a table and
 JSON. Datasets: `synthetic` (pseudo-word text), `random` (token ids, lengths drawn from ranges; the engine
 benchmark's workload W with its defaults) or a JSON/JSONL file. --sweep runs one rate after another;
-`polar bench plot` draws latency against throughput for several result files (e.g. dense and sparse servers) on the same axes.
+`polar bench plot` draws latency against throughput for several result files (e.g. dense and sparse
+servers) on the same axes.
 """
 
 from __future__ import annotations
