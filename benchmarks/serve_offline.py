@@ -3,9 +3,10 @@
 W: `--requests` requests (default 512) with prompt lengths uniform in [128, 2048] and output lengths uniform
 in [64, 512] (`--prompt-len`, `--output-len`), fixed seed, ignore_eos, greedy. For each model shape (random
 bf16 weights) and mode (dense, random 50% of heads, router 50% of heads) it reports output tokens/s,
-requests/s, the mean decode batch, peak KV pages in use, preemptions, and W's roofline time from the
-engine's own step log: each decode step's bytes (weights once, routers in use, the kept heads' KV of every
-sequence) over the streaming-read bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the same run.
+requests/s, the mean decode batch, peak KV pages in use, preemptions, and W's roofline time from the engine's
+own step log: each decode step's bytes (weights once, routers in use, the kept heads' KV of every sequence)
+over the streaming-read bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the
+same run.
 
 `--pool-fraction 0.25` sizes the page pool to a quarter of W's peak demand (preemption by recompute).
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
