@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks.bench_attention import _selections
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_attention import triton as dk
 from pallas_kernels.paged_attention import paged_decode_attention
@@ -100,14 +101,6 @@ def _pool(P, K, Z, dtype, key):
 def _scattered_table(B, M, P, key):
     """[B, M]: every sequence's pages are distinct, drawn from a random permutation of pages 1..P-1."""
     return (jax.random.permutation(key, P - 1)[:B * M] + 1).reshape(B, M).astype(jnp.int32)
-
-
-def _selections(B, K, count, key, n):
-    out = []
-    for i in range(n):
-        u = jax.random.uniform(jax.random.fold_in(key, i), (B, K))
-        out.append(jnp.argsort(u, axis=1)[:, :count].astype(jnp.int32))
-    return out
 
 
 def run_decode(read_bw: float, dtypes) -> list[dict]:
