@@ -93,12 +93,16 @@ def _prefill_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_ne
     return cache.k, cache.v, tok, logprob
 
 
-def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, targets):
-    """Log-probabilities [Bp, Tc] of targets[b, t] (the token after position t) given the prefix."""
+def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, temps, top_k, top_p,
+                              seeds, steps, targets):
+    """The prefill program that also returns [Bp, Tc] log-probabilities of targets[b, t] (the token after
+    position t): all T logits are kept, so it runs only for chunks whose requests ask for prompt logprobs."""
     cache = KVCache(k, v, table, starts)
     logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new)  # [Bp, Tc, V]
+    last = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [Bp, V]
+    tok, logprob = sample_rows(last, temps, top_k, top_p, seeds, steps)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return cache.k, cache.v, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return cache.k, cache.v, tok, logprob, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 _DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4))
@@ -210,10 +214,15 @@ class ModelRunner:
             pending.append((batch.decode, tok, lp))
         for group in self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n)):
             rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))
-            if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in group):
-                prompt_lp.update(self._prompt_logprobs(group, rows, T))
             args = self._prefill_args(group, rows, T)
-            self.k, self.v, tok, lp = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
+            if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in group):
+                self.k, self.v, tok, lp, target_lp = _PREFILL_LOGPROBS(self.cfg, self.params, self.k, self.v, *args,
+                                                                       self._targets(group, rows, T))
+                target_lp = np.asarray(target_lp)
+                prompt_lp.update({c.seq.request_id: target_lp[i, : c.n] for i, c in enumerate(group)
+                                  if c.seq.params.prompt_logprobs})
+            else:
+                self.k, self.v, tok, lp = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
             pending.append(([c.seq if c.samples else None for c in group], tok, lp))
         sampled = {}
         for seqs, tok, lp in pending:
@@ -240,15 +249,11 @@ class ModelRunner:
                 groups.append([c])
         return groups
 
-    def _prompt_logprobs(self, group, rows: int, T: int) -> dict[str, np.ndarray]:
-        """Log-probabilities of each chunk's tokens after its first position, from a prefill pass made just
-        before the chunk's own (it writes the same KV, which the second pass rewrites identically)."""
-        tokens, table, starts, n_new, *_ = self._prefill_args(group, rows, T)
+    @staticmethod
+    def _targets(group, rows: int, T: int) -> np.ndarray:
+        """[rows, T] the token after each fed position (prompt logprobs); 0 past a sequence's known tokens."""
         targets = np.zeros((rows, T), np.int32)
         for i, c in enumerate(group):
             nxt = c.seq.all_token_ids[c.start + 1: c.start + c.n + 1]
             targets[i, : len(nxt)] = nxt
-        self.k, self.v, lp = _PREFILL_LOGPROBS(self.cfg, self.params, self.k, self.v, tokens, table, starts, n_new,
-                                               targets)
-        lp = np.asarray(lp)
-        return {c.seq.request_id: lp[i, : c.n] for i, c in enumerate(group) if c.seq.params.prompt_logprobs}
+        return targets
