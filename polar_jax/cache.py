@@ -39,21 +39,12 @@ class KVCache:
         """Positions one sequence can hold: M pages of Z."""
         return self.page_table.shape[1] * self.page_size
 
-    @property
-    def batch(self) -> int:
-        return self.page_table.shape[0]
-
-
-def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int = PAGE_SIZE) -> tuple[int, ...]:
-    return (cfg.n_layers, num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
-
-
 def init_pool(cfg: ModelConfig, num_pages: int, page_size: int = PAGE_SIZE, dtype=jnp.bfloat16):
     """(k, v) page pools [L, P, K, Z, H] of zeros.
 
     Zeros, not empty: uninitialised memory can hold NaN, and a masked-out 0 * NaN is still NaN.
     """
-    shape = pool_shape(cfg, num_pages, page_size)
+    shape = (cfg.n_layers, num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)  # [L, P, K, Z, H]
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
@@ -70,35 +61,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, p
     return KVCache(k, v, table, jnp.zeros((batch,), jnp.int32))
 
 
-def contiguous_cache(k: jax.Array, v: jax.Array, lengths: jax.Array, page_size: int = PAGE_SIZE) -> KVCache:
-    """The paged cache holding a contiguous head-major cache k, v [L, B, K, S, H] (S a multiple of Z)."""
-    L, B, K, S, H = k.shape
-    assert S % page_size == 0, f"{S=} must be a multiple of {page_size=}"
-    M = S // page_size
-
-    def paged(a):  # [L, B, K, M, Z, H] -> [L, B, M, K, Z, H] -> [L, B*M, K, Z, H]
-        a = a.reshape(L, B, K, M, page_size, H).transpose(0, 1, 3, 2, 4, 5)
-        return a.reshape(L, B * M, K, page_size, H)
-
-    table = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
-    return KVCache(paged(k), paged(v), table, jnp.asarray(lengths, jnp.int32))
-
-
-def gather_contiguous(cache: KVCache) -> tuple[jax.Array, jax.Array]:
-    """(k, v) [L, B, K, M*Z, H]: each sequence's pages laid end to end (tests and the XLA reference)."""
-    def gather(pool):  # [L, P, K, Z, H] -> [L, B, M, K, Z, H] -> [L, B, K, M*Z, H]
-        L, _, K, Z, H = pool.shape
-        B, M = cache.page_table.shape
-        g = pool[:, cache.page_table]
-        return g.transpose(0, 1, 3, 2, 4, 5).reshape(L, B, K, M * Z, H)
-
-    return gather(cache.k), gather(cache.v)
-
-
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, page_size: int = PAGE_SIZE) -> int:
     """Bytes of K and V for `batch` sequences of `max_len` positions (whole pages)."""
-    positions = pages_for(max_len, page_size) * page_size
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * positions * cfg.head_dim * np.dtype(dtype).itemsize
+    return batch * pages_for(max_len, page_size) * page_bytes(cfg, page_size, dtype)
 
 
 def page_bytes(cfg: ModelConfig, page_size: int = PAGE_SIZE, dtype=jnp.bfloat16) -> int:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polar_jax import forward, init_cache, init_params, preset
-from polar_jax.cache import KVCache, contiguous_cache, gather_contiguous, init_pool
+from polar_jax.cache import KVCache, init_pool
 
 CFG = preset("tiny-llama-gqa")
 Z = 8
@@ -79,15 +79,3 @@ def test_full_sequences_stop_at_capacity():
     table = np.asarray(cache.page_table)
     np.testing.assert_array_equal(after[:, table[0]], before[:, table[0]])  # the full sequence: untouched
     assert np.isfinite(np.asarray(logits)).all()
-
-
-def test_contiguous_cache_round_trip():
-    rng = np.random.default_rng(6)
-    L, B, K, S, H = 2, 3, 2, 4 * Z, 64
-    k = jnp.asarray(rng.standard_normal((L, B, K, S, H)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((L, B, K, S, H)), jnp.float32)
-    cache = contiguous_cache(k, v, jnp.asarray([1, S, 7]), Z)
-    assert cache.k.shape == (L, B * 4, K, Z, H)
-    k2, v2 = gather_contiguous(cache)
-    np.testing.assert_array_equal(np.asarray(k2), np.asarray(k))
-    np.testing.assert_array_equal(np.asarray(v2), np.asarray(v))
