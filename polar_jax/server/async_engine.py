@@ -104,7 +104,7 @@ class AsyncEngine:
         self.engine, self.metrics, self.max_in_flight = engine, metrics, max_in_flight
         # Per-request attention density (polar_attn_density) needs an engine built for it (a sparsity config
         # that selects heads, per_request_density=True).
-        self.accepts_attn_density = bool(getattr(engine, "per_request_density", False))
+        self.accepts_attn_density = engine.per_request_density
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._in_flight = 0  # event loop only
