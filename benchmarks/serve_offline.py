@@ -29,8 +29,9 @@ import numpy as np
 
 from benchmarks.common import RESULTS, add_device_args, ceiling_meta, check_out_dir, measure_ceiling, metadata, \
     require_gpu, time_fn, write_results
-from benchmarks.generate import make_step, random_cache, random_routers, router_bytes, weight_bytes
+from benchmarks.generate import make_step, random_cache, time_steps, random_routers, router_bytes, weight_bytes
 from polar_jax import SamplingParams, SparsityConfig, init_params, preset
+from polar_jax.cache import PAGE_SIZE, pages_for
 from polar_jax.engine.llm_engine import LLMEngine
 
 DTYPE = jnp.bfloat16
@@ -68,18 +69,42 @@ def matmul_params(params: dict) -> int:
     return n + head.size
 
 
-def roofline_seconds(cfg, params, sp, log, read_bw: float, mm_rate: float) -> dict:
+def step_rooflines(cfg, params, sp, log, read_bw: float, mm_rate: float) -> list[tuple[float, float]]:
+    """(decode seconds, prefill seconds) at the roofline for each logged step."""
     kept = np.full(cfg.n_layers, cfg.n_kv_heads) if sp is None else sp.head_counts(cfg)
     kv_per_pos = 2 * int(kept.sum()) * cfg.head_dim * jnp.dtype(DTYPE).itemsize  # K and V, kept heads, all layers
     r_bytes = router_bytes(params, sp)
     mm = matmul_params(params)
-    decode_s = prefill_s = 0.0
+    out = []
     for s in log:
+        decode_s = prefill_s = 0.0
         if s.decode_rows:
-            decode_s += (weight_bytes(cfg, params, s.decode_rows) + r_bytes + kv_per_pos * s.context_tokens) / read_bw
+            decode_s = (weight_bytes(cfg, params, s.decode_rows) + r_bytes + kv_per_pos * s.context_tokens) / read_bw
         if s.prefill_tokens:
             flops = 2 * mm * s.prefill_tokens + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * s.prefill_context
-            prefill_s += flops / mm_rate
+            prefill_s = flops / mm_rate
+        out.append((decode_s, prefill_s))
+    return out
+
+
+def time_split(log, roof: list[tuple[float, float]], step_wall: list[float]) -> dict:
+    """Where the wall time went: host work per step (not waiting on the device), and the roofline fraction
+    of decode-only steps and of steps that also prefill (each step's wall time from the engine loop)."""
+    dec = [i for i, s in enumerate(log) if not s.prefill_tokens]
+    pre = [i for i, s in enumerate(log) if s.prefill_tokens]
+
+    def frac(idx):
+        wall = sum(step_wall[i] for i in idx)
+        return sum(sum(roof[i]) for i in idx) / wall if wall else float("nan")
+
+    return {"host_ms_per_step": 1e3 * (sum(step_wall) - sum(s.wait_seconds for s in log)) / max(len(log), 1),
+            "decode_steps": len(dec), "decode_steps_s": sum(step_wall[i] for i in dec), "decode_steps_eff": frac(dec),
+            "prefill_steps": len(pre), "prefill_steps_s": sum(step_wall[i] for i in pre),
+            "prefill_steps_eff": frac(pre)}
+
+
+def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
+    decode_s, prefill_s = sum(r[0] for r in roof), sum(r[1] for r in roof)
     return {"roofline_s": decode_s + prefill_s, "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
 
 
@@ -108,18 +133,21 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
            "compile_s": eng.compile_s}
-    series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_steps, log)]
+    step_wall = np.diff([0.0] + t_steps).tolist()
+    series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, w) for t, s, w in zip(t_steps, log, step_wall)]
     return rec | {"tokens": {k: v.token_ids for k, v in results.items()}}, series, log
 
 
 def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
     """ms per pure decode step inside the engine vs the static step (same batch, context, sparsity)."""
-    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=B, max_model_len=ctx + 256,
-                    prefill_chunk=args.prefill_chunk, progress=False)
+    room = min(64, cfg.max_positions - ctx)  # decode steps the check runs: 3 + 5 * 8 (fewer on tiny models)
+    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=B, max_model_len=ctx + room,
+                    prefill_chunk=args.prefill_chunk, progress=False,
+                    num_pages=B * pages_for(ctx + room, PAGE_SIZE) + 1)  # B sequences exactly: room for the static cache
     rng = np.random.default_rng(1)
     for i in range(B):
         eng.add_request(f"s{i}", rng.integers(3, cfg.vocab_size, ctx).tolist(),
-                        SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+                        SamplingParams(temperature=0, max_tokens=room, ignore_eos=True))
     while any(s.needs_prefill for s in eng.scheduler.running) or eng.scheduler.num_waiting:
         eng.step()
     for _ in range(3):
@@ -130,11 +158,8 @@ def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
         for _ in range(8):
             eng.step()
         times.append((time.perf_counter() - t0) / 8 * 1e3)
-    step = make_step(cfg, sp)
-    cache = random_cache(cfg, B, ctx)
-    tokens = jnp.zeros((B,), jnp.int32)
-    key = jax.random.key(0)
-    static_ms = time_fn(lambda p, c, t: step(p, c, t, key)[0], [(params, cache, tokens)], inner=10, reps=7)
+    del eng  # its page pool, before the static cache is allocated
+    static_ms, _ = time_steps(make_step(cfg, sp), params, random_cache(cfg, B, ctx), jnp.zeros((B,), jnp.int32))
     engine_ms = statistics.median(times)
     return {"B": B, "ctx": ctx, "engine_ms_per_step": engine_ms, "static_ms_per_step": static_ms,
             "engine_over_static": engine_ms / static_ms}
@@ -204,7 +229,8 @@ def main(argv=None) -> int:
             print(f"== {name} {mode}: {args.requests} requests", flush=True)
             rec, ser, log = run_workload(cfg, params, sp, prompts, outs, args)
             tokens = rec.pop("tokens")
-            rec |= roofline_seconds(cfg, params, sp, log, ceiling["read_bw"], mm_rate)
+            roof = step_rooflines(cfg, params, sp, log, ceiling["read_bw"], mm_rate)
+            rec |= roofline_seconds(roof) | time_split(log, roof, [s[3] for s in ser])
             rec["efficiency"] = rec["roofline_s"] / rec["wall_s"]
             if mode == "dense":
                 dense_tokens, peak, dense_rec = tokens, rec["peak_pages"], rec
@@ -232,7 +258,8 @@ def main(argv=None) -> int:
         del params
     cols = ["model", "mode", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s", "mean_decode_batch",
             "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
-            "frac_of_bound", "identical_to_unconstrained"]
+            "frac_of_bound", "identical_to_unconstrained", "host_ms_per_step", "decode_steps_eff",
+            "prefill_steps_eff"]
     write_results("serve_offline", meta, records, cols, args.out)
     if checks:
         write_results("serve_offline_steps", meta, checks, list(checks[0]), args.out)

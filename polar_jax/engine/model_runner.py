@@ -77,8 +77,9 @@ class Buckets:
 
 
 def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, tokens, table, lengths,
-                    valid, row_density, temps, top_k, top_p, seeds, steps, key):
+                    valid, row_density, temps, top_k, top_p, seeds, steps, seed, step):
     cache = KVCache(k, v, table, lengths)
+    key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
     logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
                                sparsity=sparsity, key=key, row_density=row_density)
     tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps)
@@ -118,7 +119,8 @@ class StepRecord:
     context_tokens: int  # sum over decoded sequences of their cache length (KV positions read, dense)
     prefill_tokens: int  # real prefill tokens
     prefill_context: int  # sum over prefill tokens of the positions each attends to
-    seconds: float
+    seconds: float  # run(): host arrays, dispatch and waiting for the results
+    wait_seconds: float = 0.0  # of which blocked on the device's results (the rest is host work)
 
 
 class ModelRunner:
@@ -133,7 +135,7 @@ class ModelRunner:
         self.M = pages_for(max_model_len, page_size)
         self.buckets = buckets
         self.k, self.v = init_pool(cfg, num_pages, page_size, params["embed"].dtype)
-        self.key = jax.random.key(seed)
+        self.seed, self.num_decode_steps = seed & 0xFFFFFFFF, 0
         self.log: list[StepRecord] = []
         self.record = False
 
@@ -165,12 +167,12 @@ class ModelRunner:
         valid = np.zeros(rows, bool)
         density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
         for i, s in enumerate(seqs):
-            tokens[i], lengths[i], valid[i] = s.all_token_ids[-1], s.num_computed, True
+            tokens[i], lengths[i], valid[i] = s.last_token_id, s.num_computed, True
             if s.attn_density is not None:
                 density[i] = s.attn_density
-        self.key, sub = jax.random.split(self.key)
+        self.num_decode_steps += 1
         return (tokens, self._table(seqs, rows), lengths, valid, density if self.per_request_density else None,
-                *self._sampling(seqs, rows), sub)
+                *self._sampling(seqs, rows), np.uint32(self.seed), np.int32(self.num_decode_steps))
 
     def _prefill_args(self, chunks, rows: int, T: int):
         tokens = np.zeros((rows, T), np.int32)
@@ -225,8 +227,10 @@ class ModelRunner:
                 self.k, self.v, tok, lp = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
             pending.append(([c.seq if c.samples else None for c in group], tok, lp))
         sampled = {}
+        t_wait = time.perf_counter()
+        pending = [(seqs, np.asarray(tok), np.asarray(lp)) for seqs, tok, lp in pending]
+        t_wait = time.perf_counter() - t_wait
         for seqs, tok, lp in pending:
-            tok, lp = np.asarray(tok), np.asarray(lp)
             for i, s in enumerate(seqs):
                 if s is not None:
                     sampled[s.request_id] = (int(tok[i]), float(lp[i]))
@@ -236,7 +240,7 @@ class ModelRunner:
                 context_tokens=sum(s.num_computed + 1 for s in batch.decode),
                 prefill_tokens=sum(c.n for c in batch.prefill),
                 prefill_context=sum(c.n * c.start + c.n * (c.n + 1) // 2 for c in batch.prefill),
-                seconds=time.perf_counter() - t0))
+                seconds=time.perf_counter() - t0, wait_seconds=t_wait))
         return sampled, prompt_lp
 
     def _prefill_groups(self, chunks):
