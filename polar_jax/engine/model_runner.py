@@ -24,7 +24,7 @@ import numpy as np
 
 from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
-from polar_jax.engine.sampler import sample_rows
+from polar_jax.engine.sampler import needs_filter, sample_rows
 from polar_jax.engine.scheduler import ScheduledBatch
 from polar_jax.model import forward
 from polar_jax.sparsity import SparsityConfig
@@ -76,13 +76,13 @@ class Buckets:
         return r, t
 
 
-def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, tokens, table, lengths,
-                    valid, row_density, temps, top_k, top_p, seeds, steps, seed, step):
+def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, tokens, table,
+                    lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed, step):
     cache = KVCache(k, v, table, lengths)
     key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
     logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
                                sparsity=sparsity, key=key, row_density=row_density)
-    tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps)
+    tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps, filtered=filtered)
     return cache.k, cache.v, tok, logprob
 
 
@@ -106,7 +106,7 @@ def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, tokens, table, sta
     return cache.k, cache.v, tok, logprob, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4))
+_DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
 _PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3))
 _PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3))
 
@@ -187,11 +187,13 @@ class ModelRunner:
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
-        shapes = [("decode", b) for b in self.buckets.decode] + [("prefill", rt) for rt in self.buckets.prefill]
+        shapes = ([("decode", (b, f)) for f in (False, True) for b in self.buckets.decode]
+                  + [("prefill", rt) for rt in self.buckets.prefill])
         for i, (kind, shape) in enumerate(shapes):
             if kind == "decode":
-                args = self._decode_args([], shape)
-                self.k, self.v, *_ = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, *args)
+                rows, filtered = shape
+                args = self._decode_args([], rows)
+                self.k, self.v, *_ = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k, self.v, *args)
             else:
                 args = self._prefill_args([], *shape)
                 self.k, self.v, *_ = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
@@ -212,7 +214,8 @@ class ModelRunner:
         if batch.decode:
             rows = self.buckets.decode_size(len(batch.decode))
             args = self._decode_args(batch.decode, rows)
-            self.k, self.v, tok, lp = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, *args)
+            filtered = needs_filter(*args[5:8])  # temps, top_k, top_p
+            self.k, self.v, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k, self.v, *args)
             pending.append((batch.decode, tok, lp))
         for group in self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n)):
             rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))

@@ -25,17 +25,25 @@ def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(z < cutoff, -jnp.inf, z)
 
 
+def needs_filter(temps, top_k, top_p) -> bool:
+    """Whether any row samples with top-k or top-p (host arrays): only then must the program sort."""
+    return bool(((temps > 0) & ((top_k > 0) | (top_p < 1))).any())
+
+
 def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+                steps: jax.Array, *, filtered: bool = True) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] f32; temps, top_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B] int32.
 
+    filtered (static): apply top-k / top-p; False skips the [B, V] sort, valid when no row needs it
+    (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
+    the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
     Returns (tokens [B] int32, logprobs [B] f32).
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     z = logits / jnp.where(temps > 0, temps, 1.0)[:, None]
-    needs_filter = jnp.any((temps > 0) & ((top_k > 0) | (top_p < 1)))
-    z = jax.lax.cond(needs_filter, _filtered, lambda z, *_: z, z, top_k, top_p)  # the sort only when asked
+    if filtered:
+        z = _filtered(z, top_k, top_p)
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
     drawn = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
     tokens = jnp.where(temps > 0, drawn, greedy)
