@@ -88,8 +88,9 @@ def step_rooflines(cfg, params, sp, log, read_bw: float, mm_rate: float) -> list
 
 
 def time_split(log, roof: list[tuple[float, float]], step_wall: list[float]) -> dict:
-    """Where the wall time went: host work per step (not waiting on the device), and the roofline fraction
-    of decode-only steps and of steps that also prefill (each step's wall time from the engine loop)."""
+    """Where the wall time went: the host's own work per step (not blocked on the device; with one step in
+    flight it overlaps the device's), and the roofline fraction of decode-only steps and of steps that also
+    prefill (each step's seconds from the engine's log)."""
     dec = [i for i, s in enumerate(log) if not s.prefill_tokens]
     pre = [i for i, s in enumerate(log) if s.prefill_tokens]
 
@@ -115,7 +116,7 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
     bm = eng.scheduler.block_manager
     for i, (p, o) in enumerate(zip(prompts, outs)):
         eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
-    results, peak_pages, preempt, t_steps = {}, 0, 0, []
+    results, peak_pages, preempt = {}, 0, 0
     t0 = time.perf_counter()
     while eng.has_unfinished():
         for out in eng.step():
@@ -123,7 +124,6 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
                 results[out.request_id] = out
                 preempt += out.num_preemptions
         peak_pages = max(peak_pages, bm.num_usable_pages - bm.num_free_pages)
-        t_steps.append(time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     log = eng.runner.log
     n_out = sum(len(r.token_ids) for r in results.values())
@@ -133,8 +133,9 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
            "compile_s": eng.compile_s}
-    step_wall = np.diff([0.0] + t_steps).tolist()
-    series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, w) for t, s, w in zip(t_steps, log, step_wall)]
+    # Per device step (the log's seconds: from one step's results to the next's, one step in flight).
+    t_done = np.cumsum([s.seconds for s in log]).tolist()
+    series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_done, log)]
     return rec | {"tokens": {k: v.token_ids for k, v in results.items()}}, series, log
 
 

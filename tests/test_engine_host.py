@@ -6,6 +6,7 @@ import pytest
 
 from polar_jax.engine import (BlockManager, Detokenizer, SamplingParams, Scheduler, SchedulerConfig, Sequence,
                               SequenceStatus)
+from polar_jax.engine.sequence import PENDING
 
 EOS = 1
 
@@ -64,28 +65,36 @@ def expected_output(rid, prompt_len, max_tokens, max_model_len, stop_ids=()):
 
 
 class FakeKV:
-    """A KV cache that stores (request, position, token) per slot, to catch a page shared, lost or stale."""
+    """A KV cache that stores (request, position, token) per slot, to catch a page shared, lost or stale.
+    `last` plays the device's last-token slots: a PENDING token (not yet seen by the host) is read there."""
 
     def __init__(self, num_pages, page_size):
         self.z = page_size
         self.slots = [[None] * page_size for _ in range(num_pages)]
+        self.last = {}  # sequence slot -> last sampled token
+
+    def token(self, s, pos):
+        t = s.all_token_ids[pos]
+        return self.last[s.slot] if t == PENDING else t
 
     def write(self, s, pos):
         assert pos < len(s.pages) * self.z, f"position {pos} of {s} has no page"
         page = s.pages[pos // self.z]
         assert page != 0, "page 0 is reserved"
-        self.slots[page][pos % self.z] = (s.request_id, pos, s.all_token_ids[pos])
+        self.slots[page][pos % self.z] = (s.request_id, pos, self.token(s, pos))
 
     def check_context(self, s, n):
         """Positions [0, n) of s read back as its own tokens."""
-        toks = s.all_token_ids
         for pos in range(n):
             got = self.slots[s.pages[pos // self.z]][pos % self.z]
-            assert got == (s.request_id, pos, toks[pos]), f"{s} position {pos} reads {got}"
+            assert got == (s.request_id, pos, self.token(s, pos)), f"{s} position {pos} reads {got}"
 
 
-def run_fake_step(sched, kv, budget, chunk):
-    """schedule -> fake model (writes and reads the fake KV) -> update; checks the batch's contract."""
+def run_fake_step(sched, kv, budget, chunk, in_flight=None):
+    """schedule -> fake model (writes and reads the fake KV) -> update; checks the batch's contract.
+
+    in_flight: a list for the engine's overlapped mode: the step is advanced now and applied at the next call
+    (the list holds the step in flight); the finished sequences returned are the previous step's."""
     outputs = {s.request_id: list(s.output_token_ids) for s in sched.running}
     batch = sched.schedule()
     cfg = sched.config
@@ -108,13 +117,25 @@ def run_fake_step(sched, kv, budget, chunk):
     for s in batch.preempted:
         assert s.status is SequenceStatus.WAITING and not s.pages and s.num_computed == 0
         assert s.output_token_ids == outputs[s.request_id], "preemption changed the outputs"
-    finished = sched.update(batch, sampled_for(batch))
+    sampled = sampled_for(batch)
+    for s in batch.decode + [c.seq for c in batch.prefill if c.samples]:
+        kv.last[s.slot] = sampled[s.request_id][0]
+    if in_flight is None:
+        finished = sched.update(batch, sampled)
+    else:
+        sched.advance(batch)
+        finished = sched.apply(*in_flight.pop()) if in_flight else []
+        if batch:
+            in_flight.append((batch, sampled))
     sched.check_invariants()
     return batch, finished
 
 
-def test_randomised_scheduler_1000_requests():
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-step", "one-step-in-flight"])
+def test_randomised_scheduler_1000_requests(overlap):
+    """overlap: results applied one step late, as the engine does (EOS seen after the next step launched)."""
     rng = random.Random(1234)
+    in_flight = [] if overlap else None
     n_req, max_model_len, z, num_pages, budget, chunk = 1000, 40, 4, 36, 20, 8
     sched = make(max_num_seqs=6, budget=budget, chunk=chunk, max_model_len=max_model_len, page_size=z,
                  num_pages=num_pages)
@@ -152,14 +173,14 @@ def test_randomised_scheduler_1000_requests():
                 assert rid not in done
                 done[rid] = s
         sched.check_invariants()
-        batch, finished = run_fake_step(sched, kv, budget, chunk)
+        batch, finished = run_fake_step(sched, kv, budget, chunk, in_flight)
         preemptions += len(batch.preempted)
         for s in finished:
             assert s.request_id not in done, f"request {s.request_id} finished twice"
             done[s.request_id] = s
         if sched.has_unfinished():
             assert batch, f"step {t}: unfinished requests but nothing scheduled"
-        elif t > last_arrival:
+        elif t > last_arrival and not in_flight:
             break
     else:
         raise AssertionError("the run did not end within 20,000 steps")

@@ -5,9 +5,10 @@
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-Each step: the scheduler picks decode rows and prefill chunks (host, plain Python), the model runner runs
-them (device, jitted programs), the scheduler applies the sampled tokens, and each sequence's detokenizer
-turns its new tokens into text (and catches stop strings).
+Each step: the scheduler picks decode rows and prefill chunks (host, plain Python), the model runner launches
+them (device, jitted programs), and then the step launched before is finished: the scheduler applies its
+sampled tokens and each sequence's detokenizer turns them into text (and catches stop strings). One step
+is always in flight, so the device never waits for the host's Python between steps.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class LLMEngine:
                                   per_request_density=per_request_density,
                                   buckets=Buckets.make(max_num_seqs, prefill_chunk, budget))
         self._detok: dict[str, Detokenizer] = {}
+        self._in_flight = None  # the step launched and not yet finished (model_runner.Launched)
         self.compile_s = 0.0
         if compile:
             self.compile_s = self.runner.compile_all(_progress_bar("compiling", progress))
@@ -175,47 +177,58 @@ class LLMEngine:
         return aborted
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the loop ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduling step; an output for every request that got a token (or finished) in it."""
+        """One scheduling step: launch the next batch, then finish the step launched before it (one step is
+        in flight between calls, so the host's work overlaps the device's). Returns an output for every
+        request that got a token (or finished) in the finished step."""
         batch = self.scheduler.schedule()
-        if not batch:
-            if self.scheduler.has_unfinished():  # add() admits only requests that fit alone: a bug if hit
-                raise RuntimeError(f"the scheduler made no progress with {self.scheduler.num_waiting} waiting "
-                                   f"and {self.scheduler.num_running} running requests")
-            return []
-        sampled, prompt_lp = self.runner.run(batch)
-        self.scheduler.update(batch, sampled, prompt_lp)
+        launched = None
+        if batch:
+            launched = self.runner.launch(batch)
+            self.scheduler.advance(batch)
+        elif self._in_flight is None and self.scheduler.has_unfinished():  # add() admits only what fits alone
+            raise RuntimeError(f"the scheduler made no progress with {self.scheduler.num_waiting} waiting "
+                               f"and {self.scheduler.num_running} running requests")
+        previous, self._in_flight = self._in_flight, launched
+        return self._finish(previous) if previous is not None else []
+
+    def _finish(self, launched) -> list[RequestOutput]:
+        sampled, prompt_lp = self.runner.collect(launched)
+        self.scheduler.apply(launched.batch, sampled, prompt_lp)
         outputs = []
-        for seq in batch.decode + [c.seq for c in batch.prefill if c.samples]:
-            if seq.request_id not in sampled:
-                continue
-            token = sampled[seq.request_id][0]
+        for seq, i in launched.batch.sampling:
+            if seq.finish_reason == "abort" or i >= len(seq.output_token_ids):
+                continue  # aborted, or sampled past its own EOS by a step already launched
+            token = seq.output_token_ids[i]
             detok = self._detok.get(seq.request_id)
             delta = ""
             if detok is not None:
                 delta = detok.add_token(token)
-                if detok.stopped is not None and not seq.is_finished:
-                    self.scheduler.finish(seq, "stop")
-                if seq.is_finished:
-                    delta += detok.flush()
-            outputs.append(self._output(seq, [token], delta))
-            if seq.is_finished:
+                if detok.stopped is not None and seq.finish_reason != "stop":
+                    self.scheduler.stop_at(seq, i)
+            last = seq.is_finished and i == len(seq.output_token_ids) - 1
+            if last and detok is not None:
+                delta += detok.flush()
+            outputs.append(self._output(seq, i, delta, last))
+            if last:
                 self._detok.pop(seq.request_id, None)
         return outputs
 
-    def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
+    def _output(self, seq: Sequence, i: int, delta: str, finished: bool) -> RequestOutput:
+        """seq's state once its output token i is known (later outputs may still be PENDING)."""
         detok = self._detok.get(seq.request_id)
         t = seq.timings
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
-            text=detok.text if detok is not None else "", new_token_ids=new_ids, new_text=delta,
-            finished=seq.is_finished, finish_reason=seq.finish_reason,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids[: i + 1], text=detok.text if detok is not None else "",
+            new_token_ids=[seq.output_token_ids[i]], new_text=delta, finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            logprobs=seq.output_logprobs[: i + 1] if seq.params.logprobs else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
-            arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish,
+            arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish if finished else None,
             num_preemptions=seq.num_preemptions)
 
 

@@ -3,13 +3,17 @@
   decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig), sample.
   prefill  [Bp, Tc] chunks of new tokens (dense), sample at each row's last token.
 
-Both programs take the whole KV page pool (donated, updated in place) plus per-step arrays: page tables
+Both programs take the whole KV page pool and the last sampled tokens (donated, updated in place) plus
+per-step arrays: page tables
 [B, M], lengths, tokens and per-row sampling parameters. Batch sizes and chunk lengths are padded to a small
 set of buckets (`Buckets`) so the number of compiled programs is bounded; `compile_all` compiles every one
 of them ahead of traffic. Padded rows have n_new = 0 (they write nothing, take no part in the MLP union) and
 point at page 0, which the allocator never hands out.
 
-The boundary to the host-side scheduler is `run` (ScheduledBatch -> {request_id: (token, logprob)}).
+The boundary to the host-side scheduler is `launch` (ScheduledBatch -> Launched, returns at once) and
+`collect` (Launched -> {request_id: (token, logprob)}, waits): the engine launches step n+1 before it
+collects step n, so the host's work of one step overlaps the device's of the other. Sampled tokens also
+stay on the device ([S] `last`, one slot per running sequence) for the next decode step to read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
 from polar_jax.engine.scheduler import ScheduledBatch
+from polar_jax.engine.sequence import PENDING
 from polar_jax.model import forward
 from polar_jax.sparsity import SparsityConfig
 
@@ -76,39 +81,53 @@ class Buckets:
         return r, t
 
 
-def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, tokens, table,
-                    lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed, step):
+def _feed(last, slots, from_slot, tokens):
+    """tokens [B] with each from_slot row's token taken from the device's last sampled tokens [S] at its
+    slot (a token the host has not seen yet: the step that sampled it may still be running)."""
+    return jnp.where(from_slot, last[jnp.clip(slots, 0, last.shape[0] - 1)], tokens)
+
+
+def _keep(last, slots, tok):
+    """last [S] with tok [B] written at slots [B] (rows whose slot is S or more write nothing)."""
+    return last.at[slots].set(tok, mode="drop")
+
+
+def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, last, tokens,
+                    from_slot, slots, table, lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed,
+                    step):
     cache = KVCache(k, v, table, lengths)
     key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
+    tokens = _feed(last, slots, from_slot, tokens)
     logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
                                sparsity=sparsity, key=key, row_density=row_density)
     tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps, filtered=filtered)
-    return cache.k, cache.v, tok, logprob
+    return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
 
 
-def _prefill_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, temps, top_k, top_p, seeds,
-                     steps):
+def _prefill_program(cfg: ModelConfig, params, k, v, last, slots, tokens, table, starts, n_new, temps, top_k, top_p,
+                     seeds, steps):
     cache = KVCache(k, v, table, starts)
     logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new, last_only=True)  # [Bp, V]
     tok, logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps)
-    return cache.k, cache.v, tok, logprob
+    return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
 
 
-def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, tokens, table, starts, n_new, temps, top_k, top_p,
-                              seeds, steps, targets):
+def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, last, slots, tokens, table, starts, n_new, temps,
+                              top_k, top_p, seeds, steps, targets):
     """The prefill program that also returns [Bp, Tc] log-probabilities of targets[b, t] (the token after
     position t): all T logits are kept, so it runs only for chunks whose requests ask for prompt logprobs."""
     cache = KVCache(k, v, table, starts)
     logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new)  # [Bp, Tc, V]
-    last = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [Bp, V]
-    tok, logprob = sample_rows(last, temps, top_k, top_p, seeds, steps)
+    final = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [Bp, V]
+    tok, logprob = sample_rows(final, temps, top_k, top_p, seeds, steps)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return cache.k, cache.v, tok, logprob, jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (cache.k, cache.v, _keep(last, slots, tok), tok, logprob,
+            jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0])
 
 
-_DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
-_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3))
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3))
+_DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
+_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3, 4))
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3, 4))
 
 
 @dataclasses.dataclass
@@ -119,8 +138,19 @@ class StepRecord:
     context_tokens: int  # sum over decoded sequences of their cache length (KV positions read, dense)
     prefill_tokens: int  # real prefill tokens
     prefill_context: int  # sum over prefill tokens of the positions each attends to
-    seconds: float  # run(): host arrays, dispatch and waiting for the results
-    wait_seconds: float = 0.0  # of which blocked on the device's results (the rest is host work)
+    seconds: float  # from the previous step's results (or this launch, if none was in flight) to this one's
+    wait_seconds: float = 0.0  # of which the host was blocked waiting for them
+
+
+@dataclasses.dataclass
+class Launched:
+    """A dispatched step: its batch, device results per program ([rows] tokens and logprobs, the sequence of
+    each row or None), prompt logprobs per prefill group that asked, and its StepRecord when recording."""
+
+    batch: ScheduledBatch
+    results: list = dataclasses.field(default_factory=list)
+    prompt: list = dataclasses.field(default_factory=list)
+    record: StepRecord | None = None
 
 
 class ModelRunner:
@@ -135,9 +165,12 @@ class ModelRunner:
         self.M = pages_for(max_model_len, page_size)
         self.buckets = buckets
         self.k, self.v = init_pool(cfg, num_pages, page_size, params["embed"].dtype)
+        self.num_slots = buckets.decode[-1]  # max_num_seqs: one slot per running sequence
+        self.last = jnp.zeros(self.num_slots, jnp.int32)  # [S] each slot's last sampled token, on the device
         self.seed, self.num_decode_steps = seed & 0xFFFFFFFF, 0
         self.log: list[StepRecord] = []
         self.record = False
+        self._in_flight, self._busy_since = 0, None
 
     # -- host arrays ------------------------------------------------------------------------------------
     def _table(self, seqs, rows: int) -> np.ndarray:
@@ -161,18 +194,28 @@ class ModelRunner:
         return temps, top_k, top_p, seeds, steps
 
     # -- programs -------------------------------------------------------------------------------------
+    def _slots(self, seqs, rows: int) -> np.ndarray:
+        slots = np.full(rows, self.num_slots, np.int32)  # num_slots: padding, writes nothing
+        for i, s in enumerate(seqs):
+            if s is not None:
+                slots[i] = s.slot
+        return slots
+
     def _decode_args(self, seqs, rows: int):
         tokens = np.zeros(rows, np.int32)
+        from_slot = np.zeros(rows, bool)
         lengths = np.zeros(rows, np.int32)
         valid = np.zeros(rows, bool)
         density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
         for i, s in enumerate(seqs):
             tokens[i], lengths[i], valid[i] = s.last_token_id, s.num_computed, True
+            from_slot[i] = tokens[i] == PENDING
             if s.attn_density is not None:
                 density[i] = s.attn_density
         self.num_decode_steps += 1
-        return (tokens, self._table(seqs, rows), lengths, valid, density if self.per_request_density else None,
-                *self._sampling(seqs, rows), np.uint32(self.seed), np.int32(self.num_decode_steps))
+        return (tokens, from_slot, self._slots(seqs, rows), self._table(seqs, rows), lengths, valid,
+                density if self.per_request_density else None, *self._sampling(seqs, rows), np.uint32(self.seed),
+                np.int32(self.num_decode_steps))
 
     def _prefill_args(self, chunks, rows: int, T: int):
         tokens = np.zeros((rows, T), np.int32)
@@ -180,70 +223,89 @@ class ModelRunner:
         n_new = np.zeros(rows, np.int32)
         for i, c in enumerate(chunks):
             ids = c.seq.all_token_ids[c.start: c.start + c.n]
+            if PENDING in ids:
+                raise RuntimeError(f"request {c.seq.request_id!r}: a prefill chunk holds a token not yet sampled")
             tokens[i, : c.n], starts[i], n_new[i] = ids, c.start, c.n
         seqs = [c.seq for c in chunks]
-        return (tokens, self._table(seqs, rows), starts, n_new, *self._sampling(seqs, rows))
+        slots = self._slots([c.seq if c.samples else None for c in chunks], rows)
+        return (slots, tokens, self._table(seqs, rows), starts, n_new, *self._sampling(seqs, rows))
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
         shapes = ([("decode", (b, f)) for f in (False, True) for b in self.buckets.decode]
                   + [("prefill", rt) for rt in self.buckets.prefill])
+        state = (self.k, self.v, self.last)
         for i, (kind, shape) in enumerate(shapes):
             if kind == "decode":
                 rows, filtered = shape
-                args = self._decode_args([], rows)
-                self.k, self.v, *_ = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k, self.v, *args)
+                *state, _, _ = _DECODE(self.cfg, self.sparsity, filtered, self.params, *state,
+                                       *self._decode_args([], rows))
             else:
-                args = self._prefill_args([], *shape)
-                self.k, self.v, *_ = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
-            jax.block_until_ready(self.k)
+                *state, _, _ = _PREFILL(self.cfg, self.params, *state, *self._prefill_args([], *shape))
+            jax.block_until_ready(state)
             if progress:
                 progress(i + 1, len(shapes))
+        self.k, self.v, self.last = state
         return time.perf_counter() - t0
 
-    def run(self, batch: ScheduledBatch) -> tuple[dict[str, tuple[int, float]], dict[str, np.ndarray]]:
-        """Run the batch's decode rows and prefill chunks.
-
-        Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob)} for every decode row and
-        every chunk that samples; prompt_logprobs {request_id: [n] logprobs of the chunk's tokens after its
-        first position} for chunks of requests that asked for them (Sequence.record_prompt_logprobs).
-        """
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """Dispatch the batch's decode rows and prefill chunks without waiting for them. Decode rows whose
+        last token is still PENDING (sampled by the step before, maybe still running) read it on the device."""
         t0 = time.perf_counter()
-        pending, prompt_lp = [], {}
+        if self._busy_since is None:
+            self._busy_since = t0
+        out = Launched(batch)
         if batch.decode:
             rows = self.buckets.decode_size(len(batch.decode))
             args = self._decode_args(batch.decode, rows)
-            filtered = needs_filter(*args[5:8])  # temps, top_k, top_p
-            self.k, self.v, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k, self.v, *args)
-            pending.append((batch.decode, tok, lp))
+            filtered = needs_filter(*args[7:10])  # temps, top_k, top_p
+            self.k, self.v, self.last, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k,
+                                                         self.v, self.last, *args)
+            out.results.append((batch.decode, tok, lp))
         for group in self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n)):
             rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))
             args = self._prefill_args(group, rows, T)
+            state = (self.k, self.v, self.last)
             if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in group):
-                self.k, self.v, tok, lp, target_lp = _PREFILL_LOGPROBS(self.cfg, self.params, self.k, self.v, *args,
-                                                                       self._targets(group, rows, T))
-                target_lp = np.asarray(target_lp)
-                prompt_lp.update({c.seq.request_id: target_lp[i, : c.n] for i, c in enumerate(group)
-                                  if c.seq.params.prompt_logprobs})
+                self.k, self.v, self.last, tok, lp, target_lp = _PREFILL_LOGPROBS(
+                    self.cfg, self.params, *state, *args, self._targets(group, rows, T))
+                out.prompt.append((group, target_lp))
             else:
-                self.k, self.v, tok, lp = _PREFILL(self.cfg, self.params, self.k, self.v, *args)
-            pending.append(([c.seq if c.samples else None for c in group], tok, lp))
-        sampled = {}
-        t_wait = time.perf_counter()
-        pending = [(seqs, np.asarray(tok), np.asarray(lp)) for seqs, tok, lp in pending]
-        t_wait = time.perf_counter() - t_wait
-        for seqs, tok, lp in pending:
-            for i, s in enumerate(seqs):
-                if s is not None:
-                    sampled[s.request_id] = (int(tok[i]), float(lp[i]))
+                self.k, self.v, self.last, tok, lp = _PREFILL(self.cfg, self.params, *state, *args)
+            out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
         if self.record:
-            self.log.append(StepRecord(
+            out.record = StepRecord(
                 decode_rows=len(batch.decode),
                 context_tokens=sum(s.num_computed + 1 for s in batch.decode),
                 prefill_tokens=sum(c.n for c in batch.prefill),
                 prefill_context=sum(c.n * c.start + c.n * (c.n + 1) // 2 for c in batch.prefill),
-                seconds=time.perf_counter() - t0, wait_seconds=t_wait))
+                seconds=0.0)
+        self._in_flight += 1
+        return out
+
+    def collect(self, launched: Launched) -> tuple[dict[str, tuple[int, float]], dict[str, np.ndarray]]:
+        """Wait for a launched step. Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob)}
+        for every decode row and every chunk that samples; prompt_logprobs {request_id: [n] logprobs of the
+        chunk's tokens after its first position} for chunks of requests that asked for them
+        (Sequence.record_prompt_logprobs)."""
+        t_wait = time.perf_counter()
+        results = [(seqs, np.asarray(tok), np.asarray(lp)) for seqs, tok, lp in launched.results]
+        prompt = [(group, np.asarray(target_lp)) for group, target_lp in launched.prompt]
+        now = time.perf_counter()
+        sampled, prompt_lp = {}, {}
+        for seqs, tok, lp in results:
+            for i, s in enumerate(seqs):
+                if s is not None:
+                    sampled[s.request_id] = (int(tok[i]), float(lp[i]))
+        for group, target_lp in prompt:
+            prompt_lp.update({c.seq.request_id: target_lp[i, : c.n] for i, c in enumerate(group)
+                              if c.seq.params.prompt_logprobs})
+        if launched.record is not None:  # the time since the step before it completed: device throughput
+            launched.record.seconds, launched.record.wait_seconds = now - self._busy_since, now - t_wait
+            self.log.append(launched.record)
+        self._in_flight -= 1
+        self._busy_since = now if self._in_flight else None
         return sampled, prompt_lp
 
     def _prefill_groups(self, chunks):
@@ -262,5 +324,5 @@ class ModelRunner:
         targets = np.zeros((rows, T), np.int32)
         for i, c in enumerate(group):
             nxt = c.seq.all_token_ids[c.start + 1: c.start + c.n + 1]
-            targets[i, : len(nxt)] = nxt
+            targets[i, : len(nxt)] = np.maximum(nxt, 0)  # a PENDING last output is past the prompt: unused
         return targets

@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polar_jax.engine.block_manager import BlockManager
-from polar_jax.engine.sequence import Sequence, SequenceStatus
+from polar_jax.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,14 @@ class PrefillChunk:
 @dataclass
 class ScheduledBatch:
     """One step's work. decode: each feeds its last token at position num_computed and samples one;
-    prefill: chunks; preempted: sequences sent back to waiting this step (their pages are already free)."""
+    prefill: chunks; preempted: sequences sent back to waiting this step (their pages are already free).
+    sampling (set by Scheduler.advance): (sequence, index in its output_token_ids) of every token this step
+    samples, decode rows first, then chunks in order."""
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    sampling: list[tuple[Sequence, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +72,17 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Owns the waiting queue and the running list (admission order: the last is the newest)."""
+    """Owns the waiting queue and the running list (admission order: the last is the newest).
+
+    A step's results may come back one step late: `advance(batch)` right after scheduling it (positions,
+    pages, a PENDING placeholder for each token it samples, finishing by length), `apply(batch, sampled)`
+    when its tokens are known (their values, finishing by EOS or stop token). Meanwhile the next step can
+    be scheduled: a sequence whose EOS is still in flight decodes one more token, which `apply` drops.
+    `update` is both at once.
+
+    Each running sequence holds a slot in [0, max_num_seqs): where the device keeps its last sampled token,
+    so a decode row can feed a token the host has not seen yet.
+    """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         if (block_manager.num_pages, block_manager.page_size) != (config.num_pages, config.page_size):
@@ -80,6 +93,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._live: dict[object, Sequence] = {}  # request_id -> every sequence not yet finished
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
 
     @property
     def num_waiting(self) -> int:
@@ -121,6 +135,7 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._release_slot(seq)
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -129,15 +144,24 @@ class Scheduler:
         del self._live[seq.request_id]
 
     def abort(self, request_id) -> bool:
-        """Finish the request with reason "abort"; False if it is unknown or already finished."""
+        """Finish the request with reason "abort"; False if it is unknown or already finished. Outputs of a
+        step in flight (PENDING) are dropped: they will never be filled in."""
         seq = self._live.get(request_id)
         if seq is None:
             return False
         self.finish(seq, "abort")
+        while seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
+            seq.output_token_ids.pop()
+            seq.output_logprobs.pop()
         return True
+
+    def _release_slot(self, seq: Sequence) -> None:
+        self._free_slots.append(seq.slot)
+        seq.slot = None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_slot(seq)
         self.block_manager.free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
@@ -184,6 +208,7 @@ class Scheduler:
                 break  # FIFO: nobody overtakes the front
             self.waiting.popleft()
             bm.allocate(seq, seq.prefill_target)
+            seq.slot = self._free_slots.pop()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             budget -= self._add_chunk(batch, seq, budget)
@@ -201,49 +226,82 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch, sampled: dict,
                prompt_logprobs: dict | None = None) -> list[Sequence]:
-        """Apply one step's results. sampled: request_id -> (token_id, logprob or None) for every decode
-        sequence and every chunk with `samples`; prompt_logprobs (optional): request_id -> logprobs of the
-        chunk's prompt tokens after its first position (see Sequence.record_prompt_logprobs). Returns the
-        sequences that finished in this step (their pages are already free)."""
+        """advance + apply: one step's results applied right after it ran. Returns the sequences that
+        finished in this step (their pages are already free)."""
+        self.advance(batch)
+        return self.apply(batch, sampled, prompt_logprobs)
+
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Account for a step that has been launched: positions computed, one PENDING output per sampled
+        token (recorded in batch.sampling), and the end of sequences that reach max_tokens or max_model_len
+        (pages freed now; the token's value comes with apply). Returns the sequences finished here."""
         fed = [(seq, 1, True) for seq in batch.decode] + [(c.seq, c.n, c.samples) for c in batch.prefill]
         finished = []
         for seq, n, samples in fed:
-            if seq.is_finished:  # aborted between schedule() and update()
+            if seq.is_finished:  # aborted between schedule() and advance()
                 continue
-            if prompt_logprobs and seq.request_id in prompt_logprobs:
-                seq.record_prompt_logprobs(seq.num_computed, prompt_logprobs[seq.request_id])
             seq.num_computed += n
             if not samples:
                 continue
-            if seq.request_id not in sampled:
-                raise KeyError(f"update(): no sampled token for request {seq.request_id!r}")
-            token, logprob = sampled[seq.request_id]
-            seq.output_token_ids.append(int(token))
-            seq.output_logprobs.append(logprob if seq.params.logprobs else None)
-            if seq.timings.first_token is None:
-                seq.timings.first_token = time.monotonic()
-            reason = self._finish_reason(seq, int(token))
-            if reason is not None:
-                self.finish(seq, reason)
+            batch.sampling.append((seq, len(seq.output_token_ids)))
+            seq.output_token_ids.append(PENDING)
+            seq.output_logprobs.append(None)
+            p = seq.params
+            if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                self.finish(seq, "length")
                 finished.append(seq)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if (token in seq.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return "length"
-        return None
+    def apply(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
+        """Fill in the tokens of an advanced step. sampled: request_id -> (token_id, logprob or None) for every
+        entry of batch.sampling; prompt_logprobs (optional): request_id -> logprobs of the chunk's prompt
+        tokens after its first position (see Sequence.record_prompt_logprobs). A token in a sequence's EOS
+        or stop ids ends it with "stop" and drops any output after it (a step already in flight). Returns
+        the sequences that finished in this step (now, or by length in advance)."""
+        if prompt_logprobs:
+            for c in batch.prefill:
+                if c.seq.request_id in prompt_logprobs and c.seq.finish_reason != "abort":
+                    c.seq.record_prompt_logprobs(c.start, prompt_logprobs[c.seq.request_id])
+        finished = []
+        for seq, i in batch.sampling:
+            if seq.finish_reason == "abort" or i >= len(seq.output_token_ids):
+                continue  # aborted, or past an EOS found in the step before
+            if seq.request_id not in sampled:
+                raise KeyError(f"apply(): no sampled token for request {seq.request_id!r}")
+            token, logprob = sampled[seq.request_id]
+            seq.output_token_ids[i] = int(token)
+            seq.output_logprobs[i] = logprob if seq.params.logprobs else None
+            if seq.timings.first_token is None:
+                seq.timings.first_token = time.monotonic()
+            p = seq.params
+            if (token in seq.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                self.stop_at(seq, i)
+            if seq.is_finished and i == len(seq.output_token_ids) - 1:
+                seq.timings.finish = time.monotonic()
+                finished.append(seq)
+        return finished
+
+    def stop_at(self, seq: Sequence, i: int) -> None:
+        """End seq with "stop" at output token i (an EOS, a stop token or the end of a stop string): outputs
+        after it, sampled by a step already launched, are dropped."""
+        del seq.output_token_ids[i + 1:], seq.output_logprobs[i + 1:]
+        if seq.is_finished:
+            seq.finish_reason = "stop"
+        else:
+            self.finish(seq, "stop")
 
     def check_invariants(self) -> None:
         """Raise AssertionError if pages or queues are inconsistent (tests call this every step)."""
         self.block_manager.check_invariants(list(self._live.values()))
         z = self.config.page_size
+        slots = [seq.slot for seq in self.running]
+        assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots), slots
+        assert sorted(slots + self._free_slots) == list(range(self.config.max_num_seqs)), slots
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING, seq
             assert len(seq.pages) * z >= seq.num_computed, seq
         for seq in self.waiting:
             assert seq.status is SequenceStatus.WAITING and not seq.pages and seq.num_computed == 0, seq
+            assert seq.slot is None, seq
         assert len(self.running) + len(self.waiting) == len(self._live)
         assert len(self.running) <= self.config.max_num_seqs

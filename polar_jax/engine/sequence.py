@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from polar_jax.engine.sampling_params import SamplingParams
 
 
+PENDING = -1  # an output token sampled by a launched step whose value has not reached the host yet
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -52,6 +55,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.pages: list[int] = []  # page ids in order: position s lives in pages[s // Z] at s % Z
+        self.slot: int | None = None  # while running: where the device keeps its last sampled token
         self.num_computed = 0  # leading tokens of all_token_ids whose KV is in the pages
         self.timings = Timings(time.monotonic() if arrival_time is None else arrival_time)
 
