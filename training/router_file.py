@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             out = export_routers(args.model, args.out, args.sparsity)
             print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} KB)")
         else:
-            out, sp = attach(args.file, args.model, args.out, args.sparsity_out, args.overwrite)
+            out, _ = attach(args.file, args.model, args.out, args.sparsity_out, args.overwrite)
             print(f"wrote {out}" + (f" and {args.sparsity_out}" if args.sparsity_out else ""))
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
