@@ -57,20 +57,27 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def hf_model(path: str, batch_size: int, dtype):
-    """lm-eval's HFLM on a GGUF file or transformers directory, in torch's version of `dtype`, on CUDA if any."""
+def load_hf(path: str, dtype):
+    """(transformers model, tokenizer) of a GGUF file or transformers directory, in torch's version of `dtype`,
+    on CUDA when there is one: loaded once, wrapped by hf_lm at each batch size."""
     import torch
     import transformers
-    from lm_eval.models.huggingface import HFLM
 
     p = Path(path)
     kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
     where = str(p.parent if p.suffix == ".gguf" else p)
     torch_dtype = torch.bfloat16 if np.dtype(dtype).name == "bfloat16" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch_dtype, **kw).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw).eval()
     if torch.cuda.is_available():
         model = model.cuda()
-    tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
+    return model, transformers.AutoTokenizer.from_pretrained(where, **kw)
+
+
+def hf_lm(loaded, batch_size: int):
+    """lm-eval's own `hf` model (HFLM) around a load_hf result."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = loaded
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
 
 
@@ -195,16 +202,15 @@ def main(argv=None) -> None:
     if args.hf:
         hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")]
         print("== hf", flush=True)
+        loaded = load_hf(args.hf, params["embed"].dtype)
         hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0,
-              "results": evaluate(hf_model(args.hf, hf_batches[0], params["embed"].dtype), tasks, folder,
-                                  limit=args.limit)}
+              "results": evaluate(hf_lm(loaded, hf_batches[0]), tasks, folder, limit=args.limit)}
         task = args.speed_task or ("arc_easy" if "arc_easy" in tasks else tasks[0])
         print(f"== throughput on {task}: dense polar and hf, each a cold then a warm pass", flush=True)
         speed = {"task": task, "dtype": str(params["embed"].dtype), "polar_batch_size": args.batch_size,
                  "polar": timed_twice(lambda: PolarLM((cfg, params, tok), batch_size=args.batch_size), task,
                                       folder, args.limit),
-                 "hf": {b: timed_twice(lambda b=b: hf_model(args.hf, b, params["embed"].dtype), task, folder,
-                                       args.limit) for b in hf_batches}}
+                 "hf": {b: timed_twice(lambda b=b: hf_lm(loaded, b), task, folder, args.limit) for b in hf_batches}}
         best = max(speed["hf"], key=lambda b: speed["hf"][b]["requests_per_s"])
         speed["hf_best_batch_size"] = best
         speed["speedup"] = speed["polar"]["requests_per_s"] / speed["hf"][best]["requests_per_s"]
