@@ -87,3 +87,27 @@ def test_export_refusals_and_cli(routed, tmp_path, capsys):
     assert router_file.main(["export", str(model), str(tmp_path / "c.npz"), "--sparsity", str(sp_path)]) == 0
     assert router_file.main(["attach", str(tmp_path / "c.npz"), str(bf16), "--out", str(bf16)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_tasks_runs_each_router_file_at_its_density(tmp_path):
+    """benchmarks.eval_tasks: one router run per file (its own routers and config), oracle/random beside it."""
+    from benchmarks.eval_tasks import head_runs, parse
+
+    cfg = preset("tiny-llama-gqa").replace(n_kv_heads=3, n_heads=6)  # K = 3: densities 1/3 and 2/3
+    params = init_params(cfg, jax.random.key(1))
+    files = []
+    for k in (2, 1):  # listed out of order: the runs come sorted by density
+        attn = init_attn(cfg, jax.random.key(10 + k))
+        save(tmp_path / f"k{k}", cfg, {**params, "routers": {"attn": attn}})
+        SparsityConfig(attn="router", attn_density=k / 3).to_json(tmp_path / f"k{k}.json")
+        files.append(router_file.export_routers(tmp_path / f"k{k}", tmp_path / f"k{k}.npz", tmp_path / f"k{k}.json"))
+    args = parse(["--model", "unused", "--out", "unused", "--routers", ",".join(map(str, files))])
+    runs = head_runs(cfg, params, args)
+    assert [(s, round(d * 3)) for s, d, _, _ in runs] == [("dense", 3), ("router", 1), ("oracle", 1), ("random", 1),
+                                                          ("router", 2), ("oracle", 2), ("random", 2)]
+    for (source, d, p, sp), k in zip([runs[1], runs[4]], (1, 2)):
+        assert sp == SparsityConfig(attn="router", attn_density=k / 3)
+        want = load(tmp_path / f"k{k}")[1]["routers"]["attn"]["w"]
+        np.testing.assert_array_equal(np.asarray(p["routers"]["attn"]["w"]), np.asarray(want))
+    assert runs[0][3] is None and "routers" not in runs[2][2]  # oracle and random run on the bare params
+    assert runs[2][3] == SparsityConfig(attn="oracle", attn_density=1 / 3)
