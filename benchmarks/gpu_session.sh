@@ -77,7 +77,7 @@ wheels() {  # wheels NAME: install the carried wheel folder .whl/NAME into /tmp/
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no NVIDIA GPU"
-bash scripts/device_parts.sh gather "$HOME/parts"
+bash scripts/device_parts.sh gather "$HOME/parts" || echo "!! parts: gathering failed; phases that need them will say so"
 rm -f "$stamp.new"
 case "$phase" in
   tests)
@@ -132,12 +132,16 @@ case "$phase" in
     gguf=$HOME/parts/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -f "$gguf" ] || gguf=${EVALS_GGUF:-$(python3 -c "from polar_jax.cli import default_gguf; print(default_gguf())")}
     if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'cpu')" 2>/dev/null; then
-      dtype=fp32 batch=64 hf_batches=16  # CPU: no bf16 x bf16 -> f32 dots in XLA's CPU backend
+      # CPU: fp32 (XLA's CPU backend has no bf16 x bf16 -> f32 dots); a check, not a timed run (--limit 3 of
+      # every task takes ~10 minutes on 2 cores)
+      dtype=fp32 batch=64 hf_batches=16 eval_limit=1800
     else
       # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
-      dtype=bf16 batch=1024 hf_batches=64,256
+      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=450
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}  # the rest for torch (hf)
     fi
+    # Compiled programs kept in ~ (warm machine): a retry after a timeout skips the compilation it already did.
+    export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/jax_cache}
     model=$HOME/models/smollm2-135m-$dtype
     if [ ! -f "$model/polar-model.json" ]; then
       step 120 python3 -m polar_jax.cli convert "$gguf" "$model" --dtype "$dtype" --overwrite
@@ -146,7 +150,7 @@ case "$phase" in
     [ -n "$routers" ] || echo "== no router files in .carry/routers: router runs use the model's own (none)"
     tasks_dir=.carry/evals
     [ -d "$tasks_dir" ] || tasks_dir=${POLAR_EVALS_DIR:-../shared/evals}
-    step 450 python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
+    step "$eval_limit" python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
       --tasks-dir "$tasks_dir" ${limit:+--limit "$limit"} --batch-size "$batch" --hf "$gguf" \
       --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks"
     publish "$stage"

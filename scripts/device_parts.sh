@@ -36,6 +36,7 @@ gather() {
     name=$(basename "$sum" .sha256)
     read -r hash n < "$sum"
     if [ -f "$dest/$name" ] && [ "$(sha256sum < "$dest/$name" | cut -d' ' -f1)" = "$hash" ]; then
+      rm -f "$dest/$name".part-*  # parts carried again after the assembly
       echo "parts: $name assembled ($dest/$name)"
       continue
     fi

@@ -40,6 +40,7 @@ def test_parts_travel_over_consecutive_calls_and_reassemble(tmp_path):
     assert not list(home.glob("*.part-*"))
     r = parts("gather", str(home), cwd=tmp_path / "call0")  # idempotent: a later call finds it assembled
     assert r.returncode == 0 and "model.gguf assembled (" in r.stdout
+    assert not list(home.glob("*.part-*"))  # the part carried again is not left lying beside the file
 
 
 def test_parts_with_a_wrong_hash_are_refused_and_dropped(tmp_path):
