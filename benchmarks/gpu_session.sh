@@ -6,13 +6,15 @@
 #                                                              # (GGUF: convert SmolLM2 first) end-to-end decode
 #   bash benchmarks/gpu_session.sh bench OUT SECONDS MODULE [ARGS...]
 #                                                              # any benchmark module (bench_paged, serve_offline)
+#   bash benchmarks/gpu_session.sh serve OUT [ARGS...]         # the HTTP server on W beside the offline engine
+#                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
 # stamp under benchmarks/results/tmp/, which git ignores). Every command runs under `timeout`; the first
 # failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the session. Results
 # are written to a staging folder and copied into OUT only when the whole phase succeeded; after a failure
 # nothing is written to OUT (the staged files go to OUT.failed/ for inspection).
 set -euo pipefail
-phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...]}
+phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...] | serve OUT [ARGS...]}
 out=${2:-benchmarks/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 tmp=benchmarks/results/tmp
@@ -96,5 +98,22 @@ case "$phase" in
     step "$limit" python3 -m "benchmarks.$module" --out "$stage" "$@"
     publish "$stage"
     ;;
-  *) echo "unknown phase $phase (tests | kernels | e2e | bench)"; exit 2 ;;
+  serve)
+    require_tests
+    shift $(( $# < 2 ? $# : 2 ))
+    stage=$tmp/stage-serve
+    rm -rf "$stage" "$out.failed"
+    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
+    if [ -d .whl/server ]; then  # FastAPI, Starlette, pydantic, uvicorn: not in the GPU image
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/server/*.whl
+      export PYTHONPATH=/tmp/site:$PYTHONPATH  # the server subprocesses inherit it
+    fi
+    python3 -c "import fastapi, uvicorn, pydantic" || { echo "!! no FastAPI/uvicorn/pydantic: carry .whl/server"; exit 3; }
+    # The script keeps to --budget-s (480 s by default: it skips sweep points that would overrun) and stops its
+    # servers on SIGTERM; the limit only catches a hang.
+    step 510 python3 -m benchmarks.serve_http --out "$stage" "$@"
+    publish "$stage"
+    ;;
+  *) echo "unknown phase $phase (tests | kernels | e2e | bench | serve)"; exit 2 ;;
 esac
