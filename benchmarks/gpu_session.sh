@@ -110,7 +110,7 @@ case "$phase" in
       export PYTHONPATH=/tmp/site:$PYTHONPATH  # the server subprocesses inherit it
     fi
     python3 -c "import fastapi, uvicorn, pydantic" || { echo "!! no FastAPI/uvicorn/pydantic: carry .whl/server"; exit 3; }
-    # The script keeps to --budget-s (480 s by default: it skips sweep points that would overrun) and stops its
+    # The script keeps to --budget-s (450 s by default: it skips sweep points that would overrun) and stops its
     # servers on SIGTERM; the limit only catches a hang.
     step 510 python3 -m benchmarks.serve_http --out "$stage" "$@"
     publish "$stage"

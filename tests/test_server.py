@@ -297,7 +297,7 @@ def test_several_prompts_in_one_request(client, offline, loaded):
 def test_ignore_eos_decodes_past_the_eos_token(served, client, offline, loaded, monkeypatch):
     """ignore_eos (vLLM's extension field) reaches the engine: once the 4th token of the greedy answer is made
     the EOS, a request stops at its first occurrence without the field and runs to max_tokens with it."""
-    url, engine = served
+    _, engine = served
     prompt, n = "Tell me", 10
     kw = dict(model=MODEL, prompt=prompt, max_tokens=n, temperature=0)
     free = offline_one(offline, loaded[2].encode(prompt), SamplingParams(temperature=0, max_tokens=n,
