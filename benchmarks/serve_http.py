@@ -362,7 +362,10 @@ def main(argv=None) -> int:
                       str(ref_ctx), "--batches", args.batches, "--seed", str(args.seed), "--out",
                       str(tmp / "engine.json")] + (["--allow-cpu"] if args.allow_cpu else [])
         print(f"== {time.strftime('%H:%M:%S')} {' '.join(engine_cmd[1:])}", flush=True)
-        subprocess.run(engine_cmd, check=True, timeout=max(1.0, clock.left()))
+        try:
+            subprocess.run(engine_cmd, check=True, timeout=max(1.0, clock.left()))
+        except subprocess.CalledProcessError as e:  # it said why (e.g. no GPU without --allow-cpu)
+            sys.exit(f"error: benchmarks.serve_http_engine exited with status {e.returncode}")
         engine = json.loads((tmp / "engine.json").read_text())
         if engine["backend"] != "gpu" and args.out.resolve() == RESULTS.resolve():
             sys.exit(f"error: not writing {engine['backend']} figures into {RESULTS}; pass --out DIR")
