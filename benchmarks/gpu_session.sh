@@ -11,6 +11,8 @@
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
+#   bash benchmarks/gpu_session.sh serve OUT [ARGS...]         # the HTTP server on W beside the offline engine
+#                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
 # stamp under benchmarks/results/tmp/, which git ignores); `evals` does not (its `hf` parity column checks the
 # decode path it runs, and its 8-minute budget leaves no room for the tests). Every command runs under
@@ -24,7 +26,7 @@
 # .carry/evals (a subset made by benchmarks.evals_subset, carried since ../shared does not travel), else of
 # $POLAR_EVALS_DIR or ../shared/evals; LIMIT: the first LIMIT items of each task (a quick CPU check: 3).
 set -euo pipefail
-phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...] | parts | evals OUT [LIMIT]}
+phase=${1:?usage: gpu_session.sh tests | kernels OUT | e2e OUT [dense|sparse|all] [GGUF] | bench OUT SECONDS MODULE [ARGS...] | parts | evals OUT [LIMIT] | serve OUT [ARGS...]}
 out=${2:-benchmarks/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 tmp=benchmarks/results/tmp
@@ -155,5 +157,18 @@ case "$phase" in
       --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks"
     publish "$stage"
     ;;
-  *) echo "unknown phase $phase (tests | kernels | e2e | bench | parts | evals)"; exit 2 ;;
+  serve)
+    require_tests
+    shift $(( $# < 2 ? $# : 2 ))
+    stage=$tmp/stage-serve
+    rm -rf "$stage" "$out.failed"
+    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
+    wheels server  # FastAPI, Starlette, pydantic, uvicorn: not in the GPU image (the servers inherit PYTHONPATH)
+    python3 -c "import fastapi, uvicorn, pydantic" || { echo "!! no FastAPI/uvicorn/pydantic: carry .whl/server"; exit 3; }
+    # The script keeps to --budget-s (450 s by default: it skips sweep points that would overrun) and stops its
+    # servers on SIGTERM; the limit only catches a hang.
+    step 510 python3 -m benchmarks.serve_http --out "$stage" "$@"
+    publish "$stage"
+    ;;
+  *) echo "unknown phase $phase (tests | kernels | e2e | bench | parts | evals | serve)"; exit 2 ;;
 esac

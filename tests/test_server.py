@@ -294,6 +294,35 @@ def test_several_prompts_in_one_request(client, offline, loaded):
     assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 15
 
 
+def test_ignore_eos_decodes_past_the_eos_token(served, client, offline, loaded, monkeypatch):
+    """ignore_eos (vLLM's extension field) reaches the engine: once the 4th token of the greedy answer is made
+    the EOS, a request stops at its first occurrence without the field and runs to max_tokens with it."""
+    _, engine = served
+    prompt, n = "Tell me", 10
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=n, temperature=0)
+    free = offline_one(offline, loaded[2].encode(prompt), SamplingParams(temperature=0, max_tokens=n,
+                                                                          ignore_eos=True))
+    eos = free.token_ids[3]
+    first = free.token_ids.index(eos)  # the answer may hold that token before position 3
+    monkeypatch.setattr(engine, "cfg", engine.cfg.replace(eos_token_ids=(eos,)))  # read by add_request
+    stopped = client.completions.create(**kw)
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", first + 1)
+    ignored = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", n)
+    assert ignored.choices[0].text == free.text
+
+
+def test_metrics_decode_batch_counts_rows_and_steps(server, client):
+    """polar_decode_batch: one observation per decoding step, of the requests decoded in it."""
+    before = metrics(server)
+    client.completions.create(model=MODEL, prompt=["abc", "xyz"], max_tokens=6, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = metrics(server)
+    # Prefilled together (the first token), then 5 decode steps of both.
+    assert after["polar_decode_batch_count"] - before["polar_decode_batch_count"] == 5
+    assert after["polar_decode_batch_sum"] - before["polar_decode_batch_sum"] == 10
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input
 

@@ -211,6 +211,7 @@ class AsyncEngine:
             self._fail_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"))
             return
         now = time.monotonic()
+        decoded = 0  # requests that already had a token: the step's decode rows (those still streamed)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted while the step ran
@@ -220,6 +221,7 @@ class AsyncEngine:
                 self.metrics.ttft.observe(out.first_token_time - out.arrival_time)
             elif last is not None:
                 self.metrics.itl.observe(now - last)
+                decoded += 1
             stream.last_token[out.request_id] = now
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
@@ -228,6 +230,8 @@ class AsyncEngine:
                 self.metrics.finished.labels(out.finish_reason or "stop").inc()
                 self.metrics.e2e.observe(now - out.arrival_time)
             stream.put(out)
+        if decoded:
+            self.metrics.decode_batch.observe(decoded)
 
     def _fail_all(self, error: EngineError) -> None:
         for rid, stream in list(self._streams.items()):

@@ -257,7 +257,7 @@ def bench_serve(args) -> dict:
     return report
 
 
-def plot(reports: list[dict], out: str) -> None:
+def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one point per request rate)") -> None:
     """Median TTFT and median TPOT against output throughput, one line per report (its label)."""
     import matplotlib
 
@@ -275,7 +275,7 @@ def plot(reports: list[dict], out: str) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("latency vs throughput (one point per request rate)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

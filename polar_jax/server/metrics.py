@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 # Seconds; from a few ms (a decode step on a GPU) to a minute (a long queue).
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 2.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ServerMetrics:
@@ -25,6 +26,9 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("polar_e2e_request_latency_seconds", "Arrival to finish", buckets=_TTFT_BUCKETS,
                              registry=r)
+        # _sum / _count between two scrapes is the mean decode batch over that interval.
+        self.decode_batch = Histogram("polar_decode_batch", "Requests decoded together in one engine step (steps "
+                                      "that decoded at least one)", buckets=_BATCH_BUCKETS, registry=r)
         self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("polar_generation_tokens", "Output tokens generated", registry=r)
         self.finished = Counter("polar_requests_finished", "Finished requests by reason", ["reason"], registry=r)
