@@ -270,7 +270,7 @@ def tune(read_bw: float, budget_s: float = 200.0, on_case=None) -> list[dict]:
                   flush=True)
         if on_case:
             on_case(results)
-        del sets
+        sets = None  # frees this case's caches before the next case allocates its own
     return results
 
 

@@ -6,13 +6,13 @@
 #                                                              # (GGUF: convert SmolLM2 first) end-to-end decode
 #   bash benchmarks/gpu_session.sh bench OUT SECONDS MODULE [ARGS...]
 #                                                              # any benchmark module (bench_paged, serve_offline)
+#   bash benchmarks/gpu_session.sh serve OUT [ARGS...]         # the HTTP server on W beside the offline engine
+#                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 #   bash benchmarks/gpu_session.sh parts                       # only gather carried file parts (see below)
 #   bash benchmarks/gpu_session.sh evals OUT [LIMIT]           # lm-eval accuracy table -> OUT/eval_tasks.*
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
-#   bash benchmarks/gpu_session.sh serve OUT [ARGS...]         # the HTTP server on W beside the offline engine
-#                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
 # stamp under benchmarks/results/tmp/, which git ignores); `evals` does not (its `hf` parity column checks the
 # decode path it runs, and its 8-minute budget leaves no room for the tests). Every command runs under
