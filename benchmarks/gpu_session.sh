@@ -66,8 +66,14 @@ require_tests() {
   fi
 }
 
-wheels() {  # wheels NAME: install the carried wheel folder .whl/NAME into /tmp/site (laid anew each call)
+wheels() {  # wheels NAME MODULES: install the carried wheel folder .whl/NAME into /tmp/site (laid anew each
+  # call) unless python3 already imports MODULES (comma-separated; the carried wheels are built for the GPU
+  # machine's Python 3.12)
   local dir=.whl/$1
+  if python3 -c "import $2" 2>/dev/null; then
+    echo "== wheels: $2 already installed; $dir not needed"
+    return 0
+  fi
   if ! ls "$dir"/*.whl >/dev/null 2>&1; then
     echo "== wheels: $dir not carried; using the installed packages"
     return 0
@@ -85,9 +91,11 @@ case "$phase" in
   tests)
     rm -f "$stamp"
     step 300 python3 -m pytest tests/test_gpu.py -m gpu -x -q -p no:cacheprovider
-    step 150 python3 -m pytest tests/test_decode_attention.py tests/test_selective_gemm.py \
-      tests/test_paged_attention.py tests/test_prefill_attention.py -x -q -p no:cacheprovider
-    step 120 python3 -m pytest tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
+    # The kernel and engine tests compile one program per case: in serial they overran 150 s on an H100
+    # (2026-11-25), so 4 pytest-xdist workers share the GPU, each allocating only what it uses.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false step 270 python3 -m pytest -n 4 tests/test_decode_attention.py \
+      tests/test_selective_gemm.py tests/test_paged_attention.py tests/test_prefill_attention.py \
+      tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
     sources_hash > "$stamp"
     echo "== GPU tests passed; stamp $(cat "$stamp")"
     ;;
@@ -130,7 +138,7 @@ case "$phase" in
     rm -rf "$stage" "$out.failed"
     trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
     mkdir -p "$stage"
-    wheels eval
+    wheels eval lm_eval,gguf
     gguf=$HOME/parts/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -f "$gguf" ] || gguf=${EVALS_GGUF:-$(python3 -c "from polar_jax.cli import default_gguf; print(default_gguf())")}
     if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'cpu')" 2>/dev/null; then
@@ -163,7 +171,7 @@ case "$phase" in
     stage=$tmp/stage-serve
     rm -rf "$stage" "$out.failed"
     trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
-    wheels server  # FastAPI, Starlette, pydantic, uvicorn: not in the GPU image (the servers inherit PYTHONPATH)
+    wheels server fastapi,uvicorn,pydantic  # FastAPI, Starlette, pydantic, uvicorn: not in the GPU image (the servers inherit PYTHONPATH)
     python3 -c "import fastapi, uvicorn, pydantic" || { echo "!! no FastAPI/uvicorn/pydantic: carry .whl/server"; exit 3; }
     # The script keeps to --budget-s (450 s by default: it skips sweep points that would overrun) and stops its
     # servers on SIGTERM; the limit only catches a hang.
