@@ -15,7 +15,7 @@
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
 # The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
 # stamp under benchmarks/results/tmp/, which git ignores); `evals` does not (its `hf` parity column checks the
-# decode path it runs, and its 8-minute budget leaves no room for the tests). Every command runs under
+# decode path it runs, and its 9-minute budget leaves no room for the tests). Every command runs under
 # `timeout`; the first failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the
 # session. Results are written to a staging folder and copied into OUT only when the whole phase succeeded;
 # after a failure nothing is written to OUT (the staged files go to OUT.failed/ for inspection).
@@ -147,7 +147,7 @@ case "$phase" in
       dtype=fp32 batch=64 hf_batches=16 eval_limit=1800
     else
       # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
-      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=450
+      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=540
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}  # the rest for torch (hf)
     fi
     # Compiled programs kept in ~ (warm machine): a retry after a timeout skips the compilation it already did.
