@@ -54,6 +54,8 @@ def parse(argv):
                    help="hf batch sizes: the first for the accuracy run, each for the throughput (default 64)")
     p.add_argument("--speed-task", help="task of the throughput comparison (default: arc_easy if present)")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs OUT.partial.json holds (a run cut short) when its settings are these")
     return p.parse_args(argv)
 
 
@@ -176,6 +178,18 @@ def plot(runs: list[dict], tasks: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def resumed_runs(partial: Path, settings: dict) -> dict:
+    """{label: run} from a cut-short run's OUT.partial.json; SystemExit naming the file if its settings
+    differ (runs of another model, task set or limit must not mix into this table)."""
+    if not partial.is_file():
+        return {}
+    saved = json.loads(partial.read_text())
+    if saved.get("settings") != settings:
+        raise SystemExit(f"eval_tasks: {partial} holds runs made with other settings ({saved.get('settings')}); "
+                         "delete it or drop --resume")
+    return {r["label"]: r for r in saved["runs"]}
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     from polar_jax.checkpoint import load
@@ -188,16 +202,24 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")
+    settings = {"model": str(args.model), "tasks": tasks, "tasks_dir": str(folder), "limit": args.limit,
+                "routers": args.routers, "densities": args.densities, "sources": args.sources,
+                "batch_size": args.batch_size}
+    kept = resumed_runs(partial, settings) if args.resume else {}
     runs = []
     for source, density, p, sp in head_runs(cfg, params, args):
         k = round(density * cfg.n_kv_heads)
         label = "dense" if sp is None else f"{source} {k}/{cfg.n_kv_heads}"
+        if label in kept:
+            print(f"== {label}: kept from {partial}", flush=True)
+            runs.append(kept[label])
+            continue
         print(f"== {label}", flush=True)
         lm = PolarLM((cfg, p, tok), sparsity=sp, batch_size=args.batch_size)
         runs.append({"label": label, "source": source, "density": density,
                      "results": evaluate(lm, tasks, folder, limit=args.limit)})
         print(f"   {runs[-1]['results']['_timing']['seconds']:.1f} s (compilation included)", flush=True)
-        partial.write_text(json.dumps({"runs": runs}))  # what a run cut short by a timeout still leaves
+        partial.write_text(json.dumps({"settings": settings, "runs": runs}))  # what a run cut short leaves
     hf, speed = None, None
     if args.hf:
         hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")]

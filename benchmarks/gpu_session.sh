@@ -135,16 +135,20 @@ case "$phase" in
   evals)
     limit=${3:-}
     stage=$tmp/stage-evals
-    rm -rf "$stage" "$out.failed"
-    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
+    rm -rf "$stage"
     mkdir -p "$stage"
+    # A run cut short (a timeout, the device time) resumes: eval_tasks --resume keeps the runs its partial file
+    # holds when the settings match.
+    cp "$out.failed/eval_tasks.partial.json" "$stage/" 2>/dev/null && echo "== resuming from $out.failed" || true
+    rm -rf "$out.failed"
+    trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
     wheels eval lm_eval,gguf
     gguf=$HOME/parts/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -f "$gguf" ] || gguf=${EVALS_GGUF:-$(python3 -c "from polar_jax.cli import default_gguf; print(default_gguf())")}
     if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'cpu')" 2>/dev/null; then
       # CPU: fp32 (XLA's CPU backend has no bf16 x bf16 -> f32 dots); a check, not a timed run (--limit 3 of
       # every task takes ~10 minutes on 2 cores)
-      dtype=fp32 batch=64 hf_batches=16 eval_limit=1800
+      dtype=fp32 batch=64 hf_batches=16 eval_limit=3600
     else
       # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
       dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=540
@@ -162,7 +166,7 @@ case "$phase" in
     [ -d "$tasks_dir" ] || tasks_dir=${POLAR_EVALS_DIR:-../shared/evals}
     step "$eval_limit" python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
       --tasks-dir "$tasks_dir" ${limit:+--limit "$limit"} --batch-size "$batch" --hf "$gguf" \
-      --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks"
+      --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks" --resume
     publish "$stage"
     ;;
   serve)

@@ -111,3 +111,18 @@ def test_eval_tasks_runs_each_router_file_at_its_density(tmp_path):
         np.testing.assert_array_equal(np.asarray(p["routers"]["attn"]["w"]), np.asarray(want))
     assert runs[0][3] is None and "routers" not in runs[2][2]  # oracle and random run on the bare params
     assert runs[2][3] == SparsityConfig(attn="oracle", attn_density=1 / 3)
+
+
+def test_eval_tasks_resume_keeps_only_runs_of_the_same_settings(tmp_path):
+    import json
+
+    from benchmarks.eval_tasks import resumed_runs
+
+    partial = tmp_path / "eval_tasks.partial.json"
+    settings = {"model": "m", "tasks": ["copa"], "limit": 25}
+    assert resumed_runs(partial, settings) == {}  # nothing to resume
+    run = {"label": "router 2/3", "source": "router", "density": 2 / 3, "results": {"copa": {"acc": 0.7}}}
+    partial.write_text(json.dumps({"settings": settings, "runs": [run]}))
+    assert resumed_runs(partial, settings) == {"router 2/3": run}
+    with pytest.raises(SystemExit, match="other settings"):
+        resumed_runs(partial, settings | {"limit": 50})
