@@ -58,11 +58,16 @@ def _device_file(folder):
     return folder / f"{autotune._slug(autotune.device_kind())}.json"
 
 
-def test_lookup_order_memo_user_table_heuristic(dirs):
+def test_lookup_order_memo_user_table_heuristic(dirs, monkeypatch):
     user, table = dirs
     heuristic = dk.attention_heuristic(**SHAPE)
     assert heuristic not in (TABLE_CFG, USER_CFG)
+    calls, real_heuristic = [], dk.attention_heuristic
+    monkeypatch.setattr(dk, "attention_heuristic", lambda **kw: calls.append(kw) or heuristic)
     assert dk.attention_config(**SHAPE) == heuristic                      # nothing on disk
+    assert dk.attention_config(**{**SHAPE, "B": 41}) == heuristic         # same class: from the memo
+    assert len(calls) == 1
+    monkeypatch.setattr(dk, "attention_heuristic", real_heuristic)
 
     _write(_device_file(table), {CLASS_KEY: _entry(TABLE_CFG)})
     assert dk.attention_config(**SHAPE) == heuristic                      # memo still holds the heuristic
@@ -205,7 +210,12 @@ def test_autotune_env_tunes_once_inside_jit_and_caches(dirs, monkeypatch):
     monkeypatch.setenv("POLAR_AUTOTUNE", "1")
     calls = []
     real = autotune.measure
-    monkeypatch.setattr(autotune, "measure", lambda *a, **kw: calls.append(a[1]) or real(*a, reps=1, inner=1))
+
+    def measure(*a, **kw):  # records (config, whether this runs under a trace: its numbers would be void)
+        calls.append((a[1], isinstance(jnp.zeros(()) + 1, jax.core.Tracer)))
+        return real(*a, reps=1, inner=1)
+
+    monkeypatch.setattr(autotune, "measure", measure)
     shape = dict(B=2, N=4, K=2, S=64, H=64, C=2, dtype=jnp.float32)
 
     @jax.jit
@@ -214,7 +224,7 @@ def test_autotune_env_tunes_once_inside_jit_and_caches(dirs, monkeypatch):
         return x + cfg.block_s
 
     assert int(f(jnp.int32(0))) == dk.attention_heuristic(**shape).block_s
-    assert calls == [dk.attention_heuristic(**shape)]
+    assert calls == [(dk.attention_heuristic(**shape), False)]
     entries = autotune.read_entries(_device_file(user))
     assert list(entries) == [autotune.class_key("attention", dk.attention_bucket(**shape))]
     autotune.clear()
