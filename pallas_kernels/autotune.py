@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 VERSION = 1
 TABLE_DIR = Path(__file__).resolve().parent / "tuned"
@@ -192,26 +193,41 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: int = 0) -> float:
-    """Median ms of one config on fresh random inputs of the shape class (two input sets, rotated)."""
+def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: int = 0,
+            expect=None) -> tuple[float, Any]:
+    """(median ms, output on the first input set) of one config on fresh random inputs of the shape class
+    (two input sets, rotated). With `expect` (the first candidate's output), an output that differs from
+    it raises ValueError: a config that computes something else is never kept, however fast."""
     interpret = _interpret()
     key = jax.random.key(seed)
     sets = [(t.make_inputs(shape_class, jax.random.fold_in(key, i)),) for i in range(2)]
     fn = jax.jit(lambda inputs: t.run(cfg, inputs, interpret))
-    return time_fn(fn, sets, inner=inner, reps=reps, warmup=1)
+    out = np.asarray(jax.device_get(fn(*sets[0])), np.float32)
+    if expect is not None:
+        err = float(np.max(np.abs(out - expect)))
+        tol = 2e-2 * max(1.0, float(np.max(np.abs(expect))))  # half-precision outputs, f32 accumulation
+        if not err <= tol:
+            raise ValueError(f"output differs from the first candidate's by {err:.3g} (tolerance {tol:.3g})")
+    return time_fn(fn, sets, inner=inner, reps=reps, warmup=1), out
 
 
 def tune(kernel: str, shape: dict, *, max_candidates: int | None = None, reps: int = 7, inner: int = 10,
          timer: Callable | None = None, log=print) -> dict:
     """Time the candidates of `kernel` at the shape class of `shape`.
 
-    Returns {"key", "best" (config), "entry" (what the cache stores)}. A config the backend rejects is
-    skipped with one line on `log`. timer(tunable, config, shape class) -> ms replaces the measurement
-    (tests)."""
+    Returns {"key", "best" (config), "entry" (what the cache stores)}. A config the backend rejects, or
+    whose output differs from the first candidate's that ran (normally the heuristic's), is skipped with
+    one line on `log`. timer(tunable, config, shape class) -> ms replaces the measurement (tests)."""
     t = KERNELS[kernel]
     sc = t.bucket(**shape)
     cands = t.candidates(**sc)[:max_candidates]
-    timer = timer or (lambda tt, cfg, s: measure(tt, cfg, s, reps=reps, inner=inner))
+    if timer is None:
+        first = []  # the output of the first candidate that ran, which every later one must reproduce
+
+        def timer(tt, cfg, s):
+            ms, out = measure(tt, cfg, s, reps=reps, inner=inner, expect=first[0] if first else None)
+            first.append(out)
+            return ms
     timings = []
     for cfg in cands:
         try:

@@ -202,6 +202,30 @@ def test_tune_keeps_the_fastest_and_skips_rejected_configs(dirs):
     assert len(lines) == 1 and "skipped" in lines[0] and "shared memory exceeded" in lines[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Scale:
+    scale: float = 1.0
+    pad: int = 0
+
+
+def test_tune_measures_and_drops_configs_that_compute_something_else(monkeypatch):
+    """Real measurement (a jnp stand-in kernel): the fastest config whose output matches the first
+    candidate's wins; one that is fast but wrong is skipped with one line."""
+    def run(cfg, x, interpret):
+        y = x * cfg.scale
+        return jnp.pad(y, (0, cfg.pad))[:x.shape[0]] if cfg.pad else y   # pad: slower, same values
+
+    cands = [_Scale(1.0, 4096), _Scale(1.0), _Scale(1.5)]
+    monkeypatch.setitem(autotune.KERNELS, "toy", autotune.Tunable(
+        name="toy", config_cls=_Scale, bucket=lambda n: {"n": n}, candidates=lambda n: cands,
+        make_inputs=lambda sc, key: jax.random.normal(key, (sc["n"],)), run=run))
+    lines = []
+    r = autotune.tune("toy", {"n": 4096}, reps=3, inner=2, log=lines.append)
+    assert [c for c, ms in r["entry"]["timings"] if ms is None] == [dataclasses.asdict(cands[2])]
+    assert len(lines) == 1 and "output differs" in lines[0]
+    assert r["best"] in cands[:2]
+
+
 def test_autotune_env_tunes_once_inside_jit_and_caches(dirs, monkeypatch):
     """POLAR_AUTOTUNE=1: a missing key is timed on first use, even from inside a jit trace (real
     measurement, interpret mode; S = 64 leaves the heuristic as the only candidate), written to the user
@@ -213,7 +237,7 @@ def test_autotune_env_tunes_once_inside_jit_and_caches(dirs, monkeypatch):
 
     def measure(*a, **kw):  # records (config, whether this runs under a trace: its numbers would be void)
         calls.append((a[1], isinstance(jnp.zeros(()) + 1, jax.core.Tracer)))
-        return real(*a, reps=1, inner=1)
+        return real(*a, **{**kw, "reps": 1, "inner": 1})
 
     monkeypatch.setattr(autotune, "measure", measure)
     shape = dict(B=2, N=4, K=2, S=64, H=64, C=2, dtype=jnp.float32)
