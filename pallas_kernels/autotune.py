@@ -211,16 +211,27 @@ def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: 
     return time_fn(fn, sets, inner=inner, reps=reps, warmup=1), out
 
 
+def parse_class_key(ck: str) -> tuple[str, dict]:
+    """(kernel, shape class) of a class key; the class is also a shape of itself (bucketing is idempotent)."""
+    kernel, _, dims = ck.partition("|")
+    shape = {}
+    for item in dims.split(","):
+        name, _, value = item.partition("=")
+        shape[name] = int(value) if value.lstrip("-").isdigit() else value
+    return kernel, shape
+
+
 def tune(kernel: str, shape: dict, *, max_candidates: int | None = None, reps: int = 7, inner: int = 10,
-         timer: Callable | None = None, log=print) -> dict:
+         timer: Callable | None = None, log=print, extra: tuple = ()) -> dict:
     """Time the candidates of `kernel` at the shape class of `shape`.
 
     Returns {"key", "best" (config), "entry" (what the cache stores)}. A config the backend rejects, or
     whose output differs from the first candidate's that ran (normally the heuristic's), is skipped with
-    one line on `log`. timer(tunable, config, shape class) -> ms replaces the measurement (tests)."""
+    one line on `log`. `extra` configs are timed after the candidates (a shipped entry being checked).
+    timer(tunable, config, shape class) -> ms replaces the measurement (tests)."""
     t = KERNELS[kernel]
     sc = t.bucket(**shape)
-    cands = t.candidates(**sc)[:max_candidates]
+    cands = list(dict.fromkeys([*t.candidates(**sc)[:max_candidates], *extra]))
     if timer is None:
         first = []  # the output of the first candidate that ran, which every later one must reproduce
 

@@ -12,11 +12,14 @@ table format (pallas_kernels/tuned/<device>.json is where a shipped table lives)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 KERNEL_GROUPS = ("attention", "paged", "mlp")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOLERANCE = 0.05          # --check: a shipped config may be this much slower than the best (issue 11)
 CPU_MAX_BYTES = 16 << 20  # --allow-cpu: interpret mode is thousands of times slower; tiny shapes only
 
 
@@ -72,6 +75,47 @@ def _fmt_config(c: dict) -> str:
     return " ".join(f"{short.get(k, k)}={v}" for k, v in c.items())
 
 
+def _print_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def check_table(path: Path, args) -> None:
+    """Re-tune every key of the table at `path` on this device, timing its shipped config beside the
+    candidates; exit 1 if any shipped config is slower than this run's best by more than TOLERANCE."""
+    from tqdm import tqdm
+
+    from pallas_kernels import autotune
+
+    if not path.is_file():
+        raise ValueError(f"--check: no table file {path}")
+    entries = autotune.read_entries(path)
+    data = json.loads(path.read_text()) if entries else {}
+    device = autotune.device_kind()
+    if not entries or data.get("device") != device:
+        raise ValueError(f"--check: {path} holds {len(entries)} entries for {data.get('device')!r}; this is {device!r}")
+    rows = [("key", "shipped config", "shipped ms", "best ms", "best config", "shipped/best", "")]
+    slow = 0
+    for ck, e in tqdm(entries.items(), desc="polar tune --check", unit="key", file=sys.stderr):
+        kernel, shape = autotune.parse_class_key(ck)
+        shipped = autotune.KERNELS[kernel].config_cls(**e["config"])
+        r = autotune.tune(kernel, shape, max_candidates=args.max_candidates, reps=args.reps, log=tqdm.write,
+                          extra=(shipped,))
+        shipped_ms = next((m for c, m in r["entry"]["timings"] if c == dataclasses.asdict(shipped)), None)
+        best_ms = r["entry"]["ms"]
+        ratio = None if shipped_ms is None else shipped_ms / best_ms
+        bad = ratio is None or ratio > 1 + TOLERANCE
+        slow += bad
+        rows.append((ck, _fmt_config(e["config"]), "failed" if shipped_ms is None else f"{shipped_ms:.4f}",
+                     f"{best_ms:.4f}", _fmt_config(r["entry"]["config"]), "-" if ratio is None else f"{ratio:.3f}",
+                     "SLOWER" if bad else "ok"))
+    _print_table(rows)
+    print(f"{len(entries) - slow} of {len(entries)} shipped configs within {TOLERANCE:.0%} of this run's best on {device}")
+    if slow:
+        sys.exit(1)
+
+
 def cmd_tune(args) -> None:
     import jax
     from tqdm import tqdm
@@ -81,6 +125,15 @@ def cmd_tune(args) -> None:
     from pallas_kernels.paged_attention import triton as _paged  # noqa: F401
     from pallas_kernels.selective_gemm import triton as _gemm  # noqa: F401
     from polar_jax.config import preset
+
+    backend = jax.default_backend()
+    if backend != "gpu" and not args.allow_cpu:
+        raise ValueError(f"polar tune times GPU kernels, but JAX's backend here is {backend!r}; run it on a GPU "
+                         f"(or pass --allow-cpu: interpret mode, tiny shapes, for tests)")
+    if args.max_candidates is not None and args.max_candidates < 1:
+        raise ValueError(f"--max-candidates must be >= 1, got {args.max_candidates}")
+    if args.check:
+        return check_table(Path(args.check), args)
 
     groups = [g.strip() for g in args.kernels.split(",") if g.strip()]
     bad = [g for g in groups if g not in KERNEL_GROUPS]
@@ -92,13 +145,6 @@ def cmd_tune(args) -> None:
         raise ValueError(f"--ctx and --reps must be >= 1, got {ctx} and {args.reps}")
     densities = _floats(args.mlp_density, "--mlp-density")
     models = [preset(m.strip()) for m in args.model.split(",") if m.strip()]
-    if args.max_candidates is not None and args.max_candidates < 1:
-        raise ValueError(f"--max-candidates must be >= 1, got {args.max_candidates}")
-
-    backend = jax.default_backend()
-    if backend != "gpu" and not args.allow_cpu:
-        raise ValueError(f"polar tune times GPU kernels, but JAX's backend here is {backend!r}; run it on a GPU "
-                         f"(or pass --allow-cpu: interpret mode, tiny shapes, for tests)")
 
     keys = {}
     for cfg in models:
@@ -125,9 +171,7 @@ def cmd_tune(args) -> None:
         h = e["heuristic_ms"]
         rows.append((ck, "failed" if h is None else f"{h:.4f}", f"{e['ms']:.4f}", _fmt_config(e["config"]),
                      "-" if h is None else f"{h / e['ms']:.2f}x"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    _print_table(rows)
 
     path = Path(args.out) if args.out else autotune.user_file(device)
     autotune.save(path, device, results)
@@ -152,6 +196,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation / cache dtype (default bf16)")
     p.add_argument("--out", help="write the entries to this file (shipped-table format, merged into it if it "
                    "exists) instead of the user cache")
+    p.add_argument("--check", metavar="TABLE", help="instead: re-tune every key of TABLE (a shipped table of this "
+                   f"device), timing its configs beside the candidates; exit 1 if any is more than "
+                   f"{TOLERANCE:.0%} slower than the best")
     p.add_argument("--max-candidates", type=int, help="time at most this many candidates per key (the "
                    "heuristic's first)")
     p.add_argument("--reps", type=int, default=7, help="timing samples per candidate; the median is kept (default 7)")

@@ -302,3 +302,32 @@ def test_polar_tune_allow_cpu_end_to_end(dirs, tmp_path, monkeypatch, capsys):
     autotune.clear()
     assert sk.up_config(2, 96, cfg.mlp_dim, True, jnp.bfloat16) == tuned
     assert sk.up_config(2, 96, cfg.mlp_dim, True, jnp.float16) == sk.up_heuristic(2, 96, cfg.mlp_dim, True)
+
+
+def test_polar_tune_check_flags_a_slow_shipped_config(dirs, tmp_path, monkeypatch, capsys):
+    """--check re-tunes each key of a table with its config timed beside the candidates: exit 1 and SLOWER
+    when the shipped config is > 5% slower than the best, 0 when within 5%."""
+    sc = dk.attention_bucket(B=2, N=4, K=2, S=64, H=64, C=2, dtype=jnp.float32)
+    key = autotune.class_key("attention", sc)
+    shipped = dk.AttentionConfig(block_s=32, splits=2, num_warps=4, num_stages=2)
+    heuristic = dk.attention_heuristic(**sc)
+    table = tmp_path / "table.json"
+    autotune.write_table(table, autotune.device_kind(), {key: _entry(shipped)})
+    seen = []
+
+    def measure(t, cfg, s, **kw):
+        seen.append((s, cfg))
+        return {heuristic: 1.0, shipped: slow}[cfg], None
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    args = ["tune", "--allow-cpu", "--check", str(table), "--reps", "1"]
+    slow = 1.06
+    with pytest.raises(SystemExit) as e:
+        polar(args)
+    assert e.value.code == 1
+    assert seen == [(sc, heuristic), (sc, shipped)]
+    out = capsys.readouterr().out
+    assert "SLOWER" in out and "1.060" in out and "0 of 1 shipped configs within 5%" in out
+    slow = 1.04
+    assert polar(args) == 0
+    assert "1 of 1 shipped configs within 5%" in capsys.readouterr().out
