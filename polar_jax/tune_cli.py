@@ -188,7 +188,8 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default="llama-2-7b,llama-3-8b", help="model presets, comma-separated "
                    "(default llama-2-7b,llama-3-8b)")
     p.add_argument("--batch", default="16,48,64", help="batch sizes, comma-separated (default 16,48,64)")
-    p.add_argument("--ctx", type=int, default=2048, help="cache positions per sequence (default 2048)")
+    p.add_argument("--ctx", type=int, default=2048, help="cache positions per sequence: the context the "
+                   "contiguous cache holds, the engine's max_model_len for the paged one (default 2048)")
     p.add_argument("--kernels", default=",".join(KERNEL_GROUPS),
                    help=f"kernel groups, comma-separated subset of {','.join(KERNEL_GROUPS)} (default all)")
     p.add_argument("--mlp-density", default="1", help="MLP neuron densities to tune the MLP GEMMs at, "

@@ -331,3 +331,16 @@ def test_polar_tune_check_flags_a_slow_shipped_config(dirs, tmp_path, monkeypatc
     slow = 1.04
     assert polar(args) == 0
     assert "1 of 1 shipped configs within 5%" in capsys.readouterr().out
+
+
+def test_autotune_env_failure_warns_and_keeps_the_heuristic(dirs, monkeypatch):
+    user, _ = dirs
+    monkeypatch.setenv("POLAR_AUTOTUNE", "1")
+
+    def measure(*a, **kw):
+        raise ValueError("rejected by the backend")
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    with pytest.warns(UserWarning, match=r"POLAR_AUTOTUNE: tuning attention\|B=48.* failed"):
+        assert dk.attention_config(**SHAPE) == dk.attention_heuristic(**SHAPE)
+    assert not _device_file(user).exists()
