@@ -206,8 +206,9 @@ def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: 
 
     Input sets are drawn until they hold ROTATE_BYTES (at least 2, at most 16; 2 in interpret mode), so
     no call finds its operands in L2; one jitted function calls the kernel once per set (as the
-    benchmarks' chains do), so the host's dispatch is paid once per len(sets) kernels. With `expect` (the first candidate's output), an output that differs
-    from it raises ValueError: a config that computes something else is never kept, however fast."""
+    benchmarks' chains do), so the host's dispatch is paid once per len(sets) kernels. With `expect`
+    (the first candidate's output), an output that differs from it raises ValueError: a config that
+    computes something else is never kept, however fast."""
     interpret = _interpret()
     key = jax.random.key(seed)
     sets = [t.make_inputs(shape_class, jax.random.fold_in(key, 0))]
@@ -258,7 +259,8 @@ def tune(kernel: str, shape: dict, *, max_candidates: int | None = None, reps: i
         try:
             ms = float(timer(t, cfg, sc))
         except Exception as e:  # noqa: BLE001  (a config the backend rejects: say so in one line, go on)
-            log(f"{class_key(kernel, sc)}: skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
+            log(f"{class_key(kernel, sc)}: skipped {cfg}: {type(e).__name__}: {first_line}")
             ms = None
         timings.append((cfg, ms))
     done = [(c, ms) for c, ms in timings if ms is not None]

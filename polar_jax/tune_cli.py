@@ -111,7 +111,8 @@ def check_table(path: Path, args) -> None:
                      f"{best_ms:.4f}", _fmt_config(r["entry"]["config"]), "-" if ratio is None else f"{ratio:.3f}",
                      "SLOWER" if bad else "ok"))
     _print_table(rows)
-    print(f"{len(entries) - slow} of {len(entries)} shipped configs within {TOLERANCE:.0%} of this run's best on {device}")
+    print(f"{len(entries) - slow} of {len(entries)} shipped configs within {TOLERANCE:.0%} of this run's best "
+          f"on {device}")
     if slow:
         sys.exit(1)
 
