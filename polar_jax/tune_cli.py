@@ -157,6 +157,7 @@ def cmd_tune(args) -> None:
             keys.setdefault(autotune.class_key(kernel, sc), (kernel, shape))
 
     device = autotune.device_kind()
+    path = Path(args.out) if args.out else autotune.user_file(device)
     results = {}
     bar = tqdm(keys.items(), desc="polar tune", unit="key", file=sys.stderr)
     for ck, (kernel, shape) in bar:
@@ -166,6 +167,8 @@ def cmd_tune(args) -> None:
                                         log=tqdm.write)["entry"]
         except RuntimeError as e:  # every candidate rejected: the key keeps its heuristic
             tqdm.write(f"{ck}: {e}; not written")
+            continue
+        autotune.save(path, device, {ck: results[ck]})   # key by key: an interrupted run keeps what it timed
 
     rows = [("key", "heuristic ms", "best ms", "best config", "speedup")]
     for ck, e in results.items():
@@ -174,8 +177,6 @@ def cmd_tune(args) -> None:
                      "-" if h is None else f"{h / e['ms']:.2f}x"))
     _print_table(rows)
 
-    path = Path(args.out) if args.out else autotune.user_file(device)
-    autotune.save(path, device, results)
     print(f"wrote {len(results)} entries for {device!r} to {path}")
 
 
