@@ -158,6 +158,9 @@ def cmd_tune(args) -> None:
 
     device = autotune.device_kind()
     path = Path(args.out) if args.out else autotune.user_file(device)
+    if args.resume:
+        done = autotune.read_entries(path)
+        keys = {ck: v for ck, v in keys.items() if ck not in done}
     results = {}
     bar = tqdm(keys.items(), desc="polar tune", unit="key", file=sys.stderr)
     for ck, (kernel, shape) in bar:
@@ -202,6 +205,8 @@ def add_commands(sub) -> None:
     p.add_argument("--check", metavar="TABLE", help="instead: re-tune every key of TABLE (a shipped table of this "
                    f"device), timing its configs beside the candidates; exit 1 if any is more than "
                    f"{TOLERANCE:.0%} slower than the best")
+    p.add_argument("--resume", action="store_true", help="skip the keys the output file already holds (after a "
+                   "run was cut off)")
     p.add_argument("--max-candidates", type=int, help="time at most this many candidates per key (the "
                    "heuristic's first)")
     p.add_argument("--reps", type=int, default=7, help="timing samples per candidate; the median is kept (default 7)")

@@ -293,6 +293,11 @@ def test_polar_tune_allow_cpu_end_to_end(dirs, tmp_path, monkeypatch, capsys):
     for ck in want:
         assert ck in printed
     assert not _device_file(dirs[0]).exists()             # --out: the user cache is left alone
+    assert polar(["tune", "--allow-cpu", "--model", "tiny-llama-gqa", "--batch", "2,3", "--ctx", "64",
+                  "--kernels", "attention", "--max-candidates", "1", "--reps", "1", "--out", str(out), "--resume"]) == 0
+    assert "wrote 1 entries" in capsys.readouterr().out   # B=2 was done; only B=3 is new
+    data = json.loads(out.read_text())
+    assert len(data["entries"]) == len(want) + 1
 
     # Make the up projection's entry differ from the heuristic, ship the file, and look it up.
     up_key = autotune.class_key("selective_up", sk.up_bucket(2, 96, cfg.mlp_dim, True, jnp.bfloat16))
