@@ -192,31 +192,6 @@ TUNE_CASES = [  # N, K, B, S, count (None: dense path)
 ]
 
 
-def _candidates(N, K, B, S, C):
-    """The heuristic's config first. Much work (B*C programs fill the SMs several times): one split and
-    block variants. Little work: (block, stages) variants crossed with split counts, deep pipelines
-    (one CTA per SM) at few splits, shallow ones (several CTAs per SM) at more."""
-    A = tk.AttentionConfig
-    out = [tk.attention_config(B, N, K, S, H, C, DTYPE)]
-    if B * C >= 2 * tk.NUM_SMS:
-        for bs, w, st, P in [(128, 4, 3, 1), (64, 4, 5, 1), (64, 4, 3, 1), (128, 8, 3, 1), (32, 4, 8, 1),
-                             (64, 4, 6, 1), (128, 4, 3, 2)]:
-            out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
-    else:
-        for P in (1, 2, 3, 4, 6, 8, 12, 16):
-            if S // P < 256:
-                continue
-            if P <= 2:
-                grid = [(128, 4, 3), (64, 4, 5), (64, 4, 6), (32, 4, 8), (128, 8, 3), (64, 4, 3)]
-            elif P <= 4:
-                grid = [(64, 4, 3), (64, 4, 2), (32, 4, 4), (128, 4, 3), (64, 4, 5)]
-            else:
-                grid = [(64, 4, 2), (32, 4, 3), (64, 4, 3)]
-            for bs, w, st in grid:
-                out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
-    return list(dict.fromkeys(out))
-
-
 def tune(read_bw: float, budget_s: float = 200.0, on_case=None) -> list[dict]:
     """Time each case's candidates (wall clock); budget_s shared equally by the cases. For the best split
     config, also time the split kernel alone (no combine launch) to show what the combine costs.
@@ -255,7 +230,7 @@ def tune(read_bw: float, budget_s: float = 200.0, on_case=None) -> list[dict]:
             results.append(r)
             return ms
 
-        for cfg in _candidates(N, K, B, S, C):
+        for cfg in tk.attention_candidates(B, N, K, S, H, C, DTYPE):
             if time.perf_counter() - t_start > case_budget:
                 print(f"# budget: stopped before {cfg}", flush=True)
                 break
@@ -266,7 +241,7 @@ def tune(read_bw: float, budget_s: float = 200.0, on_case=None) -> list[dict]:
         rows.sort(key=lambda rc: rc[0]["ms_wall"])
         if rows:
             print(f"## best N={N} K={K} B={B} S={S} C={C}: {rows[0][0]['cfg']} {rows[0][0]['ms_wall'] * 1e3:.1f} us "
-                  f"{rows[0][0]['GBps_wall']:.0f} GB/s; heuristic {tk.attention_config(B, N, K, S, H, C, DTYPE)}",
+                  f"{rows[0][0]['GBps_wall']:.0f} GB/s; heuristic {tk.attention_heuristic(B, N, K, S, H, C, DTYPE)}",
                   flush=True)
         if on_case:
             on_case(results)

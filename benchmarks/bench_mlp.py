@@ -335,7 +335,7 @@ def tune(cases=TUNE) -> None:
             inputs[ik] = _tune_inputs(kind, variant, D, B, count, jax.random.fold_in(key, i))
         p = inputs[ik]
         if cfg is None and kind in ("up", "down"):
-            cfg = (tk.up_config if kind == "up" else tk.down_config)(B, D, count)
+            cfg = (tk.up_heuristic if kind == "up" else tk.down_heuristic)(B, D, count)
             cfg_s = f"heuristic {cfg}"
         else:
             cfg_s = str(cfg)

@@ -238,17 +238,6 @@ def run_prefill(mm_rate: float, batches) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # tuning (--tune): candidate kernel configurations at one decode and one prefill shape
 
-def _decode_candidates(B, N, K, S, C, Z, dtype):
-    base = pk.paged_attention_config(B, N, K, S, H, C, Z, dtype)
-    out = [base]
-    for bs in (64, 128, 256):
-        for stages in (2, 3, 4):
-            c = pk.PagedAttentionConfig(block_s=bs, splits=base.splits, num_warps=4, num_stages=stages)
-            if c not in out:
-                out.append(c)
-    return out
-
-
 def _prefill_candidates(B, T, N, K, Z):
     base = fk.prefill_config(B, T, N, K, H, Z, jnp.bfloat16)
     GP = 1 << max(0, (N // K - 1).bit_length())
@@ -280,7 +269,7 @@ def tune(read_bw: float, mm_rate: float, budget_s: float = 150.0) -> list[dict]:
         hidxs = _selections(B, K, C, jax.random.fold_in(ck, 99), CHAIN) if C < K else [None] * CHAIN
         args = [(qs[i],) + sets[i % N_SETS] + (hidxs[i],) for i in range(CHAIN)]
         lengths = jnp.full((B,), S, jnp.int32)
-        for cfg in _decode_candidates(B, N, K, S, C, Z, dtype):
+        for cfg in pk.paged_attention_candidates(B, N, K, S, H, C, Z, dtype):
             if time.perf_counter() - t_start > budget_s / 2:
                 break
             call = (lambda q, k, v, t, h, cfg=cfg: pk.paged_decode_attention(

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.autotune import time_fn  # noqa: F401  (one timer for the benchmarks and the tuner)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 L2_BYTES = 50e6  # H100 / H200 L2 (50 MB); inputs rotated through must exceed it several times
@@ -45,21 +46,6 @@ def require_gpu(what: str, allow_cpu: bool) -> None:
     if not allow_cpu:
         sys.exit(f"error: {msg} Run it on a GPU, or pass --allow-cpu to run it here anyway.")
     print(f"warning: {msg} Running anyway (--allow-cpu); results are written only to --out.", flush=True)
-
-
-def time_fn(fn, arg_sets, *, inner: int = 20, reps: int = 15, warmup: int = 3) -> float:
-    """Median per-call milliseconds (wall clock) of fn(*args), rotating over arg_sets (a list of arg tuples)."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for i in range(inner):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner * 1e3)
-    return statistics.median(samples)
 
 
 def default_stream_bytes() -> int:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from polar_jax.server.cli import add_commands as add_server_commands
+from polar_jax.tune_cli import add_commands as add_tune_commands
 from training.cli import add_commands as add_training_commands
 
 DEMO_PROMPTS = [
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(sub)
     add_server_commands(sub)
+    add_tune_commands(sub)
     return parser
 
 

@@ -216,7 +216,7 @@ def test_reference_against_numpy():
 def test_config_heuristic():
     for B, N, K, S, H, C in [(64, 32, 32, 2048, 128, 32), (16, 32, 32, 2048, 128, 10), (64, 32, 8, 2048, 128, 2),
                              (1, 32, 8, 8192, 80, 1), (128, 64, 64, 8192, 96, 64), (4, 9, 3, 64, 64, 3)]:
-        cfg = tk.attention_config(B, N, K, S, H, C, F16)
+        cfg = tk.attention_heuristic(B, N, K, S, H, C, F16)
         assert cfg.splits >= 1 and cfg.block_s >= 16 and cfg.num_warps in (1, 2, 4, 8)
         assert cfg.splits == 1 or S // cfg.splits >= cfg.block_s, cfg
 

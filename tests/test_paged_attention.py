@@ -193,7 +193,7 @@ def test_page_ids_clamped(interpret):
 def test_config_heuristic():
     for B, N, K, S, H, C, Z in [(64, 32, 32, 2048, 128, 32, 16), (16, 32, 32, 2048, 128, 10, 64),
                                 (64, 32, 8, 2048, 128, 2, 32), (1, 32, 8, 8192, 80, 1, 128), (4, 9, 3, 64, 64, 3, 8)]:
-        cfg = tk.paged_attention_config(B, N, K, S, H, C, Z, F16)
+        cfg = tk.paged_attention_heuristic(B, N, K, S, H, C, Z, F16)
         assert cfg.splits >= 1 and cfg.block_s >= 16 and cfg.num_warps in (1, 2, 4, 8)
         assert cfg.splits == 1 or S // cfg.splits >= cfg.block_s, cfg
 

@@ -162,7 +162,7 @@ BATCH_CASES = [  # B, D, F, C, dtype, gated, expected (up block_b, split_k), (do
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("B,D,F,C,dtype,gated,up_rule,down_rule", BATCH_CASES)
 def test_batch_rules(interpret, B, D, F, C, dtype, gated, up_rule, down_rule):
-    u, d = tk.up_config(B, D, C, gated), tk.down_config(B, D, C)  # what the kernels pick for a traced count
+    u, d = tk.up_heuristic(B, D, C, gated), tk.down_heuristic(B, D, C)  # what they pick for a traced count
     assert (u.block_b, u.split_k) == up_rule and u.block_n == 64, u
     assert (d.block_b, d.split) == down_rule, d
     p = _make(B, D, F, C, dtype, gated=gated, bias=not gated)
@@ -353,11 +353,11 @@ def test_heuristic_configs():
         for D in (64, 200, 576, 4096, 8192):
             for count in (1, 100, 1664, 3328, 32768):
                 for gated in (False, True):
-                    u = tk.up_config(B, D, count, gated)
+                    u = tk.up_heuristic(B, D, count, gated)
                     assert u.block_b >= 16 and u.block_n >= 16 and u.block_k >= 16, u
                     assert all(v & (v - 1) == 0 for v in (u.block_b, u.block_n, u.block_k, u.split_k)), u
                     assert u.split_k == 1 or pl_cdiv(D, u.block_k) >= 2 * u.split_k, (B, D, count, u)
-                d = tk.down_config(B, D, count)
+                d = tk.down_heuristic(B, D, count)
                 assert d.block_b >= 16 and d.block_n >= 16 and d.block_d >= 16 and d.split >= 1, d
                 assert d.split == 1 or pl_cdiv(count, d.block_n * d.split) >= 3, (B, D, count, d)
 

@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
 
 NUM_SMS = 132  # H100 / H200; sizes the split count only: a wrong value costs speed, not correctness.
@@ -69,7 +70,15 @@ def _pow2_at_most(n: int) -> int:
 
 
 def attention_config(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.float16) -> AttentionConfig:
-    """Block sizes for batch B, N query / K KV heads, cache length S, head dim H, C selected slots.
+    """Block sizes for batch B, N query / K KV heads, cache length S, head dim H, C selected slots: the
+    tuned entry of this device and shape class if there is one (pallas_kernels.autotune), else
+    `attention_heuristic`."""
+    shape = dict(B=B, N=N, K=K, S=S, H=H, C=C, dtype=dtype)
+    return autotune.config_for("attention", shape, lambda: attention_heuristic(**shape))
+
+
+def attention_heuristic(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.float16) -> AttentionConfig:
+    """The hand-fitted block sizes (the fallback when no tuned entry exists).
 
     From `python -m benchmarks.bench_attention --tune` on an H200 (fp16, H = 128; results/
     tune_attention.json), where configurations within ~5% of each other are not distinguishable:
@@ -341,3 +350,56 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
         compiler_params=plgpu.CompilerParams(num_warps=1 if G * H <= 256 else 4, num_stages=2),
         name="decode_attention_combine",
     )(lengths, hidx, o, m, l)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tuning (pallas_kernels.autotune; also benchmarks/bench_attention.py --tune)
+
+def attention_candidates(B: int, N: int, K: int, S: int, H: int, C: int, dtype=jnp.float16) -> list[AttentionConfig]:
+    """The heuristic's config first. Much work (B*C programs fill the SMs several times): one split and
+    block variants. Little work: (block, stages) variants crossed with split counts, deep pipelines
+    (one CTA per SM) at few splits, shallow ones (several CTAs per SM) at more."""
+    A = AttentionConfig
+    out = [attention_heuristic(B, N, K, S, H, C, dtype)]
+    if B * C >= 2 * NUM_SMS:
+        for bs, w, st, P in [(128, 4, 3, 1), (64, 4, 5, 1), (64, 4, 3, 1), (128, 8, 3, 1), (32, 4, 8, 1),
+                             (64, 4, 6, 1), (128, 4, 3, 2)]:
+            out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
+    else:
+        for P in (1, 2, 3, 4, 6, 8, 12, 16):
+            if S // P < 256:
+                continue
+            if P <= 2:
+                grid = [(128, 4, 3), (64, 4, 5), (64, 4, 6), (32, 4, 8), (128, 8, 3), (64, 4, 3)]
+            elif P <= 4:
+                grid = [(64, 4, 3), (64, 4, 2), (32, 4, 4), (128, 4, 3), (64, 4, 5)]
+            else:
+                grid = [(64, 4, 2), (32, 4, 3), (64, 4, 3)]
+            for bs, w, st in grid:
+                out.append(A(block_s=bs, splits=P, num_warps=w, num_stages=st))
+    return list(dict.fromkeys(out))
+
+
+def attention_bucket(B, N, K, S, H, C, dtype) -> dict:
+    """Shape class: batch and cache length rounded up (autotune.coarse), heads, head dim, slots, dtype exact."""
+    return dict(B=autotune.coarse(B), N=N, K=K, S=autotune.coarse(S), H=H, C=C, dtype=jnp.dtype(dtype).name)
+
+
+def random_selection(key, B: int, K: int, C: int):
+    """[B, C] int32: C distinct KV heads of [0, K) per sequence, random order."""
+    return jax.vmap(lambda k: jax.random.permutation(k, K)[:C])(jax.random.split(key, B)).astype(jnp.int32)
+
+
+def _tune_inputs(sc: dict, key):
+    """q [B, N, H], k / v [1, B, K, S, H] (every position valid), head_idx [B, C] (None when C == K)."""
+    B, N, K, S, H, C = (sc[d] for d in "BNKSHC")
+    kq, kk, kv, kh = jax.random.split(key, 4)
+    rnd = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(sc["dtype"])
+    hidx = None if C == K else random_selection(kh, B, K, C)
+    return rnd(kq, (B, N, H)), rnd(kk, (1, B, K, S, H)), rnd(kv, (1, B, K, S, H)), jnp.full((B,), S, jnp.int32), hidx
+
+
+autotune.register(autotune.Tunable(
+    name="attention", config_cls=AttentionConfig, bucket=attention_bucket, candidates=attention_candidates,
+    make_inputs=_tune_inputs,
+    run=lambda cfg, a, interpret: decode_attention(*a, layer=0, config=cfg, interpret=interpret)))

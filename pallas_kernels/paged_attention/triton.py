@@ -30,8 +30,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
-from pallas_kernels.decode_attention.triton import _pow2_at_least, _split_size, attention_config
+from pallas_kernels.decode_attention.triton import (_pow2_at_least, _split_size, attention_bucket,
+                                                   attention_candidates, attention_heuristic,
+                                                   random_selection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +47,22 @@ class PagedAttentionConfig:
 
 def paged_attention_config(B: int, N: int, K: int, S: int, H: int, C: int, Z: int,
                            dtype=jnp.float16) -> PagedAttentionConfig:
-    """Block sizes for batch B, N / K heads, S = M*Z addressable positions, head dim H, C slots, page Z.
+    """Block sizes for batch B, N / K heads, S = M*Z addressable positions, head dim H, C slots, page Z:
+    the tuned entry of this device and shape class if there is one (pallas_kernels.autotune), else
+    `paged_attention_heuristic`."""
+    shape = dict(B=B, N=N, K=K, S=S, H=H, C=C, Z=Z, dtype=dtype)
+    return autotune.config_for("paged_attention", shape, lambda: paged_attention_heuristic(**shape))
+
+
+def paged_attention_heuristic(B: int, N: int, K: int, S: int, H: int, C: int, Z: int,
+                              dtype=jnp.float16) -> PagedAttentionConfig:
+    """The hand-fitted block sizes (the fallback when no tuned entry exists).
 
     Starts from decode_attention's heuristic (tuned on the contiguous cache, H200): the paged loads
     differ only in their addresses. Blocks of at least one page keep every page's slab one run of the
     load (block_s < Z would issue partial-page runs, never more bytes).
     """
-    base = attention_config(B, N, K, S, H, C, dtype)
+    base = attention_heuristic(B, N, K, S, H, C, dtype)
     return PagedAttentionConfig(block_s=max(16, base.block_s), splits=base.splits, num_warps=base.num_warps,
                                 num_stages=base.num_stages)
 
@@ -273,3 +285,46 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, head_idx=No
         compiler_params=plgpu.CompilerParams(num_warps=1 if G * H <= 256 else 4, num_stages=2),
         name="paged_decode_attention_combine",
     )(lengths, hidx, o, m, l)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tuning (pallas_kernels.autotune; also benchmarks/bench_paged.py --tune)
+
+def paged_attention_candidates(B: int, N: int, K: int, S: int, H: int, C: int, Z: int,
+                               dtype=jnp.float16) -> list[PagedAttentionConfig]:
+    """The heuristic's config first; then (block, stages) variants at its split count; then the contiguous
+    kernel's candidates (other split counts) as paged configs."""
+    base = paged_attention_heuristic(B, N, K, S, H, C, Z, dtype)
+    out = [base]
+    for bs in (64, 128, 256):
+        for stages in (2, 3, 4):
+            out.append(PagedAttentionConfig(block_s=bs, splits=base.splits, num_warps=4, num_stages=stages))
+    for c in attention_candidates(B, N, K, S, H, C, dtype):
+        if c.use_dot:
+            out.append(PagedAttentionConfig(block_s=max(16, c.block_s), splits=c.splits, num_warps=c.num_warps,
+                                            num_stages=c.num_stages))
+    return list(dict.fromkeys(out))
+
+
+def paged_attention_bucket(B, N, K, S, H, C, Z, dtype) -> dict:
+    """Shape class: the contiguous kernel's (batch and S = M*Z rounded up, the rest exact) plus the page size."""
+    return {**attention_bucket(B, N, K, S, H, C, dtype), "Z": Z}
+
+
+def _tune_inputs(sc: dict, key):
+    """q [B, N, H], k / v pools [1, B*M + 1, K, Z, H], lengths [B] = S, a shuffled page table [B, M] (page 0
+    unused), head_idx [B, C] (None when C == K)."""
+    B, N, K, S, H, C, Z = (sc[d] for d in "BNKSHCZ")
+    M = pl.cdiv(S, Z)
+    kq, kk, kv, kt, kh = jax.random.split(key, 5)
+    rnd = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(sc["dtype"])
+    pool = (1, B * M + 1, K, Z, H)
+    table = (1 + jax.random.permutation(kt, B * M)).reshape(B, M).astype(jnp.int32)
+    hidx = None if C == K else random_selection(kh, B, K, C)
+    return rnd(kq, (B, N, H)), rnd(kk, pool), rnd(kv, pool), jnp.full((B,), S, jnp.int32), table, hidx
+
+
+autotune.register(autotune.Tunable(
+    name="paged_attention", config_cls=PagedAttentionConfig, bucket=paged_attention_bucket,
+    candidates=paged_attention_candidates, make_inputs=_tune_inputs,
+    run=lambda cfg, a, interpret: paged_decode_attention(*a, layer=0, config=cfg, interpret=interpret)))

@@ -15,8 +15,9 @@ starts at or past `count` write their zero tile and exit (up), or loop over no b
         split > 1 the programs write f32 partial sums [split, B, D] that the caller adds (XLA fuses
         that sum with the bias and with whatever consumes y, e.g. the residual add).
 
-All accumulation is f32. Sizes are chosen by `up_config` / `down_config` (heuristics of B, D and the
-expected count); the numbers behind them come from `python -m benchmarks.bench_mlp --tune` on an H200.
+All accumulation is f32. Sizes are chosen by `up_config` / `down_config`: a tuned entry (pallas_kernels.
+autotune) or the heuristics of B, D and the expected count, whose numbers come from
+`python -m benchmarks.bench_mlp --tune` on an H200.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
 
 NUM_SMS = 132  # H100 / H200; only used to size the work split, a wrong value costs speed, not correctness.
@@ -70,8 +72,15 @@ def _block_dividing(D: int, cap: int, lo: int = 16) -> int:
     return min(cap, _pow2_at_least(D, lo))
 
 
-def up_config(B: int, D: int, count: int, gated: bool = False) -> UpConfig:
-    """Block sizes for the up projection; `count` is the expected number of selected neurons.
+def up_config(B: int, D: int, count: int, gated: bool = False, dtype=jnp.float16) -> UpConfig:
+    """Block sizes for the up projection (`count`: the expected number of selected neurons): the tuned
+    entry of this device and shape class if there is one (pallas_kernels.autotune), else `up_heuristic`."""
+    shape = dict(B=B, D=D, count=count, gated=gated, dtype=dtype)
+    return autotune.config_for("selective_up", shape, lambda: up_heuristic(B, D, count, gated))
+
+
+def up_heuristic(B: int, D: int, count: int, gated: bool = False) -> UpConfig:
+    """The hand-fitted block sizes of the up projection (the fallback when no tuned entry exists).
 
     From `python -m benchmarks.bench_mlp --tune` on an H200 (fp16, kernel time, D=8192, count=3328):
     B=16: block_n=16 at 2 warps, 6 stages, no split: 17.7 us (4 warps: 22.7; the 16x16 dot tile leaves
@@ -104,8 +113,15 @@ def up_config(B: int, D: int, count: int, gated: bool = False) -> UpConfig:
                     num_stages=stages)
 
 
-def down_config(B: int, D: int, count: int) -> DownConfig:
-    """Block sizes for the down projection; `count` is the expected number of selected neurons.
+def down_config(B: int, D: int, count: int, dtype=jnp.float16) -> DownConfig:
+    """Block sizes for the down projection (`count`: the expected number of selected neurons): the tuned
+    entry of this device and shape class if there is one (pallas_kernels.autotune), else `down_heuristic`."""
+    shape = dict(B=B, D=D, count=count, dtype=dtype)
+    return autotune.config_for("selective_down", shape, lambda: down_heuristic(B, D, count))
+
+
+def down_heuristic(B: int, D: int, count: int) -> DownConfig:
+    """The hand-fitted block sizes of the down projection (the fallback when no tuned entry exists).
 
     From `--tune` on an H200 (fp16, kernel time): D=8192, B=16, count=3328: block_n=128, block_d=128,
     split=4: 18.0 us (split 2: 27 us, no split: 47 us). D=4096, B=16, count=1664: block_n=64, block_d=64,
@@ -307,7 +323,7 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     B, D = x.shape
     C = idx.shape[0]
     if config is None:
-        config = up_config(B, D, _static_count(count, C), gated=w_gate is not None)
+        config = up_config(B, D, _static_count(count, C), gated=w_gate is not None, dtype=x.dtype)
     has_gate, has_bias = w_gate is not None, b_up is not None
     kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate,
                                has_bias=has_bias and config.split_k == 1, activation=activation)
@@ -346,7 +362,7 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
     B, C = h.shape
     D = w_down.shape[-1]
     if config is None:
-        config = down_config(B, D, _static_count(count, C))
+        config = down_config(B, D, _static_count(count, C), dtype=h.dtype)
     has_bias = b_down is not None
     S = config.split
     kernel = functools.partial(_down_kernel, cfg=config, B=B, D=D, C=C, has_bias=has_bias and S == 1)
@@ -386,3 +402,92 @@ def _static_count(count, C: int) -> int:
         return max(1, min(int(count), C))
     except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         return max(1, C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tuning (pallas_kernels.autotune): candidates around the configurations benchmarks/bench_mlp.py's TUNE
+# lists time at D = 4096 / 8192
+
+def up_candidates(B: int, D: int, count: int, gated: int = 0, dtype="float16") -> list[UpConfig]:
+    """The heuristic's config first, then (block_n, block_k, split_k, warps, stages) variants for its
+    batch block: small batches (<= 32 rows) favour thin neuron blocks and long K chunks, large ones
+    wider neuron blocks (x re-reads from L2) and a split of D at sparse counts."""
+    base = up_heuristic(B, D, count, bool(gated))
+    bb = base.block_b
+    if bb <= 32:
+        grid = [(16, 256, 1, 4, 4), (16, 256, 1, 4, 6), (16, 512, 1, 4, 4), (16, 256, 2, 4, 6), (32, 256, 2, 4, 4),
+                (16, 128, 2, 4, 8), (16, 256, 1, 2, 6), (16, 256, 4, 4, 4), (16, 128, 1, 4, 6)]
+    else:
+        grid = [(32, 128, 1, 4, 4), (64, 64, 2, 4, 4), (64, 64, 1, 4, 5), (64, 128, 2, 8, 3), (128, 64, 2, 8, 3),
+                (64, 64, 1, 4, 4), (64, 128, 1, 4, 3), (128, 64, 1, 8, 3), (64, 256, 1, 8, 2)]
+    out = [base] + [UpConfig(bb, bn, min(bk, _pow2_at_least(D, 16)), sk, w, st) for bn, bk, sk, w, st in grid]
+    if bb >= 64:
+        out.append(dataclasses.replace(base, block_b=bb // 2))
+    return list(dict.fromkeys(out))
+
+
+def down_candidates(B: int, D: int, count: int, dtype="float16") -> list[DownConfig]:
+    """The heuristic's config first, then (block_n, block_d, split, warps, stages) variants for its batch
+    block: splits of the active neurons trade program count against the f32 partial sums."""
+    base = down_heuristic(B, D, count)
+    bb = base.block_b
+    if bb <= 32:
+        grid = [(64, 128, 4, 4, 4), (64, 128, 2, 4, 4), (64, 64, 4, 4, 4), (64, 64, 2, 4, 5), (32, 128, 8, 4, 6),
+                (128, 128, 4, 4, 3), (64, 256, 4, 4, 3), (64, 128, 1, 4, 4), (64, 64, 8, 4, 4), (32, 64, 4, 4, 6)]
+    else:
+        grid = [(64, 128, 1, 4, 3), (64, 64, 1, 4, 3), (32, 128, 2, 4, 4), (64, 128, 4, 4, 3), (64, 256, 2, 8, 3),
+                (64, 128, 2, 4, 3), (64, 64, 2, 4, 4), (128, 128, 2, 8, 3), (32, 64, 8, 4, 4), (128, 64, 4, 4, 3)]
+    out = [base] + [DownConfig(bb, bn, min(bd, _pow2_at_least(D, 16)), sp, w, st) for bn, bd, sp, w, st in grid]
+    if bb >= 64:
+        out.append(dataclasses.replace(base, block_b=bb // 2))
+    return list(dict.fromkeys(out))
+
+
+def up_bucket(B, D, count, gated, dtype) -> dict:
+    """Shape class: batch and neuron count rounded up (autotune.coarse); D, gating and dtype exact."""
+    return dict(B=autotune.coarse(B), D=D, count=autotune.coarse(count), gated=int(bool(gated)),
+                dtype=jnp.dtype(dtype).name)
+
+
+def down_bucket(B, D, count, dtype) -> dict:
+    """Shape class: batch and neuron count rounded up (autotune.coarse); D and dtype exact."""
+    return dict(B=autotune.coarse(B), D=D, count=autotune.coarse(count), dtype=jnp.dtype(dtype).name)
+
+
+def _rows(key, count: int):
+    """idx [count]: every row of a [count, D] weight, shuffled (the gather of a sparse selection)."""
+    return jax.random.permutation(key, count).astype(jnp.int32)
+
+
+def _up_inputs(sc: dict, key):
+    """x [B, D], w_up (and w_gate) [1, count, D] scaled 1/sqrt(D), idx [count]."""
+    B, D, n = sc["B"], sc["D"], sc["count"]
+    kx, ku, kg, ki = jax.random.split(key, 4)
+    w = lambda k: (jax.random.normal(k, (1, n, D), jnp.float32) * D ** -0.5).astype(sc["dtype"])
+    x = jax.random.normal(kx, (B, D), jnp.float32).astype(sc["dtype"])
+    return x, w(ku), (w(kg) if sc["gated"] else None), _rows(ki, n)
+
+
+def _down_inputs(sc: dict, key):
+    """h [B, count], w_down [1, count, D] scaled 1/sqrt(count), idx [count]."""
+    B, D, n = sc["B"], sc["D"], sc["count"]
+    kh, kw, ki = jax.random.split(key, 3)
+    w = (jax.random.normal(kw, (1, n, D), jnp.float32) * n ** -0.5).astype(sc["dtype"])
+    return jax.random.normal(kh, (B, n), jnp.float32).astype(sc["dtype"]), w, _rows(ki, n)
+
+
+def _run_up(cfg, a, interpret):
+    x, w_up, w_gate, idx = a
+    return selective_up(x, w_up, idx, idx.shape[0], w_gate=w_gate, activation="none" if w_gate is not None else "relu",
+                        layer=0, interpret=interpret, config=cfg)
+
+
+def _run_down(cfg, a, interpret):
+    h, w, idx = a
+    return selective_down(h, w, idx, idx.shape[0], layer=0, interpret=interpret, config=cfg)
+
+
+autotune.register(autotune.Tunable(name="selective_up", config_cls=UpConfig, bucket=up_bucket,
+                                   candidates=up_candidates, make_inputs=_up_inputs, run=_run_up))
+autotune.register(autotune.Tunable(name="selective_down", config_cls=DownConfig, bucket=down_bucket,
+                                   candidates=down_candidates, make_inputs=_down_inputs, run=_run_down))
