@@ -50,6 +50,7 @@ import numpy as np
 from benchmarks.common import RESULTS, header_lines, markdown_table
 from benchmarks.serve_offline import workload
 from polar_jax import preset
+from polar_jax.engine.llm_engine import PREFILL_CHUNK
 from polar_jax.server import bench
 
 TAIL_S = 8.0  # a sweep point's estimated drain after its last arrival (a few requests' end-to-end latency)
@@ -327,7 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="dense,sparse", help="dense and/or sparse (random 50%% of heads)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048 + 512)
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help=f"prompt tokens per sequence per step (default: the engine's, {PREFILL_CHUNK})")
     ap.add_argument("--batches", default="1,2,4,8,16,24,32,48,64", help="decode batches of the reference step times")
     ap.add_argument("--budget-s", type=float, default=450.0, help="seconds the whole run may take; sweep points "
                     "that would overrun are skipped (default 450)")

@@ -32,7 +32,7 @@ from benchmarks.common import RESULTS, add_device_args, ceiling_meta, check_out_
 from benchmarks.generate import make_step, random_cache, time_steps, random_routers, router_bytes, weight_bytes
 from polar_jax import SamplingParams, SparsityConfig, init_params, preset
 from polar_jax.cache import PAGE_SIZE, pages_for
-from polar_jax.engine.llm_engine import LLMEngine
+from polar_jax.engine.llm_engine import PREFILL_CHUNK, LLMEngine
 
 DTYPE = jnp.bfloat16
 MODES = {"dense": None, "random-0.5": SparsityConfig(attn="random", attn_density=0.5),
@@ -109,9 +109,10 @@ def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
     return {"roofline_s": decode_s + prefill_s, "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
 
 
-def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[dict, list, list]:
+def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=None) -> tuple[dict, list, list]:
+    chunk = chunk or args.prefill_chunk
     eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    prefill_chunk=args.prefill_chunk, num_pages=num_pages, progress=True)
+                    prefill_chunk=chunk, num_pages=num_pages, progress=True)
     eng.runner.record = True
     bm = eng.scheduler.block_manager
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -128,8 +129,8 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
     log = eng.runner.log
     n_out = sum(len(r.token_ids) for r in results.values())
     decode_steps = [s for s in log if s.decode_rows]
-    rec = {"requests": len(results), "output_tokens": n_out, "wall_s": wall, "output_tok_s": n_out / wall,
-           "req_s": len(results) / wall, "steps": len(log),
+    rec = {"prefill_chunk": chunk, "requests": len(results), "output_tokens": n_out, "wall_s": wall,
+           "output_tok_s": n_out / wall, "req_s": len(results) / wall, "steps": len(log),
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
            "compile_s": eng.compile_s}
@@ -137,6 +138,17 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None) -> tuple[
     t_done = np.cumsum([s.seconds for s in log]).tolist()
     series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_done, log)]
     return rec | {"tokens": {k: v.token_ids for k, v in results.items()}}, series, log
+
+
+def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, **kw):
+    """run_workload (kw: num_pages, chunk) plus W's roofline and where the time went: (record, tokens per
+    request, series)."""
+    rec, ser, log = run_workload(cfg, params, sp, prompts, outs, args, **kw)
+    tokens = rec.pop("tokens")
+    roof = step_rooflines(cfg, params, sp, log, read_bw, mm_rate)
+    rec |= roofline_seconds(roof) | time_split(log, roof, [s[3] for s in ser])
+    rec["efficiency"] = rec["roofline_s"] / rec["wall_s"]
+    return rec, tokens, ser
 
 
 def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
@@ -197,7 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=512, help="requests in W (default 512)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch at most (default 64)")
     ap.add_argument("--max-model-len", type=int, default=2048 + 512)
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help=f"prompt tokens per sequence per step (default: the engine's, {PREFILL_CHUNK})")
+    ap.add_argument("--chunk-sweep", default=None,
+                    help="comma-separated prefill chunk sizes: dense W again at each (larger chunks prefill in "
+                         "fewer steps, each of which reads the weights again)")
     ap.add_argument("--pool-fraction", type=float, default=None,
                     help="also run dense W with a page pool of this fraction of its peak demand (e.g. 0.25)")
     ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
@@ -228,11 +244,7 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             sp = MODES[mode]
             print(f"== {name} {mode}: {args.requests} requests", flush=True)
-            rec, ser, log = run_workload(cfg, params, sp, prompts, outs, args)
-            tokens = rec.pop("tokens")
-            roof = step_rooflines(cfg, params, sp, log, ceiling["read_bw"], mm_rate)
-            rec |= roofline_seconds(roof) | time_split(log, roof, [s[3] for s in ser])
-            rec["efficiency"] = rec["roofline_s"] / rec["wall_s"]
+            rec, tokens, ser = measured_run(cfg, params, sp, prompts, outs, args, ceiling["read_bw"], mm_rate)
             if mode == "dense":
                 dense_tokens, peak, dense_rec = tokens, rec["peak_pages"], rec
             elif dense_rec is not None:
@@ -242,12 +254,19 @@ def main(argv=None) -> int:
             records.append({"model": name, "mode": mode, **rec})
             series[f"{name} {mode}"] = ser
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
+        for chunk in [int(c) for c in args.chunk_sweep.split(",")] if args.chunk_sweep else []:
+            print(f"== {name} dense, prefill chunk {chunk}", flush=True)
+            rec, _, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
+                                       chunk=chunk)
+            records.append({"model": name, "mode": f"dense, chunk {chunk}", **rec})
+            series[f"{name} dense chunk {chunk}"] = ser
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
         if args.pool_fraction and dense_tokens is not None:
             pages = max(2, int(args.pool_fraction * peak)) + 1
             print(f"== {name} dense, pool of {pages - 1} pages ({args.pool_fraction:.0%} of the peak {peak})",
                   flush=True)
-            rec, ser, _ = run_workload(cfg, params, None, prompts, outs, args, num_pages=pages)
-            tokens = rec.pop("tokens")
+            rec, tokens, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
+                                            num_pages=pages)
             rec["identical_to_unconstrained"] = tokens == dense_tokens
             records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}", **rec})
             series[f"{name} dense small pool"] = ser
@@ -257,8 +276,8 @@ def main(argv=None) -> int:
                 checks.append({"model": name, "mode": mode, **step_check(cfg, params, MODES[mode], B, ctx, args)})
                 print(checks[-1], flush=True)
         del params
-    cols = ["model", "mode", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s", "mean_decode_batch",
-            "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
+    cols = ["model", "mode", "prefill_chunk", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s",
+            "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
             "frac_of_bound", "identical_to_unconstrained", "host_ms_per_step", "decode_steps_eff",
             "prefill_steps_eff"]
     write_results("serve_offline", meta, records, cols, args.out)

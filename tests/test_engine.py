@@ -192,3 +192,11 @@ def test_decode_program_reads_nothing_back_mid_step(params, filtered):
     r = engine(params, compile=False).runner
     hlo = mr._DECODE.lower(CFG, None, filtered, params, r.k, r.v, r.last, *r._decode_args([], 4)).as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
+
+
+def test_default_chunk_is_capped_at_max_model_len(params):
+    """A prompt never exceeds max_model_len, so no program is compiled for a longer chunk."""
+    eng = LLMEngine(CFG, params, None, max_num_seqs=4, max_model_len=40, page_size=8, num_pages=40, compile=False,
+                    progress=False)
+    assert eng.config.prefill_chunk == 40 and max(t for _, t in eng.runner.buckets.prefill) == 40
+    assert eng.config.max_num_batched_tokens == 80

@@ -30,6 +30,10 @@ from polar_jax.engine.scheduler import Scheduler, SchedulerConfig
 from polar_jax.engine.sequence import Sequence
 from polar_jax.sparsity import SparsityConfig, check_routers
 
+# Prompt tokens of one sequence per step. A step that prefills runs a second program beside the decode
+# program, which reads every weight again, so fewer, larger chunks prefill W in fewer such steps
+# (benchmarks/results/serve_offline.md compares chunk sizes on W).
+PREFILL_CHUNK = 2048
 DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "polar-jax" / "jax"
 
 
@@ -87,15 +91,15 @@ class LLMEngine:
     max_num_seqs: sequences decoded together at most. max_model_len: prompt + output tokens of one request
     (default: the model's context length). num_pages: KV pool size in pages (default: as many as
     kv_memory_fraction of the device memory holds, capped at what max_num_seqs full-length sequences use).
-    prefill_chunk: prompt tokens of one sequence per step; max_num_batched_tokens: tokens per step, decode
-    and prefill together (default max(2 * prefill_chunk, max_num_seqs)). sparsity: how decode steps pick
-    heads and neurons (prefill is dense). compile: compile every bucket's program now (with a progress bar
-    when progress).
+    prefill_chunk: prompt tokens of one sequence per step (at most max_model_len; default PREFILL_CHUNK);
+    max_num_batched_tokens: tokens per step, decode and prefill together (default max(2 * prefill_chunk,
+    max_num_seqs)). sparsity: how decode steps pick heads and neurons (prefill is dense). compile: compile
+    every bucket's program now (with a progress bar when progress).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, *, sparsity: SparsityConfig | None = None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, num_pages: int | None = None,
-                 kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = 512,
+                 kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = PREFILL_CHUNK,
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
                  compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, per_request_density: bool = False,
                  seed: int = 0):
@@ -118,6 +122,7 @@ class LLMEngine:
         most = max_num_seqs * pages_for(max_model_len, page_size) + 1  # more pages than this are never used
         if num_pages is None:
             num_pages = min(most, kv_pages_that_fit(cfg, dtype, page_size, kv_memory_fraction))
+        prefill_chunk = min(prefill_chunk, max_model_len)  # no longer chunk can occur: no bucket for one
         budget = max_num_batched_tokens or max(2 * prefill_chunk, max_num_seqs)
         self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                       prefill_chunk=prefill_chunk, max_model_len=max_model_len,

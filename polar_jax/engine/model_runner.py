@@ -81,10 +81,10 @@ class Buckets:
         return r, t
 
 
-def _feed(last, slots, from_slot, tokens):
-    """tokens [B] with each from_slot row's token taken from the device's last sampled tokens [S] at its
-    slot (a token the host has not seen yet: the step that sampled it may still be running)."""
-    return jnp.where(from_slot, last[jnp.clip(slots, 0, last.shape[0] - 1)], tokens)
+def _feed(last, slots, tokens):
+    """tokens [B] with each PENDING row's token taken from the device's last sampled tokens [S] at its slot
+    (a token the host has not seen yet: the step that sampled it may still be running)."""
+    return jnp.where(tokens == PENDING, last[jnp.clip(slots, 0, last.shape[0] - 1)], tokens)
 
 
 def _keep(last, slots, tok):
@@ -93,11 +93,11 @@ def _keep(last, slots, tok):
 
 
 def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, last, tokens,
-                    from_slot, slots, table, lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed,
+                    slots, table, lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed,
                     step):
     cache = KVCache(k, v, table, lengths)
     key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
-    tokens = _feed(last, slots, from_slot, tokens)
+    tokens = _feed(last, slots, tokens)
     logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
                                sparsity=sparsity, key=key, row_density=row_density)
     tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps, filtered=filtered)
@@ -202,18 +202,16 @@ class ModelRunner:
         return slots
 
     def _decode_args(self, seqs, rows: int):
-        tokens = np.zeros(rows, np.int32)
-        from_slot = np.zeros(rows, bool)
+        tokens = np.zeros(rows, np.int32)  # PENDING: the device's last sampled token at the row's slot
         lengths = np.zeros(rows, np.int32)
         valid = np.zeros(rows, bool)
         density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
         for i, s in enumerate(seqs):
             tokens[i], lengths[i], valid[i] = s.last_token_id, s.num_computed, True
-            from_slot[i] = tokens[i] == PENDING
             if s.attn_density is not None:
                 density[i] = s.attn_density
         self.num_decode_steps += 1
-        return (tokens, from_slot, self._slots(seqs, rows), self._table(seqs, rows), lengths, valid,
+        return (tokens, self._slots(seqs, rows), self._table(seqs, rows), lengths, valid,
                 density if self.per_request_density else None, *self._sampling(seqs, rows), np.uint32(self.seed),
                 np.int32(self.num_decode_steps))
 
@@ -259,7 +257,7 @@ class ModelRunner:
         if batch.decode:
             rows = self.buckets.decode_size(len(batch.decode))
             args = self._decode_args(batch.decode, rows)
-            filtered = needs_filter(*args[7:10])  # temps, top_k, top_p
+            filtered = needs_filter(*args[6:9])  # temps, top_k, top_p
             self.k, self.v, self.last, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k,
                                                          self.v, self.last, *args)
             out.results.append((batch.decode, tok, lp))
