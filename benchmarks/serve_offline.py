@@ -8,11 +8,14 @@ own step log: each decode step's bytes (weights once, routers in use, the kept h
 over the streaming-read bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the
 same run.
 
-`--pool-fraction 0.25` sizes the page pool to a quarter of W's peak demand (preemption by recompute).
+`--chunk-sweep 512,1024` runs dense W again at those prefill chunk sizes. `--pool-fraction 0.25` sizes the
+page pool to a quarter of W's peak demand (preemption by recompute).
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
 (benchmarks/generate.py's make_step) at batch B and context CTX.
 
     python -m benchmarks.serve_offline --out benchmarks/results
+    python -m benchmarks.serve_offline --models llama-2-7b --modes dense --requests 64 --prompt-len 2048,2048 \
+        --output-len 1,1 --name serve_offline_prefill      # prefill only: 64 prompts of 2,048 tokens
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ def plot(series_by_run: dict, path: Path, meta: dict) -> None:
         a1.plot(t, [s[1] for s in series], label=name, lw=0.8)
         tok = np.array([s[1] for s in series], float)  # output tokens this step (one per decode row)
         dt = np.array([s[3] for s in series])
-        k = 20
+        k = max(1, min(20, len(series)))  # "same" convolution keeps the length only when k <= len
         a2.plot(t, np.convolve(tok, np.ones(k), "same") / np.maximum(np.convolve(dt, np.ones(k), "same"), 1e-9),
                 label=name, lw=0.8)
     a1.set_ylabel("decode batch")
@@ -220,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", default="128,2048", help="LO,HI: prompt lengths uniform in [LO, HI]")
     ap.add_argument("--output-len", default="64,512", help="LO,HI: output lengths uniform in [LO, HI]")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="serve_offline",
+                    help="result files' stem: OUT/NAME.{json,md,png}, OUT/NAME_steps.* (default serve_offline)")
     add_device_args(ap)
     args = ap.parse_args(argv)
     require_gpu("benchmarks.serve_offline", args.allow_cpu)
@@ -280,10 +285,10 @@ def main(argv=None) -> int:
             "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
             "frac_of_bound", "identical_to_unconstrained", "host_ms_per_step", "decode_steps_eff",
             "prefill_steps_eff"]
-    write_results("serve_offline", meta, records, cols, args.out)
+    write_results(args.name, meta, records, cols, args.out)
     if checks:
-        write_results("serve_offline_steps", meta, checks, list(checks[0]), args.out)
-    plot(series, Path(args.out) / "serve_offline.png", meta)
+        write_results(f"{args.name}_steps", meta, checks, list(checks[0]), args.out)
+    plot(series, Path(args.out) / f"{args.name}.png", meta)
     return 0
 
 
