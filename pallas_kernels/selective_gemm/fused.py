@@ -128,8 +128,9 @@ def _fused_kernel(count_ref, layer_ref, idx_ref, x_ref, wu_ref, wd_ref, *refs, c
         if has_bias:
             h = h + plgpu.load(b_ref.at[layer, rows], mask=live, other=0).astype(jnp.float32)[None, :]
         h = _activate(accs[1], "silu") * h if has_gate else _activate(h, activation)
-        # Neurons past count hold w rows of 0 but act(bias) or gelu(0) need not be 0: zero them here.
-        h = jnp.where(live[None, :], h, 0.0).astype(x_ref.dtype)  # the down dot's operand dtype, as h is in HBM
+        # Neurons past count read no weights (masked loads): their rows of w_down load as 0, so whatever
+        # act(0) is, they add nothing.
+        h = h.astype(x_ref.dtype)  # the down dot's operand dtype, as h is in HBM on the two-kernel path
 
         # 2. down: [BB, BN] @ [BN, BD] per column chunk, added into the accumulator
         rows_d = jnp.broadcast_to(rows[:, None], (BN, BD))
