@@ -186,3 +186,22 @@ def test_random_cache_fills_kv_and_sets_lengths():
     for x in floats:
         assert np.all(np.isfinite(x)) and 0.5 < x.std() < 2
     assert not np.array_equal(floats[0], floats[1])
+
+
+def test_mlp_fused_flag_runs_on_cpu(monkeypatch, tmp_path):
+    """`bench_mlp --fused --allow-cpu` at tiny shapes: fused, two-kernel and XLA rows, both chains agreeing."""
+    from benchmarks import bench_mlp
+    monkeypatch.setattr(bench_mlp, "FUSED_CASES", [("relu", 64, 256, 3, 0.5, 8.0), ("gated", 48, 160, 5, 0.3, 2.6)])
+    monkeypatch.setattr(bench_mlp, "CHAIN", 2)
+    monkeypatch.setattr(common, "measure_ceiling", lambda: {"read_bw": 1e11, "copy_bw": 1e11,
+                                                           "read_variants": {"f32 sum": 1e11}})
+    monkeypatch.setattr("sys.argv", ["bench_mlp", "--fused", "--allow-cpu", "--out", str(tmp_path)])
+    assert bench_mlp.main() == 0
+    records = json.loads((tmp_path / "kernels_mlp_fused.json").read_text())["records"]
+    assert [(r["variant"], r["D"], r["B"], r["count"]) for r in records] == [("relu", 64, 3, 128), ("gated", 48, 5, 128)]
+    for r in records:
+        for path in ("fused", "two_kernel", "xla"):
+            assert r[f"ms_{path}_wall"] > 0 and math.isnan(r[f"ms_{path}_kernel"])  # no GPU trace on CPU
+        assert r["speedup_fused_vs_two_kernel_wall"] == pytest.approx(r["ms_two_kernel_wall"] / r["ms_fused_wall"])
+        assert r["fused_rel_diff_vs_two_kernel"] < 1e-2
+    assert "| relu | 64 | 256 | 3 |" in (tmp_path / "kernels_mlp_fused.md").read_text()
