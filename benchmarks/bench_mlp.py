@@ -29,13 +29,16 @@ the names and times of every kernel involved); the heuristics in pallas_kernels/
 come from it. `--quick` runs a handful of cases; `--check` compares the kernels with the reference at
 benchmark shapes. `--fused` (a short run, results/kernels_mlp_fused.{json,md}) times the fused kernel
 (impl="fused": up and down in one pass) beside the two-kernel path (impl="triton") and XLA's dense MLP
-at issue 11's target shapes, both clocks, with the speedup each reaches and the target it is held to. (Nsight Compute crashed under JAX on the H200 here, hence the profiler trace.)
+at issue 11's target shapes, both clocks, with the speedup each reaches and the target it is held to;
+`--fused-tune` first times the fused kernel's candidate configs there (pallas_kernels.autotune).
+(Nsight Compute crashed under JAX on the H200 here, hence the profiler trace.)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import pathlib
@@ -49,7 +52,8 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.shapes import MLP_BATCHES, MLP_DENSITIES, MLP_DIMS
-from pallas_kernels.selective_gemm import api
+from pallas_kernels import autotune
+from pallas_kernels.selective_gemm import api, fused
 from pallas_kernels.selective_gemm import triton as tk
 
 CHAIN = 8          # MLP calls per timed jit call
@@ -277,7 +281,8 @@ def run_fused(read_bw: float, cases=None, log_path: str | None = None, unavailab
         x = jax.random.normal(jax.random.fold_in(key, B), (B, D), jnp.float32).astype(DTYPE)
         args = [(x, wsets, idxs)]
         rec = dict(kernel="selective_mlp_fused", variant=variant, D=D, F=F, B=B, density=count / F, count=count,
-                   target_vs_xla=target, ideal=F / count, read_bw_TBps=read_bw / 1e12)
+                   target_vs_xla=target, ideal=F / count, read_bw_TBps=read_bw / 1e12,
+                   fused_config=dataclasses.asdict(fused.fused_config(B, D, count, variant == "gated", DTYPE)))
         paths = {"xla": _chain(lambda x, w, idx: _xla_dense(x, w)),
                  "two_kernel": _chain(_public(count, activation, impl="triton", interpret=interpret)),
                  "fused": _chain(_public(count, activation, impl="fused", interpret=interpret))}
@@ -481,8 +486,31 @@ def _finish(meta: dict, records: list[dict], out_dir: pathlib.Path) -> int:
     return 3 if warnings else 0
 
 
-def _run_fused_main(ceiling: dict, out_dir: pathlib.Path) -> int:
-    meta = dict(common.metadata("python -m benchmarks.bench_mlp --fused"), **common.ceiling_meta(ceiling))
+def tune_fused(out_dir: pathlib.Path, cases=None) -> dict:
+    """Time the fused kernel's candidate configs (pallas_kernels.autotune, wall clock) at each case's shape
+    class; the winners go to the user cache (so this process's --fused run uses them) and, in the shipped
+    table format, to OUT/tuned_fused.json. Returns the entries."""
+    device = autotune.device_kind()
+    entries = {}
+    for variant, D, F, B, density, _ in FUSED_CASES if cases is None else cases:
+        shape = dict(B=B, D=D, count=neuron_count(density, F), gated=variant == "gated", dtype=DTYPE)
+        t0 = time.perf_counter()
+        result = autotune.tune("selective_mlp_fused", shape)
+        e = result["entry"]
+        print(f"tune {result['key']}: best {result['best']} {e['ms'] * 1e3:.1f} us, heuristic "
+              f"{(e['heuristic_ms'] or float('nan')) * 1e3:.1f} us ({time.perf_counter() - t0:.1f}s)", flush=True)
+        entries[result["key"]] = e
+    autotune.save(autotune.user_file(device), device, entries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    autotune.write_table(out_dir / "tuned_fused.json", device, entries)
+    return entries
+
+
+def _run_fused_main(ceiling: dict, out_dir: pathlib.Path, tuned: bool) -> int:
+    command = "python -m benchmarks.bench_mlp " + ("--fused-tune" if tuned else "--fused")
+    meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))
+    meta["fused_configs"] = ("tuned by this run (tuned_fused.json)" if tuned else
+                             "the tuned table / user cache entry where one exists, else fused_heuristic")
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "kernels_mlp_fused.jsonl"
     log.unlink(missing_ok=True)
@@ -504,6 +532,9 @@ def main() -> int:
     ap.add_argument("--fused", action="store_true",
                     help="only the fused kernel vs the two-kernel path vs XLA dense at issue 11's target shapes "
                          "(a short run; writes kernels_mlp_fused.{json,md})")
+    ap.add_argument("--fused-tune", action="store_true",
+                    help="first time the fused kernel's candidate configs at those shapes (winners to the user "
+                         "cache and OUT/tuned_fused.json), then run --fused with them")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--merge", nargs="+", default=None,
@@ -537,9 +568,11 @@ def main() -> int:
     if args.tune:
         tune()
         return 0
+    if args.fused_tune:
+        tune_fused(out_dir)
     ceiling = common.measure_ceiling()
-    if args.fused:
-        return _run_fused_main(ceiling, out_dir)
+    if args.fused or args.fused_tune:
+        return _run_fused_main(ceiling, out_dir, tuned=args.fused_tune)
     command = "python -m benchmarks.bench_mlp" + (" --quick" if args.quick else "") + (
         f" --variant {args.variant}" if args.variant else "")
     meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))
