@@ -74,7 +74,10 @@ def fused_heuristic(B: int, D: int, count: int, gated: bool = False) -> FusedCon
             block_n = bn
             break
     block_k = _block_dividing(D, 256 if block_b <= 32 else 128)
-    block_d = _block_dividing(D, 128 if block_b <= 64 else 64)
+    # Each down step ends in an atomic add whose ordering (Pallas emits acq_rel atomics) may hold back the
+    # next step's loads: wide column chunks make fewer steps, as far as the [block_b, block_d] f32
+    # accumulator tile fits in registers.
+    block_d = _block_dividing(D, 256 if block_b <= 32 else 128 if block_b <= 64 else 64)
     warps = 4 if block_b <= 32 else 8
     # Stages of the hidden loop: x and the up (and gate) tiles, kept under ~96 KB of shared memory.
     stage_bytes = (block_b + block_n * (2 if gated else 1)) * block_k * 2
@@ -195,8 +198,8 @@ def fused_candidates(B: int, D: int, count: int, gated: int = 0, dtype="float16"
     base = fused_heuristic(B, D, count, bool(gated))
     bb = base.block_b
     if bb <= 32:
-        grid = [(16, 256, 128, 4, 3), (32, 256, 128, 4, 3), (64, 128, 128, 4, 3), (16, 128, 256, 4, 4),
-                (32, 128, 64, 4, 4), (16, 512, 128, 4, 2), (32, 256, 256, 8, 3), (16, 256, 64, 2, 4)]
+        grid = [(16, 256, 128, 4, 3), (16, 256, 512, 4, 2), (32, 256, 256, 4, 3), (64, 128, 256, 8, 3),
+                (32, 128, 128, 4, 4), (16, 512, 256, 4, 2), (64, 256, 128, 8, 2), (16, 256, 64, 2, 4)]
     else:
         grid = [(16, 128, 64, 8, 3), (32, 128, 64, 8, 3), (64, 64, 64, 8, 3), (32, 64, 128, 8, 3),
                 (16, 64, 128, 4, 4), (64, 128, 32, 8, 2), (32, 128, 128, 8, 2)]
