@@ -262,7 +262,7 @@ FUSED_COLUMNS = ["variant", "D", "F", "B", "density", "count", "target_vs_xla", 
                  "ideal", "fused_rel_diff_vs_two_kernel"]
 
 
-def run_fused(read_bw: float, cases=None, log_path: str | None = None, unavailable: set | None = None) -> list[dict]:
+def run_fused(read_bw: float, log_path: str | None = None, unavailable: set | None = None) -> list[dict]:
     """One record per case of FUSED_CASES: fused, two-kernel and XLA dense, per MLP call on both clocks.
 
     Each record also names the kernels of each path with their kernel-clock ms (`kernels_*`), so the
@@ -272,7 +272,7 @@ def run_fused(read_bw: float, cases=None, log_path: str | None = None, unavailab
     interpret = jax.default_backend() != "gpu"  # --allow-cpu: the Pallas kernels in the interpreter
     key = jax.random.key(1)
     records = []
-    for variant, D, F, B, density, target in FUSED_CASES if cases is None else cases:
+    for variant, D, F, B, density, target in FUSED_CASES:
         t0 = time.perf_counter()
         activation = "none" if variant == "gated" else "relu"
         wsets = _weights(variant, D, F, jax.random.fold_in(key, D + F))
@@ -486,13 +486,13 @@ def _finish(meta: dict, records: list[dict], out_dir: pathlib.Path) -> int:
     return 3 if warnings else 0
 
 
-def tune_fused(out_dir: pathlib.Path, cases=None) -> dict:
+def tune_fused(out_dir: pathlib.Path) -> dict:
     """Time the fused kernel's candidate configs (pallas_kernels.autotune, wall clock) at each case's shape
     class; the winners go to the user cache (so this process's --fused run uses them) and, in the shipped
     table format, to OUT/tuned_fused.json. Returns the entries."""
     device = autotune.device_kind()
     entries = {}
-    for variant, D, F, B, density, _ in FUSED_CASES if cases is None else cases:
+    for variant, D, F, B, density, _ in FUSED_CASES:
         shape = dict(B=B, D=D, count=neuron_count(density, F), gated=variant == "gated", dtype=DTYPE)
         t0 = time.perf_counter()
         result = autotune.tune("selective_mlp_fused", shape)
