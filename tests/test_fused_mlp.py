@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels import autotune
-from pallas_kernels.selective_gemm import api, fused, selective_mlp, selective_mlp_reference
-from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key
+from pallas_kernels.selective_gemm import (
+    api,
+    fused,
+    selective_mlp,
+    selective_mlp_reference,
+)
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET
+from tests.kernel_cases import new_key as _key
 from tests.tolerances import assert_close
 
 

@@ -42,7 +42,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
 from pallas_kernels.selective_gemm.triton import (
-    NUM_SMS, _activate, _block_dividing, _pow2_at_least, _rows, _scalar, _static_count,
+    NUM_SMS,
+    _activate,
+    _block_dividing,
+    _pow2_at_least,
+    _rows,
+    _scalar,
+    _static_count,
 )
 
 
@@ -223,7 +229,7 @@ def _fused_inputs(sc: dict, key):
     """x [B, D], w_up, w_down (and w_gate) [1, count, D], idx [count] (every row, shuffled)."""
     B, D, n = sc["B"], sc["D"], sc["count"]
     kx, ku, kd, kg, ki = jax.random.split(key, 5)
-    w = lambda k, s: (jax.random.normal(k, (1, n, D), jnp.float32) * s).astype(sc["dtype"])  # noqa: E731
+    w = lambda k, s: (jax.random.normal(k, (1, n, D), jnp.float32) * s).astype(sc["dtype"])
     x = jax.random.normal(kx, (B, D), jnp.float32).astype(sc["dtype"])
     return x, w(ku, D ** -0.5), w(kd, n ** -0.5), (w(kg, D ** -0.5) if sc["gated"] else None), _rows(ki, n)
 
