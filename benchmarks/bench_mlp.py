@@ -27,13 +27,18 @@ Record fields:
 `--tune` times candidate block configurations of each kernel alone at a few shapes (kernel time, with
 the names and times of every kernel involved); the heuristics in pallas_kernels/selective_gemm/triton.py
 come from it. `--quick` runs a handful of cases; `--check` compares the kernels with the reference at
-benchmark shapes. (Nsight Compute crashed under JAX on the H200 here, hence the profiler trace.)
+benchmark shapes. `--fused` (a short run, results/kernels_mlp_fused.{json,md}) times the fused kernel
+(impl="fused": up and down in one pass) beside the two-kernel path (impl="triton") and XLA's dense MLP
+at issue 11's target shapes, both clocks, with the speedup each reaches and the target it is held to;
+`--fused-tune` first times the fused kernel's candidate configs there (pallas_kernels.autotune).
+(Nsight Compute crashed under JAX on the H200 here, hence the profiler trace.)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import pathlib
@@ -47,7 +52,8 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.shapes import MLP_BATCHES, MLP_DENSITIES, MLP_DIMS
-from pallas_kernels.selective_gemm import api
+from pallas_kernels import autotune
+from pallas_kernels.selective_gemm import api, fused
 from pallas_kernels.selective_gemm import triton as tk
 
 CHAIN = 8          # MLP calls per timed jit call
@@ -102,10 +108,11 @@ def _chain(call):
     return jax.jit(run)
 
 
-def _public(count, activation, impl=None):
+def _public(count, activation, impl=None, interpret=None):
     def call(x, w, idx):
         return api.selective_mlp(x, w["w_up"], w["w_down"], idx, count, b_up=w.get("b_up"),
-                                 b_down=w.get("b_down"), w_gate=w.get("w_gate"), activation=activation, impl=impl)
+                                 b_down=w.get("b_down"), w_gate=w.get("w_gate"), activation=activation, impl=impl,
+                                 interpret=interpret)
     return call
 
 
@@ -234,6 +241,74 @@ def run(read_bw: float, quick: bool = False, variants=("relu", "gated"), log_pat
                 print(" ".join(f"{c}={rec[c]:.4g}" if isinstance(rec[c], float) else f"{c}={rec[c]}"
                                for c in COLUMNS), flush=True)
             print(f"# {variant} D={D} B={B}: {time.perf_counter() - t0:.1f}s", flush=True)
+        del wsets
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# --fused: the fused kernel against the two-kernel path and XLA dense at issue 11's target shapes
+
+# variant, D, F, B, density, issue 11's target speedup over XLA dense (wall-clock)
+FUSED_CASES = [
+    ("relu", 8192, 4 * 8192, 16, 0.1, 8.0),
+    ("relu", 8192, 4 * 8192, 128, 0.1, 6.0),
+    ("gated", 8192, GATED_F[8192], 48, 0.3, 2.6),
+    ("gated", 4096, GATED_F[4096], 48, 0.3, 2.6),
+]
+FUSED_COLUMNS = ["variant", "D", "F", "B", "density", "count", "target_vs_xla", "ms_fused_wall", "ms_two_kernel_wall",
+                 "ms_xla_wall", "speedup_fused_vs_xla_wall", "speedup_two_kernel_vs_xla_wall",
+                 "speedup_fused_vs_two_kernel_wall", "ms_fused_kernel", "ms_two_kernel_kernel", "ms_xla_kernel",
+                 "speedup_fused_vs_xla_kernel", "speedup_fused_vs_two_kernel_kernel", "frac_read_bw_fused_wall",
+                 "ideal", "fused_rel_diff_vs_two_kernel"]
+
+
+def run_fused(read_bw: float, log_path: str | None = None, unavailable: set | None = None) -> list[dict]:
+    """One record per case of FUSED_CASES: fused, two-kernel and XLA dense, per MLP call on both clocks.
+
+    Each record also names the kernels of each path with their kernel-clock ms (`kernels_*`), so the
+    fused kernel's own time is visible beside the small XLA fusions around it.
+    """
+    unavailable = set() if unavailable is None else unavailable
+    interpret = jax.default_backend() != "gpu"  # --allow-cpu: the Pallas kernels in the interpreter
+    key = jax.random.key(1)
+    records = []
+    for variant, D, F, B, density, target in FUSED_CASES:
+        t0 = time.perf_counter()
+        activation = "none" if variant == "gated" else "relu"
+        wsets = _weights(variant, D, F, jax.random.fold_in(key, D + F))
+        count = neuron_count(density, F)
+        idxs = _idx_draws(F, count, jax.random.fold_in(key, count))
+        x = jax.random.normal(jax.random.fold_in(key, B), (B, D), jnp.float32).astype(DTYPE)
+        args = [(x, wsets, idxs)]
+        rec = dict(kernel="selective_mlp_fused", variant=variant, D=D, F=F, B=B, density=count / F, count=count,
+                   target_vs_xla=target, ideal=F / count, read_bw_TBps=read_bw / 1e12,
+                   fused_config=dataclasses.asdict(fused.fused_config(B, D, count, variant == "gated", DTYPE)))
+        paths = {"xla": _chain(lambda x, w, idx: _xla_dense(x, w)),
+                 "two_kernel": _chain(_public(count, activation, impl="triton", interpret=interpret)),
+                 "fused": _chain(_public(count, activation, impl="fused", interpret=interpret))}
+        outs = {}
+        for name, fn in paths.items():
+            rec[f"ms_{name}_kernel"], rec[f"ms_{name}_wall"], per = _measure(fn, args, unavailable=unavailable)
+            rec[f"kernels_{name}"] = {k: v for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+            outs[name] = jnp.asarray(fn(*args[0]), jnp.float32)
+        # The chains' results must agree (a fused kernel that drops or repeats an atomic add is fast and wrong).
+        diff = jnp.linalg.norm(outs["fused"] - outs["two_kernel"]) / jnp.linalg.norm(outs["two_kernel"])
+        rec["fused_rel_diff_vs_two_kernel"] = float(diff)
+        if not rec["fused_rel_diff_vs_two_kernel"] <= 1e-2:
+            print(f"!!!!!!!! WARNING: {_label(rec)}: the fused chain differs from the two-kernel chain by "
+                  f"{rec['fused_rel_diff_vs_two_kernel']:.3g} (relative)", file=sys.stderr, flush=True)
+        nbytes = _bytes(variant, D, B, count)
+        for clock in ("kernel", "wall"):
+            for name in ("fused", "two_kernel"):
+                rec[f"speedup_{name}_vs_xla_{clock}"] = rec[f"ms_xla_{clock}"] / rec[f"ms_{name}_{clock}"]
+            rec[f"speedup_fused_vs_two_kernel_{clock}"] = rec[f"ms_two_kernel_{clock}"] / rec[f"ms_fused_{clock}"]
+            rec[f"frac_read_bw_fused_{clock}"] = nbytes / (rec[f"ms_fused_{clock}"] * 1e-3) / read_bw
+        records.append(rec)
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print(" ".join(f"{c}={rec[c]:.4g}" if isinstance(rec[c], float) else f"{c}={rec[c]}" for c in FUSED_COLUMNS)
+              + f"  ({time.perf_counter() - t0:.1f}s)", flush=True)
         del wsets
     return records
 
@@ -411,6 +486,42 @@ def _finish(meta: dict, records: list[dict], out_dir: pathlib.Path) -> int:
     return 3 if warnings else 0
 
 
+def tune_fused(out_dir: pathlib.Path) -> dict:
+    """Time the fused kernel's candidate configs (pallas_kernels.autotune, wall clock) at each case's shape
+    class; the winners go to the user cache (so this process's --fused run uses them) and, in the shipped
+    table format, to OUT/tuned_fused.json. Returns the entries."""
+    device = autotune.device_kind()
+    entries = {}
+    for variant, D, F, B, density, _ in FUSED_CASES:
+        shape = dict(B=B, D=D, count=neuron_count(density, F), gated=variant == "gated", dtype=DTYPE)
+        t0 = time.perf_counter()
+        result = autotune.tune("selective_mlp_fused", shape)
+        e = result["entry"]
+        print(f"tune {result['key']}: best {result['best']} {e['ms'] * 1e3:.1f} us, heuristic "
+              f"{(e['heuristic_ms'] or float('nan')) * 1e3:.1f} us ({time.perf_counter() - t0:.1f}s)", flush=True)
+        entries[result["key"]] = e
+    autotune.save(autotune.user_file(device), device, entries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    autotune.write_table(out_dir / "tuned_fused.json", device, entries)
+    return entries
+
+
+def _run_fused_main(ceiling: dict, out_dir: pathlib.Path, tuned: bool) -> int:
+    command = "python -m benchmarks.bench_mlp " + ("--fused-tune" if tuned else "--fused")
+    meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))
+    meta["fused_configs"] = ("tuned by this run (tuned_fused.json)" if tuned else
+                             "the tuned table / user cache entry where one exists, else fused_heuristic")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "kernels_mlp_fused.jsonl"
+    log.unlink(missing_ok=True)
+    unavailable = set()
+    records = run_fused(ceiling["read_bw"], log_path=str(log), unavailable=unavailable)
+    meta.update(clock_meta(unavailable))
+    warnings = common.check_ceiling(records, ["frac_read_bw_fused_kernel", "frac_read_bw_fused_wall"], _label)
+    common.write_results("kernels_mlp_fused", dict(meta, warnings=warnings), records, FUSED_COLUMNS, out_dir=out_dir)
+    return 3 if warnings else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -418,6 +529,12 @@ def main() -> int:
     ap.add_argument("--tune-decode", action="store_true",
                     help="time candidate configurations at the shapes of a llama-2-7b decode step (batch 64)")
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the reference")
+    ap.add_argument("--fused", action="store_true",
+                    help="only the fused kernel vs the two-kernel path vs XLA dense at issue 11's target shapes "
+                         "(a short run; writes kernels_mlp_fused.{json,md})")
+    ap.add_argument("--fused-tune", action="store_true",
+                    help="first time the fused kernel's candidate configs at those shapes (winners to the user "
+                         "cache and OUT/tuned_fused.json), then run --fused with them")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--merge", nargs="+", default=None,
@@ -451,7 +568,11 @@ def main() -> int:
     if args.tune:
         tune()
         return 0
+    if args.fused_tune:
+        tune_fused(out_dir)
     ceiling = common.measure_ceiling()
+    if args.fused or args.fused_tune:
+        return _run_fused_main(ceiling, out_dir, tuned=args.fused_tune)
     command = "python -m benchmarks.bench_mlp" + (" --quick" if args.quick else "") + (
         f" --variant {args.variant}" if args.variant else "")
     meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))

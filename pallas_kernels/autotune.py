@@ -1,7 +1,8 @@
 """Kernel configs that follow the device: a tuned table entry when one exists, else the kernel's heuristic.
 
-A kernel's config function (attention_config, paged_attention_config, up_config, down_config) calls
-`config_for(kernel, shape, heuristic)`. The key is (device kind, kernel name, shape class): the shape
+A kernel's config function (attention_config, paged_attention_config, up_config, down_config,
+fused_config) calls `config_for(kernel, shape, heuristic)`; each kernel module registers its `Tunable`
+under the name it passes ("selective_mlp_fused" for the fused MLP of selective_gemm/fused.py). The key is (device kind, kernel name, shape class): the shape
 class buckets the dims that matter (each kernel's `bucket`, documented where it is registered; batch,
 cache length and neuron count are rounded up with `coarse`, the other dims are exact), so one entry
 serves every shape of its class. Lookup order:

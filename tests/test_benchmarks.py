@@ -3,6 +3,7 @@
 CPU only and fast: parameter shapes come from jax.eval_shape, nothing large is allocated.
 """
 
+import dataclasses
 import json
 import math
 
@@ -186,3 +187,47 @@ def test_random_cache_fills_kv_and_sets_lengths():
     for x in floats:
         assert np.all(np.isfinite(x)) and 0.5 < x.std() < 2
     assert not np.array_equal(floats[0], floats[1])
+
+
+def test_mlp_fused_flag_runs_on_cpu(monkeypatch, tmp_path):
+    """`bench_mlp --fused --allow-cpu` at tiny shapes: fused, two-kernel and XLA rows, both chains agreeing."""
+    from benchmarks import bench_mlp
+    monkeypatch.setattr(bench_mlp, "FUSED_CASES", [("relu", 64, 256, 3, 0.5, 8.0), ("gated", 48, 160, 5, 0.3, 2.6)])
+    monkeypatch.setattr(bench_mlp, "CHAIN", 2)
+    monkeypatch.setattr(common, "measure_ceiling", lambda: {"read_bw": 1e11, "copy_bw": 1e11,
+                                                           "read_variants": {"f32 sum": 1e11}})
+    monkeypatch.setattr("sys.argv", ["bench_mlp", "--fused", "--allow-cpu", "--out", str(tmp_path)])
+    assert bench_mlp.main() == 0
+    records = json.loads((tmp_path / "kernels_mlp_fused.json").read_text())["records"]
+    assert [(r["variant"], r["D"], r["B"], r["count"]) for r in records] == [("relu", 64, 3, 128), ("gated", 48, 5, 128)]
+    for r in records:
+        for path in ("fused", "two_kernel", "xla"):
+            assert r[f"ms_{path}_wall"] > 0 and math.isnan(r[f"ms_{path}_kernel"])  # no GPU trace on CPU
+        assert r["speedup_fused_vs_two_kernel_wall"] == pytest.approx(r["ms_two_kernel_wall"] / r["ms_fused_wall"])
+        assert r["fused_rel_diff_vs_two_kernel"] < 1e-2
+    assert "| relu | 64 | 256 | 3 |" in (tmp_path / "kernels_mlp_fused.md").read_text()
+
+
+def test_mlp_fused_tune_flag_runs_on_cpu(monkeypatch, tmp_path):
+    """`--fused-tune`: the candidates are timed, the winner lands in OUT/tuned_fused.json and the user
+    cache, and the --fused run that follows uses it."""
+    from benchmarks import bench_mlp
+    from pallas_kernels import autotune
+    from pallas_kernels.selective_gemm import fused
+    monkeypatch.setenv("POLAR_TUNE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(autotune.KERNELS, "selective_mlp_fused", dataclasses.replace(
+        autotune.KERNELS["selective_mlp_fused"], candidates=lambda **sc: fused.fused_candidates(**sc)[:2]))
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_files", {})
+    monkeypatch.setattr(bench_mlp, "FUSED_CASES", [("gated", 48, 160, 5, 0.3, 2.6)])
+    monkeypatch.setattr(bench_mlp, "CHAIN", 2)
+    monkeypatch.setattr(common, "measure_ceiling", lambda: {"read_bw": 1e11, "copy_bw": 1e11,
+                                                           "read_variants": {"f32 sum": 1e11}})
+    monkeypatch.setattr("sys.argv", ["bench_mlp", "--fused-tune", "--allow-cpu", "--out", str(tmp_path)])
+    assert bench_mlp.main() == 0
+    table = json.loads((tmp_path / "tuned_fused.json").read_text())
+    [(key, entry)] = table["entries"].items()
+    assert key.startswith("selective_mlp_fused|B=6,D=48,count=128,gated=1") and len(entry["timings"]) == 2
+    assert autotune.user_file(autotune.device_kind()).exists()
+    [rec] = json.loads((tmp_path / "kernels_mlp_fused.json").read_text())["records"]
+    assert rec["fused_config"] == entry["config"]

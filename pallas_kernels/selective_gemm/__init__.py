@@ -7,6 +7,7 @@ from pallas_kernels.selective_gemm.api import (
     selective_mlp,
     selective_up,
 )
+from pallas_kernels.selective_gemm.fused import FusedConfig, fused_config, fused_mlp
 from pallas_kernels.selective_gemm.reference import (
     dense_down,
     dense_mlp,
@@ -21,4 +22,5 @@ __all__ = [
     "IMPLS", "dense_is_faster", "selective_up", "selective_down", "selective_mlp",
     "selective_up_reference", "selective_down_reference", "selective_mlp_reference",
     "dense_up", "dense_down", "dense_mlp", "UpConfig", "DownConfig", "up_config", "down_config",
+    "fused_mlp", "FusedConfig", "fused_config",
 ]

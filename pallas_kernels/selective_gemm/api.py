@@ -19,10 +19,12 @@ Shapes and dtypes:
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
-  interpret=True), "xla" (the pure-jnp reference, last resort). "dense" computes the same function
-  over all F neurons through a neuron mask with library GEMMs; impl=None takes it where the selected
-  fraction is high enough that gathering would be slower than reading everything (see
-  `dense_is_faster`). A concrete count decides at trace time. A traced count whose capacity C could
+  interpret=True), "xla" (the pure-jnp reference, last resort). "fused" (only by impl="fused"; same
+  backend as "triton") runs selective_mlp as one kernel, up and down in a single pass with the hidden
+  activations kept in registers (fused.py); for selective_up / selective_down alone it is "triton".
+  "dense" computes the same function over all F neurons through a neuron mask with library GEMMs;
+  impl=None takes it where the selected fraction is high enough that gathering would be slower than
+  reading everything (see `dense_is_faster`). A concrete count decides at trace time. A traced count whose capacity C could
   reach that fraction decides on the device: a `lax.cond` on the dynamic count between the dense path
   and the sparse kernels, so a large capacity (e.g. C = F) with a small union still runs sparse. Where
   even C is below the fraction, the sparse kernels run without a cond.
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import check_layer, concrete
+from pallas_kernels.selective_gemm import fused as fused_impl
 from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm import triton as triton_impl
 
@@ -43,6 +46,8 @@ DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 IMPLS = {
     "triton": {"up": triton_impl.selective_up, "down": triton_impl.selective_down, "mlp": triton_impl.selective_mlp},
+    # A single projection has nothing to fuse: "fused" runs the Triton kernel there.
+    "fused": {"up": triton_impl.selective_up, "down": triton_impl.selective_down, "mlp": fused_impl.fused_mlp},
     "dense": {"up": reference.dense_up, "down": reference.dense_down, "mlp": reference.dense_mlp},
     "xla": {"up": reference.selective_up, "down": reference.selective_down, "mlp": reference.selective_mlp},
 }
@@ -159,7 +164,8 @@ def _check_down(h, w_down, idx, count, b_down, layer):
 # ---------------------------------------------------------------------------------------------------
 # dispatch
 
-SPARSE = ["triton", "xla"]
+SPARSE = ["triton", "xla"]   # impl=None; "fused" waits for its GPU measurement (benchmarks/bench_mlp.py --fused)
+PALLAS = ("triton", "fused")  # backends that take stacked [L, F, D] weights and an int32 layer
 
 
 def _dispatch(op, order, call):
@@ -198,7 +204,7 @@ def _stack(w, layer):
 
 
 def _layer_arg(name, layer):
-    if name == "triton":
+    if name in PALLAS:
         return jnp.int32(0) if layer is None else layer
     return layer
 
@@ -207,14 +213,14 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
                  interpret=None):
     """h [B, C] in x's dtype: column j < count is act(x @ w_up[idx[j]] + b_up[idx[j]]), the rest 0.
 
-    See the module docstring for shapes; `impl` picks a backend ("triton", "dense", "xla"), `interpret`
-    runs the Triton kernels in the Pallas interpreter.
+    See the module docstring for shapes; `impl` picks a backend ("triton", "fused", "dense", "xla"),
+    `interpret` runs the Triton kernels in the Pallas interpreter.
     """
     F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
     B, D = x.shape
 
     def call(name, fn):
-        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
         return fn(x, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
                   layer=_layer_arg(name, layer), interpret=interpret)
 
@@ -227,7 +233,7 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
     B = h.shape[0]
 
     def call(name, fn):
-        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
         return fn(h, st(w_down), idx, count, b_down=st(b_down), layer=_layer_arg(name, layer),
                   interpret=interpret)
 
@@ -238,6 +244,7 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
                   layer=None, impl=None, interpret=None):
     """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
 
+    impl="fused" runs it as one kernel (fused.py: the hidden activations never reach HBM).
     Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`;
     with a traced count and a large capacity that choice is a `lax.cond` on the device.
     """
@@ -249,7 +256,7 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
     c = concrete(count)
 
     def call(name, fn):
-        st = (lambda a: _stack(a, layer)) if name == "triton" else (lambda a: a)
+        st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
         extra = {}
         if name == "dense" and c is not None and int(c) == F:
             extra["all_selected"] = True  # idx[:F] distinct = every neuron: the plain dense MLP, no mask
