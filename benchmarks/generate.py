@@ -92,11 +92,11 @@ def density_labels(cfg: ModelConfig, sp: SparsityConfig | None, requested: float
                 sparse.any() else 1.0, density_all_layers=float(np.sum(kept) / (K * cfg.n_layers)))
 
 
-def random_cache(cfg: ModelConfig, B: int, ctx: int):
+def random_cache(cfg: ModelConfig, B: int, ctx: int, room: int = 128):
     """A cache from `init_cache` with every floating-point buffer (the K and V data, whatever the layout)
-    filled with random values and every sequence `ctx` tokens long. Each buffer is donated to its fill, so
-    the cache is never held twice."""
-    cache = init_cache(cfg, B, ctx + 128, DTYPE)
+    filled with random values and every sequence `ctx` tokens long, with room for `room` more. Each buffer is
+    donated to its fill, so the cache is never held twice."""
+    cache = init_cache(cfg, B, ctx + room, DTYPE)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def fill(x, key):  # one leading index at a time, so no full-size fp32 temporary
@@ -137,6 +137,17 @@ def make_step(cfg: ModelConfig, sp: SparsityConfig | None):
     def step(params, cache, tokens, key):
         logits, new, _ = forward(cfg, params, tokens[:, None], cache, sparsity=sp, key=key)
         return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), new.replace(lengths=cache.lengths)
+
+    return jax.jit(step, donate_argnums=1)
+
+
+def make_prefill_step(cfg: ModelConfig):
+    """tokens [B, T] appended after each sequence's cached ones (dense prefill); the cache's lengths are kept,
+    so the step can be repeated."""
+    def step(params, cache, tokens, key):
+        del key
+        logits, new, _ = forward(cfg, params, tokens, cache, last_only=True)
+        return jnp.argmax(logits, -1).astype(jnp.int32), new.replace(lengths=cache.lengths)
 
     return jax.jit(step, donate_argnums=1)
 

@@ -94,8 +94,8 @@ case "$phase" in
     # The kernel and engine tests compile one program per case: in serial they overran 150 s on an H100
     # (2026-11-25), so 4 pytest-xdist workers share the GPU, each allocating only what it uses.
     XLA_PYTHON_CLIENT_PREALLOCATE=false step 270 python3 -m pytest -n 4 tests/test_decode_attention.py \
-      tests/test_selective_gemm.py tests/test_paged_attention.py tests/test_prefill_attention.py \
-      tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
+      tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_paged_attention.py \
+      tests/test_prefill_attention.py tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
     sources_hash > "$stamp"
     echo "== GPU tests passed; stamp $(cat "$stamp")"
     ;;

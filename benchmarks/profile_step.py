@@ -1,9 +1,12 @@
-"""Where one decode step's time goes: GPU kernels of a step from a JAX profiler trace, grouped by name.
+"""Where one decode (or prefill) step's time goes: GPU kernels of a step from a JAX profiler trace, grouped
+by name.
 
     python -m benchmarks.profile_step --model llama-2-7b --batch 64 --ctx 2048 [--attn random --density 0.5]
+    python -m benchmarks.profile_step --model llama-2-7b --batch 1 --ctx 0 --prefill 2048
 
 Prints the kernels sorted by total time per step (count, total µs, share) and the step's device span
-(kernel clock: durations from the profiler trace). Without a GPU trace it says so and exits non-zero.
+(kernel clock: durations from the profiler trace); for a prefill step also its matmul FLOP rate. Without a
+GPU trace it says so and exits non-zero.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.bench_mlp import device_profile
-from benchmarks.generate import load_model, make_step, random_cache, random_routers
+from benchmarks.generate import load_model, make_prefill_step, make_step, random_cache, random_routers
+from benchmarks.serve_offline import matmul_params
 from polar_jax.sparsity import SparsityConfig
 
 
@@ -35,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--attn", default="all", choices=["all", "random", "router", "oracle"])
     ap.add_argument("--density", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=4, help="steps traced (the figures are per step)")
+    ap.add_argument("--prefill", type=int, default=0, metavar="T",
+                    help="profile a prefill step of T new tokens per sequence after --ctx cached ones (dense)")
     common.add_device_args(ap)
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.profile_step", args.allow_cpu)
@@ -42,9 +48,10 @@ def main(argv=None) -> None:
     cfg, params, _ = load_model(args.model, None)
     params = dict(params, routers=random_routers(cfg, jax.random.key(3)))
     sp = None if args.attn == "all" else SparsityConfig(attn=args.attn, attn_density=args.density)
-    step = make_step(cfg, sp)
-    state = {"cache": random_cache(cfg, args.batch, args.ctx)}
-    tokens = jnp.zeros((args.batch,), jnp.int32) + 7
+    T = args.prefill or 1
+    step = make_prefill_step(cfg) if args.prefill else make_step(cfg, sp)
+    state = {"cache": random_cache(cfg, args.batch, args.ctx, room=max(128, T))}
+    tokens = jnp.zeros((args.batch,) + ((T,) if args.prefill else ()), jnp.int32) + 7
 
     def run(key):  # threads the donated cache through the calls
         tok, state["cache"] = step(params, state["cache"], tokens, key)
@@ -59,8 +66,12 @@ def main(argv=None) -> None:
         groups[_group(name)] += ns
         counts[_group(name)] += 1
     total = sum(groups.values())
-    print(f"{args.model} B={args.batch} ctx={args.ctx} attn={args.attn} {args.density}: device span "
-          f"{span / 1e3:.0f} us/step, kernels {total / 1e3:.0f} us/step")
+    print(f"{args.model} B={args.batch} ctx={args.ctx} attn={args.attn} {args.density}"
+          f"{f' prefill T={T}' if args.prefill else ''}: device span {span / 1e3:.0f} us/step, kernels "
+          f"{total / 1e3:.0f} us/step")
+    if args.prefill:
+        flops = 2 * matmul_params(params) * args.batch * T  # the projections and the LM head (last token only)
+        print(f"prefill: {flops / (span * 1e-9) / 1e12:.0f} TFLOP/s of projection matmuls over the device span")
     for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:25]:
         print(f"{ns / 1e3:9.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
 

@@ -273,6 +273,7 @@ def main(argv=None) -> int:
             rec, tokens, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
                                             num_pages=pages)
             rec["identical_to_unconstrained"] = tokens == dense_tokens
+            rec["identical_requests"] = sum(tokens[k] == v for k, v in dense_tokens.items())
             records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}", **rec})
             series[f"{name} dense small pool"] = ser
         if args.step_check:
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
         del params
     cols = ["model", "mode", "prefill_chunk", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s",
             "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
-            "frac_of_bound", "identical_to_unconstrained", "host_ms_per_step", "decode_steps_eff",
+            "frac_of_bound", "identical_to_unconstrained", "identical_requests", "host_ms_per_step",
+            "decode_steps_eff",
             "prefill_steps_eff"]
     write_results(args.name, meta, records, cols, args.out)
     if checks:
