@@ -283,10 +283,9 @@ def main(argv=None) -> int:
                 print(checks[-1], flush=True)
         del params
     cols = ["model", "mode", "prefill_chunk", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s",
-            "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup", "bound_speedup",
-            "frac_of_bound", "identical_to_unconstrained", "identical_requests", "host_ms_per_step",
-            "decode_steps_eff",
-            "prefill_steps_eff"]
+            "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup",
+            "bound_speedup", "frac_of_bound", "identical_to_unconstrained", "identical_requests", "host_ms_per_step",
+            "decode_steps_eff", "prefill_steps_eff"]
     write_results(args.name, meta, records, cols, args.out)
     if checks:
         write_results(f"{args.name}_steps", meta, checks, list(checks[0]), args.out)
