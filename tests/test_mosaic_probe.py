@@ -1,7 +1,8 @@
 """The Mosaic GPU decode-attention prototype and its probe off a GPU: importing is safe, the call and the probe
 say in one line why they cannot run, unsupported inputs raise NotImplementedError (so a dispatcher falls
-back), and the kernel's logic (pipeline over the cache, length masking, online softmax, padded query rows)
-matches the f32 reference in the Mosaic GPU interpreter. Compiled runs are benchmarks/mosaic_probe.py's job.
+back), the kernel's logic (pipeline over the cache, length masking, online softmax, padded query rows)
+matches the f32 reference in the Mosaic GPU interpreter, and the compiled path lowers to a Mosaic GPU
+custom call for cuda. Compiling and running it on a GPU is benchmarks/mosaic_probe.py's job.
 """
 
 import subprocess
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.mosaic_probe import CONFIGS as PROBE_CONFIGS
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.decode_attention import mosaic
 from tests.tolerances import assert_close
@@ -81,3 +83,18 @@ def test_interpreter_matches_reference(B, N, K, S, H, dtype, lengths, block_s, s
     assert_close(out, ref, dtype)
     empty = np.asarray(lens) == 0
     assert np.all(np.asarray(out, np.float32)[empty] == 0)
+
+
+@pytest.mark.parametrize("B, K, S, H, dtype", [(3, 8, 1024, 128, jnp.bfloat16), (2, 16, 512, 64, jnp.float16)])
+@pytest.mark.parametrize("fields", [f for _, f in PROBE_CONFIGS])
+def test_lowers_to_mosaic_gpu_for_cuda(B, K, S, H, dtype, fields):
+    """The compiled path (real wgmma, register layouts, scalar length load, dynamic pipeline grid) lowers
+    through Pallas to a Mosaic GPU custom call for the cuda platform, here without a GPU: the probe's
+    configs at its check shapes. PTX/cubin generation is left to the GPU."""
+    q = jax.ShapeDtypeStruct((B, K, mosaic.ROWS, H), dtype)
+    kv = jax.ShapeDtypeStruct((B, K, S, H), dtype)
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+    call = lambda q, k, v, n: mosaic._call(mosaic._plgpu(), q, k, v, n, sm_scale=0.1, interpret=None,
+                                           cfg=mosaic.MosaicAttentionConfig(**fields))
+    text = jax.jit(call).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -2,7 +2,9 @@
 Triton backend, which JAX 0.11 deprecates (benchmarks/NOTES.md, "The Pallas Triton deprecation").
 
 Not wired into the public `decode_attention` dispatch: it is measured against it by
-`benchmarks/mosaic_probe.py` on a GPU. Same inputs and output as the reference for the dense case
+`benchmarks/mosaic_probe.py` on a GPU. Without one (tests/test_mosaic_probe.py) it is checked in the Mosaic
+GPU interpreter (with the two wgmma products as plain dots) and lowered for cuda to a Mosaic GPU custom call;
+it has not yet been compiled to a cubin or run on a GPU. Same inputs and output as the reference for the dense case
 (head_idx=None); head selection, splits over S and H in {80, 96} are follow-ups.
 
 Kernel (`plgpu.kernel`, grid (K, B), one warpgroup per program): program (k, b) copies the G query rows
