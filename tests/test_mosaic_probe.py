@@ -94,7 +94,6 @@ def test_lowers_to_mosaic_gpu_for_cuda(B, K, S, H, dtype, fields):
     q = jax.ShapeDtypeStruct((B, K, mosaic.ROWS, H), dtype)
     kv = jax.ShapeDtypeStruct((B, K, S, H), dtype)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
-    call = lambda q, k, v, n: mosaic._call(mosaic._plgpu(), q, k, v, n, sm_scale=0.1, interpret=None,
-                                           cfg=mosaic.MosaicAttentionConfig(**fields))
+    call = lambda q, k, v, n: mosaic.padded_attention(q, k, v, n, config=mosaic.MosaicAttentionConfig(**fields))
     text = jax.jit(call).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

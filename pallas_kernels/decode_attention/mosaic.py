@@ -119,22 +119,37 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     _check_supported(q, k_cache, head_idx, cfg)
     if not interpret and (why := mosaic_available()) is not None:
         raise NotImplementedError(why)
-    plgpu = _plgpu()
-    interpret = _interpret_params(interpret) or None
-
     if layer is not None:
         k_cache = lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)
         v_cache = lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False)
     B, N, H = q.shape
-    _, K, S, _ = k_cache.shape
+    K = k_cache.shape[1]
+    o_pad = padded_attention(pad_queries(q, K), k_cache, v_cache, lengths, sm_scale=sm_scale, config=cfg,
+                             interpret=interpret)                                      # [B, K, 64, H]
+    return o_pad[:, :, :N // K].reshape(B, N, H)
+
+
+def pad_queries(q, K: int):
+    """q [B, N, H] -> [B, K, 64, H]: the G = N / K query rows of each KV group, then zero rows."""
+    B, N, H = q.shape
     G = N // K
-    if sm_scale is None:
-        sm_scale = H ** -0.5
-    q_pad = jnp.zeros((B, K, ROWS, H), q.dtype).at[:, :, :G].set(q.reshape(B, K, G, H))  # [B, K, 64, H]
+    return jnp.zeros((B, K, ROWS, H), q.dtype).at[:, :, :G].set(q.reshape(B, K, G, H))
+
+
+def padded_attention(q_pad, k_cache, v_cache, lengths, *, sm_scale=None, config: MosaicAttentionConfig | None = None,
+                     interpret=None):
+    """The kernel alone: o_pad [B, K, 64, H] (rows past G are attention of the zero rows, to be dropped).
+
+    q_pad [B, K, 64, H] from `pad_queries`; k_cache, v_cache [B, K, S, H]; lengths [B] (clamped to [0, S]).
+    No support checks (see `decode_attention`): the benchmarks time this without the padding around it.
+    """
+    cfg = config or MosaicAttentionConfig()
+    H = q_pad.shape[-1]
+    S = k_cache.shape[2]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)
-    o_pad = _call(plgpu, q_pad, k_cache, v_cache, lengths, cfg=cfg, sm_scale=float(sm_scale),
-                  interpret=interpret)                                                 # [B, K, 64, H]
-    return o_pad[:, :, :G].reshape(B, N, H)
+    return _call(_plgpu(), q_pad, k_cache, v_cache, lengths, cfg=cfg,
+                 sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale),
+                 interpret=_interpret_params(interpret) or None)
 
 
 def _call(plgpu, q_pad, k_cache, v_cache, lengths, *, cfg: MosaicAttentionConfig, sm_scale: float, interpret):
