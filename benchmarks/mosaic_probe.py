@@ -136,17 +136,18 @@ def time_shape(result, impls, model, N, K, B, read_bw, ms_triton, t_start, budge
 
 
 def _record_warnings(result, caught):
-    """Show the caught warnings again (as the user would see them) and keep each distinct one in the JSON."""
+    """Show each distinct caught warning once (as Python's default filters would) and keep it in the JSON."""
     for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         entry = {"category": w.category.__name__, "message": str(w.message)}
         if entry not in result["warnings"]:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             result["warnings"].append(entry)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write (or an existing folder: mosaic_probe.json in it)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="JSON file to write (or an existing folder: mosaic_probe.json in it)")
     ap.add_argument("--budget-s", type=float, default=75.0,
                     help="seconds: checks stop at 40%% of it, timings are not started past it")
     args = ap.parse_args(argv)
@@ -220,6 +221,11 @@ def main(argv=None) -> int:
                     save()
     result["meta"]["wall_s"] = time.perf_counter() - t_start
     save()
+    print("\nsummary (ms per call, TB/s, vs the Triton kernel):")
+    for r in result["records"]:
+        what = (f"{r['ms']:.4f} ms {r['TBps']:.2f} TB/s " + (f"{r['vs_triton']:.2f}x" if r["vs_triton"] else "")
+                if "ms" in r else r.get("error") or r.get("skipped"))
+        print(f"  {r['model']} B={r['B']} {r['impl']}: {what}")
     for w in result["warnings"]:
         print(f"warning seen: {w['category']}: {w['message'][:160]}")
     print(f"wrote {out_path} ({result['meta']['wall_s']:.0f} s; {len(result['warnings'])} distinct warnings)")
