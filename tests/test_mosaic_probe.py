@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks.mosaic_probe import CONFIGS as PROBE_CONFIGS
-from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels.decode_attention import mosaic
+from pallas_kernels.decode_attention import decode_attention_reference, mosaic
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ def test_unsupported_inputs_raise_not_implemented(case, match):
 @off_gpu
 def test_probe_exits_cleanly_off_gpu(tmp_path):
     out = tmp_path / "probe.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.mosaic_probe", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "benchmarks.mosaic_probe", "--out", str(out)], cwd=ROOT, check=False,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()

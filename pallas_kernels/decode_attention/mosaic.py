@@ -4,8 +4,8 @@ Triton backend, which JAX 0.11 deprecates (benchmarks/NOTES.md, "The Pallas Trit
 Not wired into the public `decode_attention` dispatch: it is measured against it by
 `benchmarks/mosaic_probe.py` on a GPU. Without one (tests/test_mosaic_probe.py) it is checked in the Mosaic
 GPU interpreter (with the two wgmma products as plain dots) and lowered for cuda to a Mosaic GPU custom call;
-it has not yet been compiled to a cubin or run on a GPU. Same inputs and output as the reference for the dense case
-(head_idx=None); head selection, splits over S and H in {80, 96} are follow-ups.
+it has not yet been compiled to a cubin or run on a GPU. Same inputs and output as the reference for the
+dense case (head_idx=None); head selection, splits over S and H in {80, 96} are follow-ups.
 
 Kernel (`plgpu.kernel`, grid (K, B), one warpgroup per program): program (k, b) copies the G query rows
 of group k (padded to 64 rows, the M of a Hopper wgmma, by the wrapper) into shared memory with TMA,
@@ -19,8 +19,8 @@ tensor-core work (64 / G times the needed FLOPs) but decode attention is bound b
 padded q in and o out add 2 x B*K*64*H elements of traffic (~3% at the probe's shapes).
 
 Blocks past lengths[b] are not fetched (the pipeline grid is cdiv(length, block_s), at least 1) unless
-`dynamic_grid=False`, which streams all S positions and masks (a fallback if a dynamic pipeline grid
-does not lower).
+`dynamic_grid=False`, which streams all S positions and masks (a fallback in case a dynamic pipeline
+grid fails to compile on the GPU).
 
 Importing this module is safe anywhere: `jax.experimental.pallas.mosaic_gpu` is imported inside the
 call, which raises NotImplementedError where Mosaic GPU cannot run (no CUDA GPU of compute capability
@@ -30,7 +30,6 @@ call, which raises NotImplementedError where Mosaic GPU cannot run (no CUDA GPU 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -88,7 +87,7 @@ def _interpret_params(interpret):
 
 def _check_supported(q, k_cache, head_idx, cfg: MosaicAttentionConfig):
     """Raise NotImplementedError for what the prototype does not handle (the caller falls back)."""
-    B, N, H = q.shape
+    _, N, H = q.shape
     S = k_cache.shape[-2]
     if head_idx is not None:
         raise NotImplementedError("the Mosaic GPU prototype computes every head (head_idx=None) only")
