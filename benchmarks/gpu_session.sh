@@ -10,6 +10,7 @@
 #                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 #   bash benchmarks/gpu_session.sh parts                       # only gather carried file parts (see below)
 #   bash benchmarks/gpu_session.sh evals OUT [LIMIT]           # lm-eval accuracy table -> OUT/eval_tasks.*
+#                                                              # (OUT/eval_tasks_cpu.* without a GPU)
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
@@ -140,7 +141,7 @@ case "$phase" in
     mkdir -p "$stage"
     # A run cut short (a timeout, the device time) resumes: eval_tasks --resume keeps the runs its partial file
     # holds when the settings match.
-    cp "$out.failed/eval_tasks.partial.json" "$stage/" 2>/dev/null && echo "== resuming from $out.failed" || true
+    cp "$out.failed"/eval_tasks*.partial.json "$stage/" 2>/dev/null && echo "== resuming from $out.failed" || true
     rm -rf "$out.failed"
     trap 'rc=$?; if [ $rc -ne 0 ] && [ -d "$stage" ]; then mv "$stage" "$out.failed"; echo "!! nothing written to $out; partial files in $out.failed"; fi' EXIT
     wheels eval lm_eval,gguf
@@ -149,10 +150,10 @@ case "$phase" in
     if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'cpu')" 2>/dev/null; then
       # CPU: fp32 (XLA's CPU backend has no bf16 x bf16 -> f32 dots); a check, not a timed run (--limit 3 of
       # every task takes ~10 minutes on 2 cores)
-      dtype=fp32 batch=64 hf_batches=16 eval_limit=3600
+      dtype=fp32 batch=64 hf_batches=16 eval_limit=3600 name=eval_tasks_cpu
     else
       # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
-      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=540
+      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=540 name=eval_tasks
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}  # the rest for torch (hf)
     fi
     # Compiled programs kept in ~ (warm machine): a retry after a timeout skips the compilation it already did.
@@ -167,7 +168,7 @@ case "$phase" in
     [ -d "$tasks_dir" ] || tasks_dir=${POLAR_EVALS_DIR:-../shared/evals}
     step "$eval_limit" python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
       --tasks-dir "$tasks_dir" ${limit:+--limit "$limit"} --batch-size "$batch" --hf "$gguf" \
-      --hf-batch-sizes "$hf_batches" --out "$stage/eval_tasks" --resume
+      --hf-batch-sizes "$hf_batches" --out "$stage/$name" --resume
     publish "$stage"
     ;;
   serve)
