@@ -329,3 +329,31 @@ def test_model_args_reach_polar(tmp_path):
         PolarLM((cfg, init_params(cfg, jax.random.key(0)), object()), attn="router", attn_density=0.5)
     with pytest.raises(ValueError, match="unknown polar model_args: dtype"):
         PolarLM.create_from_arg_string(f"model={tmp_path},dtype=bf16", {"batch_size": 1, "device": None})
+
+
+def test_model_time_counts_only_the_lm_request_methods():
+    """evaluate()'s model_seconds: the time inside loglikelihood / loglikelihood_rolling / generate_until,
+    each call's result passed through unchanged."""
+    import time
+
+    from polar_jax.evals.run import _time_requests
+
+    class Slow:
+        def loglikelihood(self, reqs):
+            time.sleep(0.05)
+            return [(-1.0, True)] * len(reqs)
+
+        def loglikelihood_rolling(self, reqs):
+            time.sleep(0.03)
+            return [-2.0] * len(reqs)
+
+        def generate_until(self, reqs):
+            return ["x"] * len(reqs)
+
+    lm = Slow()
+    clock = _time_requests(lm)
+    time.sleep(0.1)  # outside the methods: not counted
+    assert lm.loglikelihood([1, 2]) == [(-1.0, True)] * 2
+    assert lm.loglikelihood_rolling([1]) == [-2.0]
+    assert lm.generate_until([1]) == ["x"]
+    assert 0.08 <= clock[0] < 0.15

@@ -158,13 +158,22 @@ def loglikelihood(cfg: ModelConfig, params: dict, requests: Sequence[tuple[Seque
 
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     key = jax.random.key(seed)
+
+    def collect(rows, lp, greedy):
+        lp, greedy = np.asarray(lp), np.asarray(greedy)
+        for r, i in enumerate(rows):
+            out[i] = (float(lp[r]), bool(greedy[r]))
+
+    in_flight = None  # one batch stays in flight: the host packs batch b + 1 while the device scores batch b
     for b, qs in enumerate(tqdm(batches, desc="loglikelihood", unit="batch", disable=not progress)):
         p = _pack(cfg, requests, qs, batch_size, page_size)
         arrays = (p.ctx_tokens, p.ctx_lens, p.ctx_table, p.row_table, p.copy_src, p.copy_dst, p.row_q, p.inputs,
                   p.targets, p.cont_lens)
-        lp, greedy = _score_jit(params, *map(jnp.asarray, arrays), jax.random.fold_in(key, b), cfg=cfg,
-                                sparsity=sparsity, num_pages=p.num_pages, page_size=page_size)
-        lp, greedy = np.asarray(lp), np.asarray(greedy)
-        for r, i in enumerate(p.rows):
-            out[i] = (float(lp[r]), bool(greedy[r]))
+        launched = (p.rows, *_score_jit(params, *map(jnp.asarray, arrays), jax.random.fold_in(key, b), cfg=cfg,
+                                        sparsity=sparsity, num_pages=p.num_pages, page_size=page_size))
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = launched
+    if in_flight is not None:
+        collect(*in_flight)
     return out

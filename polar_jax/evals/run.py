@@ -32,13 +32,15 @@ def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limi
     lm: an lm-eval LM (a PolarLM, or lm-eval's own `hf` for a side-by-side). stderr: lm-eval's (the sample
     standard error for acc; a bootstrap of `bootstrap_iters` for perplexity). preds, in document order: the
     argmax choice (multiple choice) or whether greedy decoding reproduced the target (lambada), so two runs
-    can be compared item by item.
+    can be compared item by item. "_timing" also has "model_seconds" and "model_requests_per_s": the time
+    inside the LM's request methods alone.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     tasks = build_tasks(names, folder)
+    model_seconds = _time_requests(lm)
     t0 = time.perf_counter()
     res = simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                           task_manager=TaskManager(include_defaults=False))
@@ -54,8 +56,28 @@ def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limi
         preds = [int(bool(x["filtered_resps"][0][1])) if greedy else
                  int(np.argmax([float(ll) for ll, _ in x["filtered_resps"]])) for x in samples]
         out[name] = {"metrics": metrics, "stderr": stderr, "n": res["n-samples"][name]["effective"], "preds": preds}
-    out["_timing"] = {"seconds": seconds, "requests": n_requests, "requests_per_s": n_requests / seconds}
+    out["_timing"] = {"seconds": seconds, "requests": n_requests, "requests_per_s": n_requests / seconds,
+                      "model_seconds": model_seconds[0],
+                      "model_requests_per_s": n_requests / max(model_seconds[0], 1e-9)}
     return out
+
+
+def _time_requests(lm) -> list[float]:
+    """Time spent inside the LM's request methods (a one-element list, added to as lm-eval calls them): the
+    model's share of an evaluation, apart from lm-eval's own work (documents, prompts, metrics)."""
+    clock = [0.0]
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(lm, name)
+
+        def timed(*args, _method=method, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                clock[0] += time.perf_counter() - t0
+
+        setattr(lm, name, timed)  # an instance attribute: lm-eval looks the method up on the instance
+    return clock
 
 
 def markdown(rows: list[dict], metric_order=("acc", "acc_norm", "perplexity")) -> str:
