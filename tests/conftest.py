@@ -1,12 +1,25 @@
 """Test-session settings.
 
-JAX's persistent compilation cache stays off in the test process: the engine turns it on for users
-(polar_jax/engine/llm_engine.py), and once on it is process-wide, so every later test would read and
-write executables in the user's cache folder. A full run here once died in a segmentation fault while
-deserialising such an entry; tests must not depend on what other processes left on disk. Servers and CLI
-runs that tests start as subprocesses keep the engine's default.
+- JAX's persistent compilation cache stays off in the test process: the engine turns it on for users
+  (polar_jax/engine/llm_engine.py), and once on it is process-wide, so every later test would read and
+  write executables in the user's cache folder. Servers and CLI runs that tests start as subprocesses keep
+  the engine's default.
+- JAX's in-memory caches are cleared after each test module. A full run compiles thousands of programs,
+  and every CPU executable keeps its code mapped: the whole suite in one process died in a segmentation
+  fault inside XLA's compiler near its end (the same test passes in a shorter run). Each module's programs
+  are its own, so little is recompiled.
 """
 
+import gc
+
 import jax
+import pytest
 
 jax.config.update("jax_enable_compilation_cache", False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    jax.clear_caches()
+    gc.collect()
