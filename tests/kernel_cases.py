@@ -22,6 +22,34 @@ def new_key() -> jax.Array:
     return jax.random.key(new_seed())
 
 
+def normal(shape, dtype, scale=1.0):
+    """Fresh standard normals (times scale) in dtype."""
+    return (scale * jax.random.normal(new_key(), shape, jnp.float32)).astype(dtype)
+
+
+def as_f32(a):
+    return None if a is None else a.astype(jnp.float32)
+
+
+def neuron_ids(F, C):
+    """[C] int32: a fresh duplicate-free draw from range(F)."""
+    return jax.random.permutation(new_key(), F)[:C].astype(jnp.int32)
+
+
+def mlp_inputs(B, D, F, C, dtype, *, gated=False, bias=False, L=None, bias_scale=0.1):
+    """Selective-MLP inputs: x [B, D], w_up / w_gate / w_down [(L,) F, D], biases, and idx [C] (neuron_ids)."""
+    lead = () if L is None else (L,)
+    return dict(
+        x=normal((B, D), dtype),
+        w_up=normal(lead + (F, D), dtype, D ** -0.5),
+        w_gate=normal(lead + (F, D), dtype, D ** -0.5) if gated else None,
+        w_down=normal(lead + (F, D), dtype, C ** -0.5),
+        b_up=normal(lead + (F,), dtype, bias_scale) if bias else None,
+        b_down=normal(lead + (D,), dtype, bias_scale) if bias else None,
+        idx=neuron_ids(F, C),
+    )
+
+
 class BoundsChecked:
     """Stands in for `jax.experimental.pallas.triton` inside a kernel module (monkeypatch its `plgpu`) in
     interpret mode: every plgpu.load / plgpu.store records whether a lane it does not mask off indexes

@@ -22,28 +22,12 @@ from pallas_kernels.selective_gemm import (
     selective_mlp_reference,
 )
 from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET
-from tests.kernel_cases import new_key as _key
+from tests.kernel_cases import as_f32 as _f32, mlp_inputs, neuron_ids, normal as _normal
 from tests.tolerances import assert_close
 
 
-def _normal(shape, dtype, scale=1.0):
-    return (scale * jax.random.normal(_key(), shape, jnp.float32)).astype(dtype)
-
-
-def _f32(a):
-    return None if a is None else a.astype(jnp.float32)
-
-
 def _make(B, D, F, C, dtype, *, gated, bias, L=None):
-    lead = () if L is None else (L,)
-    return dict(
-        w_up=_normal(lead + (F, D), dtype, D ** -0.5),
-        w_gate=_normal(lead + (F, D), dtype, D ** -0.5) if gated else None,
-        w_down=_normal(lead + (F, D), dtype, C ** -0.5),
-        b_up=_normal(lead + (F,), dtype, 0.5) if bias else None,
-        b_down=_normal(lead + (D,), dtype, 0.5) if bias else None,
-        idx=jax.random.permutation(_key(), F)[:C].astype(jnp.int32),
-    )
+    return mlp_inputs(B, D, F, C, dtype, gated=gated, bias=bias, L=L, bias_scale=0.5)  # biases that show
 
 
 def _counts(C):
@@ -111,7 +95,7 @@ def test_layer_scan(interpret, gated):
     """Stacked [L, F, D] weights with the layer traced inside a jitted lax.scan: layer l uses its own rows."""
     B, D, F, C, L = 5, 48, 200, 64, 3
     p = _make(B, D, F, C, F16, gated=gated, bias=not gated, L=L)
-    idx = jnp.stack([jax.random.permutation(_key(), F)[:C].astype(jnp.int32) for _ in range(L)])  # [L, C]
+    idx = jnp.stack([neuron_ids(F, C) for _ in range(L)])  # [L, C]
     counts = jnp.array([37, C, 1], jnp.int32)
 
     def stacked(x):

@@ -23,39 +23,14 @@ from pallas_kernels.selective_gemm import (
     selective_down, selective_down_reference, selective_mlp, selective_mlp_reference, selective_up,
     selective_up_reference,
 )
-from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, new_key as _key
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET
+from tests.kernel_cases import as_f32 as _f32, mlp_inputs as _make, neuron_ids as _idx, normal as _normal
 from tests.tolerances import assert_close
 
 
 
-def _normal(shape, dtype, scale=1.0):
-    return (scale * jax.random.normal(_key(), shape, jnp.float32)).astype(dtype)
-
-
-def _idx(F, C):
-    return jax.random.permutation(_key(), F)[:C].astype(jnp.int32)
-
-
 def _counts(C):
     return sorted({0, 1, (C // 2) | 1, C} & set(range(C + 1)))
-
-
-def _f32(a):
-    return None if a is None else a.astype(jnp.float32)
-
-
-def _make(B, D, F, C, dtype, *, gated=False, bias=False, L=None):
-    lead = () if L is None else (L,)
-    p = dict(
-        x=_normal((B, D), dtype),
-        w_up=_normal(lead + (F, D), dtype, D ** -0.5),
-        w_gate=_normal(lead + (F, D), dtype, D ** -0.5) if gated else None,
-        w_down=_normal(lead + (F, D), dtype, C ** -0.5),
-        b_up=_normal(lead + (F,), dtype, 0.1) if bias else None,
-        b_down=_normal(lead + (D,), dtype, 0.1) if bias else None,
-        idx=_idx(F, C),
-    )
-    return p
 
 
 def _check_zero_tail(h, count):
