@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks and measures, in phases that each fit one 10-minute device call:
-#   bash benchmarks/gpu_session.sh tests                       # GPU test set + kernel tests compiled on the GPU
+#   bash benchmarks/gpu_session.sh tests [OUT]                 # GPU test set + kernel tests compiled on the GPU
+#                                                              # (OUT: the updated ledger, to commit)
 #   bash benchmarks/gpu_session.sh kernels OUT                 # kernel sweep -> OUT/kernels*.{json,md,png}
 #   bash benchmarks/gpu_session.sh e2e OUT [dense|sparse|all] [GGUF]
 #                                                              # (GGUF: convert SmolLM2 first) end-to-end decode
@@ -14,8 +15,10 @@
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
-# The benchmark phases refuse to run unless `tests` passed on this machine for exactly these sources (a
-# stamp under benchmarks/results/tmp/, which git ignores); `evals` does not (its `hf` parity column checks the
+# The benchmark phases refuse to run unless `tests` passed for exactly these sources: on this machine (a stamp
+# under benchmarks/results/tmp/, which git ignores), or on a GPU of the same name in an earlier session (a line of
+# the committed ledger benchmarks/results/logs/gpu_tests_passed.tsv: sources hash, GPU, date, jax; `tests OUT`
+# adds one and copies the ledger into OUT to be committed); `evals` does not (its `hf` parity column checks the
 # decode path it runs, and its 9-minute budget leaves no room for the tests). Every command runs under
 # `timeout`; the first failure (a test, a timeout, a benchmark that finds a figure above its ceiling) stops the
 # session. Results are written to a staging folder and copied into OUT only when the whole phase succeeded;
@@ -32,6 +35,7 @@ out=${2:-benchmarks/results}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 tmp=benchmarks/results/tmp
 stamp=$tmp/gpu_tests_passed
+ledger=benchmarks/results/logs/gpu_tests_passed.tsv
 mkdir -p "$tmp"
 
 sources_hash() {  # the files the GPU tests check: the model, the engine and the kernels (not the HTTP server,
@@ -61,11 +65,22 @@ publish() {  # publish STAGE: copy the staged results into OUT (only reached whe
   echo "== results written to $out: $(ls "$1" | tr '\n' ' ')"
 }
 
+gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true; }
+
 require_tests() {
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$(sources_hash)" ]; then
-    echo "!! the GPU tests have not passed on this machine for these sources: run 'bash benchmarks/gpu_session.sh tests' first"
-    exit 4
+  local hash
+  hash=$(sources_hash)
+  [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ] && return 0
+  local gpu entry
+  gpu=$(gpu_name)
+  entry=$(awk -F'\t' -v h="$hash" -v g="$gpu" '$1 == h && $2 == g && g != ""' "$ledger" 2>/dev/null | tail -1)
+  if [ -n "$entry" ]; then
+    echo "== GPU tests passed for these sources ($hash) on a $gpu earlier: $(echo "$entry" | cut -f3-) (ledger $ledger)"
+    echo "$hash" > "$stamp"
+    return 0
   fi
+  echo "!! the GPU tests have not passed for these sources ($hash) on a ${gpu:-GPU}: run 'bash benchmarks/gpu_session.sh tests' first"
+  exit 4
 }
 
 wheels() {  # wheels NAME MODULES: install the carried wheel folder .whl/NAME into /tmp/site (laid anew each
@@ -99,7 +114,10 @@ case "$phase" in
       tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_paged_attention.py \
       tests/test_prefill_attention.py tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
     sources_hash > "$stamp"
-    echo "== GPU tests passed; stamp $(cat "$stamp")"
+    printf '%s\t%s\t%s\t%s\n' "$(cat "$stamp")" "$(gpu_name)" "$(date -u +%Y-%m-%dT%H:%MZ)" \
+      "jax $(python3 -c 'import jax; print(jax.__version__)')" >> "$ledger"
+    echo "== GPU tests passed; stamp $(cat "$stamp"); ledger line: $(tail -1 "$ledger")"
+    if [ -n "${2:-}" ]; then mkdir -p "$out" && cp "$ledger" "$out"/; fi
     ;;
   kernels)
     require_tests

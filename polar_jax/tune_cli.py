@@ -204,7 +204,7 @@ def add_commands(sub) -> None:
                    "exists) instead of the user cache")
     p.add_argument("--check", metavar="TABLE", help="instead: re-tune every key of TABLE (a shipped table of this "
                    f"device), timing its configs beside the candidates; exit 1 if any is more than "
-                   f"{TOLERANCE:.0%} slower than the best")
+                   f"{TOLERANCE * 100:.0f}%% slower than the best")
     p.add_argument("--resume", action="store_true", help="skip the keys the output file already holds (after a "
                    "run was cut off)")
     p.add_argument("--max-candidates", type=int, help="time at most this many candidates per key (the "

@@ -161,7 +161,8 @@ def test_mlp_kernel_clock_never_falls_back_to_wall(capsys):
     assert bench_mlp.clock_meta(set())["kernel_clock"] == "profiler"
 
 
-@pytest.mark.parametrize("module", ["kernels", "bench_attention", "bench_mlp", "generate", "profile_step"])
+@pytest.mark.parametrize("module", ["kernels", "bench_attention", "bench_mlp", "generate", "profile_step",
+                                    "profile_loglik"])
 def test_gpu_benchmarks_refuse_cpu_at_once(module, monkeypatch, capsys):
     """On CPU each GPU benchmark exits at once (no measuring) with one line naming --allow-cpu."""
     import importlib
@@ -170,10 +171,20 @@ def test_gpu_benchmarks_refuse_cpu_at_once(module, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [module])
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
-        main() if module not in ("generate", "profile_step") else main([])
+        main() if module not in ("generate", "profile_step", "profile_loglik") else main([])
     assert time.perf_counter() - t0 < 5
     assert "measures GPU kernels" in str(exc.value) and "--allow-cpu" in str(exc.value)
     assert capsys.readouterr().out == ""
+
+
+def test_profile_loglik_requests_share_contexts_per_question():
+    """The probe's requests: `choices` per question with one shared context, lengths inside the given ranges."""
+    from benchmarks.profile_loglik import make_requests
+
+    reqs = make_requests(1000, 5, 3, (4, 9), (1, 6), seed=1)
+    assert len(reqs) == 15 and len({c for c, _ in reqs}) == 5
+    assert all(reqs[3 * q][0] == reqs[3 * q + j][0] for q in range(5) for j in range(3))
+    assert all(4 <= len(c) <= 9 and 1 <= len(x) <= 6 for c, x in reqs)
 
 
 def test_random_cache_fills_kv_and_sets_lengths():

@@ -119,6 +119,33 @@ def _score(params, ctx_tokens, ctx_lens, ctx_table, row_table, copy_src, copy_ds
 _score_jit = jax.jit(_score, static_argnames=("cfg", "sparsity", "num_pages", "page_size"))
 
 
+def score_batch(cfg: ModelConfig, params: dict, p: _Batch, key, sparsity: SparsityConfig | None, page_size: int):
+    """Launch one packed batch on the device: (log-likelihood [R], greedy [R]), not waited for."""
+    arrays = (p.ctx_tokens, p.ctx_lens, p.ctx_table, p.row_table, p.copy_src, p.copy_dst, p.row_q, p.inputs,
+              p.targets, p.cont_lens)
+    return _score_jit(params, *map(jnp.asarray, arrays), key, cfg=cfg, sparsity=sparsity, num_pages=p.num_pages,
+                      page_size=page_size)
+
+
+def plan_batches(requests, batch_size: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """Batches of questions (context, indices of the requests with that context), up to batch_size rows each."""
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(requests):
+        by_ctx.setdefault(ctx, []).append(i)
+    # Longest first, so one batch's buckets fit its neighbours' and padding stays small.
+    questions = sorted(by_ctx.items(), key=lambda q: -(len(q[0]) + max(len(requests[i][1]) for i in q[1])))
+    batches, cur, n = [], [], 0
+    for q in questions:
+        if cur and n + len(q[1]) > batch_size:
+            batches.append(cur)
+            cur, n = [], 0
+        cur.append(q)
+        n += len(q[1])
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def loglikelihood(cfg: ModelConfig, params: dict, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                   sparsity: SparsityConfig | None = None, batch_size: int = 32, seed: int = 0,
                   page_size: int = PAGE_SIZE, progress: bool = False) -> list[tuple[float, bool]]:
@@ -141,21 +168,7 @@ def loglikelihood(cfg: ModelConfig, params: dict, requests: Sequence[tuple[Seque
             raise ValueError(f"request {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     if sparsity is not None:
         check_routers(cfg, params, sparsity)
-    by_ctx: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, _) in enumerate(requests):
-        by_ctx.setdefault(ctx, []).append(i)
-    # Longest first, so one batch's buckets fit its neighbours' and padding stays small.
-    questions = sorted(by_ctx.items(), key=lambda q: -(len(q[0]) + max(len(requests[i][1]) for i in q[1])))
-    batches, cur, n = [], [], 0
-    for q in questions:
-        if cur and n + len(q[1]) > batch_size:
-            batches.append(cur)
-            cur, n = [], 0
-        cur.append(q)
-        n += len(q[1])
-    if cur:
-        batches.append(cur)
-
+    batches = plan_batches(requests, batch_size)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     key = jax.random.key(seed)
 
@@ -167,10 +180,7 @@ def loglikelihood(cfg: ModelConfig, params: dict, requests: Sequence[tuple[Seque
     in_flight = None  # one batch stays in flight: the host packs batch b + 1 while the device scores batch b
     for b, qs in enumerate(tqdm(batches, desc="loglikelihood", unit="batch", disable=not progress)):
         p = _pack(cfg, requests, qs, batch_size, page_size)
-        arrays = (p.ctx_tokens, p.ctx_lens, p.ctx_table, p.row_table, p.copy_src, p.copy_dst, p.row_q, p.inputs,
-                  p.targets, p.cont_lens)
-        launched = (p.rows, *_score_jit(params, *map(jnp.asarray, arrays), jax.random.fold_in(key, b), cfg=cfg,
-                                        sparsity=sparsity, num_pages=p.num_pages, page_size=page_size))
+        launched = (p.rows, *score_batch(cfg, params, p, jax.random.fold_in(key, b), sparsity, page_size))
         if in_flight is not None:
             collect(*in_flight)
         in_flight = launched
