@@ -39,9 +39,10 @@ ledger=benchmarks/results/logs/gpu_tests_passed.tsv
 mkdir -p "$tmp"
 
 sources_hash() {  # the files the GPU tests check: the model, the engine and the kernels (not the HTTP server,
-  # the evaluation front end or the benchmark scripts, which the tests do not run on the GPU)
+  # the evaluation front end, the command lines or the benchmark scripts, which the tests do not run on the GPU)
   find polar_jax pallas_kernels -name '*.py' -not -path 'polar_jax/server/*' -not -path 'polar_jax/evals/*' \
-    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
+    -not -path polar_jax/cli.py -not -path polar_jax/tune_cli.py | LC_ALL=C sort | xargs sha256sum | sha256sum \
+    | cut -c1-16
 }
 
 quiet() { grep -v "^W0000\|^WARNING: All log messages before absl" || true; }  # drop XLA's C++ log lines only
