@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.common import add_device_args, device_name, require_gpu
 from benchmarks.serve_offline import DTYPE, run_workload
 from polar_jax import SamplingParams, init_params, preset
+from polar_jax.cache import pages_for
 from polar_jax.engine.llm_engine import LLMEngine
 
 STEP_LIMIT = 10_000  # steps any one reference may take; more means the engine stopped making progress
@@ -69,12 +70,23 @@ def first_token_reference(eng: LLMEngine, chunk: int, vocab: int, reps: int = 5)
 
 def decode_reference(eng: LLMEngine, batches: list[int], ctx: int, vocab: int, warm: int = 2,
                      timed: int = 8) -> dict[int, float]:
-    """{batch: median ms of a pure decode step}, each sequence about `ctx` tokens into its context."""
-    top = max(batches)
+    """{batch: median ms of a pure decode step}, each sequence about `ctx` tokens into its context.
+
+    Batches whose sequences the KV pool cannot hold at that context are skipped (the engine never runs them
+    there either: it preempts first)."""
     cap = eng.config.max_model_len - ctx
-    if cap < len(batches) * (warm + timed) + 2:
+    grown = len(batches) * (warm + timed) + 2  # tokens each sequence gains while the batches are timed
+    if cap < grown:
         raise ValueError(f"--ref-context {ctx} leaves {cap} output tokens below max_model_len: too few to time "
                          f"{len(batches)} batches")
+    fit = eng.config.num_pages // pages_for(ctx + grown, eng.config.page_size)
+    if fit < 1:
+        raise ValueError(f"the KV pool ({eng.config.num_pages} pages) cannot hold one sequence of context {ctx}")
+    if fit < max(batches):
+        print(f"decode reference: the KV pool holds {fit} sequences of context {ctx}; batch {fit} timed instead "
+              f"of the larger ones", flush=True)
+        batches = sorted({b for b in batches if b <= fit} | {fit})
+    top = max(batches)
     rng = np.random.default_rng(4)
     ids = [f"dec{i}" for i in range(top)]
     for rid in ids:
