@@ -5,7 +5,8 @@ registry and whatever was registered by modules imported before. This module is 
 by polar_lm_eval_plugin.pth (installed into site-packages beside it) and leaves one import hook on
 sys.meta_path. When `lm_eval.models` is imported, the hook lets that import run and then registers `polar` as
 lm-eval's lazy placeholder "polar_jax.evals.lm:PolarLM", so nothing of polar-jax (or JAX) is imported until
-someone asks for the model; then the hook removes itself.
+someone asks for the model. The hook removes itself as it fires. (`lm_eval.models`, not the registry module: a
+registry that is not empty keeps `get_model` from importing lm-eval's own table, and `hf` would go missing.)
 
 It costs one string comparison per import until then, and it never breaks an interpreter: if anything goes
 wrong (lm-eval missing or of another layout, registration refused), `polar` stays unregistered and lm-eval
