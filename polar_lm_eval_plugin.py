@@ -67,19 +67,15 @@ class _Hook:
 
 
 def install() -> None:
-    """Put the hook first on sys.meta_path (once)."""
-    if TRIGGER in sys.modules:  # imported already (this module imported late): register directly
-        try:
-            register()
-        except Exception:  # noqa: BLE001
-            pass
-        return
+    """Put the hook first on sys.meta_path (once); it must come before `lm_eval.models` is imported."""
     if not any(isinstance(f, _Hook) for f in sys.meta_path):
         sys.meta_path.insert(0, _Hook())
 
 
 def uninstall() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Hook)]
+    # A new list, not an edit in place: the import machinery is iterating over the old one right now, and
+    # removing an entry under its feet would make it skip the next finder.
+    sys.meta_path = [f for f in sys.meta_path if not isinstance(f, _Hook)]
 
 
 install()
