@@ -40,6 +40,18 @@ def cmd_eval_tasks(args) -> None:
         print(f"wrote {out}")
 
 
+class _PrintIncludePath(argparse.Action):
+    """Prints the folder of this package's lm-eval task YAMLs and exits, before the required flags are checked
+    (like --version): `lm_eval --model polar ... --include_path "$(polar eval tasks --print-include-path)"`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(Path(__file__).parent / "tasks")
+        parser.exit()
+
+
 def add_tasks_command(eval_subparsers) -> argparse.ArgumentParser:
     """Add `tasks` to the subparsers of `polar eval`; returns its parser."""
     p = eval_subparsers.add_parser(
@@ -60,5 +72,7 @@ fed one token per step through the sparse decode kernels. Tasks are NAME.jsonl f
     p.add_argument("--batch-size", type=int, default=32, help="continuation rows per device call (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head source (default 0)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--print-include-path", action=_PrintIncludePath,
+                   help="print the folder of the task YAMLs for lm-eval's --include_path (then exit)")
     p.set_defaults(func=cmd_eval_tasks)
     return p

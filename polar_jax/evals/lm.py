@@ -1,13 +1,15 @@
 """The lm-evaluation-harness model `polar`: loglikelihood through the decode path, generation through LLM.
 
-    python -m polar_jax.evals.lm_eval_main --model polar \
+    lm_eval --model polar \
         --model_args model=models/smollm2-135m-instruct,sparsity=sparsity.json,batch_size=32 \
-        --include_path polar_jax/evals/tasks --tasks piqa,arc_easy
+        --include_path "$(polar eval tasks --print-include-path)" --tasks piqa,arc_easy
 
-Importing this module registers `polar` with lm-eval (lm-eval 0.4 has no plugin discovery for models, hence
-the lm_eval_main wrapper). Tokenisation follows lm-eval's `hf` model: context and continuation are encoded
-together and split at the context's tokens, without special tokens; an empty context is the prefix token
-(BOS, else EOS); a too-long request loses tokens from the left of its context.
+Importing this module registers `polar` with lm-eval. lm-eval 0.4 has no plugin discovery for models: a plain
+`lm_eval` finds `polar` through polar_lm_eval_plugin (an import hook that an installed polar-jax's .pth file
+sets up), and polar_jax.evals.lm_eval_main imports this module itself. Tokenisation follows lm-eval's `hf`
+model: context and continuation are encoded together and split at the context's tokens, without special
+tokens; an empty context is the prefix token (BOS, else EOS); a too-long request loses tokens from the left of
+its context.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
     python -m polar_jax.evals.lm_eval_main --model polar --model_args model=DIR,batch_size=32 \
         --tasks piqa,arc_easy --limit 100          # (also installed as `polar-lm-eval`)
 
-lm-eval 0.4 finds models only in its own static table, so a plain `lm_eval --model polar` cannot see an
-out-of-tree model until something imports it; this wrapper imports polar_jax.evals.lm first and adds
-polar_jax/evals/tasks to --include_path unless one is given. Task data: $POLAR_EVALS_DIR.
+An installed polar-jax also makes lm-eval's own `lm_eval --model polar` work (polar_lm_eval_plugin, imported
+at start by a .pth file); that one needs `--include_path "$(polar eval tasks --print-include-path)"` for these
+tasks. This wrapper adds polar_jax/evals/tasks to --include_path unless one is given, keeps the Hugging Face
+hub offline, and registers `polar` by importing polar_jax.evals.lm itself, so it also works where the .pth
+is not installed (a checkout on PYTHONPATH). Task data: $POLAR_EVALS_DIR.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every input is local; lm-eval would otherwise probe the hub
     from lm_eval.__main__ import cli_evaluate
 
+    # lm-eval's own models first: with `polar` alone in the registry, get_model would never load lm-eval's
+    # table and `--model hf` would be unknown.
+    import lm_eval.models  # noqa: F401
     import polar_jax.evals.lm  # noqa: F401  (registers `polar`)
 
     argv = list(sys.argv[1:] if argv is None else argv)
