@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     pack_s = device_s = 0.0
     for b, qs in enumerate(batches):
         t0 = time.perf_counter()
-        p = loglik._pack(cfg, reqs, qs, args.batch_size, PAGE_SIZE)
+        p = loglik._pack(cfg, reqs, qs, PAGE_SIZE)
         t1 = time.perf_counter()
         jax.block_until_ready(loglik.score_batch(cfg, params, p, jax.random.fold_in(key, b), None, PAGE_SIZE))
         t2 = time.perf_counter()

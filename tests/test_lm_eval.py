@@ -84,7 +84,7 @@ def test_choices_share_the_context_pages():
     cfg, Z = preset("tiny-llama-gqa"), 8
     ctx_a, ctx_b = tuple(range(1, 2 * Z + 4)), tuple(range(1, Z + 1))  # 2Z+2 and Z-1 tokens prefilled
     reqs = [(ctx_a, (5, 6)), (ctx_a, (7,)), (ctx_a, (8, 9, 10)), (ctx_b, (11,))]
-    b = _pack(cfg, reqs, [(ctx_a, [0, 1, 2]), (ctx_b, [3])], batch_rows=4, page_size=Z)
+    b = _pack(cfg, reqs, [(ctx_a, [0, 1, 2]), (ctx_b, [3])], page_size=Z)
     np.testing.assert_array_equal(b.ctx_lens[:2], [2 * Z + 2, Z - 1])
     for r in range(3):  # question a: two full pages shared, the partial third page copied per row
         np.testing.assert_array_equal(b.row_table[r, :2], b.ctx_table[0, :2])
@@ -287,6 +287,26 @@ def test_dense_polar_equals_hf(smollm2):
         n = np.array([len(c) - 1 for c in choices])
         sl = slice(start, start + len(choices))
         assert g[sl].argmax() == w[sl].argmax() and (g[sl] / n).argmax() == (w[sl] / n).argmax()
+
+
+def test_batched_tokenisation_equals_lm_evals_own(smollm2):
+    """PolarLM.loglikelihood encodes all strings in one batch call: the token ids _loglikelihood_tokens gets are
+    those of lm-eval's TemplateLM.loglikelihood (one _encode_pair per request), spaces, empty contexts and all."""
+    from lm_eval.api.model import TemplateLM
+
+    from polar_jax.evals.lm import PolarLM
+
+    lm = PolarLM(smollm2[1], batch_size=8)
+    args = [("Question: why?\nAnswer:", " Because."), ("Question: why?\nAnswer:", " Since  it rains"),
+            ("Trailing spaces   ", "word"), ("", "An empty context"), ("", "\n"), ("Ünïcode — dash ", " é"),
+            ("Two\n\n", "lines\n"), ("x", "y"), ("Question: why?\nAnswer: ", "Because.")]
+    reqs = [Instance("loglikelihood", {}, a, 0) for a in args]
+    seen = {}
+    lm._loglikelihood_tokens = lambda r, **kw: seen.setdefault("got" if "got" not in seen else "want", r)
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    TemplateLM.loglikelihood(lm, reqs, disable_tqdm=True)
+    assert seen["got"] == seen["want"]
+    assert [r[0] for r in seen["got"]] == args  # the cache key stays the request's own (context, continuation)
 
 
 def test_polar_eval_tasks_front_door(smollm2, tmp_path):

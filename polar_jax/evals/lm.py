@@ -102,6 +102,36 @@ class PolarLM(TemplateLM):
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's TemplateLM.loglikelihood with the tokenisation batched: every distinct string (the choices
+        of a question share a context) encoded once, in one call of the tokenizer's batch encoder. The token ids
+        are those of TemplateLM's one-by-one `_encode_pair`: trailing spaces of a context move to its
+        continuation, context + continuation is encoded whole and split at the context's length, and an empty
+        context becomes the prefix token."""
+        pairs = [req.args for req in requests]
+        plans = []  # per request: (context as encoded or None when empty, the whole string encoded)
+        for context, continuation in pairs:
+            if context == "":
+                plans.append((None, continuation))
+                continue
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            plans.append((context, context + continuation))
+        texts = list(dict.fromkeys(t for plan in plans for t in plan if t is not None))
+        enc = dict(zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+        new_reqs = []
+        for pair, (context, whole) in zip(pairs, plans):
+            if context is None:
+                cont = enc[whole]
+                ctx_enc, cont_enc = (([self.prefix_token_id], cont) if self.prefix_token_id != cont[0]
+                                     else (cont[:1], cont[1:]))
+            else:
+                ctx_enc = enc[context]
+                cont_enc = enc[whole][len(ctx_enc):]
+            new_reqs.append((pair, ctx_enc, cont_enc))
+        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = []
         for _, ctx, cont in requests:

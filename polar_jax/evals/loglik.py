@@ -48,12 +48,11 @@ class _Batch:
     rows: list[int]  # request index of each real row, in row order
 
 
-def _pack(cfg: ModelConfig, requests, questions: list[tuple[tuple[int, ...], list[int]]], batch_rows: int,
-          page_size: int) -> _Batch:
+def _pack(cfg: ModelConfig, requests, questions: list[tuple[tuple[int, ...], list[int]]], page_size: int) -> _Batch:
     """Lay out questions (context, request indices) as one batch of padded arrays and page tables."""
     Z = page_size
     n_rows = sum(len(idx) for _, idx in questions)
-    R = bucket(max(n_rows, batch_rows), minimum=1)
+    R = bucket(n_rows, minimum=1)  # a short last batch is not padded to the full batch size
     Q = bucket(len(questions), minimum=1)
     Tp = bucket(max(len(c) - 1 for c, _ in questions), minimum=Z)
     Tc = bucket(max(len(requests[i][1]) for _, idx in questions for i in idx), minimum=4)
@@ -179,7 +178,7 @@ def loglikelihood(cfg: ModelConfig, params: dict, requests: Sequence[tuple[Seque
 
     in_flight = None  # one batch stays in flight: the host packs batch b + 1 while the device scores batch b
     for b, qs in enumerate(tqdm(batches, desc="loglikelihood", unit="batch", disable=not progress)):
-        p = _pack(cfg, requests, qs, batch_size, page_size)
+        p = _pack(cfg, requests, qs, page_size)
         launched = (p.rows, *score_batch(cfg, params, p, jax.random.fold_in(key, b), sparsity, page_size))
         if in_flight is not None:
             collect(*in_flight)
