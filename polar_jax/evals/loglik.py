@@ -131,8 +131,9 @@ def plan_batches(requests, batch_size: int) -> list[list[tuple[tuple[int, ...], 
     by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(requests):
         by_ctx.setdefault(ctx, []).append(i)
-    # Longest first, so one batch's buckets fit its neighbours' and padding stays small.
-    questions = sorted(by_ctx.items(), key=lambda q: -(len(q[0]) + max(len(requests[i][1]) for i in q[1])))
+    # Longest continuation first (a batch takes as many decode steps as its longest), then longest context, so
+    # that each batch's buckets fit its own questions and padding stays small.
+    questions = sorted(by_ctx.items(), key=lambda q: (-max(len(requests[i][1]) for i in q[1]), -len(q[0])))
     batches, cur, n = [], [], 0
     for q in questions:
         if cur and n + len(q[1]) > batch_size:
