@@ -200,24 +200,34 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: int = 0,
-            expect=None) -> tuple[float, Any]:
-    """(median ms per kernel call, output on the first input set) of one config on fresh random inputs
-    of the shape class.
-
-    Input sets are drawn until they hold ROTATE_BYTES (at least 2, at most 16; 2 in interpret mode), so
-    no call finds its operands in L2; one jitted function calls the kernel once per set (as the
-    benchmarks' chains do), so the host's dispatch is paid once per len(sets) kernels. With `expect`
-    (the first candidate's output), an output that differs from it raises ValueError: a config that
-    computes something else is never kept, however fast."""
-    interpret = _interpret()
+def _input_sets(t: Tunable, shape_class: dict, seed: int = 0) -> list:
+    """Fresh random input sets of a shape class, drawn until they hold ROTATE_BYTES (at least 2, at most 16;
+    2 in interpret mode), so that no call of a chain over them finds its operands in L2."""
     key = jax.random.key(seed)
     sets = [t.make_inputs(shape_class, jax.random.fold_in(key, 0))]
     set_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(sets[0]))
-    most = 2 if interpret else 16   # interpret mode (tests): L2 means nothing, each set costs compile time
+    most = 2 if _interpret() else 16   # interpret mode (tests): L2 means nothing, each set costs compile time
     while len(sets) < min(most, max(2, -(-ROTATE_BYTES // max(1, set_bytes)))):
         sets.append(t.make_inputs(shape_class, jax.random.fold_in(key, len(sets))))
-    fn = jax.jit(lambda all_sets: [t.run(cfg, a, interpret) for a in all_sets])
+    return sets
+
+
+def _chain(t: Tunable, cfg):
+    """One jitted function calling the kernel once per input set (as the benchmarks' chains do), so the
+    host's dispatch is paid once per len(sets) kernels."""
+    interpret = _interpret()
+    return jax.jit(lambda all_sets: [t.run(cfg, a, interpret) for a in all_sets])
+
+
+def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: int = 0,
+            expect=None) -> tuple[float, Any]:
+    """(median ms per kernel call, output on the first input set) of one config on fresh random inputs
+    of the shape class (_input_sets, _chain).
+
+    With `expect` (the first candidate's output), an output that differs from it raises ValueError: a config
+    that computes something else is never kept, however fast."""
+    sets = _input_sets(t, shape_class, seed)
+    fn = _chain(t, cfg)
     out = np.asarray(jax.device_get(fn(sets)[0]), np.float32)
     if expect is not None:
         err = float(np.max(np.abs(out - expect)))
@@ -225,6 +235,31 @@ def measure(t: Tunable, cfg, shape_class: dict, *, reps: int, inner: int, seed: 
         if not err <= tol:
             raise ValueError(f"output differs from the first candidate's by {err:.3g} (tolerance {tol:.3g})")
     return time_fn(fn, [(sets,)], inner=inner, reps=reps, warmup=1) / len(sets), out
+
+
+def head_to_head(kernel: str, shape: dict, configs, *, rounds: int = 5, reps: int = 7, inner: int = 10,
+                 timer: Callable | None = None) -> list[float]:
+    """Median ms per call of each config, timed in alternation (A, B, A, B, ...) for `rounds` rounds on the
+    same inputs, every program compiled first.
+
+    For comparing two configs fairly: drift of the GPU's clocks hits both alike, and neither is the fastest
+    of many noisy timings (a re-tune's minimum is biased low by its number of candidates). timer(tunable,
+    config, shape class) -> ms replaces the measurement (tests)."""
+    t = KERNELS[kernel]
+    sc = t.bucket(**shape)
+    if timer is None:
+        sets = _input_sets(t, sc)
+        fns = {cfg: _chain(t, cfg) for cfg in configs}
+        for fn in fns.values():
+            jax.block_until_ready(fn(sets))
+
+        def timer(tt, cfg, s):
+            return time_fn(fns[cfg], [(sets,)], inner=inner, reps=reps, warmup=1) / len(sets)
+    samples = {cfg: [] for cfg in configs}
+    for _ in range(rounds):
+        for cfg in configs:
+            samples[cfg].append(float(timer(t, cfg, sc)))
+    return [statistics.median(samples[cfg]) for cfg in configs]
 
 
 def parse_class_key(ck: str) -> tuple[str, dict]:
