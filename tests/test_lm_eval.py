@@ -80,6 +80,28 @@ def test_decode_mode_equals_full_forward(tiny, sparsity):
     assert sum(g for _, g in got) >= 6  # the planted greedy continuations are recognised
 
 
+def test_batches_keep_choices_together_and_never_mix_step_buckets():
+    """plan_batches: every request in exactly one batch, a question's choices in one batch, at most batch_size
+    rows per batch (unless one question alone has more), and one continuation bucket (decode steps) per batch."""
+    from polar_jax.evals.loglik import plan_batches
+
+    rng = np.random.default_rng(5)
+    reqs = []
+    for q in range(40):
+        ctx = tuple(int(t) for t in rng.integers(3, 100, rng.integers(2, 30)))
+        lens = rng.integers(1, 4, rng.integers(1, 6)) if q % 5 else rng.integers(9, 40, 3)  # a long-answer tail
+        reqs += [(ctx, tuple(int(t) for t in rng.integers(3, 100, n))) for n in lens]
+    batches = plan_batches(reqs, batch_size=16)
+    rows = [i for b in batches for _, idx in b for i in idx]
+    assert sorted(rows) == list(range(len(reqs)))
+    for b in batches:
+        assert sum(len(idx) for _, idx in b) <= 16 or len(b) == 1
+        assert all(reqs[i][0] == ctx for ctx, idx in b for i in idx)
+        steps = {max(4, 1 << (max(len(reqs[i][1]) for i in idx) - 1).bit_length()) for _, idx in b}
+        assert len(steps) == 1, steps
+    assert len({ctx for b in batches for ctx, _ in b}) == sum(len(b) for b in batches)  # a context once
+
+
 def test_choices_share_the_context_pages():
     cfg, Z = preset("tiny-llama-gqa"), 8
     ctx_a, ctx_b = tuple(range(1, 2 * Z + 4)), tuple(range(1, Z + 1))  # 2Z+2 and Z-1 tokens prefilled

@@ -127,16 +127,22 @@ def score_batch(cfg: ModelConfig, params: dict, p: _Batch, key, sparsity: Sparsi
 
 
 def plan_batches(requests, batch_size: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
-    """Batches of questions (context, indices of the requests with that context), up to batch_size rows each."""
+    """Batches of questions (context, indices of the requests with that context), up to batch_size rows each.
+
+    Every row of a batch takes as many decode steps as the batch's longest continuation (its bucket), so
+    questions go longest continuation first (then longest context) and a batch never mixes continuation
+    buckets: the few questions with long answers do not make a full batch of short ones step as long."""
     by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(requests):
         by_ctx.setdefault(ctx, []).append(i)
-    # Longest continuation first (a batch takes as many decode steps as its longest), then longest context, so
-    # that each batch's buckets fit its own questions and padding stays small.
+
+    def steps(q):
+        return bucket(max(len(requests[i][1]) for i in q[1]), minimum=4)  # _pack's Tc
+
     questions = sorted(by_ctx.items(), key=lambda q: (-max(len(requests[i][1]) for i in q[1]), -len(q[0])))
     batches, cur, n = [], [], 0
     for q in questions:
-        if cur and n + len(q[1]) > batch_size:
+        if cur and (n + len(q[1]) > batch_size or steps(q) != steps(cur[0])):
             batches.append(cur)
             cur, n = [], 0
         cur.append(q)
