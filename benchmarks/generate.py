@@ -31,7 +31,6 @@ from benchmarks.shapes import DENSE_CASES, SPARSE_CASES, SPARSE_MODES
 from polar_jax import ModelConfig, SparsityConfig, forward, init_cache, init_params, preset
 
 DTYPE = jnp.bfloat16
-GPU_BYTES = None  # filled from the device at start
 
 
 def _nbytes(x) -> int:
@@ -154,7 +153,8 @@ def make_prefill_step(cfg: ModelConfig):
 
 def fits(cfg: ModelConfig, B: int, ctx: int) -> bool:
     shapes = jax.eval_shape(lambda: (init_params(cfg, jax.random.key(0), DTYPE), init_cache(cfg, B, ctx + 128, DTYPE)))
-    return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(shapes)) < 0.85 * GPU_BYTES
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16 << 30)  # 16 GiB where unknown (CPU)
+    return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(shapes)) < 0.85 * limit
 
 
 def load_model(name: str, smollm2_dir: str | None):
@@ -221,7 +221,6 @@ def _label(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    global GPU_BYTES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["dense", "sparse", "all"], default="all")
     ap.add_argument("--smollm2-dir", default="models/smollm2-135m-instruct",
@@ -232,8 +231,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.generate", args.allow_cpu)
     common.check_out_dir(Path(args.out))
-    stats = jax.devices()[0].memory_stats() or {}
-    GPU_BYTES = stats.get("bytes_limit", 16 << 30)
     ceiling = common.measure_ceiling()
     command = "python -m benchmarks.generate " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = dict(common.metadata(command.strip()), **common.ceiling_meta(ceiling), clocks=CLOCKS)

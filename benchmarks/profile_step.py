@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.bench_mlp import device_profile
-from benchmarks.generate import load_model, make_prefill_step, make_step, random_cache, random_routers
+from benchmarks.generate import fits, load_model, make_prefill_step, make_step, random_cache, random_routers
 from benchmarks.serve_offline import matmul_params
 from polar_jax.sparsity import SparsityConfig
 
@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     common.require_gpu("benchmarks.profile_step", args.allow_cpu)
 
     cfg, params, _ = load_model(args.model, None)
+    if not fits(cfg, args.batch, args.ctx + args.prefill):
+        sys.exit(f"error: {args.model} at batch {args.batch}, context {args.ctx + args.prefill}: weights and KV cache "
+                 f"need more than 85% of this GPU's memory; lower --batch or --ctx")
     params = dict(params, routers=random_routers(cfg, jax.random.key(3)))
     sp = None if args.attn == "all" else SparsityConfig(attn=args.attn, attn_density=args.density)
     T = args.prefill or 1
