@@ -14,7 +14,6 @@ diagnostic, not a benchmark with a ceiling.
 from __future__ import annotations
 
 import argparse
-import collections
 import time
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.bench_mlp import device_profile
 from benchmarks.generate import load_model
-from benchmarks.profile_step import _group
+from benchmarks.profile_step import print_kernel_groups
 from polar_jax.cache import PAGE_SIZE
 from polar_jax.evals import loglik
 
@@ -88,21 +87,16 @@ def main(argv=None) -> None:
         Q, Tp = p.ctx_tokens.shape
         print(f"{b:5d}  {len(qs):9d}  {len(p.rows):4d}  {R}  {Q}  {Tp}  {Tc}  {1e3 * (t1 - t0):8.2f}  "
               f"{1e3 * (t2 - t1):9.2f}")
-    print(f"total: pack {pack_s:.3f} s, device {device_s:.3f} s, rest of the warm call "
-          f"{warm - pack_s - device_s:.3f} s (request checks, grouping, results)")
+    print(f"total, batches one by one, each waited for: pack {pack_s:.3f} s, device {device_s:.3f} s (the warm "
+          f"call overlaps packing with the device)")
 
-    kernels, span = device_profile(lambda: run(), [()], calls=1)
+    kernels, span = device_profile(run, [()], calls=1)
     if not kernels:
         print(f"no GPU kernels in the profiler trace (backend {jax.default_backend()}): no kernel breakdown")
         return
-    groups, counts = collections.defaultdict(float), collections.Counter()
-    for name, ns in kernels.items():
-        groups[_group(name)] += ns
-        counts[_group(name)] += 1
-    total = sum(groups.values())
-    print(f"kernels of one warm call: {total / 1e6:.1f} ms busy over a device span of {span / 1e6:.1f} ms")
-    for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:20]:
-        print(f"{ns / 1e3:10.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
+    print(f"kernels of one warm call: {sum(kernels.values()) / 1e6:.1f} ms busy over a device span of "
+          f"{span / 1e6:.1f} ms")
+    print_kernel_groups(kernels, top=20)
 
 
 if __name__ == "__main__":

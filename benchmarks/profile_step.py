@@ -31,6 +31,17 @@ def _group(name: str) -> str:
     return re.sub(r"[._]\d+", "", name)
 
 
+def print_kernel_groups(kernels: dict[str, float], top: int) -> None:
+    """The `top` kernel groups (names without numeric suffixes) by total time: us, share, distinct names."""
+    groups, counts = collections.defaultdict(float), collections.Counter()
+    for name, ns in kernels.items():
+        groups[_group(name)] += ns
+        counts[_group(name)] += 1
+    total = sum(groups.values())
+    for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{ns / 1e3:10.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-2-7b")
@@ -64,19 +75,13 @@ def main(argv=None) -> None:
     kernels, span = device_profile(run, keys, calls=args.steps)
     if not kernels:
         sys.exit(f"error: no GPU kernels in the profiler trace (backend {jax.default_backend()}): no kernel clock")
-    groups, counts = collections.defaultdict(float), collections.Counter()
-    for name, ns in kernels.items():
-        groups[_group(name)] += ns
-        counts[_group(name)] += 1
-    total = sum(groups.values())
     print(f"{args.model} B={args.batch} ctx={args.ctx} attn={args.attn} {args.density}"
           f"{f' prefill T={T}' if args.prefill else ''}: device span {span / 1e3:.0f} us/step, kernels "
-          f"{total / 1e3:.0f} us/step")
+          f"{sum(kernels.values()) / 1e3:.0f} us/step")
     if args.prefill:
         flops = 2 * matmul_params(params) * args.batch * T  # the projections and the LM head (last token only)
         print(f"prefill: {flops / (span * 1e-9) / 1e12:.0f} TFLOP/s of projection matmuls over the device span")
-    for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"{ns / 1e3:9.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
+    print_kernel_groups(kernels, top=25)
 
 
 if __name__ == "__main__":

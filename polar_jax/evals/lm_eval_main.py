@@ -23,10 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every input is local; lm-eval would otherwise probe the hub
     from lm_eval.__main__ import cli_evaluate
 
-    # lm-eval's own models first: with `polar` alone in the registry, get_model would never load lm-eval's
-    # table and `--model hf` would be unknown.
-    import lm_eval.models  # noqa: F401
-    import polar_jax.evals.lm  # noqa: F401  (registers `polar`)
+    import polar_jax.evals.lm  # noqa: F401  (registers `polar`, after lm-eval's own models)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):

@@ -48,6 +48,11 @@ class _Batch:
     rows: list[int]  # request index of each real row, in row order
 
 
+def _steps(longest: int) -> int:
+    """Decode steps of a batch whose longest continuation has `longest` tokens (a bucket: few programs)."""
+    return bucket(longest, minimum=4)
+
+
 def _pack(cfg: ModelConfig, requests, questions: list[tuple[tuple[int, ...], list[int]]], page_size: int) -> _Batch:
     """Lay out questions (context, request indices) as one batch of padded arrays and page tables."""
     Z = page_size
@@ -55,7 +60,7 @@ def _pack(cfg: ModelConfig, requests, questions: list[tuple[tuple[int, ...], lis
     R = bucket(n_rows, minimum=1)  # a short last batch is not padded to the full batch size
     Q = bucket(len(questions), minimum=1)
     Tp = bucket(max(len(c) - 1 for c, _ in questions), minimum=Z)
-    Tc = bucket(max(len(requests[i][1]) for _, idx in questions for i in idx), minimum=4)
+    Tc = _steps(max(len(requests[i][1]) for _, idx in questions for i in idx))
     Mc = pages_for(Tp, Z)
     Mx = pages_for(Z - 1 + Tc, Z)  # a row's positions n .. n+Tc-1 start at offset n % Z <= Z - 1 of its first page
     W = Mc + Mx
@@ -135,14 +140,11 @@ def plan_batches(requests, batch_size: int) -> list[list[tuple[tuple[int, ...], 
     by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(requests):
         by_ctx.setdefault(ctx, []).append(i)
-
-    def steps(q):
-        return bucket(max(len(requests[i][1]) for i in q[1]), minimum=4)  # _pack's Tc
-
-    questions = sorted(by_ctx.items(), key=lambda q: (-max(len(requests[i][1]) for i in q[1]), -len(q[0])))
+    longest = {ctx: max(len(requests[i][1]) for i in idx) for ctx, idx in by_ctx.items()}
+    questions = sorted(by_ctx.items(), key=lambda q: (-longest[q[0]], -len(q[0])))
     batches, cur, n = [], [], 0
     for q in questions:
-        if cur and (n + len(q[1]) > batch_size or steps(q) != steps(cur[0])):
+        if cur and (n + len(q[1]) > batch_size or _steps(longest[q[0]]) != _steps(longest[cur[0][0]])):
             batches.append(cur)
             cur, n = [], 0
         cur.append(q)
