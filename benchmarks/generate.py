@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.shapes import DENSE_CASES, SPARSE_CASES, SPARSE_MODES
 from polar_jax import ModelConfig, SparsityConfig, forward, init_cache, init_params, preset
+from polar_jax.model import PREFILL_COMPILER_OPTIONS
 
 DTYPE = jnp.bfloat16
 
@@ -148,7 +149,7 @@ def make_prefill_step(cfg: ModelConfig):
         logits, new, _ = forward(cfg, params, tokens, cache, last_only=True)
         return jnp.argmax(logits, -1).astype(jnp.int32), new.replace(lengths=cache.lengths)
 
-    return jax.jit(step, donate_argnums=1)
+    return jax.jit(step, donate_argnums=1, compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
 def fits(cfg: ModelConfig, B: int, ctx: int) -> bool:

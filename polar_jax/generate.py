@@ -22,7 +22,7 @@ import numpy as np
 
 from polar_jax.cache import KVCache, cache_bytes, init_cache
 from polar_jax.config import ModelConfig
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 
 
@@ -159,7 +159,8 @@ def _decode(params, s: _State, max_new_each, until, *, cfg: ModelConfig, samplin
     return jax.lax.while_loop(cond, body, s)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "max_new", "max_len", "sampling", "stop"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "max_new", "max_len", "sampling", "stop"),
+                       compiler_options=PREFILL_COMPILER_OPTIONS)
 # The state is donated: the decode steps update the cache in place instead of copying it per chunk.
 _decode_jit = jax.jit(_decode, static_argnames=("cfg", "sampling", "sparsity", "stop"), donate_argnums=(1,))
 _compiled: dict = {}  # (program, static args, argument shapes) -> compiled executable

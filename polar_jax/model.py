@@ -28,6 +28,12 @@ from polar_jax.params import init_params
 from polar_jax.sparsity import Segment, SparsityConfig, attention_heads, check_routers, mlp_neurons, plan
 
 
+# Compiler options for every program that prefills (T > 1). With XLA's Triton GEMM fusions on, the GEMMs
+# that read a layer's weight slice inside the layer scan ran 13-40% slower than cuBLAS on the same operands
+# (H100; benchmarks/probe_layer_loop.py). Decode programs keep the defaults: their layer GEMMs are ours.
+PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 class Collected(NamedTuple):
     """Per-layer activations recorded for router training (prefill only)."""
 

@@ -5,6 +5,7 @@ Pallas interpreter. These tests run the compiled Triton kernels:
   - the model's decode path through the Pallas kernels against the same path with every kernel API's
     "triton" entry pointed at its XLA reference, at llama-2-7b (MHA) and llama-3-8b (GQA) layer shapes
     with a few layers, fp16 and bf16, dense and sparse (random) heads and neurons, random weights;
+  - a prefill program compiled with PREFILL_COMPILER_OPTIONS has no XLA Triton GEMM in it (cuBLAS only);
   - the kernels at the benchmark shapes (benchmarks/shapes.py), impl="triton" against impl="xla";
   - the sparse MLP with a traced count and a capacity of F runs the sparse kernels for a small union
     (item 22 of issue 7): it is timed against capacity = count and against the dense path.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import re
 import time
 import zlib
 
@@ -31,6 +33,7 @@ from benchmarks.bench_mlp import mlp_width
 from benchmarks.shapes import ATTN_BATCHES, ATTN_CONTEXTS, ATTN_HEADS, MLP_DIMS
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.selective_gemm import selective_mlp
+from polar_jax.model import PREFILL_COMPILER_OPTIONS
 from tests.kernel_cases import BF16, F16, HAS_GPU
 from tests.tolerances import assert_close, rel_error
 
@@ -108,6 +111,29 @@ def test_model_decode_kernels_vs_xla(monkeypatch, model, dtype, sparse):
     for i in range(steps):
         err = rel_error(got[i], want[i])
         assert err <= MODEL_TOL[np.dtype(dtype).name], f"step {i}: logits differ by {err:.3e} (relative)"
+
+
+def test_prefill_compiles_its_gemms_to_cublas():
+    """PREFILL_COMPILER_OPTIONS keeps XLA's Triton GEMM fusions out of a prefill program (they read the
+    layer scan's weight slices at a fraction of cuBLAS's rate); without them XLA picks some here, and the
+    logits agree."""
+    cfg = dataclasses.replace(polar_jax.preset("llama-3-8b"), n_layers=2, vocab_size=1024)
+    B, T = 2, 512
+    params = polar_jax.init_params(cfg, _key("prefill-gemm"), BF16)
+    tokens = jax.random.randint(_key("prefill-tokens"), (B, T), 3, cfg.vocab_size, jnp.int32)
+    cache = polar_jax.init_cache(cfg, B, T, BF16)
+
+    def prefill(p, t, c):
+        return polar_jax.forward(cfg, p, t, c, last_only=True)[0]
+
+    texts, logits = {}, {}
+    for name, options in (("prefill", PREFILL_COMPILER_OPTIONS), ("default", {})):
+        compiled = jax.jit(prefill, compiler_options=options).lower(params, tokens, cache).compile()
+        texts[name], logits[name] = compiled.as_text(), np.asarray(compiled(params, tokens, cache), np.float32)
+    triton_gemms = {name: len(re.findall(r'"kind":"__triton[a-z_]*gemm', text)) for name, text in texts.items()}
+    assert triton_gemms["default"] > 0, "XLA chose no Triton GEMM here: the check is vacuous"
+    assert triton_gemms["prefill"] == 0
+    assert rel_error(logits["prefill"], logits["default"]) <= MODEL_TOL["bfloat16"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from polar_jax.cache import init_cache
 from polar_jax.config import ModelConfig
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from training import data as data_lib
 
 MANIFEST = "manifest.json"
@@ -115,7 +115,7 @@ def make_collect_fn(cfg: ModelConfig, mlp: bool):
         active = jnp.packbits(col.mlp_hidden > 0, axis=-1).reshape(L, B * T, -1) if mlp else None
         return h.reshape(L, B * T, cfg.dim), norms, active  # [L, n, D], [L, n, N], [L, n, F/8]
 
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
 @dataclass

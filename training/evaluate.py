@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from polar_jax.cache import init_cache
 from polar_jax.config import ModelConfig
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 from polar_jax.sparsity import check_routers
 from training.routers import topk_count
@@ -59,7 +59,8 @@ def full_nll(cfg: ModelConfig, params: dict, windows: jax.Array, prefix: int) ->
     return _nll(logits[:, prefix:-1], windows[:, prefix + 1:])
 
 
-_decode_nll_jit = jax.jit(decode_nll, static_argnames=("cfg", "prefix", "sparsity"))
+_decode_nll_jit = jax.jit(decode_nll, static_argnames=("cfg", "prefix", "sparsity"),
+                          compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
 def perplexity(cfg: ModelConfig, params: dict, windows: np.ndarray, prefix: int, sparsity: SparsityConfig | None,

@@ -31,7 +31,7 @@ from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
 from polar_jax.engine.scheduler import ScheduledBatch
 from polar_jax.engine.sequence import PENDING
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 
 
@@ -126,8 +126,10 @@ def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, last, slots, token
 
 
 _DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3, 4))
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3, 4))
+_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3, 4),
+                   compiler_options=PREFILL_COMPILER_OPTIONS)
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3, 4),
+                            compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from polar_jax.cache import PAGE_SIZE, KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
 from polar_jax.generate import bucket
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig, check_routers
 
 
@@ -120,7 +120,8 @@ def _score(params, ctx_tokens, ctx_lens, ctx_table, row_table, copy_src, copy_ds
     return lp.sum(0), greedy.all(0)
 
 
-_score_jit = jax.jit(_score, static_argnames=("cfg", "sparsity", "num_pages", "page_size"))
+_score_jit = jax.jit(_score, static_argnames=("cfg", "sparsity", "num_pages", "page_size"),
+                     compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
 def score_batch(cfg: ModelConfig, params: dict, p: _Batch, key, sparsity: SparsityConfig | None, page_size: int):

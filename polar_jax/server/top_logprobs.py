@@ -17,12 +17,12 @@ import numpy as np
 
 from polar_jax.cache import init_cache
 from polar_jax.config import ModelConfig
-from polar_jax.model import forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 
 _MIN_BUCKET = 16
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,), compiler_options=PREFILL_COMPILER_OPTIONS)
 def _top1(cfg: ModelConfig, params: dict, tokens: jax.Array):
     """tokens [1, T] -> (argmax ids [T], their logprobs [T]) of the next token after each position."""
     cache = init_cache(cfg, 1, tokens.shape[1], params["embed"].dtype)
