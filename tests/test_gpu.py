@@ -114,9 +114,9 @@ def test_model_decode_kernels_vs_xla(monkeypatch, model, dtype, sparse):
 
 
 def test_prefill_compiles_its_gemms_to_cublas():
-    """PREFILL_COMPILER_OPTIONS keeps XLA's Triton GEMM fusions out of a prefill program (they read the
-    layer scan's weight slices at a fraction of cuBLAS's rate); without them XLA picks some here, and the
-    logits agree."""
+    """PREFILL_COMPILER_OPTIONS keeps XLA's Triton GEMMs out of a prefill program (with them enabled the
+    layer scan copies each layer's weights before its GEMM); without the options XLA picks some here, and
+    the logits agree."""
     cfg = dataclasses.replace(polar_jax.preset("llama-3-8b"), n_layers=2, vocab_size=1024)
     B, T = 2, 512
     params = polar_jax.init_params(cfg, _key("prefill-gemm"), BF16)
