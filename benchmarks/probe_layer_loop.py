@@ -10,20 +10,26 @@ Each variant runs L layers of y = relu(x @ up[l].T) @ down[l] on T tokens, with 
 - `unrolled_static`: a Python loop over l slicing the stacked weights statically;
 - `+ cublas_only`: compiled with `xla_gpu_enable_triton_gemm` off, so every GEMM is cuBLAS's (what the
   prefill programs do since, `polar_jax.model.PREFILL_COMPILER_OPTIONS`);
+- `scan_pallas`: `lax.scan` calling our row-gathering GEMMs (selective_up / selective_down, every row
+  selected, the stacked weights and the layer index passed in), as the decode step does;
 - `unrolled_list`: a Python loop over L separate arrays (no slicing at all: what the loop could cost).
-Prints ms per loop and the matmul TFLOP/s; writes nothing unless --out is given (JSON).
+Prints ms per loop, the matmul TFLOP/s and the weight bytes read per second against the streaming-read
+ceiling measured in the same run (small T, as in a decode step, is bound by those reads); writes nothing
+unless --out is given (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from pallas_kernels.selective_gemm import selective_down, selective_up
 
 DS_FUSION = {"xla_gpu_enable_dynamic_slice_fusion": True}
 CUBLAS_ONLY = {"xla_gpu_enable_triton_gemm": False}
@@ -37,6 +43,16 @@ def _layer(x, up, down):  # x [T, D], up/down [F, D] -> [T, D]
 def scan_xs(x, up, down):
     def body(x, l):
         return _layer(x, up[l], down[l]), None
+    return jax.lax.scan(body, x, jnp.arange(up.shape[0], dtype=jnp.int32))[0]
+
+
+def scan_pallas(x, up, down):
+    """The decode path's way: our row-gathering GEMMs with every row selected, indexing w by layer."""
+    rows = jnp.arange(up.shape[1], dtype=jnp.int32)
+
+    def body(x, l):
+        h = selective_up(x, up, rows, up.shape[1], activation="relu", layer=l, impl="triton")
+        return selective_down(h, down, rows, up.shape[1], layer=l, impl="triton"), None
     return jax.lax.scan(body, x, jnp.arange(up.shape[0], dtype=jnp.int32))[0]
 
 
@@ -77,6 +93,8 @@ def main(argv=None) -> None:
     down = (jax.random.normal(k[2], (L, F, D), jnp.float32) * F ** -0.5).astype(jnp.bfloat16)
     ups, downs = [up[l] for l in range(L)], [down[l] for l in range(L)]
     flops = 2 * 2 * T * F * D * L
+    weight_bytes = 2 * L * F * D * up.dtype.itemsize
+    read_bw = common.measure_ceiling()["read_bw"]
 
     variants = {
         "scan_xs": (jax.jit(scan_xs), (x, up, down)),
@@ -85,6 +103,7 @@ def main(argv=None) -> None:
         "while_indvar + ds_fusion": (jax.jit(while_indvar, compiler_options=DS_FUSION), (x, up, down)),
         "unrolled_static": (jax.jit(unrolled_static), (x, up, down)),
         "unrolled_static + cublas_only": (jax.jit(unrolled_static, compiler_options=CUBLAS_ONLY), (x, up, down)),
+        "scan_pallas": (jax.jit(scan_pallas), (x, up, down)),
         "unrolled_list": (jax.jit(unrolled_list), (x, ups, downs)),
     }
     reference = None
@@ -97,13 +116,15 @@ def main(argv=None) -> None:
         ms = common.time_fn(fn, [inputs], inner=5, reps=7, warmup=2)
         hlo = fn.lower(*inputs).compile().as_text()
         slices = hlo.count("dynamic-slice(")  # dynamic-slice instructions left in the optimised program
+        frac = weight_bytes / (ms * 1e-3) / read_bw
         records.append({"variant": name, "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1),
-                        "rel_err_vs_scan_xs": err, "dynamic_slices_in_hlo": slices})
-        print(f"{name:28s} {ms:8.2f} ms {flops / ms / 1e9:7.1f} TFLOP/s  rel err {err:.1e}  "
+                        "frac_read_bw": round(frac, 3), "rel_err_vs_scan_xs": err, "dynamic_slices_in_hlo": slices})
+        print(f"{name:30s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s  {frac:5.3f} of read bw  rel err {err:.1e}  "
               f"dynamic-slices {slices}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = common.metadata("python -m benchmarks.probe_layer_loop " + " ".join(argv or []))
+        meta = common.metadata("python -m benchmarks.probe_layer_loop " + " ".join(argv or sys.argv[1:]))
+        meta["read_bw_TBps"] = read_bw / 1e12
         args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
 
 
