@@ -323,12 +323,13 @@ def test_batched_tokenisation_equals_lm_evals_own(smollm2):
             ("Trailing spaces   ", "word"), ("", "An empty context"), ("", "\n"), ("Ünïcode — dash ", " é"),
             ("Two\n\n", "lines\n"), ("x", "y"), ("Question: why?\nAnswer: ", "Because.")]
     reqs = [Instance("loglikelihood", {}, a, 0) for a in args]
-    seen = {}
-    lm._loglikelihood_tokens = lambda r, **kw: seen.setdefault("got" if "got" not in seen else "want", r)
+    calls = []  # what _loglikelihood_tokens receives: ours first, then lm-eval's
+    lm._loglikelihood_tokens = lambda r, **kw: calls.append(r)
     lm.loglikelihood(reqs, disable_tqdm=True)
     TemplateLM.loglikelihood(lm, reqs, disable_tqdm=True)
-    assert seen["got"] == seen["want"]
-    assert [r[0] for r in seen["got"]] == args  # the cache key stays the request's own (context, continuation)
+    got, want = calls
+    assert got == want
+    assert [r[0] for r in got] == args  # the cache key stays the request's own (context, continuation)
 
 
 def test_polar_eval_tasks_front_door(smollm2, tmp_path):
