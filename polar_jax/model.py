@@ -224,6 +224,10 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H] each
         q, k, v = split_heads(qkvs[0], main)
         k_all, v_all = write(l, k_all, v_all, k, v, main)
+        if xr is not None:  # written before either part's attention reads the pool: one version of it is
+            # live, so the writes stay in place (a write after a read of the same buffer copies the pool)
+            qr, kr, vr = split_heads(qkvs[1], rider_rows)
+            k_all, v_all = write(l, k_all, v_all, kr, vr, rider_rows)
         if decode:
             attn = decode_attention(l, q, hs[0][:, 0], k_all, v_all, main, n_heads, seg)
         else:
@@ -231,8 +235,6 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
                                            sm_scale=sm_scale)  # [B, T, N, H]
         attns = [attn.reshape(B, T, N * H)]
         if xr is not None:
-            qr, kr, vr = split_heads(qkvs[1], rider_rows)
-            k_all, v_all = write(l, k_all, v_all, kr, vr, rider_rows)
             attns.append(decode_attention(l, qr, hs[1][:, 0], k_all, v_all, rider_rows, n_heads, seg)
                          .reshape(R, 1, N * H))
         parts = [a + o for a, o in zip(parts, unproject(attns, l, lp["wo"], lp.get("bo")))]

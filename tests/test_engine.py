@@ -205,6 +205,29 @@ def test_programs_read_nothing_back_mid_step(params, program, filtered):
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("program", ["decode", "mixed", "prefill_logprobs"])
+def test_programs_update_the_page_pool_in_place(params, program, sparse):
+    """No program copies the KV page pool: every step donates it and writes only its new tokens. (A mixed
+    step once wrote the riders' KV after the prefill's attention had read the pool, and XLA copied the whole
+    pool per layer to keep the read's version alive: 1 s a step for llama-3-8b on an H100, not 45 ms.)"""
+    from polar_jax.engine import model_runner as mr
+
+    sp = SparsityConfig(attn="random", attn_density=0.5) if sparse else None
+    r = engine(params, compile=False, sparsity=sp).runner
+    state = (params, r.k, r.v, r.last)
+    prefill = r._prefill_args([], 2, 16)
+    if program == "decode":
+        compiled = mr._DECODE.lower(CFG, sp, False, *state, *r._decode_args([], 4))
+    elif program == "mixed":
+        compiled = mr._MIXED.lower(CFG, sp, False, *state, *r._decode_args([], 4), *prefill)
+    else:
+        compiled = mr._PREFILL_LOGPROBS.lower(CFG, *state, *prefill, r._targets([], 2, 16))
+    pool = "f32[" + ",".join(map(str, r.k.shape)) + "]"
+    copies = [line for line in compiled.compile().as_text().splitlines() if f"= {pool}" in line and " copy(" in line]
+    assert not copies, copies
+
+
 def test_default_chunk_is_capped_at_max_model_len(params):
     """A prompt never exceeds max_model_len, so no program is compiled for a longer chunk."""
     eng = LLMEngine(CFG, params, None, max_num_seqs=4, max_model_len=40, page_size=8, num_pages=40, compile=False,
