@@ -2,7 +2,9 @@
 
 `forward` appends T tokens to every sequence of a paged KV cache (polar_jax/cache.py) and returns their
 logits. T > 1 is prefill (dense; causal flash attention over the sequence's pages); T == 1 is a decode step
-through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). Layers run under one `lax.scan`,
+through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). `forward_mixed` runs a prefill
+with decode rows riding along (the serving engine's steps that do both): their projections and dense MLP
+join the prefill's GEMMs, their attention and sparsity are the decode path's. Layers run under one `lax.scan`,
 so compile time does not grow with depth. The kernels receive the whole stacked cache / weights plus the
 layer index: inside the scan a per-layer slice handed to a custom call would be materialised as a copy of
 every byte it reads.
@@ -67,6 +69,39 @@ def unembed(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("...e,ve->...v", x, head, preferred_element_type=jnp.float32)
 
 
+class Riders(NamedTuple):
+    """Decode rows riding along a prefill call (`forward_mixed`): one new token each, appended after the
+    row's `lengths` cached ones. Their projections and dense MLP share the prefill's GEMMs, so a step that
+    prefills reads every weight once; their attention and any sparsity are the decode path's."""
+
+    tokens: jax.Array  # [R] int32
+    lengths: jax.Array  # [R] cached tokens before this one
+    valid: jax.Array  # [R] bool: padding rows append nothing
+    page_table: jax.Array  # [R, M]
+    row_density: jax.Array | None = None  # [R] per-row attention density (NaN: the config's), or None
+
+
+class _Rows(NamedTuple):
+    """Where one set of rows [B, T] reads and writes the paged cache."""
+
+    starts: jax.Array  # [B] cached tokens before the new ones
+    n_new: jax.Array  # [B] new tokens really appended
+    table: jax.Array  # [B, M]
+    write_page: jax.Array  # [B, T] page of each new token; the pool size P (a dropped write) for padding
+    write_off: jax.Array  # [B, T]
+    rope: tuple | None  # (cos, sin) [B, T, H] or None
+
+
+def _rows(cfg: ModelConfig, cache_lengths, n_new, table, T: int, S: int, Z: int, P: int) -> tuple[_Rows, jax.Array]:
+    starts = jnp.minimum(cache_lengths, S)  # [B]
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    real = (jnp.arange(T)[None, :] < n_new[:, None]) & (positions < S)  # [B, T]
+    n_new = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B]: what is really appended
+    page = jnp.take_along_axis(table, jnp.minimum(positions // Z, S // Z - 1), axis=1)  # [B, T]
+    rope = layers.rope_tables(cfg, positions) if cfg.positions == "rope" else None
+    return _Rows(starts, n_new, table, jnp.where(real, page, P), positions % Z, rope), positions
+
+
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new: jax.Array | None = None,
             sparsity: SparsityConfig | None = None, key: jax.Array | None = None, last_only: bool = False,
             collect: bool = False, row_density: jax.Array | None = None):
@@ -78,121 +113,189 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     are never written, and lengths never grow past it. logits: [B, T, V] fp32, or [B, V] at each sequence's
     last real token when last_only. collected: a Collected when collect (prefill only), else None.
     """
+    logits, _, cache, collected = _forward(cfg, params, tokens, cache, n_new=n_new, sparsity=sparsity, key=key,
+                                           last_only=last_only, collect=collect, row_density=row_density)
+    return logits, cache, collected
+
+
+def forward_mixed(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, riders: Riders, *,
+                  n_new: jax.Array | None = None, sparsity: SparsityConfig | None = None,
+                  key: jax.Array | None = None):
+    """A prefill of tokens [B, T] (T > 1, dense) and one decode step of `riders` in one pass over the weights.
+
+    cache: the prefill rows' view of the pool (its page_table and lengths are theirs); the riders carry
+    their own. Returns (logits [B, V] at each prefill row's last real token, rider logits [R, V],
+    k pool, v pool). Each part computes what `forward` would compute for it alone (the riders with the
+    sparsity config, for a batch of R).
+    """
+    if tokens.shape[1] < 2:
+        raise ValueError(f"forward_mixed prefills: tokens must be [B, T] with T > 1, got {tokens.shape}")
+    logits, rider_logits, cache, _ = _forward(cfg, params, tokens, cache, n_new=n_new, sparsity=sparsity, key=key,
+                                              last_only=True, riders=riders)
+    return logits, rider_logits, cache.k, cache.v
+
+
+def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new, sparsity, key, last_only,
+             collect=False, row_density=None, riders: Riders | None = None):
     B, T = tokens.shape
     N, K, H, S, Z = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len, cache.page_size
     P = cache.k.shape[1]
-    decode = T == 1
-    sp = (sparsity or SparsityConfig()).for_batch(B)
+    decode = T == 1  # this call's own rows decode (riders only ride a prefill)
     if collect and decode:
         raise ValueError("collect=True records prefill activations; pass more than one token")
+    R = 0 if riders is None else riders.tokens.shape[0]
+    Bd = R if riders is not None else B  # the decode rows (the call's own, or the riders): what sp is sized for
+    sp = (sparsity or SparsityConfig()).for_batch(Bd)
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
     key = jax.random.key(sp.seed) if key is None else key
     lp, routers = params["layers"], params.get("routers")
     check_routers(cfg, params, sp)
     sm_scale = H ** -0.5
 
-    starts = jnp.minimum(cache.lengths, S)  # [B]
-    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-    real = (jnp.arange(T)[None, :] < n_new[:, None]) & (positions < S)  # [B, T]
-    n_new = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B]: what is really appended
-    page = jnp.take_along_axis(cache.page_table, jnp.minimum(positions // Z, S // Z - 1), axis=1)  # [B, T]
-    write_page = jnp.where(real, page, P)  # P: out of the pool, the write is dropped
-    write_off = positions % Z  # [B, T]
-    x = embed(cfg, params, tokens, positions)
-    if cfg.positions == "rope":
-        cos, sin = layers.rope_tables(cfg, positions)
+    main, positions = _rows(cfg, cache.lengths, n_new, cache.page_table, T, S, Z, P)
+    x = embed(cfg, params, tokens, positions)  # [B, T, D]
+    xr = rider_rows = None
+    if riders is not None:
+        rider_rows, r_pos = _rows(cfg, riders.lengths, riders.valid.astype(jnp.int32), riders.page_table, 1, S, Z, P)
+        xr = embed(cfg, params, riders.tokens[:, None], r_pos)  # [R, 1, D]
+        row_density = riders.row_density
 
     # Decode projections go through the row-gathering GEMM with every row selected: it indexes the
     # stacked weights by layer itself (on the GPU; elsewhere the API picks its XLA path).
-    impl = "triton" if decode and jax.default_backend() == "gpu" else None
+    impl = "triton" if jax.default_backend() == "gpu" else None
 
-    def project(h, l, w, b=None):  # h [B, T, D] @ w[l].T (+ b[l]) -> [B, T, R]
-        if not decode:
-            y = jnp.einsum("btd,rd->btr", h, w[l])
-            return y if b is None else y + b[l]
-        rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
-        return selective_up(h[:, 0], w, rows_all, w.shape[1], b_up=b, activation="none", layer=l, impl=impl)[:, None]
-
-    def unproject(a, l, w, b=None):  # a [B, T, R] @ w[l] (+ b[l]) -> [B, T, D]
-        if not decode:
-            y = a @ w[l]
-            return y if b is None else y + b[l]
-        rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
-        return selective_down(a[:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]
-
-    def attention(l, h, k_all, v_all, n_heads, seg: Segment):
-        qkv = project(h, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H]
-        q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
-        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
-        if cfg.positions == "rope":
-            q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        # [B, T, K, H] into pages [l, page, :, off]: the advanced indices broadcast to [B, T] in front.
-        k_all = k_all.at[l, write_page, :, write_off].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[l, write_page, :, write_off].set(v.astype(v_all.dtype), mode="drop")
+    def project(hs, l, w, b=None):  # [B, T, D] each @ w[l].T (+ b[l]) -> [B, T, R'] each
         if decode:
-            q1, lengths = q[:, 0], starts + n_new  # [B, N, H], [B]
+            rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
+            return [selective_up(hs[0][:, 0], w, rows_all, w.shape[1], b_up=b, activation="none", layer=l,
+                                 impl=impl)[:, None]]
+        return _split_rows(jnp.einsum("nd,rd->nr", _join_rows(hs), w[l]) + (0 if b is None else b[l]), hs)
 
-            def dense_norms():  # oracle: [B, K] norms of each KV group's output
-                o = paged_decode_attention(q1, k_all, v_all, lengths, table, layer=l, sm_scale=sm_scale)
-                return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(B, K, -1), axis=-1))
+    def unproject(as_, l, w, b=None):  # [B, T, R'] each @ w[l] (+ b[l]) -> [B, T, D] each
+        if decode:
+            rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
+            return [selective_down(as_[0][:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]]
+        return _split_rows(_join_rows(as_) @ w[l] + (0 if b is None else b[l]), as_)
 
-            head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h[:, 0], routers, key, dense_norms,
-                                       row_density=row_density)
-            out = paged_decode_attention(q1, k_all, v_all, lengths, table, head_idx, layer=l,
-                                         sm_scale=sm_scale)[:, None]
-        else:
-            out = paged_prefill_attention(q, k_all, v_all, table, starts, n_new, layer=l,
-                                          sm_scale=sm_scale)  # [B, T, N, H]
-        return out, k_all, v_all
+    def split_heads(qkv, rows: _Rows):
+        Bq, Tq = qkv.shape[:2]
+        q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+        q, k, v = q.reshape(Bq, Tq, N, H), k.reshape(Bq, Tq, K, H), v.reshape(Bq, Tq, K, H)
+        if rows.rope is not None:
+            q, k = layers.apply_rope(q, *rows.rope), layers.apply_rope(k, *rows.rope)
+        return q, k, v
 
-    def mlp(l, h, n_neurons, seg: Segment):
-        if not decode:
-            hidden = layers.dense_mlp_hidden(cfg, lp, l, h)  # [B, T, F]
-            return layers.dense_mlp_out(cfg, lp, l, hidden), hidden
-        h1 = h[:, 0]  # [B, D]
-        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=n_new > 0,
+    def write(l, k_all, v_all, k, v, rows: _Rows):
+        # [B, T, K, H] into pages [l, page, :, off]: the advanced indices broadcast to [B, T] in front.
+        k_all = k_all.at[l, rows.write_page, :, rows.write_off].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[l, rows.write_page, :, rows.write_off].set(v.astype(v_all.dtype), mode="drop")
+        return k_all, v_all
+
+    def decode_attention(l, q, h1, k_all, v_all, rows: _Rows, n_heads, seg: Segment):
+        q1, lengths = q[:, 0], rows.starts + rows.n_new  # [B, N, H], [B]
+        Bd = q1.shape[0]
+
+        def dense_norms():  # oracle: [B, K] norms of each KV group's output
+            o = paged_decode_attention(q1, k_all, v_all, lengths, rows.table, layer=l, sm_scale=sm_scale)
+            return jnp.sqrt(jnp.sum(jnp.square(o.astype(jnp.float32)).reshape(Bd, K, -1), axis=-1))
+
+        head_idx = attention_heads(sp, cfg, l, n_heads, seg.head_capacity, h1, routers, key, dense_norms,
+                                   row_density=row_density)
+        return paged_decode_attention(q1, k_all, v_all, lengths, rows.table, head_idx, layer=l,
+                                      sm_scale=sm_scale)[:, None]
+
+    def decode_mlp(l, h1, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
+        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=valid,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (jnp.arange(cfg.mlp_dim, dtype=jnp.int32), cfg.mlp_dim) if sel is None else sel
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
                           w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
                           layer=l, impl=impl)
-        return y[:, None], None
+        return y[:, None]
+
+    def norm(name, l, xs_):
+        return [layers.norm(cfg, _at(lp[name], l), a) for a in xs_]
 
     def layer_step(seg: Segment, carry, xs):
-        x, k_all, v_all = carry
+        x, xr, k_all, v_all = carry
         l, n_heads, n_neurons = xs
-        h = x if cfg.post_norm else layers.norm(cfg, _at(lp["attn_norm"], l), x)
-        attn, k_all, v_all = attention(l, h, k_all, v_all, n_heads, seg)
-        x = x + unproject(attn.reshape(B, T, N * H), l, lp["wo"], lp.get("bo"))
+        parts = [x] if xr is None else [x, xr]
+        hs = parts if cfg.post_norm else norm("attn_norm", l, parts)
+        qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H] each
+        q, k, v = split_heads(qkvs[0], main)
+        k_all, v_all = write(l, k_all, v_all, k, v, main)
+        if xr is not None:  # written before either part's attention reads the pool: one version of it is
+            # live, so the writes stay in place (a write after a read of the same buffer copies the pool)
+            qr, kr, vr = split_heads(qkvs[1], rider_rows)
+            k_all, v_all = write(l, k_all, v_all, kr, vr, rider_rows)
+        if decode:
+            attn = decode_attention(l, q, hs[0][:, 0], k_all, v_all, main, n_heads, seg)
+        else:
+            attn = paged_prefill_attention(q, k_all, v_all, main.table, main.starts, main.n_new, layer=l,
+                                           sm_scale=sm_scale)  # [B, T, N, H]
+        attns = [attn.reshape(B, T, N * H)]
+        if xr is not None:
+            attns.append(decode_attention(l, qr, hs[1][:, 0], k_all, v_all, rider_rows, n_heads, seg)
+                         .reshape(R, 1, N * H))
+        parts = [a + o for a, o in zip(parts, unproject(attns, l, lp["wo"], lp.get("bo")))]
         if cfg.post_norm:
-            x = layers.norm(cfg, _at(lp["attn_norm"], l), x)
-        h2 = x if cfg.post_norm else layers.norm(cfg, _at(lp["mlp_norm"], l), x)
-        y, hidden = mlp(l, h2, n_neurons, seg)
-        x = x + y
+            parts = norm("attn_norm", l, parts)
+        h2s = parts if cfg.post_norm else norm("mlp_norm", l, parts)
+        hidden = None
+        if decode:
+            ys = [decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg)]
+        elif xr is None or seg.neuron_capacity is None:  # riders with a dense MLP join the prefill's GEMMs
+            hidden = layers.dense_mlp_hidden(cfg, lp, l, _join_rows(h2s))  # [n, F]
+            ys = _split_rows(layers.dense_mlp_out(cfg, lp, l, hidden), h2s)
+            hidden = hidden.reshape(B, T, -1) if xr is None else None
+        else:
+            hidden = layers.dense_mlp_hidden(cfg, lp, l, h2s[0])  # [B, T, F]
+            ys = [layers.dense_mlp_out(cfg, lp, l, hidden),
+                  decode_mlp(l, h2s[1][:, 0], rider_rows.n_new > 0, n_neurons, seg)]
+        parts = [a + y for a, y in zip(parts, ys)]
         if cfg.post_norm:
-            x = layers.norm(cfg, _at(lp["mlp_norm"], l), x)
+            parts = norm("mlp_norm", l, parts)
         rec = None
         if collect:
             norms = jnp.sqrt(jnp.sum(jnp.square(attn.astype(jnp.float32)), axis=-1))  # [B, T, N]
-            rec = Collected(h, hidden, norms)
-        return (x, k_all, v_all), rec
+            rec = Collected(hs[0], hidden, norms)
+        return (parts[0], parts[1] if xr is not None else None, k_all, v_all), rec
 
-    # One scan per run of layers with equal selection capacities (prefill: one run, all dense).
-    segments = plan(sp, cfg, B, row_density is not None) if decode else [Segment(0, cfg.n_layers, None, None)]
-    xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, B))
-    table = cache.page_table
-    carry, records = (x, cache.k, cache.v), []
+    # One scan per run of layers with equal selection capacities of the decode rows (a plain prefill: one
+    # run, all dense).
+    if decode or riders is not None:
+        segments = plan(sp, cfg, Bd, row_density is not None)
+    else:
+        segments = [Segment(0, cfg.n_layers, None, None)]
+    xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, Bd))
+    carry, records = (x, xr, cache.k, cache.v), []
     for seg in segments:
         carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,
                                   tuple(jnp.asarray(a[seg.start:seg.stop]) for a in xs))
         records.append(rec)
-    x, k_all, v_all = carry
+    x, xr, k_all, v_all = carry
     collected = records[0] if collect else None  # prefill runs a single segment
 
     if last_only:
-        x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)]  # [B, D]
+        x = x[jnp.arange(B), jnp.maximum(main.n_new - 1, 0)]  # [B, D]
     logits = unembed(cfg, params, x)
-    return logits, KVCache(k_all, v_all, table, starts + n_new), collected
+    rider_logits = None if xr is None else unembed(cfg, params, xr[:, 0])  # [R, V]
+    return logits, rider_logits, KVCache(k_all, v_all, main.table, main.starts + main.n_new), collected
+
+
+def _join_rows(parts: list[jax.Array]) -> jax.Array:
+    """[B_i, T_i, C] arrays as one [sum B_i * T_i, C] matrix: the rows of every part in one GEMM."""
+    return jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in parts], axis=0)
+
+
+def _split_rows(y: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+    """The inverse of _join_rows for a result y [n, C'] with the parts' leading shapes."""
+    out, at = [], 0
+    for p in like:
+        n = p.shape[0] * p.shape[1]
+        out.append(y[at:at + n].reshape(p.shape[0], p.shape[1], y.shape[-1]))
+        at += n
+    return out
 
 
 class PolarLM(nn.Module):

@@ -1,9 +1,13 @@
 """The engine's device side: a scheduled batch in, sampled tokens out, through two jitted programs.
 
   decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig), sample.
-  prefill  [Bp, Tc] chunks of new tokens (dense), sample at each row's last token.
+  mixed    [Bp, Tc] chunks of new tokens (dense) and, riding along, the step's decode rows padded to
+           max_num_seqs (`forward_mixed`: one pass over the weights for both); sample at each chunk's last
+           token and for each decode row. A step that prefills runs it (with no real decode rows if it has
+           none), so it reads the weights once, not once per program.
 
-Both programs take the whole KV page pool and the last sampled tokens (donated, updated in place) plus
+A prefill group whose requests ask for prompt logprobs runs a third program (prefill with every position's
+logits) beside them. All take the whole KV page pool and the last sampled tokens (donated, updated in place) plus
 per-step arrays: page tables
 [B, M], lengths, tokens and per-row sampling parameters. Batch sizes and chunk lengths are padded to a small
 set of buckets (`Buckets`) so the number of compiled programs is bounded; `compile_all` compiles every one
@@ -31,7 +35,7 @@ from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
 from polar_jax.engine.scheduler import ScheduledBatch
 from polar_jax.engine.sequence import PENDING
-from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, Riders, forward, forward_mixed
 from polar_jax.sparsity import SparsityConfig
 
 
@@ -104,12 +108,19 @@ def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered:
     return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
 
 
-def _prefill_program(cfg: ModelConfig, params, k, v, last, slots, tokens, table, starts, n_new, temps, top_k, top_p,
-                     seeds, steps):
-    cache = KVCache(k, v, table, starts)
-    logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new, last_only=True)  # [Bp, V]
-    tok, logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps)
-    return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
+def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, last,
+                   d_tokens, d_slots, d_table, d_lengths, d_valid, d_density, d_temps, d_top_k, d_top_p, d_seeds,
+                   d_steps, seed, step, slots, tokens, table, starts, n_new, temps, top_k, top_p, seeds, steps):
+    """The prefill chunks [Bp, Tc] (the rest of the arguments) with the decode rows (d_*, as the decode
+    program takes them) riding along: returns the pools, last, and (tokens, logprobs) of each part."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    riders = Riders(_feed(last, d_slots, d_tokens), d_lengths, d_valid, d_table, d_density)
+    logits, d_logits, k, v = forward_mixed(cfg, params, tokens, KVCache(k, v, table, starts), riders, n_new=n_new,
+                                           sparsity=sparsity, key=key)  # [Bp, V], [R, V]
+    d_tok, d_lp = sample_rows(d_logits, d_temps, d_top_k, d_top_p, d_seeds, d_steps, filtered=filtered)
+    tok, lp = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
+    last = _keep(_keep(last, d_slots, d_tok), slots, tok)
+    return k, v, last, d_tok, d_lp, tok, lp
 
 
 def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, last, slots, tokens, table, starts, n_new, temps,
@@ -126,8 +137,8 @@ def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, last, slots, token
 
 
 _DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-_PREFILL = jax.jit(_prefill_program, static_argnums=(0,), donate_argnums=(2, 3, 4),
-                   compiler_options=PREFILL_COMPILER_OPTIONS)
+_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6),
+                 compiler_options=PREFILL_COMPILER_OPTIONS)
 _PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3, 4),
                             compiler_options=PREFILL_COMPILER_OPTIONS)
 
@@ -212,7 +223,7 @@ class ModelRunner:
             tokens[i], lengths[i], valid[i] = s.last_token_id, s.num_computed, True
             if s.attn_density is not None:
                 density[i] = s.attn_density
-        self.num_decode_steps += 1
+        self.num_decode_steps += bool(seqs)
         return (tokens, self._slots(seqs, rows), self._table(seqs, rows), lengths, valid,
                 density if self.per_request_density else None, *self._sampling(seqs, rows), np.uint32(self.seed),
                 np.int32(self.num_decode_steps))
@@ -233,16 +244,16 @@ class ModelRunner:
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
-        shapes = ([("decode", (b, f)) for f in (False, True) for b in self.buckets.decode]
-                  + [("prefill", rt) for rt in self.buckets.prefill])
+        shapes = ([("decode", b, f) for f in (False, True) for b in self.buckets.decode]
+                  + [("mixed", rt, f) for f in (False, True) for rt in self.buckets.prefill])
         state = (self.k, self.v, self.last)
-        for i, (kind, shape) in enumerate(shapes):
+        for i, (kind, shape, filtered) in enumerate(shapes):
             if kind == "decode":
-                rows, filtered = shape
                 *state, _, _ = _DECODE(self.cfg, self.sparsity, filtered, self.params, *state,
-                                       *self._decode_args([], rows))
+                                       *self._decode_args([], shape))
             else:
-                *state, _, _ = _PREFILL(self.cfg, self.params, *state, *self._prefill_args([], *shape))
+                *state, _, _, _, _ = _MIXED(self.cfg, self.sparsity, filtered, self.params, *state,
+                                            *self._decode_args([], self.num_slots), *self._prefill_args([], *shape))
             jax.block_until_ready(state)
             if progress:
                 progress(i + 1, len(shapes))
@@ -256,23 +267,34 @@ class ModelRunner:
         if self._busy_since is None:
             self._busy_since = t0
         out = Launched(batch)
-        if batch.decode:
-            rows = self.buckets.decode_size(len(batch.decode))
-            args = self._decode_args(batch.decode, rows)
+        groups = self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n))
+        with_logprobs = [g for g in groups
+                         if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in g)]
+        plain = [g for g in groups if g not in with_logprobs]
+        riders = batch.decode
+        if riders and not plain:  # nothing to ride on: the decode program
+            args = self._decode_args(riders, self.buckets.decode_size(len(riders)))
             filtered = needs_filter(*args[6:9])  # temps, top_k, top_p
             self.k, self.v, self.last, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k,
                                                          self.v, self.last, *args)
-            out.results.append((batch.decode, tok, lp))
-        for group in self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n)):
+            out.results.append((riders, tok, lp))
+            riders = []
+        for group in plain:
+            d_args = self._decode_args(riders, self.num_slots)
+            args = self._prefill_args(group, *self.buckets.prefill_shape(len(group), max(c.n for c in group)))
+            filtered = needs_filter(*d_args[6:9]) or needs_filter(*args[5:8])
+            self.k, self.v, self.last, d_tok, d_lp, tok, lp = _MIXED(
+                self.cfg, self.sparsity, filtered, self.params, self.k, self.v, self.last, *d_args, *args)
+            if riders:
+                out.results.append((riders, d_tok, d_lp))
+                riders = []
+            out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
+        for group in with_logprobs:
             rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))
-            args = self._prefill_args(group, rows, T)
-            state = (self.k, self.v, self.last)
-            if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in group):
-                self.k, self.v, self.last, tok, lp, target_lp = _PREFILL_LOGPROBS(
-                    self.cfg, self.params, *state, *args, self._targets(group, rows, T))
-                out.prompt.append((group, target_lp))
-            else:
-                self.k, self.v, self.last, tok, lp = _PREFILL(self.cfg, self.params, *state, *args)
+            self.k, self.v, self.last, tok, lp, target_lp = _PREFILL_LOGPROBS(
+                self.cfg, self.params, self.k, self.v, self.last, *self._prefill_args(group, rows, T),
+                self._targets(group, rows, T))
+            out.prompt.append((group, target_lp))
             out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
         if self.record:
             out.record = StepRecord(

@@ -1,0 +1,133 @@
+"""What a mixed step costs against a prefill step beside a decode step: the engine's programs, timed alone.
+
+    python -m benchmarks.probe_mixed_step [--model llama-3-8b] [--riders 64] [--ctx 1024] [--tokens 2048]
+                                          [--compile-all]
+
+Builds the engine's ModelRunner (random bf16 weights, dense) and times, at the same inputs:
+- `decode`: the decode program, --riders sequences of --ctx cached tokens;
+- `mixed, no riders`: the mixed program prefilling one chunk of --tokens (its decode rows all padding),
+  which is what a prefill step costs;
+- `mixed, riders`: the same chunk with the --riders sequences riding along.
+A mixed step pays off when `mixed, riders` < `mixed, no riders` + `decode`. Each program's first call
+(compilation included) is timed too; --compile-all times the runner's whole `compile_all`, one line per
+program. Prints ms per step; writes nothing unless --out is given (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from benchmarks.bench_mlp import device_profile
+from benchmarks.profile_step import print_kernel_groups
+from polar_jax import init_params, preset
+from polar_jax.engine import model_runner as mr
+from polar_jax.engine.llm_engine import LLMEngine
+
+
+def _timed(fn, state, n):
+    """(first call's seconds, median of the next n calls' seconds, state): fn(state) -> state."""
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(fn(state))
+    first, times = time.perf_counter() - t0, []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(fn(state))
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), state
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--riders", type=int, default=64, help="decode rows (the engine's max_num_seqs)")
+    ap.add_argument("--ctx", type=int, default=1024, help="cached tokens of each decode row")
+    ap.add_argument("--tokens", type=int, default=2048, help="prefill chunk length (one row)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile-all", action="store_true", help="also time compile_all, program by program")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU kernels of a mixed step with and without riders (profiler trace)")
+    ap.add_argument("--out", type=Path)
+    common.add_device_args(ap)
+    args = ap.parse_args(argv)
+    common.require_gpu("benchmarks.probe_mixed_step", args.allow_cpu)
+    cfg = preset(args.model)
+    params = jax.jit(lambda k: init_params(cfg, k, "bfloat16"))(jax.random.key(0))
+    R, T = args.riders, args.tokens
+    eng = LLMEngine(cfg, params, None, max_num_seqs=R, max_model_len=min(max(args.ctx + 1, T) + 64, cfg.max_positions), prefill_chunk=T,
+                    compile=False, progress=False)
+    run = eng.runner
+    Z, M = run.page_size, run.M
+    need = R * mr.pages_for(args.ctx + 1, Z) + mr.pages_for(T, Z) + 1
+    if need > run.num_pages:
+        sys.exit(f"needs {need} pages, the pool has {run.num_pages}: lower --riders or --ctx")
+    rng = np.random.default_rng(0)
+
+    # Decode rows: R sequences of ctx tokens on their own pages (page 0 is the padding rows' scratch page).
+    per = mr.pages_for(args.ctx + 1, Z)
+    d_table = np.zeros((R, M), np.int32)
+    d_table[:, :per] = 1 + np.arange(R * per).reshape(R, per)
+    d_args = (rng.integers(0, cfg.vocab_size, R).astype(np.int32), np.arange(R, dtype=np.int32), d_table,
+              np.full(R, args.ctx, np.int32), np.ones(R, bool), None, *run._sampling([], R), np.uint32(0),
+              np.int32(1))
+    pad_args = run._decode_args([], R)
+    # One prefill chunk of T tokens from position 0 on the pages after the decode rows'.
+    p_table = np.zeros((1, M), np.int32)
+    p_table[0, :mr.pages_for(T, Z)] = 1 + R * per + np.arange(mr.pages_for(T, Z))
+    p_args = (np.full(1, R, np.int32), rng.integers(0, cfg.vocab_size, (1, T)).astype(np.int32), p_table,
+              np.zeros(1, np.int32), np.full(1, T, np.int32), *run._sampling([], 1))
+
+    def decode(state):
+        return tuple(mr._DECODE(cfg, None, False, params, *state, *d_args)[:3])
+
+    def mixed(riders):
+        return lambda state: tuple(mr._MIXED(cfg, None, False, params, *state, *riders, *p_args)[:3])
+
+    state = (run.k, run.v, run.last)
+    rows = []
+    for name, fn in [("decode", decode), ("mixed, no riders", mixed(pad_args)), ("mixed, riders", mixed(d_args))]:
+        first, med, state = _timed(fn, state, args.iters)
+        rows.append({"program": name, "first_call_s": first, "ms": 1e3 * med})
+        print(f"{name:18s} first call {first:7.2f} s   step {1e3 * med:8.2f} ms", flush=True)
+    by = {r["program"]: r["ms"] for r in rows}
+    print(f"mixed with riders {by['mixed, riders']:.2f} ms against prefill + decode "
+          f"{by['mixed, no riders'] + by['decode']:.2f} ms", flush=True)
+    if args.profile:
+        for name, riders in [("mixed, no riders", pad_args), ("mixed, riders", d_args)]:
+            box = [state]
+
+            def once(riders=riders):
+                box[0] = mixed(riders)(box[0])
+                return box[0]
+            kernels, span = device_profile(once, [()], calls=3)
+            state = box[0]
+            print(f"== {name}: device span {span / 1e3:.0f} us/step, kernels {sum(kernels.values()) / 1e3:.0f} us",
+                  flush=True)
+            print_kernel_groups(kernels, top=20)
+    run.k, run.v, run.last = state
+    compile_rows = []
+    if args.compile_all:
+        t_last = [time.perf_counter()]
+
+        def progress(i, n):
+            now = time.perf_counter()
+            compile_rows.append(now - t_last[0])
+            print(f"compile_all program {i}/{n}: {now - t_last[0]:.2f} s", flush=True)
+            t_last[0] = now
+        total = run.compile_all(progress)
+        print(f"compile_all: {total:.1f} s for {len(compile_rows)} programs", flush=True)
+    if args.out:
+        meta = common.metadata("python -m benchmarks.probe_mixed_step " + " ".join(argv or sys.argv[1:]))
+        args.out.write_text(json.dumps({"meta": meta, "records": rows, "compile_all_s": compile_rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
