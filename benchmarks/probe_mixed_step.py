@@ -5,7 +5,8 @@
 
 Builds the engine's ModelRunner (random bf16 weights, dense) and times, at the same inputs:
 - `decode`: the decode program, --riders sequences of --ctx cached tokens;
-- `mixed, no riders`: the mixed program prefilling one chunk of --tokens (its decode rows all padding),
+- `mixed, no riders`: the mixed program prefilling one chunk of --tokens (packed into the smallest capacity
+  that holds it; its decode rows all padding),
   which is what a prefill step costs;
 - `mixed, riders`: the same chunk with the --riders sequences riding along.
 A mixed step pays off when `mixed, riders` < `mixed, no riders` + `decode`. Each program's first call
@@ -79,17 +80,24 @@ def main(argv=None):
               np.full(R, args.ctx, np.int32), np.ones(R, bool), None, *run._sampling([], R), np.uint32(0),
               np.int32(1))
     pad_args = run._decode_args([], R)
-    # One prefill chunk of T tokens from position 0 on the pages after the decode rows'.
-    p_table = np.zeros((1, M), np.int32)
+    # One prefill chunk of T tokens from position 0 on the pages after the decode rows', packed into the
+    # smallest capacity S that holds it (as the engine packs a step's chunks).
+    S, C = run.buckets.prefill_size(T), run.buckets.chunks
+    p_table = np.zeros((C, M), np.int32)
     p_table[0, :mr.pages_for(T, Z)] = 1 + R * per + np.arange(mr.pages_for(T, Z))
-    p_args = (np.full(1, R, np.int32), rng.integers(0, cfg.vocab_size, (1, T)).astype(np.int32), p_table,
-              np.zeros(1, np.int32), np.full(1, T, np.int32), *run._sampling([], 1))
+    tokens = np.zeros(S, np.int32)
+    tokens[:T] = rng.integers(0, cfg.vocab_size, T)
+    n_new = np.zeros(C, np.int32)
+    n_new[0] = T
+    p_args = (np.full(C, R, np.int32), tokens, p_table, np.zeros(C, np.int32), np.zeros(C, np.int32), n_new,
+              *run._sampling([], C))
+    print(f"one chunk of {T} tokens packed into {S} (+ {R} decode rows in the GEMMs)", flush=True)
 
     def decode(state):
         return tuple(mr._DECODE(cfg, None, False, params, *state, *d_args)[:3])
 
     def mixed(riders):
-        return lambda state: tuple(mr._MIXED(cfg, None, False, params, *state, *riders, *p_args)[:3])
+        return lambda state: tuple(mr._MIXED(cfg, None, False, run._max_new(S), params, *state, *riders, *p_args)[:3])
 
     state = (run.k, run.v, run.last)
     rows = []

@@ -2,9 +2,10 @@
 
 `forward` appends T tokens to every sequence of a paged KV cache (polar_jax/cache.py) and returns their
 logits. T > 1 is prefill (dense; causal flash attention over the sequence's pages); T == 1 is a decode step
-through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). `forward_mixed` runs a prefill
-with decode rows riding along (the serving engine's steps that do both): their projections and dense MLP
-join the prefill's GEMMs, their attention and sparsity are the decode path's. Layers run under one `lax.scan`,
+through the Pallas kernels, where sparsity enters (polar_jax/sparsity.py). `forward_packed` prefills chunks
+packed back to back on one token axis (no padding between them), with decode rows optionally riding along
+(the serving engine's steps): the riders' projections and dense MLP join the prefill's GEMMs, their
+attention and sparsity are the decode path's. Layers run under one `lax.scan`,
 so compile time does not grow with depth. The kernels receive the whole stacked cache / weights plus the
 layer index: inside the scan a per-layer slice handed to a custom call would be materialised as a copy of
 every byte it reads.
@@ -70,7 +71,7 @@ def unembed(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 
 class Riders(NamedTuple):
-    """Decode rows riding along a prefill call (`forward_mixed`): one new token each, appended after the
+    """Decode rows riding along a prefill call (`forward_packed`): one new token each, appended after the
     row's `lengths` cached ones. Their projections and dense MLP share the prefill's GEMMs, so a step that
     prefills reads every weight once; their attention and any sparsity are the decode path's."""
 
@@ -90,6 +91,7 @@ class _Rows(NamedTuple):
     write_page: jax.Array  # [B, T] page of each new token; the pool size P (a dropped write) for padding
     write_off: jax.Array  # [B, T]
     rope: tuple | None  # (cos, sin) [B, T, H] or None
+    offsets: jax.Array | None = None  # [C] packed chunks (`forward_packed`): where each starts on the token axis
 
 
 def _rows(cfg: ModelConfig, cache_lengths, n_new, table, T: int, S: int, Z: int, P: int) -> tuple[_Rows, jax.Array]:
@@ -100,6 +102,23 @@ def _rows(cfg: ModelConfig, cache_lengths, n_new, table, T: int, S: int, Z: int,
     page = jnp.take_along_axis(table, jnp.minimum(positions // Z, S // Z - 1), axis=1)  # [B, T]
     rope = layers.rope_tables(cfg, positions) if cfg.positions == "rope" else None
     return _Rows(starts, n_new, table, jnp.where(real, page, P), positions % Z, rope), positions
+
+
+def _packed_rows(cfg: ModelConfig, starts, n_new, offsets, table, S: int, cap: int, Z: int,
+                 P: int) -> tuple[_Rows, jax.Array]:
+    """The rows of C chunks packed on one token axis [1, S] (chunk c's tokens at offsets[c]..): per-chunk
+    starts, n_new (what is really appended), table and offsets; per-token writes and positions [1, S]."""
+    starts = jnp.minimum(starts, cap)  # [C]
+    n_new = jnp.maximum(jnp.minimum(n_new, cap - starts), 0)  # [C]
+    s = jnp.arange(S, dtype=jnp.int32)
+    member = (s[None, :] >= offsets[:, None]) & (s[None, :] < (offsets + n_new)[:, None])  # [C, S]
+    real = jnp.any(member, axis=0)  # [S] tokens of some chunk (the rest is padding)
+    c = jnp.argmax(member, axis=0)  # [S] each token's chunk
+    positions = jnp.where(real, starts[c] + s - offsets[c], 0)  # [S]
+    page = table[c, jnp.minimum(positions // Z, table.shape[1] - 1)]  # [S]
+    rope = layers.rope_tables(cfg, positions[None]) if cfg.positions == "rope" else None
+    rows = _Rows(starts, n_new, table, jnp.where(real, page, P)[None], (positions % Z)[None], rope, offsets)
+    return rows, positions[None]
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new: jax.Array | None = None,
@@ -118,25 +137,31 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
     return logits, cache, collected
 
 
-def forward_mixed(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, riders: Riders, *,
-                  n_new: jax.Array | None = None, sparsity: SparsityConfig | None = None,
-                  key: jax.Array | None = None):
-    """A prefill of tokens [B, T] (T > 1, dense) and one decode step of `riders` in one pass over the weights.
+def forward_packed(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, offsets: jax.Array,
+                   n_new: jax.Array, *, max_new: int, riders: Riders | None = None,
+                   sparsity: SparsityConfig | None = None, key: jax.Array | None = None, all_logits: bool = False):
+    """A prefill of C chunks packed back to back on one token axis, with optional decode rows riding along.
 
-    cache: the prefill rows' view of the pool (its page_table and lengths are theirs); the riders carry
-    their own. Returns (logits [B, V] at each prefill row's last real token, rider logits [R, V],
-    k pool, v pool). Each part computes what `forward` would compute for it alone (the riders with the
-    sparsity config, for a batch of R).
+    tokens [S]: chunk c's n_new[c] tokens are tokens[offsets[c]:offsets[c] + n_new[c]], appended after its
+    cache.lengths[c] cached ones (cache.page_table [C, M] holds the chunks' pages); tokens of no chunk are
+    padding (computed, never cached). Chunks must not overlap; max_new (static) bounds every n_new. The
+    GEMMs run on the S packed tokens (and the riders' rows) only, so chunks of unequal length cost no
+    padding. Returns (logits [C, V] at each chunk's last real token, or [S, V] at every token when
+    all_logits; rider logits [R, V] or None; k pool; v pool): each part computes what `forward` would
+    compute for it alone (the riders with the sparsity config, for a batch of R).
     """
-    if tokens.shape[1] < 2:
-        raise ValueError(f"forward_mixed prefills: tokens must be [B, T] with T > 1, got {tokens.shape}")
-    logits, rider_logits, cache, _ = _forward(cfg, params, tokens, cache, n_new=n_new, sparsity=sparsity, key=key,
-                                              last_only=True, riders=riders)
-    return logits, rider_logits, cache.k, cache.v
+    if tokens.ndim != 1:
+        raise ValueError(f"forward_packed: tokens must be [S] (packed chunks), got {tokens.shape}")
+    logits, rider_logits, cache, _ = _forward(cfg, params, tokens[None], cache, n_new=n_new, sparsity=sparsity,
+                                              key=key, last_only=not all_logits, riders=riders,
+                                              packed=(offsets, max_new))
+    return logits if not all_logits else logits[0], rider_logits, cache.k, cache.v
 
 
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new, sparsity, key, last_only,
-             collect=False, row_density=None, riders: Riders | None = None):
+             collect=False, row_density=None, riders: Riders | None = None, packed: tuple | None = None):
+    """packed: (offsets [C], max_new) for forward_packed's chunks on one token axis (tokens [1, S]); n_new
+    and the cache's page_table / lengths are then the chunks'."""
     B, T = tokens.shape
     N, K, H, S, Z = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len, cache.page_size
     P = cache.k.shape[1]
@@ -146,13 +171,17 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     R = 0 if riders is None else riders.tokens.shape[0]
     Bd = R if riders is not None else B  # the decode rows (the call's own, or the riders): what sp is sized for
     sp = (sparsity or SparsityConfig()).for_batch(Bd)
-    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)  # [B] (packed: [C])
     key = jax.random.key(sp.seed) if key is None else key
     lp, routers = params["layers"], params.get("routers")
     check_routers(cfg, params, sp)
     sm_scale = H ** -0.5
 
-    main, positions = _rows(cfg, cache.lengths, n_new, cache.page_table, T, S, Z, P)
+    if packed is None:
+        main, positions = _rows(cfg, cache.lengths, n_new, cache.page_table, T, S, Z, P)
+    else:
+        main, positions = _packed_rows(cfg, cache.lengths, n_new, packed[0].astype(jnp.int32), cache.page_table, T,
+                                       S, Z, P)
     x = embed(cfg, params, tokens, positions)  # [B, T, D]
     xr = rider_rows = None
     if riders is not None:
@@ -230,9 +259,12 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
             k_all, v_all = write(l, k_all, v_all, kr, vr, rider_rows)
         if decode:
             attn = decode_attention(l, q, hs[0][:, 0], k_all, v_all, main, n_heads, seg)
-        else:
+        elif packed is None:
             attn = paged_prefill_attention(q, k_all, v_all, main.table, main.starts, main.n_new, layer=l,
                                            sm_scale=sm_scale)  # [B, T, N, H]
+        else:  # q [1, S, N, H]: the chunks on one token axis
+            attn = paged_prefill_attention(q[0], k_all, v_all, main.table, main.starts, main.n_new, layer=l,
+                                           sm_scale=sm_scale, q_offsets=main.offsets, max_new=packed[1])[None]
         attns = [attn.reshape(B, T, N * H)]
         if xr is not None:
             attns.append(decode_attention(l, qr, hs[1][:, 0], k_all, v_all, rider_rows, n_heads, seg)
@@ -276,7 +308,9 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     x, xr, k_all, v_all = carry
     collected = records[0] if collect else None  # prefill runs a single segment
 
-    if last_only:
+    if last_only and packed is not None:
+        x = x[0, jnp.clip(main.offsets + main.n_new - 1, 0, T - 1)]  # [C, D]
+    elif last_only:
         x = x[jnp.arange(B), jnp.maximum(main.n_new - 1, 0)]  # [B, D]
     logits = unembed(cfg, params, x)
     rider_logits = None if xr is None else unembed(cfg, params, xr[:, 0])  # [R, V]

@@ -200,7 +200,9 @@ def test_programs_read_nothing_back_mid_step(params, program, filtered):
     if program == "decode":
         lowered = mr._DECODE.lower(CFG, None, filtered, *state, *r._decode_args([], 4))
     else:
-        lowered = mr._MIXED.lower(CFG, None, filtered, *state, *r._decode_args([], 4), *r._prefill_args([], 2, 16))
+        S = r.buckets.prefill[0]
+        lowered = mr._MIXED.lower(CFG, None, filtered, r._max_new(S), *state, *r._decode_args([], 4),
+                                  *r._prefill_args([], S))
     hlo = lowered.as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
@@ -216,13 +218,14 @@ def test_programs_update_the_page_pool_in_place(params, program, sparse):
     sp = SparsityConfig(attn="random", attn_density=0.5) if sparse else None
     r = engine(params, compile=False, sparsity=sp).runner
     state = (params, r.k, r.v, r.last)
-    prefill = r._prefill_args([], 2, 16)
+    S = r.buckets.prefill[0]
+    prefill = r._prefill_args([], S)
     if program == "decode":
         compiled = mr._DECODE.lower(CFG, sp, False, *state, *r._decode_args([], 4))
     elif program == "mixed":
-        compiled = mr._MIXED.lower(CFG, sp, False, *state, *r._decode_args([], 4), *prefill)
+        compiled = mr._MIXED.lower(CFG, sp, False, r._max_new(S), *state, *r._decode_args([], 4), *prefill)
     else:
-        compiled = mr._PREFILL_LOGPROBS.lower(CFG, *state, *prefill, r._targets([], 2, 16))
+        compiled = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), *state, *prefill, r._targets([], S))
     pool = "f32[" + ",".join(map(str, r.k.shape)) + "]"
     copies = [line for line in compiled.compile().as_text().splitlines() if f"= {pool}" in line and " copy(" in line]
     assert not copies, copies
@@ -232,5 +235,21 @@ def test_default_chunk_is_capped_at_max_model_len(params):
     """A prompt never exceeds max_model_len, so no program is compiled for a longer chunk."""
     eng = LLMEngine(CFG, params, None, max_num_seqs=4, max_model_len=40, page_size=8, num_pages=40, compile=False,
                     progress=False)
-    assert eng.config.prefill_chunk == 40 and max(t for _, t in eng.runner.buckets.prefill) == 40
+    assert eng.config.prefill_chunk == 40 and eng.runner.buckets.max_new == 40
     assert eng.config.max_num_batched_tokens == 80
+
+
+def test_buckets_pack_prefill_tokens_so_the_gemm_rows_align():
+    """Packed prefill capacities plus the max_num_seqs riding decode rows are multiples of 128, at most
+    25% apart above 512 rows, and the largest holds a step's whole token budget."""
+    from polar_jax.engine.model_runner import Buckets
+
+    b = Buckets.make(max_num_seqs=64, prefill_chunk=2048, token_budget=4096)
+    rows = [S + 64 for S in b.prefill]
+    assert rows[0] == 128 and all(r % 128 == 0 for r in rows)
+    assert all(hi <= 1.25 * lo for lo, hi in zip(rows, rows[1:]) if lo >= 512)
+    assert b.prefill[-1] >= 4096 > b.prefill[-2]
+    assert (b.prefill_size(1), b.prefill_size(65), b.prefill_size(1100)) == (64, 192, 1216)
+    with pytest.raises(ValueError, match="no prefill bucket holds"):
+        b.prefill_size(b.prefill[-1] + 1)
+    assert b.decode == (4, 8, 16, 32, 64) and b.max_new == 2048

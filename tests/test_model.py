@@ -10,7 +10,7 @@ import transformers
 from convert.hf import params_from_torch_state_dict
 from polar_jax import SamplingConfig, SparsityConfig, forward, generate, init_cache, init_params, preset
 from polar_jax.cache import KVCache, cache_bytes
-from polar_jax.model import Riders, forward_mixed
+from polar_jax.model import Riders, forward_packed
 from polar_jax.params import param_shapes
 from polar_jax.sparsity import Segment, _top_slots, plan
 
@@ -88,36 +88,49 @@ def test_decode_steps_match_full_forward(name):
 
 @pytest.mark.parametrize("name", ["tiny-opt-350m", "tiny-llama-gqa"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_forward_mixed_equals_a_prefill_then_a_decode_step(name, sparse):
-    """A prefill with decode rows riding along gives each part what its own call gives: the prefill rows'
-    logits, the riders' logits (the padding rider's aside) and every written page of the pool."""
+def test_forward_packed_equals_a_prefill_then_a_decode_step(name, sparse):
+    """Chunks packed on one token axis (a gap between them, a padding tail, an empty chunk) with decode rows
+    riding along give each part what its own call gives: each chunk's last-token logits (and with
+    all_logits every token's), the riders' logits (the padding rider's aside) and every written page."""
     cfg = preset(name)
     params = init_params(cfg, jax.random.key(4))
     rng = np.random.default_rng(5)
-    pool = init_cache(cfg, 5, 64, jnp.float32)  # rows 0-1 prefill, rows 2-4 ride; 2 pages each
-    pre_table, rider_table = pool.page_table[:2], pool.page_table[2:]
+    pool = init_cache(cfg, 6, 64, jnp.float32)  # rows 0-2 prefill chunks, rows 3-5 ride; 2 pages each
+    pre_table, rider_table = pool.page_table[:3], pool.page_table[3:]
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 7)))
     _, ridden, _ = fwd(cfg, params, prompts, KVCache(pool.k, pool.v, rider_table, jnp.zeros(3, jnp.int32)),
                        n_new=jnp.asarray([7, 5, 6]))
     riders = Riders(tokens=jnp.asarray(rng.integers(0, cfg.vocab_size, 3)), lengths=ridden.lengths,
                     valid=jnp.asarray([True, True, False]), page_table=rider_table)
-    pre = KVCache(ridden.k, ridden.v, pre_table, jnp.asarray([0, 3], jnp.int32))
+    starts = jnp.asarray([0, 3, 0], jnp.int32)
     tokens, n_new = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9))), jnp.asarray([9, 6])
+    flat = rng.integers(0, cfg.vocab_size, 20)  # padding tokens are random too: they must not matter
+    flat[0:9], flat[11:17] = tokens[0], tokens[1, :6]
+    offsets, n_packed = jnp.asarray([0, 11, 19]), jnp.asarray([9, 6, 0])
     sp = (SparsityConfig(attn="random", attn_density=0.5, mlp="random", mlp_k=cfg.mlp_dim // 4) if sparse
           else None)
     key = jax.random.key(6)
+    packed = jax.jit(forward_packed, static_argnums=0, static_argnames=("sparsity", "max_new", "all_logits"))
 
-    got, got_r, k, v = jax.jit(forward_mixed, static_argnums=0, static_argnames="sparsity")(
-        cfg, params, tokens, pre, riders, n_new=n_new, sparsity=sp, key=key)
+    got, got_r, k, v = packed(cfg, params, jnp.asarray(flat), KVCache(ridden.k, ridden.v, pre_table, starts),
+                              offsets, n_packed, max_new=9, riders=riders, sparsity=sp, key=key)
+    pre = KVCache(ridden.k, ridden.v, pre_table[:2], starts[:2])
     want, after, _ = fwd(cfg, params, tokens, pre, n_new=n_new, last_only=True)
     want_r, after, _ = fwd(cfg, params, riders.tokens[:, None],
                            KVCache(after.k, after.v, rider_table, riders.lengths),
                            n_new=riders.valid.astype(jnp.int32), sparsity=sp, key=key)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(want), atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(got_r[:2]), np.asarray(want_r[:2, 0]), atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(k), np.asarray(after.k), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(v), np.asarray(after.v), atol=1e-5, rtol=0)
     assert float(jnp.max(jnp.abs(k - ridden.k))) > 0  # the pages were written at all
+
+    every, none, _, _ = packed(cfg, params, jnp.asarray(flat), KVCache(ridden.k, ridden.v, pre_table, starts),
+                               offsets, n_packed, max_new=9, all_logits=True)
+    full, _, _ = fwd(cfg, params, tokens, pre, n_new=n_new)
+    assert none is None and every.shape == (20, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(every[0:9]), np.asarray(full[0]), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(every[11:17]), np.asarray(full[1, :6]), atol=2e-5, rtol=0)
 
 
 def greedy_reference(cfg, params, prompt, n):

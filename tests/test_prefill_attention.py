@@ -7,6 +7,11 @@ positions past starts[b] + n_new[b] (the tail of its last page). Page-table entr
 junk ids. The expected output gathers the pages into a contiguous [K, S, H] cache per sequence and runs
 a plain dense causal softmax in float64. Cases cover MHA and GQA (G = 3 and 4), H 64 and 128, page sizes
 8..128 with KV blocks smaller and larger than a page, n_new = 0, 1, T and a chunk that ends at M*Z.
+
+Packed mode (q [S, N, H] with q_offsets): chunks at offsets not aligned to block_t, listed out of offset
+order (a chunk that wrote past its own rows would clobber one written before it), with uncovered rows
+between chunks and at the end; those rows of q are NaN (never read) and must come out exactly 0. The
+expected rows are the unpacked float64 result of each chunk padded into [B, max_new, N, H].
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pytest
 from pallas_kernels.prefill_attention import api, paged_prefill_attention
 from pallas_kernels.prefill_attention import reference
 from pallas_kernels.prefill_attention import triton as tk
-from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET
+from tests.kernel_cases import BF16, F16, F32, HAS_GPU, INTERPRET, BoundsChecked
 from tests.test_paged_attention import _layout, _normal, _poison
 from tests.tolerances import assert_close
 
@@ -121,15 +126,174 @@ def test_layer_scan(interpret):
         _check(refs[l], qs[l], k_pages[l], v_pages[l], table, starts, n_new)
 
 
-def test_reference_is_blockwise():
+def _packed_inputs(N, K, H, Z, M, dtype, S, chunks, L=None):
+    """Fresh packed inputs for chunks ((q_offset, start, n_new), ...): q [(L,) S, N, H] with NaN in rows no
+    chunk covers, the pool (poisoned like test_kernel's, [L, P, K, Z, H] when L is given), the table."""
+    offsets, starts, n_new = (np.array(c) for c in zip(*chunks))
+    written = starts + n_new
+    NP = int(sum(-(-w // Z) for w in written)) + 3
+    lead = () if L is None else (L,)
+    k_pages, v_pages = _normal(lead + (NP, K, Z, H), dtype), _normal(lead + (NP, K, Z, H), dtype)
+    table, owned = _layout(len(chunks), M, Z, NP, written)
+    kp, vp = _poison(k_pages, table, owned, written), _poison(v_pages, table, owned, written)
+    q = np.array(_normal(lead + (S, N, H), dtype), np.float32)
+    q[..., ~_covered(S, offsets, n_new), :, :] = np.nan
+    return jnp.asarray(q).astype(dtype), k_pages, v_pages, kp, vp, table, offsets, starts, n_new
+
+
+def _rows(S, off, n):
+    """(t, rows): the chunk rows t < n whose token row off + t lies in [0, S), and those token rows."""
+    t = np.arange(n)
+    keep = (off + t >= 0) & (off + t < S)
+    return t[keep], off + t[keep]
+
+
+def _covered(S, offsets, n_new):
+    """[S] bool: the rows some chunk owns."""
+    cov = np.zeros(S, bool)
+    for off, n in zip(offsets, n_new):
+        cov[_rows(S, off, n)[1]] = True
+    return cov
+
+
+def _padded(q, offsets, n_new, T):
+    """[B, T, N, H] float32: each chunk's rows of the packed q, zeros past n_new[b] (the unpacked layout)."""
+    q = np.asarray(q, np.float32)
+    out = np.zeros((len(offsets), T) + q.shape[1:], np.float32)
+    for b, (off, n) in enumerate(zip(offsets, n_new)):
+        t, rows = _rows(q.shape[0], off, n)
+        out[b, t] = q[rows]
+    return out
+
+
+def _check_packed(o, q, k_pages, v_pages, table, starts, n_new, offsets, T):
+    """Each chunk's rows against the unpacked float64 result; rows no chunk covers exactly 0."""
+    assert o.shape == q.shape and o.dtype == q.dtype
+    want = _expected(_padded(q, offsets, n_new, T), k_pages, v_pages, table, starts, n_new)
+    got = np.asarray(o, np.float32)
+    for b, (off, n) in enumerate(zip(offsets, n_new)):
+        t, rows = _rows(q.shape[0], off, n)
+        if len(t):
+            assert_close(got[rows], want[b, t], q.dtype)
+    dead = got[~_covered(q.shape[0], offsets, n_new)]
+    assert np.all(dead == 0), f"rows no chunk covers are not exactly 0 (max {np.abs(dead).max()})"
+
+
+PACKED_CASES = [  # N, K, H, Z, M, dtype, config (None: the public function's heuristic), S, max_new, chunks
+    # GQA G = 3, H 80 (padded to 128), KV blocks of 2 pages; chunks (q_offset, start, n_new) out of offset
+    # order: rows [22, 33) [3, 17) [18, 21), an n_new = 0 chunk; uncovered 0..2, 17, 21, 33..39
+    (6, 2, 80, 8, 4, BF16, tk.PrefillConfig(block_t=8, block_s=16), 40, 14,
+     ((22, 0, 11), (3, 13, 14), (0, 5, 0), (18, 3, 3))),
+    # MHA, H 64, f32, the heuristic config (block_t 16 for max_new 13): rows [20, 33) [2, 11) [12, 17)
+    (4, 4, 64, 16, 2, F32, None, 36, 13, ((20, 0, 13), (2, 17, 9), (0, 0, 0), (12, 3, 5))),
+    # GQA G = 3, H 128, a KV block is one page, 4-row blocks; max_new defaults to S
+    (6, 2, 128, 16, 3, F32, tk.PrefillConfig(block_t=4, block_s=16), 27, None,
+     ((9, 30, 7), (1, 0, 6), (17, 4, 9))),
+]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("N,K,H,Z,M,dtype,config,S,max_new,chunks", PACKED_CASES)
+def test_packed_kernel(interpret, N, K, H, Z, M, dtype, config, S, max_new, chunks):
+    q, k_pages, v_pages, kp, vp, table, offsets, starts, n_new = _packed_inputs(N, K, H, Z, M, dtype, S, chunks)
+    T = S if max_new is None else max_new
+
+    @jax.jit
+    def kernel(q, kp, vp, table, starts, n_new, offsets):
+        if config is None:
+            return paged_prefill_attention(q, kp, vp, table, starts, n_new, q_offsets=offsets, max_new=max_new,
+                                           impl="triton", interpret=interpret)
+        return tk.paged_prefill_attention(q, kp[None], vp[None], table, starts, n_new, layer=0, q_offsets=offsets,
+                                          max_new=max_new, interpret=interpret, config=config)
+
+    xla = jax.jit(lambda *a: paged_prefill_attention(*a[:6], q_offsets=a[6], max_new=max_new, impl="xla"))
+    args = (q, kp, vp, jnp.asarray(table), *(jnp.asarray(a, jnp.int32) for a in (starts, n_new, offsets)))
+    _check_packed(kernel(*args), q, k_pages, v_pages, table, starts, n_new, offsets, T)
+    _check_packed(xla(*args), q, k_pages, v_pages, table, starts, n_new, offsets, T)
+
+
+@pytest.mark.parametrize("N,K,H,Z,M,dtype,config,S,max_new,chunks", PACKED_CASES)
+def test_packed_reference(N, K, H, Z, M, dtype, config, S, max_new, chunks):
+    """The packed XLA reference gives each chunk's rows of the unpacked reference on the padded q, zeros
+    elsewhere (CPU, no interpreter)."""
+    del config
+    q, _, _, kp, vp, table, offsets, starts, n_new = _packed_inputs(N, K, H, Z, M, dtype, S, chunks)
+    T = S if max_new is None else max_new
+    table, starts_, n_new_ = jnp.asarray(table), jnp.asarray(starts, jnp.int32), jnp.asarray(n_new, jnp.int32)
+    o = reference.paged_prefill_attention(q, kp, vp, table, starts_, n_new_, q_offsets=jnp.asarray(offsets, jnp.int32),
+                                          max_new=max_new)
+    qb = jnp.asarray(_padded(q, offsets, n_new, T)).astype(dtype)
+    want = np.asarray(reference.paged_prefill_attention(qb, kp, vp, table, starts_, n_new_), np.float32)
+    got = np.asarray(o, np.float32)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    for b, (off, n) in enumerate(zip(offsets, n_new)):
+        t, rows = _rows(S, off, n)
+        np.testing.assert_allclose(got[rows], want[b, t], rtol=1e-6, atol=1e-6)
+    assert np.all(got[~_covered(S, offsets, n_new)] == 0)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_packed_layer_scan(interpret):
+    """Packed mode with a stacked [L, P, K, Z, H] pool and the layer traced inside a jitted lax.scan."""
+    L, N, K, H, Z, M, S, max_new = 2, 6, 2, 64, 8, 3, 24, 10
+    chunks = ((13, 7, 10), (2, 0, 9), (0, 3, 0))   # rows [13, 23) [2, 11); uncovered 0, 1, 11, 12, 23
+    qs, k_pages, v_pages, kp, vp, table, offsets, starts, n_new = _packed_inputs(N, K, H, Z, M, F16, S, chunks, L=L)
+    config = tk.PrefillConfig(block_t=4, block_s=16)
+    s, n, off = (jnp.asarray(a, jnp.int32) for a in (starts, n_new, offsets))
+
+    def stacked(qs, kp, vp, table):
+        def step(_, l):
+            o = tk.paged_prefill_attention(qs[l], kp, vp, table, s, n, layer=l, q_offsets=off, max_new=max_new,
+                                           interpret=interpret, config=config)
+            r = paged_prefill_attention(qs[l], kp, vp, table, s, n, layer=l, q_offsets=off, max_new=max_new,
+                                        impl="xla")
+            return None, (o, r)
+        return jax.lax.scan(step, None, jnp.arange(L))[1]
+
+    outs, refs = jax.jit(stacked)(qs, kp, vp, jnp.asarray(table))                      # [L, S, N, H]
+    for l in range(L):
+        _check_packed(outs[l], qs[l], k_pages[l], v_pages[l], table, starts, n_new, offsets, max_new)
+        _check_packed(refs[l], qs[l], k_pages[l], v_pages[l], table, starts, n_new, offsets, max_new)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_packed_rows_outside_q(interpret, monkeypatch):
+    """Offsets break the promise (traced: no value check): a chunk running past S and one starting at a
+    negative offset are cut to their rows in [0, S), which stay right; no load or store leaves q or o (see
+    BoundsChecked: the interpreter hides such accesses)."""
+    checked = BoundsChecked()
+    if interpret:  # compiled Triton kernels take no host callbacks
+        monkeypatch.setattr(tk, "plgpu", checked)
+    N, K, H, Z, M, S, max_new = 4, 4, 64, 8, 3, 20, 9
+    chunks = ((15, 4, 9), (-3, 0, 8), (7, 2, 6))      # rows [15, 20) + 4 past S, [0, 5) (t >= 3), [7, 13)
+    q, k_pages, v_pages, kp, vp, table, offsets, starts, n_new = _packed_inputs(N, K, H, Z, M, F32, S, chunks)
+    config = tk.PrefillConfig(block_t=16, block_s=16)
+    args = (q, kp[None], vp[None], jnp.asarray(table), *(jnp.asarray(a, jnp.int32) for a in (starts, n_new)))
+    o = jax.jit(lambda *a: tk.paged_prefill_attention(*a[:6], layer=0, q_offsets=a[6], max_new=max_new,
+                                                      interpret=interpret, config=config))(
+        *args, jnp.asarray(offsets, jnp.int32))
+    _check_packed(o, q, k_pages, v_pages, table, starts, n_new, offsets, max_new)
+    assert not checked.violations, checked.violations[:4]
+    r = reference.paged_prefill_attention(q, kp, vp, *args[3:], q_offsets=jnp.asarray(offsets, jnp.int32),
+                                          max_new=max_new)
+    _check_packed(r, q, k_pages, v_pages, table, starts, n_new, offsets, max_new)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_reference_is_blockwise(packed):
     """The XLA fallback never holds a [T, S] score array of the whole context: no value in its program
-    (loop bodies included) is as large as B*N*T*S, while a 4096-position context would need one."""
+    (loop bodies included) is as large as B*N*T*S, while a 4096-position context would need one.
+    packed: q [T, N, H] with q_offsets (one chunk), max_new = T."""
     B, T, N, K, H, Z, M = 1, 64, 4, 2, 64, 16, 256
-    q = jax.ShapeDtypeStruct((B, T, N, H), BF16)
+    q = jax.ShapeDtypeStruct((T, N, H) if packed else (B, T, N, H), BF16)
     kp = jax.ShapeDtypeStruct((40, K, Z, H), BF16)
     table = jax.ShapeDtypeStruct((B, M), jnp.int32)
     per = jax.ShapeDtypeStruct((B,), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda *a: reference.paged_prefill_attention(*a))(q, kp, kp, table, per, per)
+    if packed:
+        jaxpr = jax.make_jaxpr(lambda *a: reference.paged_prefill_attention(*a[:6], q_offsets=a[6], max_new=T))(
+            q, kp, kp, table, per, per, per)
+    else:
+        jaxpr = jax.make_jaxpr(lambda *a: reference.paged_prefill_attention(*a))(q, kp, kp, table, per, per)
 
     def sizes(jp):
         for eqn in jp.eqns:
@@ -177,6 +341,28 @@ def test_invalid_contracts():
         paged_prefill_attention(_normal((B, T, N, 72), F16), kp, vp, table, per, per)
 
 
+def test_invalid_packed_contracts():
+    B, S, N, K, H, Z = 2, 10, 4, 2, 64, 8
+    q, kp, vp = _normal((S, N, H), F16), _normal((4, K, Z, H), F16), _normal((4, K, Z, H), F16)
+    table, per, off = jnp.array([[1, 2], [3, 0]], jnp.int32), jnp.array([0, 3], jnp.int32), jnp.array([0, 5], jnp.int32)
+    with pytest.raises(ValueError, match=r"q has shape \(2, 10, 4, 64\); expected \[S, N, H\] .*q_offsets"):
+        paged_prefill_attention(_normal((B, S, N, H), F16), kp, vp, table, per, per, q_offsets=off)
+    with pytest.raises(ValueError, match=r"q_offsets has shape \(3,\); expected \[B\]=\(2,\)"):
+        paged_prefill_attention(q, kp, vp, table, per, per, q_offsets=jnp.array([0, 4, 8], jnp.int32))
+    with pytest.raises(TypeError, match="q_offsets has dtype float32; expected int32"):
+        paged_prefill_attention(q, kp, vp, table, per, per, q_offsets=off.astype(F32))
+    with pytest.raises(ValueError, match=r"n_new has shape \(1,\); expected \[B\]=\(2,\)"):
+        paged_prefill_attention(q, kp, vp, table, per, per[:1], q_offsets=off)
+    with pytest.raises(ValueError, match="max_new=0 must be >= 1"):
+        paged_prefill_attention(q, kp, vp, table, per, per, q_offsets=off, max_new=0)
+    with pytest.raises(TypeError, match="max_new must be a Python int"):
+        paged_prefill_attention(q, kp, vp, table, per, per, q_offsets=off, max_new=jnp.int32(4))
+    with pytest.raises(ValueError, match="max_new=4 was given without q_offsets"):
+        paged_prefill_attention(q.reshape(B, S // B, N, H), kp, vp, table, per, per, max_new=4)
+    with pytest.raises(ValueError, match=r"k_pages has shape \(4, 2, 8, 64\) \(H=64\) but q has \(10, 4, 80\)"):
+        paged_prefill_attention(_normal((S, N, 80), F16), kp, vp, table, per, per, q_offsets=off)
+
+
 @pytest.mark.parametrize("N,K,H,dtype", [(8, 2, 128, BF16), (6, 6, 80, F32)])
 def test_lowers_to_triton(monkeypatch, N, K, H, dtype):
     """The kernel lowers to Triton IR for CUDA (on a CPU-only machine too): catches constructs the GPU
@@ -192,3 +378,18 @@ def test_lowers_to_triton(monkeypatch, N, K, H, dtype):
 
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "paged_prefill_attention" in text
+
+
+def test_lowers_to_triton_packed(monkeypatch):
+    """Packed mode lowers to Triton IR for CUDA too, with the zeros buffer aliased into the output."""
+    monkeypatch.setattr(tk, "check_backend", lambda interpret: False)
+    sd = jax.ShapeDtypeStruct
+    B, S, N, K, H, Z, M, NP, L = 3, 70, 6, 2, 80, 16, 8, 20, 2
+    args = [sd((S, N, H), BF16), sd((L, NP, K, Z, H), BF16), sd((L, NP, K, Z, H), BF16), sd((B, M), jnp.int32)]
+    args += [sd((B,), jnp.int32)] * 3
+
+    def fn(q, kp, vp, table, starts, n_new, offsets):
+        return tk.paged_prefill_attention(q, kp, vp, table, starts, n_new, layer=1, q_offsets=offsets, max_new=40)
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "paged_prefill_attention" in text and "output_operand_aliases" in text

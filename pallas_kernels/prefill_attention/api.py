@@ -1,7 +1,8 @@
 """Paged causal prefill attention: public function, contract checks and dispatch.
 
   paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                          impl=None, interpret=None) -> o [B, T, N, H]
+                          q_offsets=None, max_new=None, impl=None, interpret=None) -> o [B, T, N, H]
+                                                                                  or o [S, N, H] (packed)
 
 Shapes and dtypes:
   q          [B, T, N, H] float16 | bfloat16 | float32, H in {64, 80, 96, 128}: the T new tokens of
@@ -18,8 +19,20 @@ Shapes and dtypes:
   sm_scale   softmax scale, a Python float (default 1/sqrt(H)).
   returns    o [B, T, N, H] in q's dtype, f32 softmax and accumulation.
 
-Never materialises [T, S] scores of the whole context: both implementations are flash-style loops
-over KV blocks with an online softmax.
+Packed mode (q_offsets given): the chunks of B sequences lie back to back in one token axis, no padding.
+  q          [S, N, H]: S packed token rows. B is page_table.shape[0]; page_table, starts as above.
+  q_offsets  [B] int32 >= 0: chunk b's query t is row q_offsets[b] + t of q, at position starts[b] + t of
+             sequence b (the same causal attention as above). The caller promises that the chunks
+             [q_offsets[b], q_offsets[b] + n_new[b]) do not overlap (overlapping rows are undefined) and
+             lie within [0, S); offsets are traced, so this is never checked, but rows outside [0, S)
+             are never read or written whatever the values. Offsets need not be block-aligned.
+  max_new    a Python int >= 1, an upper bound on every n_new[b] (it sizes the grid); default S.
+  n_new      [B] int32, clamped into [0, max_new].
+  returns    o [S, N, H] in q's dtype: row q_offsets[b] + t is chunk b's output for t < n_new[b]; rows
+             no chunk covers are exactly 0.
+
+Never materialises the [T, context] scores of the whole context (nor packed mode's [S, context]): both
+implementations are flash-style loops over KV blocks with an online softmax.
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernel lowered through Triton on a CUDA GPU, or the Pallas interpreter with
@@ -28,7 +41,11 @@ Implementations, tried in order until one accepts the inputs (backends raise Not
 
 from __future__ import annotations
 
-from pallas_kernels.common import check_per_sequence, dispatch
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common import check_per_sequence, check_query, dispatch, shape_of
 from pallas_kernels.paged_attention.api import check_pages
 from pallas_kernels.prefill_attention import reference
 from pallas_kernels.prefill_attention import triton as triton_impl
@@ -39,31 +56,65 @@ IMPLS = {
 }
 
 
-def check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer=None, sm_scale=None):
-    """Raise ValueError/TypeError naming the problem; return (B, T, N, K, Z, M, H)."""
-    B, N, H, _, _, K, Z, M = check_pages(q, k_pages, v_pages, page_table, layer, sm_scale, q_rank=4)
+def _check_pages_packed(q, k_pages, v_pages, page_table, layer, sm_scale):
+    """check_pages for a packed q [S, N, H], B taken from page_table: returns (B, N, H, L, P, K, Z, M)."""
+    if jnp.ndim(q) != 3:
+        raise ValueError(f"q has shape {shape_of(q)}; expected [S, N, H] (packed rows) when q_offsets is given")
+    check_query(q, "[S, N, H]")
+    if jnp.ndim(page_table) != 2:
+        raise ValueError(f"page_table has shape {shape_of(page_table)}; expected [B, M]")
+    if jnp.ndim(k_pages) in (4, 5) and k_pages.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k_pages has shape {shape_of(k_pages)} (H={k_pages.shape[-1]}) but q has "
+                         f"{shape_of(q)} (H={q.shape[-1]})")
+    # check_pages takes B from q's first axis: hand it a [B, S, N, H] stand-in with q's dtype.
+    stand_in = jax.ShapeDtypeStruct((page_table.shape[0],) + tuple(q.shape), q.dtype)
+    return check_pages(stand_in, k_pages, v_pages, page_table, layer, sm_scale, q_rank=4)
+
+
+def check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer=None, sm_scale=None, q_offsets=None,
+                   max_new=None):
+    """Raise ValueError/TypeError naming the problem; return (B, T, N, K, Z, M, H). Packed mode (q_offsets
+    given): T is max_new (default S)."""
+    if q_offsets is None:
+        if max_new is not None:
+            raise ValueError(f"max_new={max_new!r} was given without q_offsets; it bounds n_new only in packed "
+                             f"mode (q [S, N, H] with q_offsets)")
+        B, N, H, _, _, K, Z, M = check_pages(q, k_pages, v_pages, page_table, layer, sm_scale, q_rank=4)
+        check_per_sequence("starts", starts, B)
+        check_per_sequence("n_new", n_new, B)
+        return B, q.shape[1], N, K, Z, M, H
+    B, N, H, _, _, K, Z, M = _check_pages_packed(q, k_pages, v_pages, page_table, layer, sm_scale)
     check_per_sequence("starts", starts, B)
     check_per_sequence("n_new", n_new, B)
-    return B, q.shape[1], N, K, Z, M, H
+    check_per_sequence("q_offsets", q_offsets, B)
+    if max_new is None:
+        return B, q.shape[0], N, K, Z, M, H
+    if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)):
+        raise TypeError(f"max_new must be a Python int (static: it sizes the grid), got {max_new!r}")
+    if max_new < 1:
+        raise ValueError(f"max_new={int(max_new)} must be >= 1 (an upper bound on every n_new[b])")
+    return B, int(max_new), N, K, Z, M, H
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            impl=None, interpret=None):
-    """o [B, T, N, H]: causal attention of a chunk of new tokens over each sequence's pages.
+                            q_offsets=None, max_new=None, impl=None, interpret=None):
+    """o [B, T, N, H]: causal attention of a chunk of new tokens over each sequence's pages; packed mode
+    (q_offsets given): q and o [S, N, H], the chunks back to back in one token axis.
 
     See the module docstring for the contract. Without a GPU and with interpret not set, impl=None
     falls back to the XLA reference.
     """
-    check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer, sm_scale)
+    _, T, *_ = check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer, sm_scale, q_offsets, max_new)
     if sm_scale is not None:
         sm_scale = float(sm_scale)
+    packed = {} if q_offsets is None else {"q_offsets": q_offsets, "max_new": T}
 
     def call(name):
         if name == "triton":
             kp, vp = (k_pages, v_pages) if layer is not None else (k_pages[None], v_pages[None])
             return IMPLS[name](q, kp, vp, page_table, starts, n_new, layer=0 if layer is None else layer,
-                               sm_scale=sm_scale, interpret=interpret)
+                               sm_scale=sm_scale, interpret=interpret, **packed)
         return IMPLS[name](q, k_pages, v_pages, page_table, starts, n_new, layer=layer, sm_scale=sm_scale,
-                           interpret=interpret)
+                           interpret=interpret, **packed)
 
     return dispatch(IMPLS, impl, call)

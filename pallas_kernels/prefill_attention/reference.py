@@ -5,6 +5,10 @@ the block's pages of every sequence ([B, K, blk, H]), scores it against the whol
 blk] f32) and folds it into the running (o, max, sum). The [T, S] score matrix of the whole context
 never exists; the loop stops at the batch's furthest causal limit. On CPU the operands are upcast to
 f32 before each dot (XLA:CPU has no bf16 x bf16 -> f32 dot); f32 dots run at HIGHEST precision.
+
+Packed mode (q_offsets given, q [S, N, H]): gathers each chunk's rows into a padded [B, max_new, N, H]
+(rows past n_new[b] zero), runs the same blockwise loop and scatters the live rows back into a zero
+[S, N, H] (rows outside [0, S) dropped).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ BLOCK = 256  # positions per step (rounded to whole pages)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            impl=None, interpret=None):
+                            q_offsets=None, max_new=None, impl=None, interpret=None):
     del impl, interpret
+    if q_offsets is not None:
+        return _packed(q, k_pages, v_pages, page_table, starts, n_new, layer=layer, sm_scale=sm_scale,
+                       q_offsets=q_offsets, max_new=max_new)
     B, T, N, H = q.shape
     NP, K, Z = k_pages.shape[-4:-1]
     M = page_table.shape[1]
@@ -75,3 +82,20 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     o = o / jnp.where(l > 0, l, 1.0)[..., None]
     o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)                              # [B, T, N, H]
     return jnp.where(row_live[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+def _packed(q, k_pages, v_pages, page_table, starts, n_new, *, layer, sm_scale, q_offsets, max_new):
+    """o [S, N, H]: chunk b's rows q[q_offsets[b] + t], t < n_new[b], through the padded [B, T, N, H] path."""
+    S = q.shape[0]
+    B = page_table.shape[0]
+    T = S if max_new is None else int(max_new)
+    if S == 0 or B == 0 or T == 0:
+        return jnp.zeros_like(q)
+    n_new = jnp.clip(n_new.astype(jnp.int32), 0, T)
+    t = jnp.arange(T)
+    rows = q_offsets.astype(jnp.int32)[:, None] + t[None, :]                          # [B, T] token rows
+    live = (t[None, :] < n_new[:, None]) & (rows >= 0) & (rows < S)                   # [B, T]
+    qb = jnp.where(live[:, :, None, None], q[jnp.clip(rows, 0, S - 1)], 0)             # [B, T, N, H]
+    o = paged_prefill_attention(qb, k_pages, v_pages, page_table, starts, n_new, layer=layer,
+                                sm_scale=sm_scale)                                      # [B, T, N, H]
+    return jnp.zeros_like(q).at[jnp.where(live, rows, S)].set(o, mode="drop")

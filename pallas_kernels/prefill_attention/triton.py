@@ -10,6 +10,13 @@ before the program's first query position skip the masks); position s of the seq
 read at pages[layer, page_table[b, s // Z], kv, s % Z, :] (page ids gathered per block, clamped into
 [0, P); positions bounded by M*Z). Query row t sees positions [0, starts[b] + t]; rows t >= n_new[b]
 are written as zeros and their programs skip the loop.
+
+Packed mode (q_offsets given; q and o are [S, N, H], T = max_new): the same grid (B, K, cdiv(T, block_t))
+and body, but chunk row t of chunk b is token row q_offsets[b] + t of q and o (offsets need not be
+multiples of block_t). A program whose block starts at or past n_new[b] does nothing at all (those rows
+belong to other chunks), and loads and stores are masked to the chunk's live rows t < n_new[b] that lie
+in [0, S). Rows no chunk covers keep the zeros of a buffer aliased into the output
+(input_output_aliases: on the GPU a memset, no extra pass over o).
 """
 
 from __future__ import annotations
@@ -62,8 +69,15 @@ def _load(ref, mask):
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
-def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_ref, out_ref, *,
-                    cfg: PrefillConfig, T: int, G: int, H: int, M: int, Z: int, NP: int, sm_scale: float):
+def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, *refs, cfg: PrefillConfig, T: int, G: int,
+                    H: int, M: int, Z: int, NP: int, sm_scale: float, S: int | None = None):
+    """S None: refs = (q, k, v, out), q / out [B, T, N, H]. S given (packed): refs = (q_offsets, q, k, v,
+    zeros, out), q / out [S, N, H] with `zeros` aliased to out (never read: it only initialises out)."""
+    packed = S is not None
+    if packed:
+        qo_ref, q_ref, k_ref, v_ref, _, out_ref = refs
+    else:
+        q_ref, k_ref, v_ref, out_ref = refs
     BT, BS = cfg.block_t, cfg.block_s
     Hp, GP = _pow2_at_least(H), _pow2_at_least(G)
     R = BT * GP
@@ -78,14 +92,26 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
     r = jnp.arange(R)
     t = t0 + r // GP                                                                 # [R] chunk row
     g = r % GP
-    row_ok = (g < G) & (t < T)                                                       # rows of the output
-    row_live = row_ok & (t < n)                                                      # rows that attend
     qpos = start + t                                                                 # [R] query position
     # Masked-off lanes keep their own indices (never clamped onto a live element): the interpreter
     # implements a masked store as a scatter of old-or-new values, so a duplicate index would race.
     t2 = jnp.broadcast_to(t[:, None], (R, Hp))
     n2 = jnp.broadcast_to((kv * G + g)[:, None], (R, Hp))
     hh2 = jnp.broadcast_to(hh[None, :], (R, Hp))
+    if packed:
+        row = qo_ref[b] + t                                                          # [R] token row of q / out
+        row_ok = (g < G) & (t < n) & (row >= 0) & (row < S)    # only the chunk's own rows, never past S
+        row_live = row_ok
+        row2 = jnp.broadcast_to(row[:, None], (R, Hp))
+
+        def at(ref):
+            return ref.at[row2, n2, hh2]
+    else:
+        row_ok = (g < G) & (t < T)                                                   # rows of the output
+        row_live = row_ok & (t < n)                                                  # rows that attend
+
+        def at(ref):
+            return ref.at[b, t2, n2, hh2]
     out_mask = row_ok[:, None] & h_mask[None, :]
     hh_s = jnp.broadcast_to(hh[None, :], (BS, Hp))
     pos_base = jnp.arange(BS)
@@ -122,7 +148,7 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
 
     @pl.when(t0 < n)
     def _():
-        q = plgpu.load(q_ref.at[b, t2, n2, hh2], mask=row_live[:, None] & h_mask[None, :], other=0)  # [R, Hp]
+        q = plgpu.load(at(q_ref), mask=row_live[:, None] & h_mask[None, :], other=0)  # [R, Hp]
         init = (jnp.zeros((R, Hp), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32),
                 jnp.zeros((R,), jnp.float32))
         # Blocks wholly before the first row's position need no mask (most of a long context); the
@@ -131,23 +157,31 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, q_ref, k_ref, v_re
         carry = lax.fori_loop(0, n_full, lambda j, c: step(j, c, q, False), init)
         o, _, l = lax.fori_loop(n_full, (hi + BS - 1) // BS, lambda j, c: step(j, c, q, True), carry)
         o = jnp.where(row_live[:, None] & (l > 0)[:, None], o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-        plgpu.store(out_ref.at[b, t2, n2, hh2], o.astype(out_ref.dtype), mask=out_mask)
+        plgpu.store(at(out_ref), o.astype(out_ref.dtype), mask=out_mask)
 
-    @pl.when(t0 >= n)
-    def _():
-        plgpu.store(out_ref.at[b, t2, n2, hh2], jnp.zeros((R, Hp), out_ref.dtype), mask=out_mask)
+    if not packed:  # packed: rows past the chunk belong to other chunks (or stay the aliased zeros)
+        @pl.when(t0 >= n)
+        def _():
+            plgpu.store(at(out_ref), jnp.zeros((R, Hp), out_ref.dtype), mask=out_mask)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            impl=None, interpret=None, config: PrefillConfig | None = None):
-    """o [B, T, N, H]; arguments already validated by the API.
+                            q_offsets=None, max_new=None, impl=None, interpret=None,
+                            config: PrefillConfig | None = None):
+    """o [B, T, N, H], or packed (q_offsets given) o [S, N, H]; arguments already validated by the API.
 
     Here k_pages / v_pages are always [L, P, K, Z, H] and `layer` an int32 scalar (the API lifts a 4-D
-    pool to L = 1 with a free reshape).
+    pool to L = 1 with a free reshape). Packed mode: B = page_table.shape[0], T = max_new (default S).
     """
     del impl
     interpret = check_backend(interpret)
-    B, T, N, H = q.shape
+    packed = q_offsets is not None
+    if packed:
+        S, N, H = q.shape
+        B = page_table.shape[0]
+        T = S if max_new is None else int(max_new)
+    else:
+        B, T, N, H = q.shape
     L, NP, K, Z, _ = k_pages.shape
     M = page_table.shape[1]
     G = N // K
@@ -157,17 +191,25 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
         config = prefill_config(B, T, N, K, H, Z, q.dtype)
     if config.block_t * _pow2_at_least(G) < 16:
         raise ValueError(f"block_t={config.block_t} x GP={_pow2_at_least(G)} rows < 16 (tl.dot needs M >= 16)")
-    if B == 0 or T == 0 or M == 0:
+    if B == 0 or T == 0 or M == 0 or (packed and S == 0):
         return jnp.zeros_like(q)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     kernel = functools.partial(_prefill_kernel, cfg=config, T=T, G=G, H=H, M=M, Z=Z, NP=NP,
-                               sm_scale=float(sm_scale))
+                               sm_scale=float(sm_scale), S=S if packed else None)
+    args = [page_table.astype(jnp.int32), starts.astype(jnp.int32), n_new.astype(jnp.int32), layer]
+    if packed:
+        # The zeros are aliased into o: rows no chunk covers are never stored and stay 0.
+        args += [q_offsets.astype(jnp.int32), q, k_pages, v_pages, jnp.zeros_like(q)]
+        aliases = {len(args) - 1: 0}
+    else:
+        args += [q, k_pages, v_pages]
+        aliases = {}
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, T, N, H), q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(B, K, pl.cdiv(T, config.block_t)),
+        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="paged_prefill_attention",
-    )(page_table.astype(jnp.int32), starts.astype(jnp.int32), n_new.astype(jnp.int32), layer, q,
-      k_pages, v_pages)
+    )(*args)

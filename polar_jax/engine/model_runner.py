@@ -1,18 +1,19 @@
 """The engine's device side: a scheduled batch in, sampled tokens out, through two jitted programs.
 
   decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig), sample.
-  mixed    [Bp, Tc] chunks of new tokens (dense) and, riding along, the step's decode rows padded to
-           max_num_seqs (`forward_mixed`: one pass over the weights for both); sample at each chunk's last
-           token and for each decode row. A step that prefills runs it (with no real decode rows if it has
-           none), so it reads the weights once, not once per program.
+  mixed    the step's prefill chunks packed back to back on one token axis [S] (dense; `forward_packed`), and,
+           riding along, its decode rows padded to max_num_seqs (one pass over the weights for both);
+           sample at each chunk's last token and for each decode row. A step that prefills runs it (with
+           no real decode rows if it has none), so it reads the weights once, not once per program.
 
-A prefill group whose requests ask for prompt logprobs runs a third program (prefill with every position's
-logits) beside them. All take the whole KV page pool and the last sampled tokens (donated, updated in place) plus
-per-step arrays: page tables
-[B, M], lengths, tokens and per-row sampling parameters. Batch sizes and chunk lengths are padded to a small
-set of buckets (`Buckets`) so the number of compiled programs is bounded; `compile_all` compiles every one
-of them ahead of traffic. Padded rows have n_new = 0 (they write nothing, take no part in the MLP union) and
-point at page 0, which the allocator never hands out.
+A prefill group whose requests ask for prompt logprobs runs a third program (a packed prefill with every
+token's logits) instead. All take the whole KV page pool and the last sampled tokens (donated, updated in
+place) plus per-step arrays: page tables [B, M], lengths, tokens and per-row sampling parameters. Decode
+batches and packed token counts are padded to a small set of buckets (`Buckets`) so the number of compiled
+programs is bounded; `compile_all` compiles every one of them ahead of traffic. Packing means chunks of
+unequal length cost no padding between them, only up to the next bucket at the end. Padded rows and chunks
+have n_new = 0 (they write nothing, take no part in the MLP union) and point at page 0, which the allocator
+never hands out.
 
 The boundary to the host-side scheduler is `launch` (ScheduledBatch -> Launched, returns at once) and
 `collect` (Launched -> {request_id: (token, logprob)}, waits): the engine launches step n+1 before it
@@ -35,7 +36,7 @@ from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
 from polar_jax.engine.scheduler import ScheduledBatch
 from polar_jax.engine.sequence import PENDING
-from polar_jax.model import PREFILL_COMPILER_OPTIONS, Riders, forward, forward_mixed
+from polar_jax.model import PREFILL_COMPILER_OPTIONS, Riders, forward, forward_packed
 from polar_jax.sparsity import SparsityConfig
 
 
@@ -51,38 +52,36 @@ def _pow2_up_to(lo: int, hi: int) -> list[int]:
 class Buckets:
     """The padded shapes the programs are compiled for.
 
-    decode: batch sizes (powers of two from 4, and max_num_seqs). prefill: (rows, chunk length) pairs,
-    chunk lengths 64, 256, ... (x4) up to prefill_chunk, rows powers of two up to max_prefill_rows, with
-    rows * length <= the step's token budget.
+    decode: batch sizes (powers of two from 4, and max_num_seqs). prefill: the mixed programs' capacities S
+    of packed prefill tokens, chosen so that S plus the max_num_seqs decode rows riding along (the row count
+    of their GEMMs) is a multiple of 128, about four sizes per doubling (128, 256, 384, 512, 640, .., 1024,
+    1280, ..), from the smallest above max_num_seqs to the first that holds a step's whole token budget.
+    chunks: prefill chunks one program takes at most; max_new: tokens of one chunk at most (prefill_chunk).
     """
 
     decode: tuple[int, ...]
-    prefill: tuple[tuple[int, int], ...]
+    prefill: tuple[int, ...]
+    chunks: int
+    max_new: int
 
     @classmethod
-    def make(cls, max_num_seqs: int, prefill_chunk: int, token_budget: int, max_prefill_rows: int = 8) -> Buckets:
+    def make(cls, max_num_seqs: int, prefill_chunk: int, token_budget: int, max_chunks: int = 16) -> Buckets:
         decode = tuple(_pow2_up_to(min(4, max_num_seqs), max_num_seqs))
-        lengths, t = [], min(64, prefill_chunk)
-        while t < prefill_chunk:
-            lengths.append(t)
-            t *= 4
-        lengths.append(prefill_chunk)
-        pairs = [(r, t) for t in lengths for r in _pow2_up_to(1, max_prefill_rows) if r * t <= max(token_budget, t)]
-        return cls(decode, tuple(pairs))
+        sizes, rows = [], 128
+        while not sizes or sizes[-1] < token_budget:
+            if rows > max_num_seqs:
+                sizes.append(rows - max_num_seqs)
+            rows += max(128, (1 << (rows.bit_length() - 1)) // 4)
+        return cls(decode, tuple(sizes), max_chunks, prefill_chunk)
 
     def decode_size(self, n: int) -> int:
         return next(b for b in self.decode if b >= n)
 
-    def fits(self, rows: int, longest: int) -> bool:
-        return any(r >= rows and t >= longest for r, t in self.prefill)
-
-    def prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
-        """The smallest bucket (fewest padded tokens) that holds `rows` chunks of up to `longest` tokens."""
-        fits = [(r * t, r, t) for r, t in self.prefill if r >= rows and t >= longest]
-        if not fits:
-            raise ValueError(f"no prefill bucket holds {rows} chunks of {longest} tokens; buckets: {self.prefill}")
-        _, r, t = min(fits)
-        return r, t
+    def prefill_size(self, n_tokens: int) -> int:
+        """The smallest capacity that holds n_tokens packed prefill tokens."""
+        if n_tokens > self.prefill[-1]:
+            raise ValueError(f"no prefill bucket holds {n_tokens} tokens; buckets: {self.prefill}")
+        return next(S for S in self.prefill if S >= n_tokens)
 
 
 def _feed(last, slots, tokens):
@@ -108,38 +107,40 @@ def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered:
     return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
 
 
-def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, last,
-                   d_tokens, d_slots, d_table, d_lengths, d_valid, d_density, d_temps, d_top_k, d_top_p, d_seeds,
-                   d_steps, seed, step, slots, tokens, table, starts, n_new, temps, top_k, top_p, seeds, steps):
-    """The prefill chunks [Bp, Tc] (the rest of the arguments) with the decode rows (d_*, as the decode
-    program takes them) riding along: returns the pools, last, and (tokens, logprobs) of each part."""
+def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, max_new: int, params, k, v,
+                   last, d_tokens, d_slots, d_table, d_lengths, d_valid, d_density, d_temps, d_top_k, d_top_p,
+                   d_seeds, d_steps, seed, step, slots, tokens, table, starts, offsets, n_new, temps, top_k, top_p,
+                   seeds, steps):
+    """The prefill chunks packed in tokens [S] (the rest of the arguments, [C] per chunk) with the decode
+    rows (d_*, as the decode program takes them) riding along: returns the pools, last, and (tokens,
+    logprobs) of each part."""
     key = jax.random.fold_in(jax.random.key(seed), step)
     riders = Riders(_feed(last, d_slots, d_tokens), d_lengths, d_valid, d_table, d_density)
-    logits, d_logits, k, v = forward_mixed(cfg, params, tokens, KVCache(k, v, table, starts), riders, n_new=n_new,
-                                           sparsity=sparsity, key=key)  # [Bp, V], [R, V]
+    logits, d_logits, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
+                                            max_new=max_new, riders=riders, sparsity=sparsity,
+                                            key=key)  # [C, V], [R, V]
     d_tok, d_lp = sample_rows(d_logits, d_temps, d_top_k, d_top_p, d_seeds, d_steps, filtered=filtered)
     tok, lp = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
     last = _keep(_keep(last, d_slots, d_tok), slots, tok)
     return k, v, last, d_tok, d_lp, tok, lp
 
 
-def _prefill_logprobs_program(cfg: ModelConfig, params, k, v, last, slots, tokens, table, starts, n_new, temps,
-                              top_k, top_p, seeds, steps, targets):
-    """The prefill program that also returns [Bp, Tc] log-probabilities of targets[b, t] (the token after
-    position t): all T logits are kept, so it runs only for chunks whose requests ask for prompt logprobs."""
-    cache = KVCache(k, v, table, starts)
-    logits, cache, _ = forward(cfg, params, tokens, cache, n_new=n_new)  # [Bp, Tc, V]
-    final = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [Bp, V]
+def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, last, slots, tokens, table, starts,
+                              offsets, n_new, temps, top_k, top_p, seeds, steps, targets):
+    """The prefill program that also returns [S] log-probabilities of targets[s] (the token after packed
+    token s): all S logits are kept, so it runs only for chunks whose requests ask for prompt logprobs."""
+    logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
+                                     max_new=max_new, all_logits=True)  # [S, V]
+    final = logits[jnp.clip(offsets + n_new - 1, 0, tokens.shape[0] - 1)]  # [C, V]
     tok, logprob = sample_rows(final, temps, top_k, top_p, seeds, steps)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return (cache.k, cache.v, _keep(last, slots, tok), tok, logprob,
-            jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0])
+    return k, v, _keep(last, slots, tok), tok, logprob, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
 _DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6),
+_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7),
                  compiler_options=PREFILL_COMPILER_OPTIONS)
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0,), donate_argnums=(2, 3, 4),
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4, 5),
                             compiler_options=PREFILL_COMPILER_OPTIONS)
 
 
@@ -228,32 +229,40 @@ class ModelRunner:
                 density if self.per_request_density else None, *self._sampling(seqs, rows), np.uint32(self.seed),
                 np.int32(self.num_decode_steps))
 
-    def _prefill_args(self, chunks, rows: int, T: int):
-        tokens = np.zeros((rows, T), np.int32)
-        starts = np.zeros(rows, np.int32)
-        n_new = np.zeros(rows, np.int32)
+    def _prefill_args(self, chunks, S: int):
+        """The chunks packed back to back in tokens [S]; per chunk (C rows, padded): slots, page table,
+        starts, offsets, n_new and sampling parameters."""
+        C = self.buckets.chunks
+        tokens = np.zeros(S, np.int32)
+        starts, offsets, n_new = np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.int32)
+        at = 0
         for i, c in enumerate(chunks):
             ids = c.seq.all_token_ids[c.start: c.start + c.n]
             if PENDING in ids:
                 raise RuntimeError(f"request {c.seq.request_id!r}: a prefill chunk holds a token not yet sampled")
-            tokens[i, : c.n], starts[i], n_new[i] = ids, c.start, c.n
+            tokens[at: at + c.n], starts[i], offsets[i], n_new[i] = ids, c.start, at, c.n
+            at += c.n
         seqs = [c.seq for c in chunks]
-        slots = self._slots([c.seq if c.samples else None for c in chunks], rows)
-        return (slots, tokens, self._table(seqs, rows), starts, n_new, *self._sampling(seqs, rows))
+        slots = self._slots([c.seq if c.samples else None for c in chunks], C)
+        return (slots, tokens, self._table(seqs, C), starts, offsets, n_new, *self._sampling(seqs, C))
+
+    def _max_new(self, S: int) -> int:
+        return min(self.buckets.max_new, S)
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
         shapes = ([("decode", b, f) for f in (False, True) for b in self.buckets.decode]
-                  + [("mixed", rt, f) for f in (False, True) for rt in self.buckets.prefill])
+                  + [("mixed", S, f) for f in (False, True) for S in self.buckets.prefill])
         state = (self.k, self.v, self.last)
         for i, (kind, shape, filtered) in enumerate(shapes):
             if kind == "decode":
                 *state, _, _ = _DECODE(self.cfg, self.sparsity, filtered, self.params, *state,
                                        *self._decode_args([], shape))
             else:
-                *state, _, _, _, _ = _MIXED(self.cfg, self.sparsity, filtered, self.params, *state,
-                                            *self._decode_args([], self.num_slots), *self._prefill_args([], *shape))
+                *state, _, _, _, _ = _MIXED(self.cfg, self.sparsity, filtered, self._max_new(shape), self.params,
+                                            *state, *self._decode_args([], self.num_slots),
+                                            *self._prefill_args([], shape))
             jax.block_until_ready(state)
             if progress:
                 progress(i + 1, len(shapes))
@@ -267,7 +276,7 @@ class ModelRunner:
         if self._busy_since is None:
             self._busy_since = t0
         out = Launched(batch)
-        groups = self._prefill_groups(sorted(batch.prefill, key=lambda c: -c.n))
+        groups = self._prefill_groups(batch.prefill)
         with_logprobs = [g for g in groups
                          if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in g)]
         plain = [g for g in groups if g not in with_logprobs]
@@ -281,19 +290,21 @@ class ModelRunner:
             riders = []
         for group in plain:
             d_args = self._decode_args(riders, self.num_slots)
-            args = self._prefill_args(group, *self.buckets.prefill_shape(len(group), max(c.n for c in group)))
-            filtered = needs_filter(*d_args[6:9]) or needs_filter(*args[5:8])
+            S = self.buckets.prefill_size(sum(c.n for c in group))
+            args = self._prefill_args(group, S)
+            filtered = needs_filter(*d_args[6:9]) or needs_filter(*args[6:9])  # temps, top_k, top_p
             self.k, self.v, self.last, d_tok, d_lp, tok, lp = _MIXED(
-                self.cfg, self.sparsity, filtered, self.params, self.k, self.v, self.last, *d_args, *args)
+                self.cfg, self.sparsity, filtered, self._max_new(S), self.params, self.k, self.v, self.last,
+                *d_args, *args)
             if riders:
                 out.results.append((riders, d_tok, d_lp))
                 riders = []
             out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
         for group in with_logprobs:
-            rows, T = self.buckets.prefill_shape(len(group), max(c.n for c in group))
+            S = self.buckets.prefill_size(sum(c.n for c in group))
             self.k, self.v, self.last, tok, lp, target_lp = _PREFILL_LOGPROBS(
-                self.cfg, self.params, self.k, self.v, self.last, *self._prefill_args(group, rows, T),
-                self._targets(group, rows, T))
+                self.cfg, self._max_new(S), self.params, self.k, self.v, self.last, *self._prefill_args(group, S),
+                self._targets(group, S))
             out.prompt.append((group, target_lp))
             out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
         if self.record:
@@ -321,8 +332,11 @@ class ModelRunner:
                 if s is not None:
                     sampled[s.request_id] = (int(tok[i]), float(lp[i]))
         for group, target_lp in prompt:
-            prompt_lp.update({c.seq.request_id: target_lp[i, : c.n] for i, c in enumerate(group)
-                              if c.seq.params.prompt_logprobs})
+            at = 0
+            for c in group:  # packed back to back, as _prefill_args laid them out
+                if c.seq.params.prompt_logprobs:
+                    prompt_lp[c.seq.request_id] = target_lp[at: at + c.n]
+                at += c.n
         if launched.record is not None:  # the time since the step before it completed: device throughput
             launched.record.seconds, launched.record.wait_seconds = now - self._busy_since, now - t_wait
             self.log.append(launched.record)
@@ -331,20 +345,23 @@ class ModelRunner:
         return sampled, prompt_lp
 
     def _prefill_groups(self, chunks):
-        """Split chunks (longest first) into groups that each fit one prefill bucket."""
+        """Split chunks (in order) into groups that each fit one mixed program: at most `chunks` of them
+        and the largest capacity's tokens (a step's budget, so one group unless it has many chunks)."""
         groups: list[list] = []
         for c in chunks:
-            if groups and self.buckets.fits(len(groups[-1]) + 1, groups[-1][0].n):
+            if (groups and len(groups[-1]) < self.buckets.chunks
+                    and sum(x.n for x in groups[-1]) + c.n <= self.buckets.prefill[-1]):
                 groups[-1].append(c)
             else:
                 groups.append([c])
         return groups
 
     @staticmethod
-    def _targets(group, rows: int, T: int) -> np.ndarray:
-        """[rows, T] the token after each fed position (prompt logprobs); 0 past a sequence's known tokens."""
-        targets = np.zeros((rows, T), np.int32)
-        for i, c in enumerate(group):
+    def _targets(group, S: int) -> np.ndarray:
+        """[S] the token after each packed position (prompt logprobs); 0 past a sequence's known tokens."""
+        targets, at = np.zeros(S, np.int32), 0
+        for c in group:
             nxt = c.seq.all_token_ids[c.start + 1: c.start + c.n + 1]
-            targets[i, : len(nxt)] = np.maximum(nxt, 0)  # a PENDING last output is past the prompt: unused
+            targets[at: at + len(nxt)] = np.maximum(nxt, 0)  # a PENDING last output is past the prompt: unused
+            at += c.n
         return targets
