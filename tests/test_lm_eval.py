@@ -352,7 +352,7 @@ def test_generate_until_through_the_engine(smollm2):
     from polar_jax.evals.lm import PolarLM
 
     _, (cfg, params, tok), _, _ = smollm2
-    lm = PolarLM((cfg, params, tok), batch_size=2)
+    lm = PolarLM((cfg, params, tok), batch_size=2, max_length=256)  # a short window: few engine programs
     prompts = ["The capital of France is", "Water boils at"]
     reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 8}), 0) for p in prompts]
     texts = lm.generate_until(reqs, disable_tqdm=True)
