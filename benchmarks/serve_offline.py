@@ -122,6 +122,7 @@ def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
 def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=None) -> tuple[dict, list, list]:
     chunk = chunk or args.prefill_chunk
     eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
                     prefill_chunk=chunk, num_pages=num_pages, progress=True)
     eng.runner.record = True
     bm = eng.scheduler.block_manager
@@ -218,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--requests", type=int, default=512, help="requests in W (default 512)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch at most (default 64)")
+    ap.add_argument("--max-num-batched-tokens", type=int,
+                    help="tokens per step, decode and prefill together (default: the engine's, 2 x prefill chunk)")
     ap.add_argument("--max-model-len", type=int, default=2048 + 512)
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                     help=f"prompt tokens per sequence per step (default: the engine's, {PREFILL_CHUNK})")
@@ -243,6 +246,7 @@ def main(argv=None) -> int:
     print(f"bf16 matmul rate {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
     meta |= ceiling_meta(ceiling) | {"matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests,
                                      "max_num_seqs": args.max_num_seqs,
+                                     "max_num_batched_tokens": args.max_num_batched_tokens,
                                      "prefill_chunk": args.prefill_chunk}
     meta["ceiling"] = (f"prefill FLOPs over the bf16 matmul rate measured in the same run ({mm_rate / 1e12:.0f} "
                        f"TFLOP/s); decode bytes over the {meta['ceiling']}")
