@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 from benchmarks import common
 from benchmarks.serve_offline import _pair, workload
 from polar_jax.engine.block_manager import BlockManager
-from polar_jax.engine.model_runner import Buckets
+from polar_jax.engine.model_runner import Buckets, ModelRunner
 from polar_jax.engine.sampling_params import SamplingParams
 from polar_jax.engine.scheduler import Scheduler, SchedulerConfig
 from polar_jax.engine.sequence import Sequence
@@ -44,8 +45,8 @@ def _rows_t_buckets(max_num_seqs: int, chunk: int, budget: int):
     lengths.append(chunk)
     pairs = [(r, t) for t in lengths for r in (1, 2, 4, 8) if r * t <= max(budget, t)]
 
-    def padded(ns: list[int]) -> tuple[int, int]:
-        groups: list[list[int]] = []
+    def padded(chunks) -> tuple[int, int]:
+        ns, groups = [c.n for c in chunks], []
         for n in sorted(ns, reverse=True):
             if groups and any(r >= len(groups[-1]) + 1 and t >= groups[-1][0] for r, t in pairs):
                 groups[-1].append(n)
@@ -57,18 +58,14 @@ def _rows_t_buckets(max_num_seqs: int, chunk: int, budget: int):
 
 
 def _packed(max_num_seqs: int, chunk: int, budget: int):
-    buckets = Buckets.make(max_num_seqs, chunk, budget)
+    """Today's engine: the runner's own grouping of a step's chunks (ModelRunner._prefill_groups reads only
+    its buckets), each group padded to its capacity, max_num_seqs riders beside each."""
+    runner = SimpleNamespace(buckets=Buckets.make(max_num_seqs, chunk, budget))
 
-    def padded(ns: list[int]) -> tuple[int, int]:
-        total, groups, cur, count = 0, 0, 0, 0
-        for n in ns:  # in order, as ModelRunner._prefill_groups
-            if count and count < buckets.chunks and cur + n <= buckets.prefill[-1]:
-                cur, count = cur + n, count + 1
-            else:
-                total, groups = total + (buckets.prefill_size(cur) if count else 0), groups + bool(count)
-                cur, count = n, 1
-        total, groups = total + buckets.prefill_size(cur), groups + 1
-        return total, total + groups * max_num_seqs
+    def padded(chunks) -> tuple[int, int]:
+        groups = ModelRunner._prefill_groups(runner, chunks)
+        total = sum(runner.buckets.prefill_size(sum(c.n for c in g)) for g in groups)
+        return total, total + len(groups) * max_num_seqs
     return padded
 
 
@@ -88,10 +85,9 @@ def replay(args, rule: str) -> dict:
     steps = real = pad = rows = 0
     while sched.has_unfinished():
         batch = sched.schedule()
-        ns = [c.n for c in batch.prefill]
-        if ns:
-            p, r = padded(ns)
-            steps, real, pad, rows = steps + 1, real + sum(ns), pad + p, rows + r
+        if batch.prefill:
+            p, r = padded(batch.prefill)
+            steps, real, pad, rows = steps + 1, real + sum(c.n for c in batch.prefill), pad + p, rows + r
         sched.advance(batch)
         sched.apply(batch, {s.request_id: (5, None) for s, _ in batch.sampling})
     return {"rule": rule, "max_num_batched_tokens": budget, "prefill_steps": steps, "real_tokens": real,
