@@ -77,9 +77,8 @@ def main(argv=None):
     d_table = np.zeros((R, M), np.int32)
     d_table[:, :per] = 1 + np.arange(R * per).reshape(R, per)
     d_args = (rng.integers(0, cfg.vocab_size, R).astype(np.int32), np.arange(R, dtype=np.int32), d_table,
-              np.full(R, args.ctx, np.int32), np.ones(R, bool), None, *run._sampling([], R), np.uint32(0),
-              np.int32(1))
-    pad_args = run._decode_args([], R)
+              np.full(R, args.ctx, np.int32), np.ones(R, bool), None, np.uint32(0), np.int32(1))
+    pad_args = run._decode_args([], R)[0]
     # One prefill chunk of T tokens from position 0 on the pages after the decode rows', packed into the
     # smallest capacity S that holds it (as the engine packs a step's chunks).
     S, C = run.buckets.prefill_size(T), run.buckets.chunks
@@ -89,15 +88,14 @@ def main(argv=None):
     tokens[:T] = rng.integers(0, cfg.vocab_size, T)
     n_new = np.zeros(C, np.int32)
     n_new[0] = T
-    p_args = (np.full(C, R, np.int32), tokens, p_table, np.zeros(C, np.int32), np.zeros(C, np.int32), n_new,
-              *run._sampling([], C))
+    p_args = (tokens, p_table, np.zeros(C, np.int32), np.zeros(C, np.int32), n_new)
     print(f"one chunk of {T} tokens packed into {S} (+ {R} decode rows in the GEMMs)", flush=True)
 
     def decode(state):
-        return tuple(mr._DECODE(cfg, None, False, params, *state, *d_args)[:3])
+        return (*mr._DECODE(cfg, None, params, *state, *d_args)[:2], state[2])  # the model program, no sampler
 
     def mixed(riders):
-        return lambda state: tuple(mr._MIXED(cfg, None, False, run._max_new(S), params, *state, *riders, *p_args)[:3])
+        return lambda state: (*mr._MIXED(cfg, None, run._max_new(S), params, *state, *riders, *p_args)[:2], state[2])
 
     state = (run.k, run.v, run.last)
     rows = []

@@ -2,14 +2,16 @@
 
 W: `--requests` requests (default 512) with prompt lengths uniform in [128, 2048] and output lengths uniform
 in [64, 512] (`--prompt-len`, `--output-len`), fixed seed, ignore_eos, greedy. For each model shape (random
-bf16 weights) and mode (dense, random 50% of heads, router 50% of heads) it reports output tokens/s,
+weights, bf16 or `--dtype`) and mode (dense, random 50% of heads, router 50% of heads) it reports output tokens/s,
 requests/s, the mean decode batch, peak KV pages in use, preemptions, and W's roofline time from the engine's
 own step log: each decode step's bytes (weights once, routers in use, the kept heads' KV of every sequence)
-over the streaming-read bandwidth, plus each prefill's FLOPs over the bf16 matmul rate, both measured in the
+over the streaming-read bandwidth, plus each prefill's FLOPs over the matmul rate (of --dtype), both measured in the
 same run.
 
 `--chunk-sweep 512,1024` runs dense W again at those prefill chunk sizes. `--pool-fraction 0.25` sizes the
-page pool to a quarter of W's peak demand (preemption by recompute).
+page pool to a quarter of W's peak demand (preemption by recompute) and counts the requests whose greedy
+tokens equal the unconstrained run's; `--dtype float32` makes that a check of the engine rather than of bf16
+rounding (which rows share a step moves bf16 results in the last bits, and near-tied greedy choices flip).
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
 (benchmarks/generate.py's make_step) at batch B and context CTX.
 
@@ -38,7 +40,7 @@ from polar_jax.cache import PAGE_SIZE, pages_for
 from polar_jax.engine.llm_engine import PREFILL_CHUNK, LLMEngine
 from polar_jax.model import PREFILL_COMPILER_OPTIONS
 
-DTYPE = jnp.bfloat16
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 MODES = {"dense": None, "random-0.5": SparsityConfig(attn="random", attn_density=0.5),
          "router-0.5": SparsityConfig(attn="router", attn_density=0.5)}
 
@@ -56,16 +58,16 @@ def _pair(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def matmul_rate() -> float:
-    """Measured bf16 matmul FLOP/s (8192^3, f32 accumulation): the best of three timings under XLA's default
-    GEMM choice and under cuBLAS only (PREFILL_COMPILER_OPTIONS), so that neither a slow pick nor a cold
-    clock lowers the ceiling."""
+def matmul_rate(dtype=jnp.bfloat16) -> float:
+    """Measured matmul FLOP/s in dtype (8192^3, f32 accumulation; f32 at the default matmul precision in
+    force): the best of three timings under XLA's default GEMM choice and under cuBLAS only
+    (PREFILL_COMPILER_OPTIONS), so that neither a slow pick nor a cold clock lowers the ceiling."""
     n = 8192
-    xs = [(jax.random.normal(jax.random.key(i), (n, n), DTYPE), jax.random.normal(jax.random.key(i + 9), (n, n), DTYPE))
+    xs = [(jax.random.normal(jax.random.key(i), (n, n), dtype), jax.random.normal(jax.random.key(i + 9), (n, n), dtype))
           for i in range(2)]
 
     def mm(a, b):
-        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(DTYPE)
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
 
     fns = [jax.jit(mm), jax.jit(mm, compiler_options=PREFILL_COMPILER_OPTIONS)]
     ms = min(time_fn(fn, xs, inner=5, reps=7) for _ in range(3) for fn in fns)
@@ -82,7 +84,7 @@ def matmul_params(params: dict) -> int:
 def step_rooflines(cfg, params, sp, log, read_bw: float, mm_rate: float) -> list[tuple[float, float]]:
     """(decode seconds, prefill seconds) at the roofline for each logged step."""
     kept = np.full(cfg.n_layers, cfg.n_kv_heads) if sp is None else sp.head_counts(cfg)
-    kv_per_pos = 2 * int(kept.sum()) * cfg.head_dim * jnp.dtype(DTYPE).itemsize  # K and V, kept heads, all layers
+    kv_per_pos = 2 * int(kept.sum()) * cfg.head_dim * params["embed"].dtype.itemsize  # K, V, kept heads, all layers
     r_bytes = router_bytes(params, sp)
     mm = matmul_params(params)
     out = []
@@ -144,7 +146,7 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=Non
            "output_tok_s": n_out / wall, "req_s": len(results) / wall, "steps": len(log),
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
-           "compile_s": eng.compile_s}
+           "compile_s": eng.compile_s, "max_num_batched_tokens": eng.config.max_num_batched_tokens}
     # Per device step (the log's seconds: from one step's results to the next's, one step in flight).
     t_done = np.cumsum([s.seconds for s in log]).tolist()
     series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_done, log)]
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=512, help="requests in W (default 512)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch at most (default 64)")
     ap.add_argument("--max-num-batched-tokens", type=int,
-                    help="tokens per step, decode and prefill together (default: the engine's, 2 x prefill chunk)")
+                    help="tokens per step, decode and prefill together (default: the engine's, the largest "
+                         "packed capacity within 2 x prefill chunk: 4,032 for 2,048 and 64 sequences)")
     ap.add_argument("--max-model-len", type=int, default=2048 + 512)
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                     help=f"prompt tokens per sequence per step (default: the engine's, {PREFILL_CHUNK})")
@@ -229,6 +232,9 @@ def main(argv=None) -> int:
                          "fewer steps, each of which reads the weights again)")
     ap.add_argument("--pool-fraction", type=float, default=None,
                     help="also run dense W with a page pool of this fraction of its peak demand (e.g. 0.25)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                    help="weights and KV (default bfloat16); float32 runs every matmul at full f32 precision "
+                         "(not TF32), for checks that outputs are identical across runs")
     ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
     ap.add_argument("--prompt-len", default="128,2048", help="LO,HI: prompt lengths uniform in [LO, HI]")
     ap.add_argument("--output-len", default="64,512", help="LO,HI: output lengths uniform in [LO, HI]")
@@ -237,23 +243,28 @@ def main(argv=None) -> int:
                     help="result files' stem: OUT/NAME.{json,md,png}, OUT/NAME_steps.* (default serve_offline)")
     add_device_args(ap)
     args = ap.parse_args(argv)
+    if args.step_check and args.dtype != "bfloat16":
+        ap.error("--step-check compares with the static step benchmark, which runs bf16 only")
     require_gpu("benchmarks.serve_offline", args.allow_cpu)
     check_out_dir(args.out)
     command = "python -m benchmarks.serve_offline " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = metadata(command)
     ceiling = measure_ceiling()
-    mm_rate = matmul_rate()
-    print(f"bf16 matmul rate {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
+    dtype = DTYPES[args.dtype]
+    if dtype == jnp.float32:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    mm_rate = matmul_rate(dtype)
+    print(f"{args.dtype} matmul rate {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
     meta |= ceiling_meta(ceiling) | {"matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests,
                                      "max_num_seqs": args.max_num_seqs,
                                      "max_num_batched_tokens": args.max_num_batched_tokens,
-                                     "prefill_chunk": args.prefill_chunk}
-    meta["ceiling"] = (f"prefill FLOPs over the bf16 matmul rate measured in the same run ({mm_rate / 1e12:.0f} "
+                                     "prefill_chunk": args.prefill_chunk, "dtype": args.dtype}
+    meta["ceiling"] = (f"prefill FLOPs over the {args.dtype} matmul rate measured in the same run ({mm_rate / 1e12:.0f} "
                        f"TFLOP/s); decode bytes over the {meta['ceiling']}")
     records, series, checks = [], {}, []
     for name in args.models.split(","):
         cfg = preset(name)
-        params = jax.jit(lambda k: init_params(cfg, k, DTYPE))(jax.random.key(0))
+        params = jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(0))
         params["routers"] = random_routers(cfg, jax.random.key(5))
         prompts, outs = workload(args.requests, cfg.vocab_size, prompt=_pair(args.prompt_len),
                                  output=_pair(args.output_len))

@@ -112,8 +112,8 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     if dtype is not None:
         check_memory(cfg, len(ids), need, dtype, weights_bytes=_weights_bytes(cfg, dtype))
     params = checkpoint.load_params(model_dir, cfg)
-    # Engine shapes for this batch only: one decode bucket and one prefill chunk the size of the longest prompt
-    # (at most 512 tokens), so start-up compiles two programs.
+    # Engine shapes for this batch only: decode buckets up to its size and one prefill chunk the size of the
+    # longest prompt (at most 512 tokens), so start-up compiles a few programs, not a server's set.
     chunk = min(512, bucket(max(map(len, ids))))
     llm = LLM((cfg, params, tokenizer), sparsity=sparsity, max_num_seqs=len(ids), max_model_len=need,
               num_pages=len(ids) * pages_for(need) + 1, prefill_chunk=chunk,

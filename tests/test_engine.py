@@ -186,23 +186,25 @@ def test_per_request_density_serves_dense_and_sparse_side_by_side(params, prompt
     assert any(dense[i] != sparse[i] for i in range(len(picks)))
 
 
-@pytest.mark.parametrize("filtered", [False, True])
-@pytest.mark.parametrize("program", ["decode", "mixed"])
-def test_programs_read_nothing_back_mid_step(params, program, filtered):
-    """The dense decode and mixed programs hold no conditional: XLA on a GPU copies a conditional's
+@pytest.mark.parametrize("program", ["decode", "mixed", "sample", "sample_filtered"])
+def test_programs_read_nothing_back_mid_step(params, program):
+    """The dense decode, mixed and sampler programs hold no conditional: XLA on a GPU copies a conditional's
     predicate to the host, which blocks the dispatch until the step is done and so the overlap of host and
     device work (a top-p `lax.cond` in the sampler once cost ~1 ms of every 16 ms step and all of the
     overlap)."""
     from polar_jax.engine import model_runner as mr
 
     r = engine(params, compile=False).runner
-    state = (params, r.k, r.v, r.last)
+    fwd, smp = r._decode_args([], 4)
     if program == "decode":
-        lowered = mr._DECODE.lower(CFG, None, filtered, *state, *r._decode_args([], 4))
-    else:
+        lowered = mr._DECODE.lower(CFG, None, params, r.k, r.v, r.last, *fwd)
+    elif program == "mixed":
         S = r.buckets.prefill[0]
-        lowered = mr._MIXED.lower(CFG, None, filtered, r._max_new(S), *state, *r._decode_args([], 4),
-                                  *r._prefill_args([], S))
+        lowered = mr._MIXED.lower(CFG, None, r._max_new(S), params, r.k, r.v, r.last, *fwd,
+                                  *r._prefill_args([], S)[0])
+    else:
+        logits = jnp.zeros((4, CFG.vocab_size), jnp.float32)
+        lowered = mr._SAMPLE.lower(program == "sample_filtered", r.last, logits, *smp)
     hlo = lowered.as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
@@ -217,18 +219,38 @@ def test_programs_update_the_page_pool_in_place(params, program, sparse):
 
     sp = SparsityConfig(attn="random", attn_density=0.5) if sparse else None
     r = engine(params, compile=False, sparsity=sp).runner
-    state = (params, r.k, r.v, r.last)
     S = r.buckets.prefill[0]
-    prefill = r._prefill_args([], S)
+    prefill = r._prefill_args([], S)[0]
+    decode = r._decode_args([], 4)[0]
     if program == "decode":
-        compiled = mr._DECODE.lower(CFG, sp, False, *state, *r._decode_args([], 4))
+        compiled = mr._DECODE.lower(CFG, sp, params, r.k, r.v, r.last, *decode)
     elif program == "mixed":
-        compiled = mr._MIXED.lower(CFG, sp, False, r._max_new(S), *state, *r._decode_args([], 4), *prefill)
+        compiled = mr._MIXED.lower(CFG, sp, r._max_new(S), params, r.k, r.v, r.last, *decode, *prefill)
     else:
-        compiled = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), *state, *prefill, r._targets([], S))
+        compiled = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), params, r.k, r.v, *prefill, r._targets([], S))
     pool = "f32[" + ",".join(map(str, r.k.shape)) + "]"
     copies = [line for line in compiled.compile().as_text().splitlines() if f"= {pool}" in line and " copy(" in line]
     assert not copies, copies
+
+
+def test_sampler_filters_only_the_rows_that_ask():
+    """Top-k / top-p cut each asking row to its own set; a row that asks for neither keeps every logit
+    exactly, even where the nucleus sum rounds to 1 after one token (so its samples do not depend on whether
+    its batch needed the sort)."""
+    from polar_jax.engine.sampler import _filtered
+
+    V = 1000
+    z = np.full((4, V), -30.0, np.float32)
+    z[:, 7] = 0.0  # the other 999 tokens hold ~1e-10 of the mass: the cumulative sum is 1.0 at the top token
+    z[2] = np.random.default_rng(0).normal(size=V)
+    top_k = jnp.asarray([0, 0, 5, 0], jnp.int32)
+    top_p = jnp.asarray([1.0, 0.5, 1.0, 1.0], jnp.float32)
+    out = np.asarray(_filtered(jnp.asarray(z), top_k, top_p))
+    np.testing.assert_array_equal(out[0], z[0])
+    np.testing.assert_array_equal(out[3], z[3])
+    assert np.flatnonzero(np.isfinite(out[1])).tolist() == [7]
+    assert sorted(np.flatnonzero(np.isfinite(out[2])).tolist()) == sorted(np.argsort(-z[2])[:5].tolist())
+    np.testing.assert_array_equal(out[2][np.isfinite(out[2])], z[2][np.isfinite(out[2])])
 
 
 def test_default_chunk_is_capped_at_max_model_len(params):
@@ -253,3 +275,7 @@ def test_buckets_pack_prefill_tokens_so_the_gemm_rows_align():
     with pytest.raises(ValueError, match="no prefill bucket holds"):
         b.prefill_size(b.prefill[-1] + 1)
     assert b.decode == (4, 8, 16, 32, 64) and b.max_new == 2048
+    # The default budget is the largest capacity within two chunks: a full step fills it exactly.
+    assert Buckets.default_budget(64, 2048) == 4032 and 4032 + 64 == 4096 and 4032 in b.prefill
+    assert Buckets.default_budget(256, 2048) == 3840 and 3840 in Buckets.make(256, 2048, 3840).prefill
+    assert Buckets.default_budget(4, 16) == 32  # no capacity within two small chunks: 2 * chunk

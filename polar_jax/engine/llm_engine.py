@@ -92,8 +92,9 @@ class LLMEngine:
     (default: the model's context length). num_pages: KV pool size in pages (default: as many as
     kv_memory_fraction of the device memory holds, capped at what max_num_seqs full-length sequences use).
     prefill_chunk: prompt tokens of one sequence per step (at most max_model_len; default PREFILL_CHUNK);
-    max_num_batched_tokens: tokens per step, decode and prefill together (default max(2 * prefill_chunk,
-    max_num_seqs)). sparsity: how decode steps pick heads and neurons (prefill is dense). compile: compile
+    max_num_batched_tokens: tokens per step, decode and prefill together (default: the largest packed
+    prefill capacity within 2 * prefill_chunk, `Buckets.default_budget`; 4,032 for 2,048-token chunks and 64
+    sequences). sparsity: how decode steps pick heads and neurons (prefill is dense). compile: compile
     every bucket's program now (with a progress bar when progress).
     """
 
@@ -123,7 +124,7 @@ class LLMEngine:
         if num_pages is None:
             num_pages = min(most, kv_pages_that_fit(cfg, dtype, page_size, kv_memory_fraction))
         prefill_chunk = min(prefill_chunk, max_model_len)  # no longer chunk can occur: no bucket for one
-        budget = max_num_batched_tokens or max(2 * prefill_chunk, max_num_seqs)
+        budget = max_num_batched_tokens or Buckets.default_budget(max_num_seqs, prefill_chunk)
         self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                       prefill_chunk=prefill_chunk, max_model_len=max_model_len,
                                       page_size=page_size, num_pages=num_pages)

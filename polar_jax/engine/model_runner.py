@@ -1,14 +1,18 @@
-"""The engine's device side: a scheduled batch in, sampled tokens out, through two jitted programs.
+"""The engine's device side: a scheduled batch in, sampled tokens out, through two jitted model programs
+and a sampler.
 
-  decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig), sample.
+  decode   [Bd] sequences append one token each (sparse heads / neurons per the SparsityConfig): logits.
   mixed    the step's prefill chunks packed back to back on one token axis [S] (dense; `forward_packed`), and,
-           riding along, its decode rows padded to max_num_seqs (one pass over the weights for both);
-           sample at each chunk's last token and for each decode row. A step that prefills runs it (with
+           riding along, its decode rows padded to max_num_seqs (one pass over the weights for both):
+           logits for each decode row and at each chunk's last token. A step that prefills runs it (with
            no real decode rows if it has none), so it reads the weights once, not once per program.
+  sample   a token per row of a model program's logits, with each row's own sampling parameters; it
+           writes them to `last`. Two variants (with and without the top-k / top-p sort, chosen on the
+           host), so the model programs, the costly ones to compile, need only one each.
 
-A prefill group whose requests ask for prompt logprobs runs a third program (a packed prefill with every
-token's logits) instead. All take the whole KV page pool and the last sampled tokens (donated, updated in
-place) plus per-step arrays: page tables [B, M], lengths, tokens and per-row sampling parameters. Decode
+A prefill group whose requests ask for prompt logprobs runs a third model program (a packed prefill with
+every token's logits) instead of mixed. The model programs take the whole KV page pool (donated, updated in
+place) and the last sampled tokens, plus per-step arrays: page tables [B, M], lengths, tokens. Decode
 batches and packed token counts are padded to a small set of buckets (`Buckets`) so the number of compiled
 programs is bounded; `compile_all` compiles every one of them ahead of traffic. Packing means chunks of
 unequal length cost no padding between them, only up to the next bucket at the end. Padded rows and chunks
@@ -64,14 +68,37 @@ class Buckets:
     chunks: int
     max_new: int
 
+    @staticmethod
+    def capacities(max_num_seqs: int):
+        """The packed prefill capacities, ascending, without end: rows - max_num_seqs for GEMM row counts
+        of 128, 256, .., 512, 640, .., 1024, 1280, .. (128 apart, then about four per doubling)."""
+        rows = 128
+        while True:
+            if rows > max_num_seqs:
+                yield rows - max_num_seqs
+            rows += max(128, (1 << (rows.bit_length() - 1)) // 4)
+
+    @classmethod
+    def default_budget(cls, max_num_seqs: int, prefill_chunk: int) -> int:
+        """The step token budget by default: the largest capacity within 2 * prefill_chunk that holds a
+        chunk (a full prefill-only step then fills its capacity exactly; with every decode row riding,
+        budget + max_num_seqs GEMM rows do), else max(2 * prefill_chunk, max_num_seqs)."""
+        best = None
+        for S in cls.capacities(max_num_seqs):
+            if S > 2 * prefill_chunk:
+                break
+            if S >= max(prefill_chunk, max_num_seqs):
+                best = S
+        return best or max(2 * prefill_chunk, max_num_seqs)
+
     @classmethod
     def make(cls, max_num_seqs: int, prefill_chunk: int, token_budget: int, max_chunks: int = 16) -> Buckets:
         decode = tuple(_pow2_up_to(min(4, max_num_seqs), max_num_seqs))
-        sizes, rows = [], 128
-        while not sizes or sizes[-1] < token_budget:
-            if rows > max_num_seqs:
-                sizes.append(rows - max_num_seqs)
-            rows += max(128, (1 << (rows.bit_length() - 1)) // 4)
+        sizes = []
+        for S in cls.capacities(max_num_seqs):
+            sizes.append(S)
+            if S >= token_budget:
+                break
         return cls(decode, tuple(sizes), max_chunks, prefill_chunk)
 
     def decode_size(self, n: int) -> int:
@@ -95,53 +122,55 @@ def _keep(last, slots, tok):
     return last.at[slots].set(tok, mode="drop")
 
 
-def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, params, k, v, last, tokens,
-                    slots, table, lengths, valid, row_density, temps, top_k, top_p, seeds, steps, seed,
-                    step):
+def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, last, tokens, slots, table,
+                    lengths, valid, row_density, seed, step):
+    """[B] sequences append one token each: returns the pools and logits [B, V]."""
     cache = KVCache(k, v, table, lengths)
     key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
-    tokens = _feed(last, slots, tokens)
-    logits, cache, _ = forward(cfg, params, tokens[:, None], cache, n_new=valid.astype(jnp.int32),
-                               sparsity=sparsity, key=key, row_density=row_density)
-    tok, logprob = sample_rows(logits[:, 0], temps, top_k, top_p, seeds, steps, filtered=filtered)
-    return cache.k, cache.v, _keep(last, slots, tok), tok, logprob
+    logits, cache, _ = forward(cfg, params, _feed(last, slots, tokens)[:, None], cache,
+                               n_new=valid.astype(jnp.int32), sparsity=sparsity, key=key, row_density=row_density)
+    return cache.k, cache.v, logits[:, 0]
 
 
-def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, filtered: bool, max_new: int, params, k, v,
-                   last, d_tokens, d_slots, d_table, d_lengths, d_valid, d_density, d_temps, d_top_k, d_top_p,
-                   d_seeds, d_steps, seed, step, slots, tokens, table, starts, offsets, n_new, temps, top_k, top_p,
-                   seeds, steps):
+def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, max_new: int, params, k, v, last, d_tokens,
+                   d_slots, d_table, d_lengths, d_valid, d_density, seed, step, tokens, table, starts, offsets,
+                   n_new):
     """The prefill chunks packed in tokens [S] (the rest of the arguments, [C] per chunk) with the decode
-    rows (d_*, as the decode program takes them) riding along: returns the pools, last, and (tokens,
-    logprobs) of each part."""
+    rows (d_*, as the decode program takes them) riding along: returns the pools and logits [R + C, V],
+    the R decode rows' first, then each chunk's at its last token."""
     key = jax.random.fold_in(jax.random.key(seed), step)
     riders = Riders(_feed(last, d_slots, d_tokens), d_lengths, d_valid, d_table, d_density)
     logits, d_logits, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
                                             max_new=max_new, riders=riders, sparsity=sparsity,
                                             key=key)  # [C, V], [R, V]
-    d_tok, d_lp = sample_rows(d_logits, d_temps, d_top_k, d_top_p, d_seeds, d_steps, filtered=filtered)
-    tok, lp = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
-    last = _keep(_keep(last, d_slots, d_tok), slots, tok)
-    return k, v, last, d_tok, d_lp, tok, lp
+    return k, v, jnp.concatenate([d_logits, logits])
 
 
-def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, last, slots, tokens, table, starts,
-                              offsets, n_new, temps, top_k, top_p, seeds, steps, targets):
-    """The prefill program that also returns [S] log-probabilities of targets[s] (the token after packed
-    token s): all S logits are kept, so it runs only for chunks whose requests ask for prompt logprobs."""
+def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, tokens, table, starts, offsets, n_new,
+                              targets):
+    """The packed prefill that also returns [S] log-probabilities of targets[s] (the token after packed
+    token s): all S logits are kept, so it runs only for chunks whose requests ask for prompt logprobs.
+    Returns the pools, logits [C, V] at each chunk's last token and the [S] log-probabilities."""
     logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
                                      max_new=max_new, all_logits=True)  # [S, V]
     final = logits[jnp.clip(offsets + n_new - 1, 0, tokens.shape[0] - 1)]  # [C, V]
-    tok, logprob = sample_rows(final, temps, top_k, top_p, seeds, steps)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return k, v, _keep(last, slots, tok), tok, logprob, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return k, v, final, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
-_DECODE = jax.jit(_decode_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7),
+def _sample_program(filtered: bool, last, logits, slots, temps, top_k, top_p, seeds, steps):
+    """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
+    tokens [B], logprobs [B]). Its own program, so the model programs need no variant per `filtered`."""
+    tok, logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
+    return _keep(last, slots, tok), tok, logprob
+
+
+_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4))
+_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
                  compiler_options=PREFILL_COMPILER_OPTIONS)
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4, 5),
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4),
                             compiler_options=PREFILL_COMPILER_OPTIONS)
+_SAMPLE = jax.jit(_sample_program, static_argnums=(0,), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -216,6 +245,7 @@ class ModelRunner:
         return slots
 
     def _decode_args(self, seqs, rows: int):
+        """(the decode program's per-step arguments, the sampler's) for seqs padded to rows."""
         tokens = np.zeros(rows, np.int32)  # PENDING: the device's last sampled token at the row's slot
         lengths = np.zeros(rows, np.int32)
         valid = np.zeros(rows, bool)
@@ -225,13 +255,15 @@ class ModelRunner:
             if s.attn_density is not None:
                 density[i] = s.attn_density
         self.num_decode_steps += bool(seqs)
-        return (tokens, self._slots(seqs, rows), self._table(seqs, rows), lengths, valid,
-                density if self.per_request_density else None, *self._sampling(seqs, rows), np.uint32(self.seed),
-                np.int32(self.num_decode_steps))
+        slots = self._slots(seqs, rows)
+        return ((tokens, slots, self._table(seqs, rows), lengths, valid,
+                 density if self.per_request_density else None, np.uint32(self.seed),
+                 np.int32(self.num_decode_steps)),
+                (slots, *self._sampling(seqs, rows)))
 
     def _prefill_args(self, chunks, S: int):
-        """The chunks packed back to back in tokens [S]; per chunk (C rows, padded): slots, page table,
-        starts, offsets, n_new and sampling parameters."""
+        """(the packed prefill's per-step arguments, the sampler's): the chunks back to back in tokens [S];
+        per chunk (C rows, padded) page table, starts, offsets, n_new; slots and sampling parameters."""
         C = self.buckets.chunks
         tokens = np.zeros(S, np.int32)
         starts, offsets, n_new = np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.int32)
@@ -244,29 +276,39 @@ class ModelRunner:
             at += c.n
         seqs = [c.seq for c in chunks]
         slots = self._slots([c.seq if c.samples else None for c in chunks], C)
-        return (slots, tokens, self._table(seqs, C), starts, offsets, n_new, *self._sampling(seqs, C))
+        return (tokens, self._table(seqs, C), starts, offsets, n_new), (slots, *self._sampling(seqs, C))
 
     def _max_new(self, S: int) -> int:
         return min(self.buckets.max_new, S)
 
+    def _sample(self, logits, sample_args):
+        """Dispatch the sampler over logits [B, V]; sorts for top-k / top-p only when a row asks for it."""
+        filtered = needs_filter(*sample_args[1:4])  # temps, top_k, top_p
+        self.last, tok, lp = _SAMPLE(filtered, self.last, logits, *sample_args)
+        return tok, lp
+
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
-        shapes = ([("decode", b, f) for f in (False, True) for b in self.buckets.decode]
-                  + [("mixed", S, f) for f in (False, True) for S in self.buckets.prefill])
-        state = (self.k, self.v, self.last)
-        for i, (kind, shape, filtered) in enumerate(shapes):
+        mixed_rows = self.num_slots + self.buckets.chunks
+        shapes = ([("decode", b) for b in self.buckets.decode] + [("mixed", S) for S in self.buckets.prefill]
+                  + [("sample", b) for b in sorted({*self.buckets.decode, mixed_rows})])
+        for i, (kind, shape) in enumerate(shapes):
             if kind == "decode":
-                *state, _, _ = _DECODE(self.cfg, self.sparsity, filtered, self.params, *state,
-                                       *self._decode_args([], shape))
+                fwd, _ = self._decode_args([], shape)
+                self.k, self.v, _ = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
+            elif kind == "mixed":
+                self.k, self.v, _ = _MIXED(self.cfg, self.sparsity, self._max_new(shape), self.params, self.k,
+                                           self.v, self.last, *self._decode_args([], self.num_slots)[0],
+                                           *self._prefill_args([], shape)[0])
             else:
-                *state, _, _, _, _ = _MIXED(self.cfg, self.sparsity, filtered, self._max_new(shape), self.params,
-                                            *state, *self._decode_args([], self.num_slots),
-                                            *self._prefill_args([], shape))
-            jax.block_until_ready(state)
+                logits = jnp.zeros((shape, self.cfg.vocab_size), jnp.float32)
+                _, smp = self._decode_args([], shape)
+                for filtered in (False, True):
+                    self.last, _, _ = _SAMPLE(filtered, self.last, logits, *smp)
+            jax.block_until_ready((self.k, self.v, self.last))
             if progress:
                 progress(i + 1, len(shapes))
-        self.k, self.v, self.last = state
         return time.perf_counter() - t0
 
     def launch(self, batch: ScheduledBatch) -> Launched:
@@ -282,31 +324,27 @@ class ModelRunner:
         plain = [g for g in groups if g not in with_logprobs]
         riders = batch.decode
         if riders and not plain:  # nothing to ride on: the decode program
-            args = self._decode_args(riders, self.buckets.decode_size(len(riders)))
-            filtered = needs_filter(*args[6:9])  # temps, top_k, top_p
-            self.k, self.v, self.last, tok, lp = _DECODE(self.cfg, self.sparsity, filtered, self.params, self.k,
-                                                         self.v, self.last, *args)
-            out.results.append((riders, tok, lp))
+            fwd, smp = self._decode_args(riders, self.buckets.decode_size(len(riders)))
+            self.k, self.v, logits = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
+            out.results.append((riders, *self._sample(logits, smp)))
             riders = []
         for group in plain:
-            d_args = self._decode_args(riders, self.num_slots)
+            d_fwd, d_smp = self._decode_args(riders, self.num_slots)
             S = self.buckets.prefill_size(sum(c.n for c in group))
-            args = self._prefill_args(group, S)
-            filtered = needs_filter(*d_args[6:9]) or needs_filter(*args[6:9])  # temps, top_k, top_p
-            self.k, self.v, self.last, d_tok, d_lp, tok, lp = _MIXED(
-                self.cfg, self.sparsity, filtered, self._max_new(S), self.params, self.k, self.v, self.last,
-                *d_args, *args)
-            if riders:
-                out.results.append((riders, d_tok, d_lp))
-                riders = []
-            out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
+            p_fwd, p_smp = self._prefill_args(group, S)
+            self.k, self.v, logits = _MIXED(self.cfg, self.sparsity, self._max_new(S), self.params, self.k,
+                                            self.v, self.last, *d_fwd, *p_fwd)
+            rows = (list(riders) + [None] * (self.num_slots - len(riders))
+                    + [c.seq if c.samples else None for c in group])  # as the logits' rows: riders, then chunks
+            out.results.append((rows, *self._sample(logits, [np.concatenate(a) for a in zip(d_smp, p_smp)])))
+            riders = []
         for group in with_logprobs:
             S = self.buckets.prefill_size(sum(c.n for c in group))
-            self.k, self.v, self.last, tok, lp, target_lp = _PREFILL_LOGPROBS(
-                self.cfg, self._max_new(S), self.params, self.k, self.v, self.last, *self._prefill_args(group, S),
-                self._targets(group, S))
+            p_fwd, p_smp = self._prefill_args(group, S)
+            self.k, self.v, logits, target_lp = _PREFILL_LOGPROBS(self.cfg, self._max_new(S), self.params, self.k,
+                                                                  self.v, *p_fwd, self._targets(group, S))
             out.prompt.append((group, target_lp))
-            out.results.append(([c.seq if c.samples else None for c in group], tok, lp))
+            out.results.append(([c.seq if c.samples else None for c in group], *self._sample(logits, p_smp)))
         if self.record:
             out.record = StepRecord(
                 decode_rows=len(batch.decode),

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 
 def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """z [B, V] with everything outside each row's top-k and nucleus set to -inf."""
+    """z [B, V] with everything outside each row's top-k and nucleus set to -inf; rows with neither
+    (top_k 0, top_p 1) exactly as they were, so a row samples the same whatever shares its batch."""
     V = z.shape[-1]
     desc = -jnp.sort(-z, axis=-1)  # [B, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B]
@@ -22,7 +23,8 @@ def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
     cut = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1), V - 1)  # [B]
     cutoff = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)  # [B, 1]
-    return jnp.where(z < cutoff, -jnp.inf, z)
+    keep = (top_k <= 0) & (top_p >= 1)  # [B] rows that filter nothing (a cumsum rounding to 1 early would)
+    return jnp.where((z < cutoff) & ~keep[:, None], -jnp.inf, z)
 
 
 def needs_filter(temps, top_k, top_p) -> bool:
