@@ -253,6 +253,20 @@ def test_sampler_filters_only_the_rows_that_ask():
     np.testing.assert_array_equal(out[2][np.isfinite(out[2])], z[2][np.isfinite(out[2])])
 
 
+def test_compile_all_leaves_nothing_to_compile_under_traffic(params, prompts):
+    """After start-up's compile_all, traffic (staggered arrivals, chunked prefill, mixed and decode-only steps,
+    greedy and top-p requests) compiles no further model or sampler program."""
+    from polar_jax.engine import model_runner as mr
+
+    eng = engine(params)
+    programs = {"decode": mr._DECODE, "mixed": mr._MIXED, "sample": mr._SAMPLE}
+    before = {name: p._cache_size() for name, p in programs.items()}
+    run_staggered(eng, prompts, GREEDY)
+    run_staggered(eng, prompts[:3], SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=6,
+                                                   ignore_eos=True), arrive_every=1)
+    assert {name: p._cache_size() for name, p in programs.items()} == before
+
+
 def test_default_chunk_is_capped_at_max_model_len(params):
     """A prompt never exceeds max_model_len, so no program is compiled for a longer chunk."""
     eng = LLMEngine(CFG, params, None, max_num_seqs=4, max_model_len=40, page_size=8, num_pages=40, compile=False,
