@@ -9,9 +9,10 @@ over the streaming-read bandwidth, plus each prefill's FLOPs over the matmul rat
 same run.
 
 `--chunk-sweep 512,1024` runs dense W again at those prefill chunk sizes. `--pool-fraction 0.25` sizes the
-page pool to a quarter of W's peak demand (preemption by recompute) and counts the requests whose greedy
-tokens equal the unconstrained run's; `--dtype float32` makes that a check of the engine rather than of bf16
-rounding (which rows share a step moves bf16 results in the last bits, and near-tied greedy choices flip).
+page pool to a quarter of W's peak demand (preemption by recompute) and compares its greedy outputs with
+the unconstrained run's (`compare_outputs`: identical requests, shared prefixes, log-prob differences);
+`--dtype float32` makes that a check of the engine rather than of bf16 rounding (which rows share a step
+moves bf16 results in the last bits, and near-tied greedy choices flip).
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
 (benchmarks/generate.py's make_step) at batch B and context CTX.
 
@@ -130,7 +131,8 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=Non
     eng.runner.record = True
     bm = eng.scheduler.block_manager
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
+        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True,
+                                                   logprobs=bool(args.pool_fraction)))  # for compare_outputs
     results, peak_pages, preempt = {}, 0, 0
     t0 = time.perf_counter()
     while eng.has_unfinished():
@@ -151,7 +153,7 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=Non
     # Per device step (the log's seconds: from one step's results to the next's, one step in flight).
     t_done = np.cumsum([s.seconds for s in log]).tolist()
     series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_done, log)]
-    return rec | {"tokens": {k: v.token_ids for k, v in results.items()}}, series, log
+    return rec | {"tokens": {k: (v.token_ids, v.logprobs) for k, v in results.items()}}, series, log
 
 
 def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, **kw):
@@ -163,6 +165,27 @@ def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: 
     rec |= roofline_seconds(roof) | time_split(log, roof, [s[3] for s in ser])
     rec["efficiency"] = rec["roofline_s"] / rec["wall_s"]
     return rec, tokens, ser
+
+
+def compare_outputs(got: dict, want: dict) -> dict:
+    """How a run's greedy outputs match a reference run's, per request {id: (token ids, logprobs)}: requests
+    identical; the mean fraction of each output before its first differing token; over the tokens both runs
+    share (before that point), the largest |log-prob difference| (rounding: ~1e-2 in bf16; a wrong KV cache
+    after a preemption shows far more); at each first difference, |log-prob of the reference's token - of
+    this run's|: near 0 when the two runs faced a near-tie, as rounding makes them."""
+    shared, prefix_diff, fork_gap = [], [0.0], []
+    for rid, (ref_tok, ref_lp) in want.items():
+        tok, lp = got[rid]
+        n = next((j for j, (a, b) in enumerate(zip(ref_tok, tok)) if a != b), min(len(ref_tok), len(tok)))
+        shared.append(n / max(len(ref_tok), 1))
+        prefix_diff += [abs(a - b) for a, b in zip(ref_lp[:n], lp[:n])]
+        if n < min(len(ref_tok), len(tok)):
+            fork_gap.append(abs(ref_lp[n] - lp[n]))
+    return {"identical_to_unconstrained": len(fork_gap) == 0 and all(x == 1 for x in shared),
+            "identical_requests": sum(x == 1 for x in shared), "shared_prefix": statistics.mean(shared),
+            "prefix_logprob_diff_max": max(prefix_diff),
+            "fork_logprob_gap_median": statistics.median(fork_gap) if fork_gap else 0.0,
+            "fork_logprob_gap_max": max(fork_gap, default=0.0)}
 
 
 def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
@@ -297,8 +320,7 @@ def main(argv=None) -> int:
                   flush=True)
             rec, tokens, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
                                             num_pages=pages)
-            rec["identical_to_unconstrained"] = tokens == dense_tokens
-            rec["identical_requests"] = sum(tokens[k] == v for k, v in dense_tokens.items())
+            rec |= compare_outputs(tokens, dense_tokens)
             records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}", **rec})
             series[f"{name} dense small pool"] = ser
         if args.step_check:
@@ -309,7 +331,8 @@ def main(argv=None) -> int:
         del params
     cols = ["model", "mode", "prefill_chunk", "requests", "output_tokens", "wall_s", "output_tok_s", "req_s",
             "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup",
-            "bound_speedup", "frac_of_bound", "identical_to_unconstrained", "identical_requests", "host_ms_per_step",
+            "bound_speedup", "frac_of_bound", "identical_to_unconstrained", "identical_requests", "shared_prefix",
+            "prefix_logprob_diff_max", "fork_logprob_gap_median", "fork_logprob_gap_max", "host_ms_per_step",
             "decode_steps_eff", "prefill_steps_eff"]
     write_results(args.name, meta, records, cols, args.out)
     if checks:

@@ -260,3 +260,21 @@ def test_replay_padding_counts_each_rules_padding(tmp_path):
     assert packed["gemm_rows"] == 8 * (5056 + 64)
     # Eight full steps of 4,032 tokens in 4,096 rows each, then 512 tokens in the 576 capacity (640 rows).
     assert lowered["max_num_batched_tokens"] == 4032 and lowered["gemm_rows"] == 8 * 4096 + 640
+
+
+def test_compare_outputs_finds_where_runs_fork():
+    """serve_offline's small-pool check: identical requests, the shared part of each output, the log-prob
+    differences before the fork and the gap at it."""
+    from benchmarks.serve_offline import compare_outputs
+
+    want = {"a": ([5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4]), "b": ([1, 2], [-1.0, -2.0]),
+            "c": ([9, 9, 9, 9], [-0.5, -0.5, -0.5, -0.5])}
+    same = compare_outputs(want, want)
+    assert same["identical_to_unconstrained"] and same["identical_requests"] == 3 and same["shared_prefix"] == 1
+    got = {"a": ([5, 6, 3, 3], [-0.1, -0.25, -0.31, -9.0]), "b": ([1, 2], [-1.0, -2.0]),
+           "c": ([4, 9, 9, 9], [-0.9, -0.5, -0.5, -0.5])}
+    r = compare_outputs(got, want)
+    assert not r["identical_to_unconstrained"] and r["identical_requests"] == 1
+    assert r["shared_prefix"] == pytest.approx((2 / 4 + 1 + 0) / 3)
+    assert r["prefix_logprob_diff_max"] == pytest.approx(0.05)  # a's second token; nothing after a fork counts
+    assert r["fork_logprob_gap_max"] == pytest.approx(0.4) and r["fork_logprob_gap_median"] == pytest.approx(0.205)
