@@ -7,13 +7,13 @@ scheduler on the host (no model, no device; the figures depend on the rules only
 Every request is submitted at once (as `benchmarks.serve_offline` does) and each step samples a dummy token.
 For each rule it counts the steps that prefill, their real prompt tokens, the prefill tokens after padding
 (`padded / real`) and the rows of the prefill GEMMs with the decode rows that ride along (`gemm_rows / real`):
-- `packed`: today's engine (`Buckets`): a step's chunks packed on one token axis, padded to the next
-  capacity, with max_num_seqs decode rows riding in every mixed step;
-- `packed, budget - max_num_seqs`: the same engine with max_num_batched_tokens lowered from its default
-  (2 x prefill_chunk) by max_num_seqs, so that a full step's tokens plus the riders fill a capacity exactly;
-- `[rows, T] buckets`: the engine before packing (T in 64, 256, 1024, .., prefill_chunk; rows powers of two
-  up to 8 with rows x T within the budget; chunks grouped longest first; no riders, the decode program ran
-  beside).
+- `packed`: today's engine (`Buckets`) at its default token budget (`Buckets.default_budget`, the largest
+  capacity within 2 x prefill_chunk): a step's chunks packed on one token axis, padded to the next capacity,
+  with max_num_seqs decode rows riding in every mixed step;
+- `packed, 2 x chunk`: the same engine at the budget that was its default before (2 x prefill_chunk);
+- `[rows, T] buckets`: the engine before packing, at 2 x prefill_chunk (T in 64, 256, 1024, ..,
+  prefill_chunk; rows powers of two up to 8 with rows x T within the budget; chunks grouped longest first;
+  no riders, the decode program ran beside).
 Writes OUT/NAME.json and OUT/NAME.md (default benchmarks/results/replay_padding).
 """
 
@@ -70,9 +70,8 @@ def _packed(max_num_seqs: int, chunk: int, budget: int):
 
 
 def replay(args, rule: str) -> dict:
-    budget = 2 * args.prefill_chunk  # the engine's default max_num_batched_tokens
-    if rule == "packed, budget - max_num_seqs":
-        budget -= args.max_num_seqs
+    budget = (Buckets.default_budget(args.max_num_seqs, args.prefill_chunk) if rule == "packed"
+              else 2 * args.prefill_chunk)
     padded = (_rows_t_buckets(args.max_num_seqs, args.prefill_chunk, budget) if rule == "[rows, T] buckets"
               else _packed(args.max_num_seqs, args.prefill_chunk, budget))
     cfg = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
@@ -106,7 +105,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     command = "python -m benchmarks.replay_padding " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = common.metadata(command) | {"device": "host only (a schedule replay: no model, no device)"}
-    records = [replay(args, rule) for rule in ("[rows, T] buckets", "packed", "packed, budget - max_num_seqs")]
+    records = [replay(args, rule) for rule in ("[rows, T] buckets", "packed, 2 x chunk", "packed")]
     cols = ["rule", "max_num_batched_tokens", "prefill_steps", "real_tokens", "padded_tokens", "padded_per_real", "gemm_rows",
             "gemm_rows_per_real"]
     args.out.mkdir(parents=True, exist_ok=True)
