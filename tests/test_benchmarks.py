@@ -246,15 +246,15 @@ def test_mlp_fused_tune_flag_runs_on_cpu(monkeypatch, tmp_path):
 
 def test_replay_padding_counts_each_rules_padding(tmp_path):
     """16 prompts of 2,048 tokens, one output each: two full chunks a step. [rows, T] buckets fit them exactly;
-    packing pads 4,096 tokens to the 5,056 capacity (plus 64 riders per step); a budget lowered by 64 packs
-    4,032 tokens a step into the 4,032 capacity, riders included in its 4,096 rows."""
+    packing at a 4,096-token budget pads 4,096 tokens to the 5,056 capacity (plus 64 riders per step); the
+    default budget packs 4,032 tokens a step into the 4,032 capacity, riders included in its 4,096 rows."""
     from benchmarks import replay_padding
 
     replay_padding.main(["--requests", "16", "--prompt-len", "2048,2048", "--output-len", "1,1", "--out",
                          str(tmp_path)])
     rows = {r["rule"]: r for r in json.loads((tmp_path / "replay_padding.json").read_text())["records"]}
     assert all(r["real_tokens"] == 16 * 2048 for r in rows.values())
-    old, packed, lowered = rows["[rows, T] buckets"], rows["packed"], rows["packed, budget - max_num_seqs"]
+    old, packed, lowered = rows["[rows, T] buckets"], rows["packed, 2 x chunk"], rows["packed"]
     assert old["prefill_steps"] == 8 and old["padded_tokens"] == old["gemm_rows"] == 16 * 2048
     assert packed["prefill_steps"] == 8 and packed["padded_tokens"] == 8 * 5056
     assert packed["gemm_rows"] == 8 * (5056 + 64)
