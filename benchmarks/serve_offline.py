@@ -24,7 +24,6 @@ moves bf16 results in the last bits, and near-tied greedy choices flip).
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -208,8 +207,7 @@ def step_check(cfg, params, sp, B: int, ctx: int, args) -> dict:
         for _ in range(8):
             eng.step()
         times.append((time.perf_counter() - t0) / 8 * 1e3)
-    del eng  # its page pool, before the static cache is allocated (collected now: the engine holds cycles)
-    gc.collect()
+    del eng  # its page pool, before the static cache is allocated
     static_ms, _ = time_steps(make_step(cfg, sp), params, random_cache(cfg, B, ctx), jnp.zeros((B,), jnp.int32))
     engine_ms = statistics.median(times)
     return {"B": B, "ctx": ctx, "engine_ms_per_step": engine_ms, "static_ms_per_step": static_ms,
