@@ -3,7 +3,8 @@
     python -m benchmarks.probe_mixed_step [--model llama-3-8b] [--riders 64] [--ctx 1024] [--tokens 2048]
                                           [--compile-all]
 
-Builds the engine's ModelRunner (random bf16 weights, dense) and times, at the same inputs:
+Builds the engine's ModelRunner (random bf16 weights, dense) and times its model programs (without the
+sampler, a program of its own since 2026-11-26), at the same inputs:
 - `decode`: the decode program, --riders sequences of --ctx cached tokens;
 - `mixed, no riders`: the mixed program prefilling one chunk of --tokens (packed into the smallest capacity
   that holds it; its decode rows all padding),
