@@ -11,8 +11,9 @@ same run.
 `--chunk-sweep 512,1024` runs dense W again at those prefill chunk sizes. `--pool-fraction 0.25` sizes the
 page pool to a quarter of W's peak demand (preemption by recompute) and compares its greedy outputs with
 the unconstrained run's (`compare_outputs`: identical requests, shared prefixes, log-prob differences);
-`--dtype float32` makes that a check of the engine rather than of bf16 rounding (which rows share a step
-moves bf16 results in the last bits, and near-tied greedy choices flip).
+In bf16 which rows share a step moves results in the last bits, and near-tied greedy choices flip;
+`--batch-invariant` runs every engine of the benchmark in the engine's batch-invariant mode (dense only),
+where outputs must be identical; `--dtype float32` makes the rounding smaller instead.
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
 (benchmarks/generate.py's make_step) at batch B and context CTX.
 
@@ -125,7 +126,7 @@ def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
 def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=None) -> tuple[dict, list, list]:
     chunk = chunk or args.prefill_chunk
     eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_num_batched_tokens=args.max_num_batched_tokens, batch_invariant=args.batch_invariant,
                     prefill_chunk=chunk, num_pages=num_pages, progress=True)
     eng.runner.record = True
     bm = eng.scheduler.block_manager
@@ -258,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
                     help="weights and KV (default bfloat16); float32 runs every matmul at full f32 precision "
                          "(not TF32), for checks that outputs are identical across runs")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="engines in batch-invariant mode (LLMEngine(batch_invariant=True): one dense program "
+                         "for every step, outputs independent of the batch; default budget 512 tokens)")
     ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
     ap.add_argument("--prompt-len", default="128,2048", help="LO,HI: prompt lengths uniform in [LO, HI]")
     ap.add_argument("--output-len", default="64,512", help="LO,HI: output lengths uniform in [LO, HI]")
@@ -268,6 +272,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.step_check and args.dtype != "bfloat16":
         ap.error("--step-check compares with the static step benchmark, which runs bf16 only")
+    if args.batch_invariant and (set(args.modes.split(",")) != {"dense"} or args.step_check):
+        ap.error("--batch-invariant runs dense only: pass --modes dense and no --step-check")
     require_gpu("benchmarks.serve_offline", args.allow_cpu)
     check_out_dir(args.out)
     command = "python -m benchmarks.serve_offline " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -281,10 +287,12 @@ def main(argv=None) -> int:
     meta |= ceiling_meta(ceiling) | {"matmul_TFLOPs": mm_rate / 1e12, "requests": args.requests,
                                      "max_num_seqs": args.max_num_seqs,
                                      "max_num_batched_tokens": args.max_num_batched_tokens,
-                                     "prefill_chunk": args.prefill_chunk, "dtype": args.dtype}
+                                     "prefill_chunk": args.prefill_chunk, "dtype": args.dtype,
+                                     "batch_invariant": args.batch_invariant}
     meta["ceiling"] = (f"prefill FLOPs over the {args.dtype} matmul rate measured in the same run ({mm_rate / 1e12:.0f} "
                        f"TFLOP/s); decode bytes over the {meta['ceiling']}")
     records, series, checks = [], {}, []
+    tag = ", batch-invariant" if args.batch_invariant else ""
     for name in args.models.split(","):
         cfg = preset(name)
         params = jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(0))
@@ -302,14 +310,14 @@ def main(argv=None) -> int:
                 rec["speedup"] = dense_rec["wall_s"] / rec["wall_s"]
                 rec["bound_speedup"] = dense_rec["roofline_s"] / rec["roofline_s"]
                 rec["frac_of_bound"] = rec["speedup"] / rec["bound_speedup"]
-            records.append({"model": name, "mode": mode, **rec})
+            records.append({"model": name, "mode": mode + tag, **rec})
             series[f"{name} {mode}"] = ser
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
         for chunk in [int(c) for c in args.chunk_sweep.split(",")] if args.chunk_sweep else []:
             print(f"== {name} dense, prefill chunk {chunk}", flush=True)
             rec, _, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
                                        chunk=chunk)
-            records.append({"model": name, "mode": f"dense, chunk {chunk}", **rec})
+            records.append({"model": name, "mode": f"dense, chunk {chunk}{tag}", **rec})
             series[f"{name} dense chunk {chunk}"] = ser
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
         if args.pool_fraction and dense_tokens is not None:
@@ -319,7 +327,7 @@ def main(argv=None) -> int:
             rec, tokens, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
                                             num_pages=pages)
             rec |= compare_outputs(tokens, dense_tokens)
-            records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}", **rec})
+            records.append({"model": name, "mode": f"dense, pool {args.pool_fraction:.0%}{tag}", **rec})
             series[f"{name} dense small pool"] = ser
         if args.step_check:
             B, ctx = (int(x) for x in args.step_check.split(","))

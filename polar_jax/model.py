@@ -139,7 +139,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *
 
 def forward_packed(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, offsets: jax.Array,
                    n_new: jax.Array, *, max_new: int, riders: Riders | None = None,
-                   sparsity: SparsityConfig | None = None, key: jax.Array | None = None, all_logits: bool = False):
+                   sparsity: SparsityConfig | None = None, key: jax.Array | None = None, all_logits: bool = False,
+                   batch_invariant: bool = False):
     """A prefill of C chunks packed back to back on one token axis, with optional decode rows riding along.
 
     tokens [S]: chunk c's n_new[c] tokens are tokens[offsets[c]:offsets[c] + n_new[c]], appended after its
@@ -149,17 +150,26 @@ def forward_packed(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVC
     padding. Returns (logits [C, V] at each chunk's last real token, or [S, V] at every token when
     all_logits; rider logits [R, V] or None; k pool; v pool): each part computes what `forward` would
     compute for it alone (the riders with the sparsity config, for a batch of R).
+
+    batch_invariant: each chunk's results are bit for bit what it would get in any other call of the same
+    shapes (S, C, max_new), whatever else the call holds and however a sequence was cut into chunks: every
+    row goes through the same GEMMs and the same attention arithmetic (decode rows, if any, come as chunks
+    of one token; riders take the decode kernels, so they are refused).
     """
     if tokens.ndim != 1:
         raise ValueError(f"forward_packed: tokens must be [S] (packed chunks), got {tokens.shape}")
+    if batch_invariant and riders is not None:
+        raise ValueError("forward_packed: batch_invariant=True takes decode rows as one-token chunks, not riders "
+                         "(riders go through the decode kernels, whose arithmetic differs from the prefill's)")
     logits, rider_logits, cache, _ = _forward(cfg, params, tokens[None], cache, n_new=n_new, sparsity=sparsity,
                                               key=key, last_only=not all_logits, riders=riders,
-                                              packed=(offsets, max_new))
+                                              packed=(offsets, max_new), batch_invariant=batch_invariant)
     return logits if not all_logits else logits[0], rider_logits, cache.k, cache.v
 
 
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, *, n_new, sparsity, key, last_only,
-             collect=False, row_density=None, riders: Riders | None = None, packed: tuple | None = None):
+             collect=False, row_density=None, riders: Riders | None = None, packed: tuple | None = None,
+             batch_invariant: bool = False):
     """packed: (offsets [C], max_new) for forward_packed's chunks on one token axis (tokens [1, S]); n_new
     and the cache's page_table / lengths are then the chunks'."""
     B, T = tokens.shape
@@ -264,7 +274,8 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
                                            sm_scale=sm_scale)  # [B, T, N, H]
         else:  # q [1, S, N, H]: the chunks on one token axis
             attn = paged_prefill_attention(q[0], k_all, v_all, main.table, main.starts, main.n_new, layer=l,
-                                           sm_scale=sm_scale, q_offsets=main.offsets, max_new=packed[1])[None]
+                                           sm_scale=sm_scale, q_offsets=main.offsets, max_new=packed[1],
+                                           batch_invariant=batch_invariant)[None]
         attns = [attn.reshape(B, T, N * H)]
         if xr is not None:
             attns.append(decode_attention(l, qr, hs[1][:, 0], k_all, v_all, rider_rows, n_heads, seg)

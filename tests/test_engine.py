@@ -293,3 +293,25 @@ def test_buckets_pack_prefill_tokens_so_the_gemm_rows_align():
     assert Buckets.default_budget(64, 2048) == 4032 and 4032 + 64 == 4096 and 4032 in b.prefill
     assert Buckets.default_budget(256, 2048) == 3840 and 3840 in Buckets.make(256, 2048, 3840).prefill
     assert Buckets.default_budget(4, 16) == 32  # no capacity within two small chunks: 2 * chunk
+
+
+def test_batch_invariant_outputs_do_not_depend_on_the_batch(params, prompts):
+    """bf16, batch-invariant mode: every request's greedy tokens and their log-probabilities are bit for bit the
+    same whether the engine runs it alone or crowded into a pool so small that sequences are preempted and
+    recomputed (other batch rows, other prompt chunking, a recompute through the prefill path)."""
+    from polar_jax.engine import model_runner as mr
+
+    bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
+    kw = {"batch_invariant": True, "max_num_batched_tokens": 48}
+    before = mr._UNIFIED._cache_size()
+    crowded, preempted = run_staggered(engine(bf16, num_pages=13, **kw), prompts, sp, arrive_every=1)
+    assert preempted > 0, "the pool was meant to force preemption"
+    for i, p in enumerate(prompts):
+        alone, _ = run_staggered(engine(bf16, **kw), [p], sp)
+        assert crowded[f"r{i}"].token_ids == alone["r0"].token_ids, f"request {i}"
+        assert crowded[f"r{i}"].logprobs == alone["r0"].logprobs, f"request {i}"
+    # One shape for every step: a single unified program (per pool size).
+    assert mr._UNIFIED._cache_size() - before <= 2
+    with pytest.raises(ValueError, match="batch_invariant=True runs decode rows"):
+        engine(bf16, sparsity=SparsityConfig(attn="random", attn_density=0.5), **kw)

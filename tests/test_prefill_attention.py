@@ -212,6 +212,36 @@ def test_packed_kernel(interpret, N, K, H, Z, M, dtype, config, S, max_new, chun
     _check_packed(xla(*args), q, k_pages, v_pages, table, starts, n_new, offsets, T)
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_batch_invariant_rows_do_not_depend_on_the_chunking(interpret):
+    """batch_invariant=True: the same query rows of one sequence (bf16, GQA) give bit-identical outputs
+    whether they come as one chunk or cut into chunks at other offsets (one of them a single token, as a
+    decode row), in calls of the same shapes; and the outputs are right."""
+    N, K, H, Z, M, n, S, C = 8, 2, 128, 16, 8, 100, 112, 4
+    k_pages, v_pages = _normal((M + 2, K, Z, H), BF16), _normal((M + 2, K, Z, H), BF16)
+    table, owned = _layout(1, M, Z, M + 2, [n])
+    kp, vp = _poison(k_pages, table, owned, [n]), _poison(v_pages, table, owned, [n])
+    q_seq = _normal((n, N, H), BF16)  # the query row of each position 0..n-1
+    tables = jnp.asarray(np.repeat(table, C, axis=0))
+
+    def run(chunks):  # ((q_offset, start, n_new), ...) padded to C chunks; q rows laid out by the chunks
+        chunks = list(chunks) + [(S - 1, 0, 0)] * (C - len(chunks))
+        offsets, starts, n_new = (jnp.asarray(a, jnp.int32) for a in zip(*chunks))
+        q = jnp.zeros((S, N, H), BF16)
+        for off, st, m in chunks:
+            q = q.at[off: off + m].set(q_seq[st: st + m])
+        o = paged_prefill_attention(q, kp, vp, tables, starts, n_new, q_offsets=offsets, max_new=64,
+                                    batch_invariant=True, impl="triton", interpret=interpret)
+        return np.concatenate([np.asarray(o[off: off + m], np.float32) for off, st, m in chunks if m])
+
+    one = run([(0, 0, 64), (64, 64, 36)])
+    cut = run([(5, 0, 37), (42, 37, 1), (43, 38, 26), (70, 64, 36)])
+    np.testing.assert_array_equal(one, cut)
+    want = _expected(np.asarray(q_seq, np.float32)[None], k_pages, v_pages, table, np.zeros(1, np.int64),
+                     np.array([n]))[0]
+    assert_close(one, want, BF16)
+
+
 @pytest.mark.parametrize("N,K,H,Z,M,dtype,config,S,max_new,chunks", PACKED_CASES)
 def test_packed_reference(N, K, H, Z, M, dtype, config, S, max_new, chunks):
     """The packed XLA reference gives each chunk's rows of the unpacked reference on the padded q, zeros

@@ -1,8 +1,8 @@
 """Paged causal prefill attention: public function, contract checks and dispatch.
 
   paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                          q_offsets=None, max_new=None, impl=None, interpret=None) -> o [B, T, N, H]
-                                                                                  or o [S, N, H] (packed)
+                          q_offsets=None, max_new=None, batch_invariant=False, impl=None, interpret=None)
+      -> o [B, T, N, H], or o [S, N, H] (packed)
 
 Shapes and dtypes:
   q          [B, T, N, H] float16 | bfloat16 | float32, H in {64, 80, 96, 128}: the T new tokens of
@@ -30,6 +30,12 @@ Packed mode (q_offsets given): the chunks of B sequences lie back to back in one
   n_new      [B] int32, clamped into [0, max_new].
   returns    o [S, N, H] in q's dtype: row q_offsets[b] + t is chunk b's output for t < n_new[b]; rows
              no chunk covers are exactly 0.
+
+batch_invariant (default False): each query row's output is a function of that row and its sequence's cache
+alone, bit for bit, whatever chunk it sits in and whatever shares the call, provided the call's shapes (and
+so the kernel's blocks) are the same. The Triton kernel then masks every KV block (it otherwise skips the
+masks on blocks wholly before a program's first row, which may round differently); the XLA reference always
+masks alike. Costs the masking of long contexts' early blocks.
 
 Never materialises the [T, context] scores of the whole context (nor packed mode's [S, context]): both
 implementations are flash-style loops over KV blocks with an online softmax.
@@ -97,7 +103,7 @@ def check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer=None, s
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            q_offsets=None, max_new=None, impl=None, interpret=None):
+                            q_offsets=None, max_new=None, batch_invariant=False, impl=None, interpret=None):
     """o [B, T, N, H]: causal attention of a chunk of new tokens over each sequence's pages; packed mode
     (q_offsets given): q and o [S, N, H], the chunks back to back in one token axis.
 
@@ -107,14 +113,16 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     _, T, *_ = check_contract(q, k_pages, v_pages, page_table, starts, n_new, layer, sm_scale, q_offsets, max_new)
     if sm_scale is not None:
         sm_scale = float(sm_scale)
-    packed = {} if q_offsets is None else {"q_offsets": q_offsets, "max_new": T}
+    kw = {"batch_invariant": bool(batch_invariant)}
+    if q_offsets is not None:
+        kw |= {"q_offsets": q_offsets, "max_new": T}
 
     def call(name):
         if name == "triton":
             kp, vp = (k_pages, v_pages) if layer is not None else (k_pages[None], v_pages[None])
             return IMPLS[name](q, kp, vp, page_table, starts, n_new, layer=0 if layer is None else layer,
-                               sm_scale=sm_scale, interpret=interpret, **packed)
+                               sm_scale=sm_scale, interpret=interpret, **kw)
         return IMPLS[name](q, k_pages, v_pages, page_table, starts, n_new, layer=layer, sm_scale=sm_scale,
-                           interpret=interpret, **packed)
+                           interpret=interpret, **kw)
 
     return dispatch(IMPLS, impl, call)

@@ -21,8 +21,8 @@ BLOCK = 256  # positions per step (rounded to whole pages)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            q_offsets=None, max_new=None, impl=None, interpret=None):
-    del impl, interpret
+                            q_offsets=None, max_new=None, batch_invariant=False, impl=None, interpret=None):
+    del impl, interpret, batch_invariant  # every block is masked alike: always batch-invariant
     if q_offsets is not None:
         return _packed(q, k_pages, v_pages, page_table, starts, n_new, layer=layer, sm_scale=sm_scale,
                        q_offsets=q_offsets, max_new=max_new)

@@ -42,6 +42,10 @@ class PrefillConfig:
     block_s: int = 64      # cache positions per loop step
     num_warps: int = 4
     num_stages: int = 3
+    # Every KV block through the masked step (batch-invariant mode): a row's arithmetic then does not depend
+    # on where its program's first row lies (the unmasked fast path may round differently: the compiler is
+    # free to contract its multiply and subtract into one FMA, which the masked step's select prevents).
+    mask_every_block: bool = False
 
 
 def prefill_config(B: int, T: int, N: int, K: int, H: int, Z: int, dtype=jnp.float16) -> PrefillConfig:
@@ -153,7 +157,7 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, *refs, cfg: Prefil
                 jnp.zeros((R,), jnp.float32))
         # Blocks wholly before the first row's position need no mask (most of a long context); the
         # rest, up to the last live row's limit, are masked.
-        n_full = jnp.minimum(start + t0 + 1, hi) // BS
+        n_full = 0 if cfg.mask_every_block else jnp.minimum(start + t0 + 1, hi) // BS
         carry = lax.fori_loop(0, n_full, lambda j, c: step(j, c, q, False), init)
         o, _, l = lax.fori_loop(n_full, (hi + BS - 1) // BS, lambda j, c: step(j, c, q, True), carry)
         o = jnp.where(row_live[:, None] & (l > 0)[:, None], o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
@@ -166,9 +170,10 @@ def _prefill_kernel(pt_ref, starts_ref, n_new_ref, layer_ref, *refs, cfg: Prefil
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, layer=None, sm_scale=None,
-                            q_offsets=None, max_new=None, impl=None, interpret=None,
+                            q_offsets=None, max_new=None, batch_invariant=False, impl=None, interpret=None,
                             config: PrefillConfig | None = None):
     """o [B, T, N, H], or packed (q_offsets given) o [S, N, H]; arguments already validated by the API.
+    batch_invariant: every KV block through the masked step (`PrefillConfig.mask_every_block`).
 
     Here k_pages / v_pages are always [L, P, K, Z, H] and `layer` an int32 scalar (the API lifts a 4-D
     pool to L = 1 with a free reshape). Packed mode: B = page_table.shape[0], T = max_new (default S).
@@ -189,6 +194,8 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
         sm_scale = H ** -0.5
     if config is None:
         config = prefill_config(B, T, N, K, H, Z, q.dtype)
+    if batch_invariant:
+        config = dataclasses.replace(config, mask_every_block=True)
     if config.block_t * _pow2_at_least(G) < 16:
         raise ValueError(f"block_t={config.block_t} x GP={_pow2_at_least(G)} rows < 16 (tl.dot needs M >= 16)")
     if B == 0 or T == 0 or M == 0 or (packed and S == 0):

@@ -96,6 +96,13 @@ class LLMEngine:
     prefill capacity within 2 * prefill_chunk, `Buckets.default_budget`; 4,032 for 2,048-token chunks and 64
     sequences). sparsity: how decode steps pick heads and neurons (prefill is dense). compile: compile
     every bucket's program now (with a progress bar when progress).
+
+    batch_invariant: each request's tokens and log-probabilities are bit for bit the same whatever else the
+    engine runs beside it, however its prompt is chunked and whether it is preempted (for reproducible
+    outputs under load, and for checking an engine against itself). Every step then runs one dense program
+    of one shape over max_num_batched_tokens tokens (default `Buckets.invariant_budget`: 512 for up to 512
+    sequences), decode rows included: slower decode, no sparsity. Requests that ask for prompt logprobs
+    are prefilled by a program of their own and keep this guarantee only for those log-probabilities.
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, *, sparsity: SparsityConfig | None = None,
@@ -103,7 +110,7 @@ class LLMEngine:
                  kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = PREFILL_CHUNK,
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
                  compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, per_request_density: bool = False,
-                 seed: int = 0):
+                 batch_invariant: bool = False, seed: int = 0):
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
         max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
@@ -117,6 +124,10 @@ class LLMEngine:
         if per_request_density and (sparsity is None or sparsity.attn == "all"):
             raise ValueError("per_request_density needs a sparsity config that selects heads (attn = router, "
                              "oracle or random): it says where a request's heads come from")
+        if batch_invariant and sparsity is not None and (sparsity.attn != "all" or sparsity.mlp != "all"):
+            raise ValueError("batch_invariant=True runs decode rows through the dense prefill program: leave "
+                             "sparsity unset (the sparse MLP keeps the union of the batch's neurons, so a "
+                             "sparse step cannot be batch-invariant)")
         self.per_request_density = per_request_density
         enable_compile_cache(compile_cache)
         dtype = params["embed"].dtype
@@ -124,7 +135,8 @@ class LLMEngine:
         if num_pages is None:
             num_pages = min(most, kv_pages_that_fit(cfg, dtype, page_size, kv_memory_fraction))
         prefill_chunk = min(prefill_chunk, max_model_len)  # no longer chunk can occur: no bucket for one
-        budget = max_num_batched_tokens or Buckets.default_budget(max_num_seqs, prefill_chunk)
+        budget = max_num_batched_tokens or (Buckets.invariant_budget(max_num_seqs) if batch_invariant
+                                            else Buckets.default_budget(max_num_seqs, prefill_chunk))
         self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                       prefill_chunk=prefill_chunk, max_model_len=max_model_len,
                                       page_size=page_size, num_pages=num_pages)
@@ -132,8 +144,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, BlockManager(num_pages, page_size))
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
                                   max_model_len=max_model_len, sparsity=sparsity, seed=seed,
-                                  per_request_density=per_request_density,
-                                  buckets=Buckets.make(max_num_seqs, prefill_chunk, budget))
+                                  per_request_density=per_request_density, batch_invariant=batch_invariant,
+                                  buckets=(Buckets.invariant if batch_invariant else Buckets.make)(
+                                      max_num_seqs, prefill_chunk, budget))
         self._detok: dict[str, Detokenizer] = {}
         self._in_flight = None  # the step launched and not yet finished (model_runner.Launched)
         self.compile_s = 0.0

@@ -10,6 +10,13 @@ and a sampler.
            writes them to `last`. Two variants (with and without the top-k / top-p sort, chosen on the
            host), so the model programs, the costly ones to compile, need only one each.
 
+Batch-invariant mode (`batch_invariant`) replaces decode and mixed by one program of one shape, `unified`:
+every step packs its decode rows (as one-token chunks) and its prefill chunks into the same S tokens and C =
+max_num_seqs chunks, dense, through the same GEMMs and the same attention kernel. A request's tokens and
+log-probabilities then do not depend on what shares its steps, on how its prompt was chunked, or on a
+preemption's recompute. It costs the decode kernels' speed and sparsity (the MLP neuron union is the batch's
+by design).
+
 A prefill group whose requests ask for prompt logprobs runs a third model program (a packed prefill with
 every token's logits) instead of mixed. The model programs take the whole KV page pool (donated, updated in
 place) and the last sampled tokens, plus per-step arrays: page tables [B, M], lengths, tokens. Decode
@@ -38,7 +45,7 @@ import numpy as np
 from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
-from polar_jax.engine.scheduler import ScheduledBatch
+from polar_jax.engine.scheduler import PrefillChunk, ScheduledBatch
 from polar_jax.engine.sequence import PENDING
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, Riders, forward, forward_packed
 from polar_jax.sparsity import SparsityConfig
@@ -101,6 +108,17 @@ class Buckets:
                 break
         return cls(decode, tuple(sizes), max_chunks, prefill_chunk)
 
+    @staticmethod
+    def invariant_budget(max_num_seqs: int) -> int:
+        """The token budget by default in batch-invariant mode, where every step, decode-only ones too, runs
+        all of them through the GEMMs: max_num_seqs rounded up to 128, at least 512."""
+        return max(512, -(-max_num_seqs // 128) * 128)
+
+    @classmethod
+    def invariant(cls, max_num_seqs: int, prefill_chunk: int, token_budget: int) -> Buckets:
+        """Batch-invariant mode's single shape: token_budget packed tokens, a chunk per running sequence."""
+        return cls((max_num_seqs,), (token_budget,), max_num_seqs, prefill_chunk)
+
     def decode_size(self, n: int) -> int:
         return next(b for b in self.decode if b >= n)
 
@@ -146,6 +164,16 @@ def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, max_new: i
     return k, v, jnp.concatenate([d_logits, logits])
 
 
+def _unified_program(cfg: ModelConfig, max_new: int, params, k, v, last, tokens, table, starts, offsets, n_new,
+                     token_slots):
+    """Batch-invariant mode's step: decode rows and prefill chunks alike as chunks packed in tokens [S]
+    (a PENDING token read from last at token_slots [S]): returns the pools and logits [C, V] at each chunk's
+    last token."""
+    logits, _, k, v = forward_packed(cfg, params, _feed(last, token_slots, tokens), KVCache(k, v, table, starts),
+                                     offsets, n_new, max_new=max_new, batch_invariant=True)
+    return k, v, logits
+
+
 def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, tokens, table, starts, offsets, n_new,
                               targets):
     """The packed prefill that also returns [S] log-probabilities of targets[s] (the token after packed
@@ -170,6 +198,11 @@ _MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5)
                  compiler_options=PREFILL_COMPILER_OPTIONS)
 _PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4),
                             compiler_options=PREFILL_COMPILER_OPTIONS)
+# Batch-invariant mode compiles without autotuning: each GEMM then takes the algorithm cuBLAS's heuristics pick
+# for its shape, the same in every engine of the process (timing noise could make two engines' autotuners
+# choose differently, and algorithms differ in their rounding).
+_UNIFIED = jax.jit(_unified_program, static_argnums=(0, 1), donate_argnums=(3, 4),
+                   compiler_options=PREFILL_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
 _SAMPLE = jax.jit(_sample_program, static_argnums=(0,), donate_argnums=(1,))
 
 
@@ -199,10 +232,12 @@ class Launched:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict, *, num_pages: int, page_size: int, max_model_len: int,
                  buckets: Buckets, sparsity: SparsityConfig | None = None, per_request_density: bool = False,
-                 seed: int = 0):
+                 batch_invariant: bool = False, seed: int = 0):
         """per_request_density: decode takes each sequence's own attention density (seq.attn_density, None
-        for the config's), at the price of head capacity K in sparse layers; needs a sparse `sparsity`."""
+        for the config's), at the price of head capacity K in sparse layers; needs a sparse `sparsity`.
+        batch_invariant: every step through the unified program (buckets from `Buckets.invariant`; dense)."""
         self.cfg, self.params, self.sparsity = cfg, params, sparsity
+        self.batch_invariant = batch_invariant
         self.per_request_density = per_request_density
         self.page_size, self.num_pages = page_size, num_pages
         self.M = pages_for(max_model_len, page_size)
@@ -261,22 +296,27 @@ class ModelRunner:
                  np.int32(self.num_decode_steps)),
                 (slots, *self._sampling(seqs, rows)))
 
-    def _prefill_args(self, chunks, S: int):
+    def _prefill_args(self, chunks, S: int, feed: bool = False):
         """(the packed prefill's per-step arguments, the sampler's): the chunks back to back in tokens [S];
-        per chunk (C rows, padded) page table, starts, offsets, n_new; slots and sampling parameters."""
+        per chunk (C rows, padded) page table, starts, offsets, n_new; slots and sampling parameters.
+        feed (the unified program): a chunk's last token may be PENDING (a decode row's), to be read on the
+        device at its sequence's slot: token_slots [S] is appended to the program's arguments."""
         C = self.buckets.chunks
-        tokens = np.zeros(S, np.int32)
+        tokens, token_slots = np.zeros(S, np.int32), np.full(S, self.num_slots, np.int32)
         starts, offsets, n_new = np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.int32)
         at = 0
         for i, c in enumerate(chunks):
             ids = c.seq.all_token_ids[c.start: c.start + c.n]
-            if PENDING in ids:
+            if PENDING in ids[:-1] or (PENDING in ids and not feed):
                 raise RuntimeError(f"request {c.seq.request_id!r}: a prefill chunk holds a token not yet sampled")
+            if ids[-1] == PENDING:
+                token_slots[at + c.n - 1] = c.seq.slot
             tokens[at: at + c.n], starts[i], offsets[i], n_new[i] = ids, c.start, at, c.n
             at += c.n
         seqs = [c.seq for c in chunks]
         slots = self._slots([c.seq if c.samples else None for c in chunks], C)
-        return (tokens, self._table(seqs, C), starts, offsets, n_new), (slots, *self._sampling(seqs, C))
+        fwd = (tokens, self._table(seqs, C), starts, offsets, n_new) + ((token_slots,) if feed else ())
+        return fwd, (slots, *self._sampling(seqs, C))
 
     def _max_new(self, S: int) -> int:
         return min(self.buckets.max_new, S)
@@ -290,11 +330,17 @@ class ModelRunner:
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
         t0 = time.perf_counter()
-        mixed_rows = self.num_slots + self.buckets.chunks
-        shapes = ([("decode", b) for b in self.buckets.decode] + [("mixed", S) for S in self.buckets.prefill]
-                  + [("sample", b) for b in sorted({*self.buckets.decode, mixed_rows})])
+        if self.batch_invariant:
+            shapes = [("unified", self.buckets.prefill[0]), ("sample", self.buckets.chunks)]
+        else:
+            mixed_rows = self.num_slots + self.buckets.chunks
+            shapes = ([("decode", b) for b in self.buckets.decode] + [("mixed", S) for S in self.buckets.prefill]
+                      + [("sample", b) for b in sorted({*self.buckets.decode, mixed_rows})])
         for i, (kind, shape) in enumerate(shapes):
-            if kind == "decode":
+            if kind == "unified":
+                self.k, self.v, _ = _UNIFIED(self.cfg, self._max_new(shape), self.params, self.k, self.v, self.last,
+                                             *self._prefill_args([], shape, feed=True)[0])
+            elif kind == "decode":
                 fwd, _ = self._decode_args([], shape)
                 self.k, self.v, _ = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
             elif kind == "mixed":
@@ -323,6 +369,15 @@ class ModelRunner:
                          if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in g)]
         plain = [g for g in groups if g not in with_logprobs]
         riders = batch.decode
+        if self.batch_invariant:  # one unified call: decode rows as one-token chunks, then the chunks
+            units = [PrefillChunk(s, s.num_computed, 1) for s in riders] + [c for g in plain for c in g]
+            if units:
+                S = self.buckets.prefill[0]
+                fwd, smp = self._prefill_args(units, S, feed=True)
+                self.k, self.v, logits = _UNIFIED(self.cfg, self._max_new(S), self.params, self.k, self.v,
+                                                  self.last, *fwd)
+                out.results.append(([u.seq if u.samples else None for u in units], *self._sample(logits, smp)))
+            riders, plain = [], []
         if riders and not plain:  # nothing to ride on: the decode program
             fwd, smp = self._decode_args(riders, self.buckets.decode_size(len(riders)))
             self.k, self.v, logits = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
