@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import add_device_args, device_name, require_gpu
-from benchmarks.serve_offline import DTYPE, run_workload
+from benchmarks.serve_offline import run_workload
 from polar_jax import SamplingParams, init_params, preset
 from polar_jax.cache import pages_for
 from polar_jax.engine.llm_engine import LLMEngine
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     w = json.loads(args.workload.read_text())
     cfg = preset(args.model)
     # The same weights as `polar serve --random-weights --seed S` (the figures do not depend on them).
-    params = jax.jit(lambda k: init_params(cfg, k, DTYPE))(jax.random.key(args.seed))
+    params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(args.seed))
     eng = LLMEngine(cfg, params, None, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     prefill_chunk=args.prefill_chunk, progress=True)
     num_pages, page_size = eng.config.num_pages, eng.config.page_size
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     del eng  # its KV pool: run_workload builds its own of the same size
     gc.collect()
     print(f"== offline engine: {len(w['prompts'])} requests of W", flush=True)
-    rec, _, _ = run_workload(cfg, params, None, w["prompts"], w["outs"], args, num_pages=num_pages)
+    rec, _, _ = run_workload(cfg, params, None, w["prompts"], w["outs"], max_num_seqs=args.max_num_seqs,
+                             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, num_pages=num_pages)
     rec.pop("tokens")
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
     args.out.write_text(json.dumps({

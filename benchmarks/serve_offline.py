@@ -123,16 +123,14 @@ def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
     return {"roofline_s": decode_s + prefill_s, "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
 
 
-def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=None) -> tuple[dict, list, list]:
-    chunk = chunk or args.prefill_chunk
-    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    max_num_batched_tokens=args.max_num_batched_tokens, batch_invariant=args.batch_invariant,
-                    prefill_chunk=chunk, num_pages=num_pages, progress=True)
+def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **engine_kw) -> tuple[dict, list, list]:
+    """W through an LLMEngine(cfg, params, sparsity=sp, **engine_kw), greedy, ignore_eos (logprobs: record each
+    output token's, for compare_outputs): (record with the outputs under "tokens", series per step, step log)."""
+    eng = LLMEngine(cfg, params, None, sparsity=sp, progress=True, **engine_kw)
     eng.runner.record = True
     bm = eng.scheduler.block_manager
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True,
-                                                   logprobs=bool(args.pool_fraction)))  # for compare_outputs
+        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, logprobs=logprobs))
     results, peak_pages, preempt = {}, 0, 0
     t0 = time.perf_counter()
     while eng.has_unfinished():
@@ -145,7 +143,7 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=Non
     log = eng.runner.log
     n_out = sum(len(r.token_ids) for r in results.values())
     decode_steps = [s for s in log if s.decode_rows]
-    rec = {"prefill_chunk": chunk, "requests": len(results), "output_tokens": n_out, "wall_s": wall,
+    rec = {"prefill_chunk": eng.config.prefill_chunk, "requests": len(results), "output_tokens": n_out, "wall_s": wall,
            "output_tok_s": n_out / wall, "req_s": len(results) / wall, "steps": len(log),
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
@@ -156,10 +154,14 @@ def run_workload(cfg, params, sp, prompts, outs, args, num_pages=None, chunk=Non
     return rec | {"tokens": {k: (v.token_ids, v.logprobs) for k, v in results.items()}}, series, log
 
 
-def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, **kw):
-    """run_workload (kw: num_pages, chunk) plus W's roofline and where the time went: (record, tokens per
-    request, series)."""
-    rec, ser, log = run_workload(cfg, params, sp, prompts, outs, args, **kw)
+def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, num_pages=None, chunk=None):
+    """run_workload with the engine settings of args (chunk: another prefill chunk; num_pages: another pool)
+    plus W's roofline and where the time went: (record, tokens per request, series)."""
+    rec, ser, log = run_workload(cfg, params, sp, prompts, outs, logprobs=bool(args.pool_fraction),
+                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                 max_num_batched_tokens=args.max_num_batched_tokens,
+                                 batch_invariant=args.batch_invariant, prefill_chunk=chunk or args.prefill_chunk,
+                                 num_pages=num_pages)
     tokens = rec.pop("tokens")
     roof = step_rooflines(cfg, params, sp, log, read_bw, mm_rate)
     rec |= roofline_seconds(roof) | time_split(log, roof, [s[3] for s in ser])

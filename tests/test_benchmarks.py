@@ -278,3 +278,28 @@ def test_compare_outputs_finds_where_runs_fork():
     assert r["shared_prefix"] == pytest.approx((2 / 4 + 1 + 0) / 3)
     assert r["prefix_logprob_diff_max"] == pytest.approx(0.05)  # a's second token; nothing after a fork counts
     assert r["fork_logprob_gap_max"] == pytest.approx(0.4) and r["fork_logprob_gap_median"] == pytest.approx(0.205)
+
+
+def test_serve_offline_and_http_engine_reference_run_on_cpu(monkeypatch, tmp_path):
+    """The offline benchmark in batch-invariant mode with a small pool (outputs identical to the unconstrained
+    run) and the HTTP benchmark's engine reference, at tiny shapes on CPU (measured ceilings stubbed)."""
+    import json
+
+    import benchmarks.serve_http_engine as she
+    import benchmarks.serve_offline as so
+
+    monkeypatch.setattr(so, "matmul_rate", lambda dtype=None: 1e12)
+    monkeypatch.setattr(so, "measure_ceiling", lambda: {"read_bw": 1e11, "copy_bw": 1e11, "read_variants": {}})
+    assert so.main(["--allow-cpu", "--models", "tiny-llama-gqa", "--modes", "dense", "--requests", "12",
+                    "--prompt-len", "8,40", "--output-len", "4,16", "--max-model-len", "64", "--max-num-seqs", "4",
+                    "--prefill-chunk", "16", "--pool-fraction", "0.25", "--batch-invariant", "--out", str(tmp_path),
+                    "--name", "inv"]) == 0
+    pool = json.loads((tmp_path / "inv.json").read_text())["records"][1]
+    assert pool["mode"] == "dense, pool 25%, batch-invariant" and pool["preemptions"] > 0
+    assert pool["identical_requests"] == 12 and pool["prefix_logprob_diff_max"] == 0
+    w = tmp_path / "w.json"
+    w.write_text(json.dumps({"prompts": [[5, 6, 7] * 7, [12, 13, 14] * 5], "outs": [5, 3]}))
+    assert she.main(["--allow-cpu", "--model", "tiny-llama-gqa", "--workload", str(w), "--max-num-seqs", "4",
+                     "--max-model-len", "64", "--prefill-chunk", "16", "--ref-context", "20", "--batches", "1,4",
+                     "--out", str(tmp_path / "engine.json")]) == 0
+    assert json.loads((tmp_path / "engine.json").read_text())["offline"]["output_tokens"] == 8
