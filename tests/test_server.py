@@ -547,3 +547,25 @@ def test_bench_random_dataset_draws_like_the_engine_benchmarks_workload():
     assert len({len(i.prompt) for i in items}) > 5
     with pytest.raises(ValueError, match="--output-len"):
         parse_range("9:2", "--output-len")
+
+
+def test_serve_flags_reach_the_engine(model_dir, tmp_path):
+    """`polar serve --batch-invariant --max-num-batched-tokens N` builds an engine in that mode with that
+    budget; with a sparse config the engine refuses, naming the conflict."""
+    import argparse
+
+    from polar_jax.server.cli import add_commands, build_engine
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    base = ["serve", "--model", str(model_dir), "--quiet", "--max-num-seqs", "4", "--num-pages", "20",
+            "--max-model-len", "64"]
+    engine, _, _ = build_engine(parser.parse_args(base + ["--batch-invariant", "--max-num-batched-tokens", "96"]))
+    assert engine.runner.batch_invariant and engine.config.max_num_batched_tokens == 96
+    assert engine.runner.buckets.prefill == (96,)
+    engine, _, _ = build_engine(parser.parse_args(base))
+    assert not engine.runner.batch_invariant
+    sp = tmp_path / "sp.json"
+    SparsityConfig(attn="random", attn_density=0.5).to_json(sp)
+    with pytest.raises(ValueError, match="batch_invariant=True runs decode rows"):
+        build_engine(parser.parse_args(base + ["--batch-invariant", "--sparsity", str(sp)]))

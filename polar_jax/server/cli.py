@@ -47,25 +47,33 @@ def _model(args):
     return cfg, params, tokenizer or own_tokenizer, model_dir.name
 
 
-def cmd_serve(args) -> None:
-    import uvicorn
-
+def build_engine(args):
+    """(engine, sparsity, served name) for `polar serve`'s flags."""
     from polar_jax.engine.llm_engine import LLMEngine
-    from polar_jax.server.app import build_app
     from polar_jax.sparsity import SparsityConfig
 
     cfg, params, tokenizer, default_name = _model(args)
     sparsity = SparsityConfig.from_json(args.sparsity) if args.sparsity else None
-    kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk") if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk", "max_num_batched_tokens")
+          if getattr(args, k) is not None}
     # With heads selected by the sparsity config, each request may ask for its own density (polar_attn_density).
     kw.setdefault("per_request_density", sparsity is not None and sparsity.attn != "all")
     engine = LLMEngine(cfg, params, tokenizer, sparsity=sparsity, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, kv_memory_fraction=args.kv_memory_fraction,
-                       progress=not args.quiet, **kw)
-    name = args.served_model_name or default_name
+                       batch_invariant=args.batch_invariant, progress=not args.quiet, **kw)
+    return engine, sparsity, args.served_model_name or default_name
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from polar_jax.server.app import build_app
+
+    engine, sparsity, name = build_engine(args)
     app = build_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, sparsity=sparsity)
     print(f"serving {name} ({engine.config.num_pages} KV pages of {engine.config.page_size}, max_num_seqs "
-          f"{engine.config.max_num_seqs}, max_model_len {engine.config.max_model_len}) on "
+          f"{engine.config.max_num_seqs}, max_model_len {engine.config.max_model_len}"
+          f"{', batch-invariant' if args.batch_invariant else ''}) on "
           f"http://{args.host}:{args.port}", flush=True)
     # uvicorn handles SIGTERM / SIGINT: it stops accepting, lets in-flight requests finish for up to
     # --shutdown-timeout seconds (then cancels them, which aborts their sequences) and runs the app's
@@ -115,6 +123,11 @@ def add_commands(sub) -> None:
     p.add_argument("--num-pages", type=int, help="KV pool size in pages (default: what --kv-memory-fraction holds)")
     p.add_argument("--page-size", type=int, help="tokens per KV page (default: the engine's)")
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens per sequence per step (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens per step, decode and prefill together (default: the engine's)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="each request's tokens and logprobs independent of what shares its steps (one dense "
+                        "program for every step: slower decode, no sparsity; see the README)")
     p.add_argument("--kv-memory-fraction", type=float, default=0.9, help="device memory for KV pages (default 0.9)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
