@@ -51,7 +51,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=64, help="continuation rows per device call (default 64)")
     p.add_argument("--hf", help="also run lm-eval's `hf` model on this GGUF file / transformers dir")
     p.add_argument("--hf-batch-sizes", default="64",
-                   help="hf batch sizes: the first for the accuracy run, each for the throughput (default 64)")
+                   help="hf batch sizes: the first for the accuracy run, each for the throughput (default 64; "
+                        "1 is lm-eval's own default, and adds a line comparing with it)")
     p.add_argument("--speed-task", help="task of the throughput comparison (default: arc_easy if present)")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     p.add_argument("--resume", action="store_true",
@@ -136,6 +137,9 @@ def speed_lines(speed: dict) -> list[str]:
     lines.append(f"\n`polar` dense: {speed['speedup']:.2f}x the warm requests/s of `hf` at its faster batch size "
                  f"({speed['hf_best_batch_size']}), {speed['model_speedup']:.2f}x counting model time alone; "
                  "target >= 5x.")
+    if 1 in speed["hf"]:  # lm-eval's own default: `--model hf` without --batch_size runs one request at a time
+        lines.append(f"Against `hf` at lm-eval's default batch size (1): {speed['speedup_vs_default']:.2f}x the "
+                     f"warm requests/s, {speed['model_speedup_vs_default']:.2f}x counting model time alone.")
     return lines
 
 
@@ -243,6 +247,10 @@ def main(argv=None) -> None:
         speed["speedup"] = speed["polar"]["requests_per_s"] / speed["hf"][best]["requests_per_s"]
         speed["model_speedup"] = (speed["polar"]["model_requests_per_s"]
                                   / max(t["model_requests_per_s"] for t in speed["hf"].values()))
+        if 1 in speed["hf"]:
+            speed["speedup_vs_default"] = speed["polar"]["requests_per_s"] / speed["hf"][1]["requests_per_s"]
+            speed["model_speedup_vs_default"] = (speed["polar"]["model_requests_per_s"]
+                                                 / speed["hf"][1]["model_requests_per_s"])
 
     meta = metadata("python -m benchmarks.eval_tasks " + " ".join(sys.argv[1:] if argv is None else argv))
     meta.update(model=str(args.model), tasks_dir=str(folder), limit=args.limit, batch_size=args.batch_size,

@@ -172,7 +172,8 @@ case "$phase" in
       dtype=fp32 batch=64 hf_batches=16 eval_limit=3600 name=eval_tasks_cpu
     else
       # One batch of 1024 continuation rows per device call: all tasks of one configuration compile ~3 programs.
-      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256 eval_limit=540 name=eval_tasks
+      # hf's throughput at 64 and 256, and at 1, lm-eval's default.
+      dtype=bf16 batch=${EVALS_BATCH:-1024} hf_batches=64,256,1 eval_limit=540 name=eval_tasks
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}  # the rest for torch (hf)
     fi
     # Compiled programs kept in ~ (warm machine): a retry after a timeout skips the compilation it already did.

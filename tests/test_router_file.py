@@ -126,3 +126,23 @@ def test_eval_tasks_resume_keeps_only_runs_of_the_same_settings(tmp_path):
     assert resumed_runs(partial, settings) == {"router 2/3": run}
     with pytest.raises(SystemExit, match="other settings"):
         resumed_runs(partial, settings | {"limit": 50})
+
+
+def test_eval_tasks_speed_lines_compare_with_hf_at_its_best_and_its_default():
+    """The throughput lines: `polar` against `hf` at its faster batch size, and against batch size 1 (lm-eval's
+    default) when that ran, in whole-pass and model-time requests/s."""
+    from benchmarks.eval_tasks import speed_lines
+
+    def t(rps, model_rps):
+        return {"cold_s": 2.0, "warm_s": 1.0, "requests": 100, "requests_per_s": rps, "model_s": 0.1,
+                "model_requests_per_s": model_rps}
+
+    speed = {"task": "arc_easy", "dtype": "bfloat16", "polar_batch_size": 1024, "polar": t(900.0, 5000.0),
+             "hf": {64: t(700.0, 1500.0), 256: t(800.0, 2000.0), 1: t(100.0, 125.0)}, "hf_best_batch_size": 256,
+             "speedup": 900 / 800, "model_speedup": 5000 / 2000, "speedup_vs_default": 9.0,
+             "model_speedup_vs_default": 40.0}
+    text = "\n".join(speed_lines(speed))
+    assert "1.12x the warm requests/s of `hf` at its faster batch size (256), 2.50x counting model time" in text
+    assert "default batch size (1): 9.00x the warm requests/s, 40.00x counting model time" in text
+    del speed["hf"][1]
+    assert "default batch size" not in "\n".join(speed_lines(speed))
