@@ -28,7 +28,8 @@ class LLM:
 
     model: a model directory, or a (ModelConfig, params, tokenizer) tuple. sparsity: a SparsityConfig or the
     path of its JSON (`polar calibrate`); None: dense. The other keywords go to LLMEngine (max_num_seqs,
-    max_model_len, kv_memory_fraction, num_pages, page_size, prefill_chunk, max_num_batched_tokens, ...).
+    max_model_len, kv_memory_fraction, num_pages, page_size, prefill_chunk, max_num_batched_tokens,
+    batch_invariant, ...).
     """
 
     def __init__(self, model: str | os.PathLike | tuple, sparsity: SparsityConfig | str | os.PathLike | None = None,
