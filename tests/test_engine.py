@@ -53,8 +53,9 @@ def static_tokens(params, prompts, n, sparsity=None):
     return [ref.tokens[i, : ref.lengths[i]].tolist() for i in range(len(prompts))]
 
 
-def test_greedy_equals_static_path_with_chunks_and_staggered_arrivals(params, prompts):
-    eng = engine(params)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_greedy_equals_static_path_with_chunks_and_staggered_arrivals(params, prompts, batch_invariant):
+    eng = engine(params, batch_invariant=batch_invariant)
     eng.runner.record = True
     done, preempted = run_staggered(eng, prompts, GREEDY)
     want = static_tokens(params, prompts, GREEDY.max_tokens)
@@ -122,8 +123,10 @@ def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prom
 
 
 @jax.default_matmul_precision("highest")  # on a GPU the fp32 default is TF32; the comparison is fp32
-def test_logprobs_equal_the_models_log_softmax(params, prompts):
-    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_logprobs_equal_the_models_log_softmax(params, prompts, batch_invariant):
+    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False,
+              batch_invariant=batch_invariant)
     p = prompts[4]  # 40 tokens: prompt logprobs span three chunks
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, logprobs=True, prompt_logprobs=True,
                                            ignore_eos=True), use_tqdm=False)[0]
