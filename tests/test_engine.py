@@ -318,3 +318,24 @@ def test_batch_invariant_outputs_do_not_depend_on_the_batch(params, prompts):
     assert mr._UNIFIED._cache_size() - before <= 2
     with pytest.raises(ValueError, match="batch_invariant=True runs decode rows"):
         engine(bf16, sparsity=SparsityConfig(attn="random", attn_density=0.5), **kw)
+
+
+def test_unified_arguments_feed_only_decode_rows_from_the_device(params, prompts):
+    """Batch-invariant steps: a decode row's PENDING token is read on the device at its slot; a prefill chunk
+    holding a PENDING token is a scheduler bug and is refused, as in the default mode."""
+    from polar_jax.engine.scheduler import PrefillChunk
+    from polar_jax.engine.sequence import PENDING
+
+    eng = engine(params, batch_invariant=True, compile=False)
+    eng.add_request("a", prompts[1], GREEDY)
+    eng.add_request("b", prompts[2], GREEDY)
+    a, b = eng.scheduler.waiting
+    a.slot, b.slot = 2, 3
+    a.output_token_ids.append(PENDING)
+    b.output_token_ids.append(PENDING)
+    decode, chunk = PrefillChunk(a, a.num_tokens - 1, 1), PrefillChunk(b, 0, b.num_tokens)
+    fwd, _ = eng.runner._prefill_args([decode], 48, n_decode=1)
+    tokens, token_slots = fwd[0], fwd[-1]
+    assert tokens[0] == PENDING and token_slots[0] == 2 and (token_slots[1:] == eng.runner.num_slots).all()
+    with pytest.raises(RuntimeError, match="request 'b': a prefill chunk holds a token not yet sampled"):
+        eng.runner._prefill_args([decode, chunk], 96, n_decode=1)

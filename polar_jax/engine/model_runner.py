@@ -296,26 +296,26 @@ class ModelRunner:
                  np.int32(self.num_decode_steps)),
                 (slots, *self._sampling(seqs, rows)))
 
-    def _prefill_args(self, chunks, S: int, feed: bool = False):
+    def _prefill_args(self, chunks, S: int, n_decode: int | None = None):
         """(the packed prefill's per-step arguments, the sampler's): the chunks back to back in tokens [S];
         per chunk (C rows, padded) page table, starts, offsets, n_new; slots and sampling parameters.
-        feed (the unified program): a chunk's last token may be PENDING (a decode row's), to be read on the
-        device at its sequence's slot: token_slots [S] is appended to the program's arguments."""
+        n_decode (the unified program): the first n_decode chunks are decode rows, whose one token may be
+        PENDING, to be read on the device at the sequence's slot: token_slots [S] joins the arguments."""
         C = self.buckets.chunks
         tokens, token_slots = np.zeros(S, np.int32), np.full(S, self.num_slots, np.int32)
         starts, offsets, n_new = np.zeros(C, np.int32), np.zeros(C, np.int32), np.zeros(C, np.int32)
         at = 0
         for i, c in enumerate(chunks):
             ids = c.seq.all_token_ids[c.start: c.start + c.n]
-            if PENDING in ids[:-1] or (PENDING in ids and not feed):
+            if PENDING in ids and i >= (n_decode or 0):
                 raise RuntimeError(f"request {c.seq.request_id!r}: a prefill chunk holds a token not yet sampled")
-            if ids[-1] == PENDING:
-                token_slots[at + c.n - 1] = c.seq.slot
+            if ids[0] == PENDING:
+                token_slots[at] = c.seq.slot
             tokens[at: at + c.n], starts[i], offsets[i], n_new[i] = ids, c.start, at, c.n
             at += c.n
         seqs = [c.seq for c in chunks]
         slots = self._slots([c.seq if c.samples else None for c in chunks], C)
-        fwd = (tokens, self._table(seqs, C), starts, offsets, n_new) + ((token_slots,) if feed else ())
+        fwd = (tokens, self._table(seqs, C), starts, offsets, n_new) + (() if n_decode is None else (token_slots,))
         return fwd, (slots, *self._sampling(seqs, C))
 
     def _max_new(self, S: int) -> int:
@@ -339,7 +339,7 @@ class ModelRunner:
         for i, (kind, shape) in enumerate(shapes):
             if kind == "unified":
                 self.k, self.v, _ = _UNIFIED(self.cfg, self._max_new(shape), self.params, self.k, self.v, self.last,
-                                             *self._prefill_args([], shape, feed=True)[0])
+                                             *self._prefill_args([], shape, n_decode=0)[0])
             elif kind == "decode":
                 fwd, _ = self._decode_args([], shape)
                 self.k, self.v, _ = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
@@ -373,7 +373,7 @@ class ModelRunner:
             units = [PrefillChunk(s, s.num_computed, 1) for s in riders] + [c for g in plain for c in g]
             if units:
                 S = self.buckets.prefill[0]
-                fwd, smp = self._prefill_args(units, S, feed=True)
+                fwd, smp = self._prefill_args(units, S, n_decode=len(riders))
                 self.k, self.v, logits = _UNIFIED(self.cfg, self._max_new(S), self.params, self.k, self.v,
                                                   self.last, *fwd)
                 out.results.append(([u.seq if u.samples else None for u in units], *self._sample(logits, smp)))
