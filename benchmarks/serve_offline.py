@@ -10,8 +10,8 @@ same run.
 
 `--chunk-sweep 512,1024` runs dense W again at those prefill chunk sizes. `--pool-fraction 0.25` sizes the
 page pool to a quarter of W's peak demand (preemption by recompute) and compares its greedy outputs with
-the unconstrained run's (`compare_outputs`: identical requests, shared prefixes, log-prob differences);
-In bf16 which rows share a step moves results in the last bits, and near-tied greedy choices flip;
+the unconstrained run's (`compare_outputs`: identical requests, shared prefixes, log-prob differences).
+In bf16, which rows share a step moves results in the last bits, and near-tied greedy choices flip.
 `--batch-invariant` runs every engine of the benchmark in the engine's batch-invariant mode (dense only),
 where outputs must be identical; `--dtype float32` makes the rounding smaller instead.
 `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
