@@ -54,6 +54,8 @@ def parse(argv):
                    help="hf batch sizes: the first for the accuracy run, each for the throughput (default 64; "
                         "1 is lm-eval's own default, and adds a line comparing with it)")
     p.add_argument("--speed-task", help="task of the throughput comparison (default: arc_easy if present)")
+    p.add_argument("--speed-limit", type=int,
+                   help="first N items of the speed task for the throughput comparison (default: --limit)")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs OUT.partial.json holds (a run cut short) when its settings are these")
@@ -123,7 +125,8 @@ def subset_note(folder: Path) -> str:
 def speed_lines(speed: dict) -> list[str]:
     """Markdown of the throughput comparison (timed_twice of dense polar and of hf at each batch size)."""
     p = speed["polar"]
-    head = (f"Throughput on {speed['task']} ({p['requests']} requests, params {speed['dtype']}, same machine): "
+    rows = f"the first {speed['limit']} items, " if speed.get("limit") else ""
+    head = (f"Throughput on {speed['task']} ({rows}{p['requests']} requests, params {speed['dtype']}, same machine): "
             "each model run twice, the second pass timed (`polar`'s device programs compile in the first).")
     def row(name, batch, t):
         return (f"| {name} | {batch} | {t['cold_s']:.2f} | {t['warm_s']:.2f} | {t['requests_per_s']:.1f} | "
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
     partial = out.with_suffix(".partial.json")
     settings = {"model": str(args.model), "tasks": tasks, "tasks_dir": str(folder), "limit": args.limit,
                 "routers": args.routers, "densities": args.densities, "sources": args.sources,
-                "batch_size": args.batch_size}
+                "batch_size": args.batch_size, "hf": args.hf, "hf_batch_size": args.hf_batch_sizes.split(",")[0]}
     kept = resumed_runs(partial, settings) if args.resume else {}
     runs = []
     for source, density, p, sp in head_runs(cfg, params, args):
@@ -232,16 +235,23 @@ def main(argv=None) -> None:
     hf, speed = None, None
     if args.hf:
         hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")]
-        print("== hf", flush=True)
         loaded = load_hf(args.hf, params["embed"].dtype)
-        hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0,
-              "results": evaluate(hf_lm(loaded, hf_batches[0]), tasks, folder, limit=args.limit)}
+        if "lm-eval hf" in kept:
+            print(f"== hf: kept from {partial}", flush=True)
+            hf = kept["lm-eval hf"]
+        else:
+            print("== hf", flush=True)
+            hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0,
+                  "results": evaluate(hf_lm(loaded, hf_batches[0]), tasks, folder, limit=args.limit)}
+            partial.write_text(json.dumps({"settings": settings, "runs": runs + [hf]}))
         task = args.speed_task or ("arc_easy" if "arc_easy" in tasks else tasks[0])
+        speed_limit = args.speed_limit or args.limit
         print(f"== throughput on {task}: dense polar and hf, each a cold then a warm pass", flush=True)
-        speed = {"task": task, "dtype": str(params["embed"].dtype), "polar_batch_size": args.batch_size,
+        speed = {"task": task, "limit": speed_limit, "dtype": str(params["embed"].dtype),
+                 "polar_batch_size": args.batch_size,
                  "polar": timed_twice(lambda: PolarLM((cfg, params, tok), batch_size=args.batch_size), task,
-                                      folder, args.limit),
-                 "hf": {b: timed_twice(lambda b=b: hf_lm(loaded, b), task, folder, args.limit) for b in hf_batches}}
+                                      folder, speed_limit),
+                 "hf": {b: timed_twice(lambda b=b: hf_lm(loaded, b), task, folder, speed_limit) for b in hf_batches}}
         best = max(speed["hf"], key=lambda b: speed["hf"][b]["requests_per_s"])
         speed["hf_best_batch_size"] = best
         speed["speedup"] = speed["polar"]["requests_per_s"] / speed["hf"][best]["requests_per_s"]

@@ -10,8 +10,11 @@
 #   bash benchmarks/gpu_session.sh serve OUT [ARGS...]         # the HTTP server on W beside the offline engine
 #                                                              # -> OUT/serve_http.{json,md,png} (carry .whl/server)
 #   bash benchmarks/gpu_session.sh parts                       # only gather carried file parts (see below)
-#   bash benchmarks/gpu_session.sh evals OUT [LIMIT]           # lm-eval accuracy table -> OUT/eval_tasks.*
-#                                                              # (OUT/eval_tasks_cpu.* without a GPU)
+#   bash benchmarks/gpu_session.sh evals OUT [LIMIT] [ARGS...]  # lm-eval accuracy table -> OUT/eval_tasks.*
+#                                                              # (OUT/eval_tasks_cpu.* without a GPU); ARGS go
+#                                                              # to benchmarks.eval_tasks after the phase's own
+#                                                              # (the last of a repeated option wins; LIMIT may
+#                                                              # be '' to pass ARGS without one)
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
 # parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
@@ -155,6 +158,7 @@ case "$phase" in
   parts) ;;  # the gather above is the whole phase
   evals)
     limit=${3:-}
+    shift $(( $# < 3 ? $# : 3 ))
     stage=$tmp/stage-evals
     rm -rf "$stage"
     mkdir -p "$stage"
@@ -188,7 +192,7 @@ case "$phase" in
     [ -d "$tasks_dir" ] || tasks_dir=${POLAR_EVALS_DIR:-../shared/evals}
     step "$eval_limit" python3 -m benchmarks.eval_tasks --model "$model" ${routers:+--routers "$routers"} \
       --tasks-dir "$tasks_dir" ${limit:+--limit "$limit"} --batch-size "$batch" --hf "$gguf" \
-      --hf-batch-sizes "$hf_batches" --out "$stage/$name" --resume
+      --hf-batch-sizes "$hf_batches" --out "$stage/$name" --resume "$@"
     publish "$stage"
     ;;
   serve)

@@ -84,6 +84,24 @@ def test_subset_keeps_first_rows_and_every_mmlu_subject(tmp_path):
     assert saved == m and "the first 2 rows of each of its 3 subject values" in m["description"]
 
 
+def test_subset_cut_keeps_the_other_tasks_whole(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    piqa = [{"id": f"p{i}", "kind": "mc", "context": "goal", "choices": [" a", " b"], "gold": i % 2} for i in range(7)]
+    mmlu = [{"id": f"{s}-{i}", "kind": "mc", "subject": s, "context": "Q", "choices": [" A", " B"], "gold": 0}
+            for s in ("algebra", "virology") for i in range(4)]
+    write_task(src / "piqa.jsonl", piqa)
+    write_task(src / "mmlu.jsonl", mmlu)
+    m = subset(src, tmp_path / "out", per_task=2, cut=["mmlu"])
+    got = {t: [r["id"] for r in data.read_task(tmp_path / "out" / f"{t}.jsonl")] for t in ("piqa", "mmlu")}
+    assert got["piqa"] == [r["id"] for r in piqa]  # whole
+    assert got["mmlu"] == ["algebra-0", "virology-0"]
+    assert m["rows"] == {"mmlu": 2, "piqa": 7}
+    assert "--cut mmlu" in m["description"] and "whole splits of piqa" in m["description"]
+    with pytest.raises(ValueError, match="--cut names tasks that are not among those written: copa"):
+        subset(src, tmp_path / "out2", per_task=2, cut=["copa"])
+
+
 def test_subset_refusals(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
