@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     partial = out.with_suffix(".partial.json")
     settings = {"model": str(args.model), "tasks": tasks, "tasks_dir": str(folder), "limit": args.limit,
                 "routers": args.routers, "densities": args.densities, "sources": args.sources,
-                "batch_size": args.batch_size, "hf": args.hf, "hf_batch_size": args.hf_batch_sizes.split(",")[0]}
+                "batch_size": args.batch_size}
     kept = resumed_runs(partial, settings) if args.resume else {}
     runs = []
     for source, density, p, sp in head_runs(cfg, params, args):
@@ -236,12 +236,13 @@ def main(argv=None) -> None:
     if args.hf:
         hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")]
         loaded = load_hf(args.hf, params["embed"].dtype)
-        if "lm-eval hf" in kept:
+        hf_settings = {"hf": args.hf, "batch_size": hf_batches[0]}
+        if kept.get("lm-eval hf", {}).get("settings") == hf_settings:
             print(f"== hf: kept from {partial}", flush=True)
             hf = kept["lm-eval hf"]
         else:
             print("== hf", flush=True)
-            hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0,
+            hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0, "settings": hf_settings,
                   "results": evaluate(hf_lm(loaded, hf_batches[0]), tasks, folder, limit=args.limit)}
             partial.write_text(json.dumps({"settings": settings, "runs": runs + [hf]}))
         task = args.speed_task or ("arc_easy" if "arc_easy" in tasks else tasks[0])
