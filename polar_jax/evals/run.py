@@ -6,6 +6,7 @@ memory from the same config as the YAMLs in tasks/, so no task index or hub is i
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -41,6 +42,10 @@ def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limi
 
     tasks = build_tasks(names, folder)
     model_seconds = _time_requests(lm)
+    # A full collection now, untimed: otherwise the pass may pay for a full collection of the whole heap that
+    # earlier work made due (a compilation's objects, earlier passes' garbage), which lands in one pass and not
+    # the next (0.2-0.3 s on a CPU, a pass's lm-eval side being 0.3 s) and blurs comparisons between passes.
+    gc.collect()
     t0 = time.perf_counter()
     res = simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                           task_manager=TaskManager(include_defaults=False))
