@@ -200,20 +200,22 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         row_density = riders.row_density
 
     # Decode projections go through the row-gathering GEMM with every row selected: it indexes the
-    # stacked weights by layer itself (on the GPU; elsewhere the API picks its XLA path).
+    # stacked weights by layer itself (on the GPU; elsewhere the API picks its XLA path). The "every row"
+    # index arrays are made here, outside the layer scan: made inside it, each is an iota kernel per layer
+    # (XLA does not hoist them out of the loop; 95 us of an 11.7 ms llama-2-7b step on an H100).
     impl = "triton" if jax.default_backend() == "gpu" else None
+    every_row = {n: jnp.arange(n, dtype=jnp.int32) for n in {lp["wqkv"].shape[1], lp["wo"].shape[1], cfg.mlp_dim}}
 
     def project(hs, l, w, b=None):  # [B, T, D] each @ w[l].T (+ b[l]) -> [B, T, R'] each
         if decode:
-            rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
-            return [selective_up(hs[0][:, 0], w, rows_all, w.shape[1], b_up=b, activation="none", layer=l,
-                                 impl=impl)[:, None]]
+            return [selective_up(hs[0][:, 0], w, every_row[w.shape[1]], w.shape[1], b_up=b, activation="none",
+                                 layer=l, impl=impl)[:, None]]
         return _split_rows(jnp.einsum("nd,rd->nr", _join_rows(hs), w[l]) + (0 if b is None else b[l]), hs)
 
     def unproject(as_, l, w, b=None):  # [B, T, R'] each @ w[l] (+ b[l]) -> [B, T, D] each
         if decode:
-            rows_all = jnp.arange(w.shape[1], dtype=jnp.int32)
-            return [selective_down(as_[0][:, 0], w, rows_all, w.shape[1], b_down=b, layer=l, impl=impl)[:, None]]
+            return [selective_down(as_[0][:, 0], w, every_row[w.shape[1]], w.shape[1], b_down=b, layer=l,
+                                   impl=impl)[:, None]]
         return _split_rows(_join_rows(as_) @ w[l] + (0 if b is None else b[l]), as_)
 
     def split_heads(qkv, rows: _Rows):
@@ -246,7 +248,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     def decode_mlp(l, h1, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
         sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=valid,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
-        idx, n = (jnp.arange(cfg.mlp_dim, dtype=jnp.int32), cfg.mlp_dim) if sel is None else sel
+        idx, n = (every_row[cfg.mlp_dim], cfg.mlp_dim) if sel is None else sel
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
                           w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
                           layer=l, impl=impl)

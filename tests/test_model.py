@@ -1,6 +1,7 @@
 """Model tests: parity with transformers, decode consistency, generation, sparsity plumbing, bad input."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -251,6 +252,43 @@ def test_real_sizes_trace(name):
         lambda p, c: forward(cfg, p, jnp.zeros((4, 1), jnp.int32), c), params, cache)
     assert logits.shape == (4, 1, cfg.vocab_size) and logits.dtype == jnp.float32
     assert new_cache.k.shape == cache.k.shape
+
+
+def _scan_bodies(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["jaxpr"].jaxpr
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _scan_bodies(sub)
+
+
+def _iota_sizes(jaxpr) -> set:
+    """Sizes of the 1-D iotas a jaxpr makes, nested jaxprs included, Pallas kernel bodies not."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "iota" and len(eqn.params["shape"]) == 1:
+            out.add(eqn.params["shape"][0])
+        if eqn.primitive.name != "pallas_call":
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                out |= _iota_sizes(sub)
+    return out
+
+
+def test_decode_step_makes_its_every_row_indices_outside_the_layer_loop(monkeypatch):
+    """The dense decode projections select every row of wqkv, wo and the MLP: those index arrays are made once
+    per step, not as an iota kernel per layer inside the layer scan. Traced (not run) as on a GPU, where the
+    projections take the Pallas kernels (the CPU's fallback paths make their own masks)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = preset("llama-3-8b")
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 4, 256, jnp.bfloat16))
+    jaxpr = jax.make_jaxpr(lambda p, c: forward(cfg, p, jnp.zeros((4, 1), jnp.int32), c))(params, cache).jaxpr
+    every_row = {(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.mlp_dim}
+    bodies = list(_scan_bodies(jaxpr))
+    assert bodies
+    for body in bodies:
+        assert not _iota_sizes(body) & every_row
+    assert every_row <= _iota_sizes(jaxpr)  # made once, outside
 
 
 def test_bad_inputs_are_named():
