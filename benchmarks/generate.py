@@ -10,6 +10,7 @@ ceiling; the copy bandwidth is reported as information). Densities are reported 
     python -m benchmarks.generate                # everything (dense sweep + sparse sweep)
     python -m benchmarks.generate --part dense   # issue 2: smollm2-135m and llama-2-7b, B 1/16/64, ctx 512/2048
     python -m benchmarks.generate --part sparse  # issue 3: dense vs sparse heads, B 16/64/128, ctx 2048
+    python -m benchmarks.generate --part dense --cases llama-3-8b:48:2048,llama-2-7b:16:2048 --name generate_steps
 """
 
 from __future__ import annotations
@@ -221,15 +222,31 @@ def _label(r: dict) -> str:
     return f"{r['model']} B={r['B']} ctx={r['ctx']} {r['mode']} {r['kv_heads_kept']}"
 
 
+def parse_cases(text: str) -> list[tuple[str, int, int]]:
+    """MODEL:B:CTX,... -> [(model preset, batch, context)]; the preset is checked when it loads."""
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[1]) < 1:
+            raise argparse.ArgumentTypeError(f"a case is MODEL:B:CTX (e.g. llama-3-8b:48:2048), got {item!r}")
+        cases.append((parts[0], int(parts[1]), int(parts[2])))
+    return cases
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["dense", "sparse", "all"], default="all")
     ap.add_argument("--smollm2-dir", default="models/smollm2-135m-instruct",
                     help="converted SmolLM2 model dir (real weights); random weights when absent")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke test)")
+    ap.add_argument("--cases", type=parse_cases, metavar="MODEL:B:CTX,...",
+                    help="these cases instead of the part's list (one --part: dense or sparse)")
+    ap.add_argument("--name", help="result file name (default generate_PART)")
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     common.add_device_args(ap)
     args = ap.parse_args(argv)
+    if (args.cases or args.name) and args.part == "all":
+        ap.error("--cases and --name take one --part (dense or sparse)")
     common.require_gpu("benchmarks.generate", args.allow_cpu)
     common.check_out_dir(Path(args.out))
     ceiling = common.measure_ceiling()
@@ -239,10 +256,11 @@ def main(argv=None) -> int:
     for part, all_cases, modes in [("dense", DENSE_CASES, [("dense", 1.0)]), ("sparse", SPARSE_CASES, SPARSE_MODES)]:
         if args.part not in (part, "all"):
             continue
-        cases = all_cases[:2 if part == "dense" else 1] if args.quick else all_cases
+        cases = args.cases or (all_cases[:2 if part == "dense" else 1] if args.quick else all_cases)
         recs = run_cases(cases, modes, ceiling["read_bw"], args.smollm2_dir)
         warnings = common.check_ceiling(recs, ["roofline_frac_wall"], _label)
-        common.write_results(f"generate_{part}", dict(meta, warnings=warnings), recs, COLUMNS, Path(args.out))
+        common.write_results(args.name or f"generate_{part}", dict(meta, warnings=warnings), recs, COLUMNS,
+                             Path(args.out))
         warned |= bool(warnings)
     return 3 if warned else 0
 

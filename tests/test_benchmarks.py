@@ -303,3 +303,13 @@ def test_serve_offline_and_http_engine_reference_run_on_cpu(monkeypatch, tmp_pat
                      "--max-model-len", "64", "--prefill-chunk", "16", "--ref-context", "20", "--batches", "1,4",
                      "--out", str(tmp_path / "engine.json")]) == 0
     assert json.loads((tmp_path / "engine.json").read_text())["offline"]["output_tokens"] == 8
+
+
+def test_generate_cases_parse_and_refusals():
+    import argparse
+
+    assert generate.parse_cases("llama-3-8b:48:2048, llama-2-7b:16:512") == [("llama-3-8b", 48, 2048),
+                                                                           ("llama-2-7b", 16, 512)]
+    for bad in ("llama-3-8b:48", "llama-3-8b:x:2048", "llama-3-8b:0:2048"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a case is MODEL:B:CTX"):
+            generate.parse_cases(bad)
