@@ -11,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import autotune
 from pallas_kernels.selective_gemm import triton as T
@@ -25,8 +24,8 @@ def fit(stage_bytes, want):
     return [s for s in want if s * stage_bytes <= (200 << 10)]
 
 
-def up_grid(B, D, gated):
-    out = [T.up_heuristic(B, D, 0, gated)]
+def up_grid(B, D, count, gated):
+    out = [T.up_heuristic(B, D, count, gated)]
     bbs = [16] if B <= 16 else ([64, 128] if B > 64 else [32, 64])
     for bb, bn, bk, sk in itertools.product(bbs, [16, 32, 64], [64, 128, 256, 512], [1, 2, 3, 4, 6]):
         if bb >= 64 and bn == 16 or bb <= 32 and bn == 64 or bk == 512 and bb > 32:
@@ -38,8 +37,8 @@ def up_grid(B, D, gated):
     return list(dict.fromkeys(out))
 
 
-def down_grid(B, D):
-    out = [T.down_heuristic(B, D, 0)]
+def down_grid(B, D, count):
+    out = [T.down_heuristic(B, D, count)]
     bbs = [16] if B <= 16 else ([64, 128] if B > 64 else [32, 64])
     for bb, bn, bd, sp in itertools.product(bbs, [32, 64, 128], [64, 128, 256], [1, 2, 3, 4, 6, 8]):
         sb = (bb * bn + bn * bd) * 2
@@ -60,9 +59,9 @@ for i, (kernel, shape) in enumerate(CASES):
     left = BUDGET - (time.time() - t_start)
     per_case = left / (len(CASES) - i)
     if kernel == "selective_up":
-        grid = up_grid(shape["B"], shape["D"], shape["gated"])
+        grid = up_grid(shape["B"], shape["D"], shape["count"], shape["gated"])
     else:
-        grid = down_grid(shape["B"], shape["D"])
+        grid = down_grid(shape["B"], shape["D"], shape["count"])
     t_case = time.time()
     heur = grid[0]
     rest = grid[1:]
