@@ -1,14 +1,17 @@
 """Probe: a wide grid of selective_up / selective_down configs at bench_mlp's relu targets (D = 8192, 3,328
-neurons = 10% of F, B = 16 and 128), each timed like `polar tune` times a candidate (autotune.measure: wall
-clock per call over chains of calls on fresh inputs), in random order within a time budget per shape.
+neurons = 10% of F, B = 16 and 128), timed by `autotune.tune` as `polar tune` times its candidates (wall clock
+per call over chains of calls on fresh inputs; a config whose output differs from the heuristic's is
+skipped): the heuristic first, then at most PER_SHAPE others of the grid, drawn at random.
 
-    python benchmarks/probe_mlp_configs.py OUT.json [SECONDS]
+    python benchmarks/probe_mlp_configs.py OUT.json [PER_SHAPE]
+
+(results/probe_mlp_configs.json came from the first version, git 35f08ff, which cut each shape by a time
+budget instead and timed the heuristic at count 0.)
 """
 import itertools
-import random
 import json
+import random
 import sys
-import time
 
 import jax
 
@@ -16,8 +19,7 @@ from pallas_kernels import autotune
 from pallas_kernels.selective_gemm import triton as T
 
 OUT = sys.argv[1]
-BUDGET = float(sys.argv[2]) if len(sys.argv) > 2 else 400
-t_start = time.time()
+PER_SHAPE = int(sys.argv[2]) if len(sys.argv) > 2 else 150
 
 
 def fit(stage_bytes, want):
@@ -55,40 +57,18 @@ CASES = [("selective_up", dict(B=16, D=8192, count=3328, gated=False, dtype="bfl
          ]
 
 results = []
-for i, (kernel, shape) in enumerate(CASES):
-    left = BUDGET - (time.time() - t_start)
-    per_case = left / (len(CASES) - i)
-    if kernel == "selective_up":
-        grid = up_grid(shape["B"], shape["D"], shape["count"], shape["gated"])
-    else:
-        grid = down_grid(shape["B"], shape["D"], shape["count"])
-    t_case = time.time()
-    heur = grid[0]
+for kernel, shape in CASES:
+    grid = (up_grid(shape["B"], shape["D"], shape["count"], shape["gated"]) if kernel == "selective_up"
+            else down_grid(shape["B"], shape["D"], shape["count"]))
     rest = grid[1:]
     random.Random(0).shuffle(rest)
-    grid = [heur] + rest
-    timings = []
-    sc = autotune.KERNELS[kernel].bucket(**shape)
-    first = []
-    for cfg in grid:
-        if time.time() - t_case > per_case:
-            break
-        try:
-            ms, out = autotune.measure(autotune.KERNELS[kernel], cfg, sc, reps=5, inner=10,
-                                       expect=first[0] if first else None)
-            first.append(out)
-        except Exception as e:  # noqa: BLE001
-            print(f"skip {cfg}: {type(e).__name__}: {str(e)[:100]}")
-            continue
-        timings.append((cfg, ms))
-    timings.sort(key=lambda c: c[1])
-    hms = [ms for c, ms in timings if c == heur]
+    r = autotune.tune(kernel, shape, max_candidates=0, extra=(grid[0], *rest[:PER_SHAPE]), reps=5, inner=10)
+    timings = sorted(((c, ms) for c, ms in r["entry"]["timings"] if ms is not None), key=lambda cm: cm[1])
     nbytes = shape["count"] * shape["D"] * 2 * (2 if shape.get("gated") else 1)
-    print(f"== {kernel} {shape}: {len(timings)} of {len(grid)} timed in {time.time() - t_case:.0f} s; "
-          f"heuristic {hms[0] if hms else None} ms; {nbytes / 1e6:.1f} MB")
+    print(f"== {kernel} {shape}: {len(timings)} of {1 + len(rest[:PER_SHAPE])} timed; heuristic "
+          f"{r['entry']['heuristic_ms']} ms; {nbytes / 1e6:.1f} MB")
     for cfg, ms in timings[:8]:
         print(f"   {ms * 1e3:7.1f} us  {nbytes / ms / 1e9:6.2f} TB/s  {cfg}")
-    results.append(dict(kernel=kernel, shape=shape, heuristic_ms=hms[0] if hms else None,
-                        best=[[str(c), ms] for c, ms in timings[:20]]))
+    results.append(dict(kernel=kernel, shape=shape, heuristic_ms=r["entry"]["heuristic_ms"], best=timings[:20]))
     json.dump(results, open(OUT, "w"), indent=1)
-print("device", jax.devices()[0].device_kind, "total", round(time.time() - t_start), "s")
+print("device", jax.devices()[0].device_kind)
