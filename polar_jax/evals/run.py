@@ -44,7 +44,7 @@ def evaluate(lm, names: list[str], folder: str | os.PathLike | None = None, limi
     model_seconds = _time_requests(lm)
     # A full collection now, untimed: otherwise the pass may pay for a full collection of the whole heap that
     # earlier work made due (a compilation's objects, earlier passes' garbage), which lands in one pass and not
-    # the next (0.2-0.3 s on a CPU, a pass's lm-eval side being 0.3 s) and blurs comparisons between passes.
+    # the next (on a CPU, comparable to the rest of lm-eval's side of a pass) and blurs comparisons between passes.
     gc.collect()
     t0 = time.perf_counter()
     res = simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
