@@ -123,6 +123,21 @@ def roofline_seconds(roof: list[tuple[float, float]]) -> dict:
     return {"roofline_s": decode_s + prefill_s, "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
 
 
+# Compilations seen by jax (monitoring events), counted so a run can say how many fell inside its timed loop.
+COMPILES = {"backend_compiles": 0, "backend_compile_s": 0.0, "traces": 0}
+
+
+def _count_compiles(name: str, secs: float, **_) -> None:
+    if name == "/jax/core/compile/backend_compile_duration":
+        COMPILES["backend_compiles"] += 1
+        COMPILES["backend_compile_s"] += secs
+    elif name == "/jax/core/compile/jaxpr_trace_duration":
+        COMPILES["traces"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
 def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **engine_kw) -> tuple[dict, list, list]:
     """W through an LLMEngine(cfg, params, sparsity=sp, **engine_kw), greedy, ignore_eos (logprobs: record each
     output token's, for compare_outputs): (record with the outputs under "tokens", series per step, step log)."""
@@ -132,6 +147,7 @@ def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **en
     for i, (p, o) in enumerate(zip(prompts, outs)):
         eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, logprobs=logprobs))
     results, peak_pages, preempt = {}, 0, 0
+    before = dict(COMPILES)
     t0 = time.perf_counter()
     while eng.has_unfinished():
         for out in eng.step():
@@ -140,6 +156,9 @@ def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **en
                 preempt += out.num_preemptions
         peak_pages = max(peak_pages, bm.num_usable_pages - bm.num_free_pages)
     wall = time.perf_counter() - t0
+    # Programs compiled (or traced) inside the timed loop, after the engine's compile_all: 0 when the warm-up
+    # covered every shape the run met.
+    timed = {f"timed_{k}": COMPILES[k] - before[k] for k in COMPILES}
     log = eng.runner.log
     n_out = sum(len(r.token_ids) for r in results.values())
     decode_steps = [s for s in log if s.decode_rows]
@@ -147,7 +166,7 @@ def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **en
            "output_tok_s": n_out / wall, "req_s": len(results) / wall, "steps": len(log),
            "mean_decode_batch": statistics.mean(s.decode_rows for s in decode_steps) if decode_steps else 0.0,
            "peak_pages": peak_pages, "pool_pages": bm.num_usable_pages, "preemptions": preempt,
-           "compile_s": eng.compile_s, "max_num_batched_tokens": eng.config.max_num_batched_tokens}
+           "compile_s": eng.compile_s, "max_num_batched_tokens": eng.config.max_num_batched_tokens, **timed}
     # Per device step (the log's seconds: from one step's results to the next's, one step in flight).
     t_done = np.cumsum([s.seconds for s in log]).tolist()
     series = [(t, s.decode_rows, s.decode_rows + s.prefill_tokens, s.seconds) for t, s in zip(t_done, log)]
@@ -341,7 +360,7 @@ def main(argv=None) -> int:
             "mean_decode_batch", "peak_pages", "pool_pages", "preemptions", "roofline_s", "efficiency", "speedup",
             "bound_speedup", "frac_of_bound", "identical_to_unconstrained", "identical_requests", "shared_prefix",
             "prefix_logprob_diff_max", "fork_logprob_gap_median", "fork_logprob_gap_max", "host_ms_per_step",
-            "decode_steps_eff", "prefill_steps_eff"]
+            "decode_steps_eff", "prefill_steps_eff", "timed_backend_compiles", "timed_backend_compile_s"]
     write_results(args.name, meta, records, cols, args.out)
     if checks:
         write_results(f"{args.name}_steps", meta, checks, list(checks[0]), args.out)

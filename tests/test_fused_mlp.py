@@ -65,12 +65,16 @@ def test_fused_mlp(interpret, B, D, F, C, dtype, activation, gated, bias):
             np.testing.assert_array_equal(np.asarray(y, np.float32), want)
 
 
-# Explicit blocks: D not a multiple of block_k / block_d (masked tails, padded accumulator columns),
-# several batch blocks (B > block_b), neuron blocks straddling count, wide neuron blocks.
+# Explicit blocks: D not a multiple of block_k / block_d (masked tails, padded scratch columns), several
+# batch blocks (B > block_b), neuron blocks straddling count, and a few programs, so that programs' shares
+# of the steps start and end inside a neuron block (up) and a column block (down).
 CONFIG_CASES = [  # B, D, F, C, gated, FusedConfig
-    (20, 80, 200, 70, False, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_d=32)),
-    (5, 80, 200, 100, True, fused.FusedConfig(block_b=16, block_n=32, block_k=64, block_d=64)),
-    (3, 48, 200, 130, False, fused.FusedConfig(block_b=16, block_n=64, block_k=16, block_d=32)),
+    (20, 80, 200, 70, False, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=16, block_d=32, programs=7)),
+    (5, 80, 200, 100, True, fused.FusedConfig(block_b=16, block_n=32, block_k=64, block_j=32, block_d=64, programs=5)),
+    (3, 48, 200, 130, False, fused.FusedConfig(block_b=16, block_n=64, block_k=16, block_j=16, block_d=32, programs=3)),
+    (3, 48, 200, 130, True, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=64, block_d=16, programs=1)),
+    (20, 80, 200, 70, True, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=16, block_d=16, programs=9,
+                                              barrier=False)),
 ]
 
 
@@ -145,11 +149,8 @@ def test_heuristic_and_candidates():
                     cands = fused.fused_candidates(B, D, count, gated)
                     assert cands[0] == fused.fused_heuristic(B, D, count, gated)
                     for c in cands:
-                        blocks = (c.block_b, c.block_n, c.block_k, c.block_d)
+                        blocks = (c.block_b, c.block_n, c.block_k, c.block_j, c.block_d)
                         assert all(v >= 16 and v & (v - 1) == 0 for v in blocks), (B, D, count, c)
-    # enough programs at the issue's B=16, 10% shape (D=8192, F=4D): one per SM at least
-    c = fused.fused_heuristic(16, 8192, 3328)
-    assert -(-3328 // c.block_n) >= fused.NUM_SMS, c
     t = autotune.KERNELS["selective_mlp_fused"]
     assert t.config_cls is fused.FusedConfig
     assert t.bucket(B=40, D=80, count=100, gated=True, dtype=F16) == dict(B=48, D=80, count=128, gated=1,
@@ -168,9 +169,10 @@ def test_autotune_candidates_agree():
                                                (48, 8192, 22016, 6656, True), (5, 80, 200, 40, True)])
 def test_lowers_to_triton(monkeypatch, B, D, F, count, gated):
     """The kernel (its heuristic config at issue 11's target shapes, and an awkward tiny one) lowers to
-    Triton IR for CUDA, atomic adds included, on a CPU-only machine too: catches constructs the GPU
+    Triton IR for CUDA, atomic adds and the grid barrier included, on a CPU-only machine too: catches constructs the GPU
     lowering rejects while the interpreter accepts them. Only shapes are traced; nothing is allocated."""
     monkeypatch.setattr(fused, "check_backend", lambda interpret: False)
+    monkeypatch.setattr(fused, "sm_count", lambda: 132)
     sd = jax.ShapeDtypeStruct
     w = sd((2, F, D), F16)
     cfg = fused.fused_heuristic(B, D, count, gated)

@@ -291,6 +291,33 @@ def test_decode_step_makes_its_every_row_indices_outside_the_layer_loop(monkeypa
     assert every_row <= _iota_sizes(jaxpr)  # made once, outside
 
 
+def _int_adds(jaxpr, shape) -> int:
+    """int32 adds of `shape` a jaxpr makes, nested jaxprs included, Pallas kernel bodies not."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        out = eqn.outvars[0].aval if eqn.outvars else None
+        if eqn.primitive.name == "add" and out.shape == shape and out.dtype == jnp.int32:
+            n += 1
+        if eqn.primitive.name != "pallas_call":
+            n += sum(_int_adds(sub, shape) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return n
+
+
+def test_decode_step_adds_the_sequence_lengths_outside_the_layer_loop(monkeypatch):
+    """The attention's lengths (cached tokens after the step, [B]) are added once per step, not per layer
+    inside the layer scan, where XLA leaves the add as a kernel of its own in every layer."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = preset("llama-3-8b")
+    B = 5
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    cache = jax.eval_shape(lambda: init_cache(cfg, B, 256, jnp.bfloat16))
+    jaxpr = jax.make_jaxpr(lambda p, c: forward(cfg, p, jnp.zeros((B, 1), jnp.int32), c))(params, cache).jaxpr
+    bodies = list(_scan_bodies(jaxpr))
+    assert bodies
+    assert all(_int_adds(body, (B,)) == 0 for body in bodies)
+    assert _int_adds(jaxpr, (B,)) >= 1  # made once, outside
+
+
 def test_bad_inputs_are_named():
     cfg = preset("tiny-llama")
     params = init_params(cfg, jax.random.key(0))
