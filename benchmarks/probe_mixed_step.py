@@ -1,9 +1,10 @@
 """What a mixed step costs against a prefill step beside a decode step: the engine's programs, timed alone.
 
     python -m benchmarks.probe_mixed_step [--model llama-3-8b] [--riders 64] [--ctx 1024] [--tokens 2048]
-                                          [--compile-all]
+                                          [--mode dense] [--compile-all] [--profile]
 
-Builds the engine's ModelRunner (random bf16 weights, dense) and times its model programs (without the
+Builds the engine's ModelRunner (random bf16 weights; dense, or --mode random-0.5 / router-0.5 with random
+routers, as benchmarks.serve_offline runs them) and times its model programs (without the
 sampler, a program of its own since 2026-11-26), at the same inputs:
 - `decode`: the decode program, --riders sequences of --ctx cached tokens;
 - `mixed, no riders`: the mixed program prefilling one chunk of --tokens (packed into the smallest capacity
@@ -29,7 +30,9 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bench_mlp import device_profile
+from benchmarks.generate import random_routers
 from benchmarks.profile_step import print_kernel_groups
+from benchmarks.serve_offline import MODES
 from polar_jax import init_params, preset
 from polar_jax.engine import model_runner as mr
 from polar_jax.engine.llm_engine import LLMEngine
@@ -54,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=1024, help="cached tokens of each decode row")
     ap.add_argument("--tokens", type=int, default=2048, help="prefill chunk length (one row)")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--mode", choices=list(MODES), default="dense", help="sparsity, as serve_offline's modes")
     ap.add_argument("--compile-all", action="store_true", help="also time compile_all, program by program")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU kernels of a mixed step with and without riders (profiler trace)")
@@ -63,9 +67,12 @@ def main(argv=None):
     common.require_gpu("benchmarks.probe_mixed_step", args.allow_cpu)
     cfg = preset(args.model)
     params = jax.jit(lambda k: init_params(cfg, k, "bfloat16"))(jax.random.key(0))
+    params["routers"] = random_routers(cfg, jax.random.key(5))
+    sp = MODES[args.mode]
     R, T = args.riders, args.tokens
-    eng = LLMEngine(cfg, params, None, max_num_seqs=R, max_model_len=min(max(args.ctx + 1, T) + 64, cfg.max_positions), prefill_chunk=T,
-                    compile=False, progress=False)
+    eng = LLMEngine(cfg, params, None, sparsity=sp, max_num_seqs=R,
+                    max_model_len=min(max(args.ctx + 1, T) + 64, cfg.max_positions), prefill_chunk=T, compile=False,
+                    progress=False)
     run = eng.runner
     Z, M = run.page_size, run.M
     need = R * mr.pages_for(args.ctx + 1, Z) + mr.pages_for(T, Z) + 1
@@ -93,10 +100,10 @@ def main(argv=None):
     print(f"one chunk of {T} tokens packed into {S} (+ {R} decode rows in the GEMMs)", flush=True)
 
     def decode(state):
-        return (*mr._DECODE(cfg, None, params, *state, *d_args)[:2], state[2])  # the model program, no sampler
+        return (*mr._DECODE(cfg, sp, params, *state, *d_args)[:2], state[2])  # the model program, no sampler
 
     def mixed(riders):
-        return lambda state: (*mr._MIXED(cfg, None, run._max_new(S), params, *state, *riders, *p_args)[:2], state[2])
+        return lambda state: (*mr._MIXED(cfg, sp, run._max_new(S), params, *state, *riders, *p_args)[:2], state[2])
 
     state = (run.k, run.v, run.last)
     rows = []
