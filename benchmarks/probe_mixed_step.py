@@ -19,7 +19,9 @@ program. Prints ms per step; writes nothing unless --out is given (JSON).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import sys
 import time
@@ -50,6 +52,25 @@ def _timed(fn, state, n):
     return first, statistics.median(times), state
 
 
+def print_memory(compiled, pool) -> None:
+    """A compiled program's memory analysis (GiB) and the copy instructions of its optimized HLO, largest
+    first: a copy of the KV pool's shape means a cache write that did not stay in place."""
+    m = compiled.memory_analysis()
+    gib = lambda n: f"{n / 2 ** 30:.2f} GiB"  # noqa: E731
+    print(f"memory: arguments {gib(m.argument_size_in_bytes)}, outputs {gib(m.output_size_in_bytes)}, aliased "
+          f"{gib(m.alias_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)}; KV pool {gib(pool.nbytes)} each "
+          f"of k and v", flush=True)
+    pool_shape = ",".join(map(str, pool.shape))
+    copies = collections.Counter()
+    for line in compiled.as_text().splitlines():
+        m_ = re.search(r"= (\w+)\[([\d,]*)\][^ ]* (copy|copy-start)\(", line)
+        if m_:
+            copies[f"{m_.group(1)}[{m_.group(2)}]" + (" (the KV pool's shape)" if m_.group(2) == pool_shape else "")] += 1
+    print(f"copies in the optimized HLO: {sum(copies.values())}", flush=True)
+    for shape, n in copies.most_common(12):
+        print(f"   {n:4d} x {shape}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-3-8b")
@@ -59,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--mode", choices=list(MODES), default="dense", help="sparsity, as serve_offline's modes")
     ap.add_argument("--compile-all", action="store_true", help="also time compile_all, program by program")
+    ap.add_argument("--memory", action="store_true",
+                    help="also print the mixed program's memory analysis and the copies in its optimized HLO")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU kernels of a mixed step with and without riders (profiler trace)")
     ap.add_argument("--out", type=Path)
@@ -106,6 +129,8 @@ def main(argv=None):
         return lambda state: (*mr._MIXED(cfg, sp, run._max_new(S), params, *state, *riders, *p_args)[:2], state[2])
 
     state = (run.k, run.v, run.last)
+    if args.memory:
+        print_memory(mr._MIXED.lower(cfg, sp, run._max_new(S), params, *state, *d_args, *p_args).compile(), run.k)
     rows = []
     for name, fn in [("decode", decode), ("mixed, no riders", mixed(pad_args)), ("mixed, riders", mixed(d_args))]:
         first, med, state = _timed(fn, state, args.iters)
