@@ -82,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--compile-all", action="store_true", help="also time compile_all, program by program")
     ap.add_argument("--memory", action="store_true",
                     help="also print the mixed program's memory analysis and the copies in its optimized HLO")
+    ap.add_argument("--hlo", type=Path, help="write the mixed program's optimized HLO text here")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU kernels of a mixed step with and without riders (profiler trace)")
     ap.add_argument("--out", type=Path)
@@ -129,8 +130,12 @@ def main(argv=None):
         return lambda state: (*mr._MIXED(cfg, sp, run._max_new(S), params, *state, *riders, *p_args)[:2], state[2])
 
     state = (run.k, run.v, run.last)
-    if args.memory:
-        print_memory(mr._MIXED.lower(cfg, sp, run._max_new(S), params, *state, *d_args, *p_args).compile(), run.k)
+    if args.memory or args.hlo:
+        compiled = mr._MIXED.lower(cfg, sp, run._max_new(S), params, *state, *d_args, *p_args).compile()
+        if args.memory:
+            print_memory(compiled, run.k)
+        if args.hlo:
+            args.hlo.write_text(compiled.as_text())
     rows = []
     for name, fn in [("decode", decode), ("mixed, no riders", mixed(pad_args)), ("mixed, riders", mixed(d_args))]:
         first, med, state = _timed(fn, state, args.iters)
