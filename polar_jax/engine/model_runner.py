@@ -193,16 +193,25 @@ def _sample_program(filtered: bool, last, logits, slots, temps, top_k, top_p, se
     return _keep(last, slots, tok), tok, logprob
 
 
-_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4))
+# No HLO rematerialization in the engine's model programs. XLA's GPU compiler sets its memory limit from what
+# the device has free at compile time, and the engine has by then allocated the KV pool, which the programs take
+# donated; so the limit sits below the pool plus the weights, and the pass recomputed cache scatters (each
+# rewriting the pool) and GEMMs while saving nothing ("Can't reduce memory use below 46.54GiB ... only reduced
+# to 61.42GiB"). llama-2-7b, one 2,048-token chunk with 64 riders' pool on an H100: mixed step 62-78 ms by
+# sparsity mode with it (benchmarks/results/logs/probe_mixed_modes.log). The engine sizes its pool to leave the
+# programs' temporaries room, which is what rematerialization would have had to find.
+ENGINE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4),
+                  compiler_options=ENGINE_COMPILER_OPTIONS)
 _MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
-                 compiler_options=PREFILL_COMPILER_OPTIONS)
+                 compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
 _PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4),
-                            compiler_options=PREFILL_COMPILER_OPTIONS)
+                            compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
 # Batch-invariant mode compiles without autotuning: each GEMM then takes the algorithm cuBLAS's heuristics pick
 # for its shape, the same in every engine of the process (timing noise could make two engines' autotuners
 # choose differently, and algorithms differ in their rounding).
 _UNIFIED = jax.jit(_unified_program, static_argnums=(0, 1), donate_argnums=(3, 4),
-                   compiler_options=PREFILL_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
+                   compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
 _SAMPLE = jax.jit(_sample_program, static_argnums=(0,), donate_argnums=(1,))
 
 
