@@ -20,8 +20,9 @@ Shapes and dtypes:
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
   interpret=True), "xla" (the pure-jnp reference, last resort). "fused" (only by impl="fused"; same
-  backend as "triton") runs selective_mlp as one kernel, up and down in a single pass with the hidden
-  activations kept in registers (fused.py); for selective_up / selective_down alone it is "triton".
+  backend as "triton") runs selective_mlp as one persistent kernel, up and down split evenly over one
+  program per SM with a grid barrier between them (fused.py; slower than "triton" on an H100, see
+  benchmarks/results/kernels_mlp_fused.md); for selective_up / selective_down alone it is "triton".
   "dense" computes the same function over all F neurons through a neuron mask with library GEMMs;
   impl=None takes it where the selected fraction is high enough that gathering would be slower than
   reading everything (see `dense_is_faster`). A concrete count decides at trace time. A traced count whose capacity C could
@@ -164,7 +165,7 @@ def _check_down(h, w_down, idx, count, b_down, layer):
 # ---------------------------------------------------------------------------------------------------
 # dispatch
 
-SPARSE = ["triton", "xla"]   # impl=None; "fused" waits for its GPU measurement (benchmarks/bench_mlp.py --fused)
+SPARSE = ["triton", "xla"]   # impl=None; "fused" is opt-in: slower on an H100 (benchmarks/bench_mlp.py --fused)
 PALLAS = ("triton", "fused")  # backends that take stacked [L, F, D] weights and an int32 layer
 
 
@@ -244,7 +245,7 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
                   layer=None, impl=None, interpret=None):
     """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
 
-    impl="fused" runs it as one kernel (fused.py: the hidden activations never reach HBM).
+    impl="fused" runs it as one persistent kernel (fused.py).
     Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`;
     with a traced count and a large capacity that choice is a `lax.cond` on the device.
     """

@@ -4,8 +4,8 @@ The two-kernel path (triton.py) runs the up projection, then the down projection
 that the GPU schedules in waves; between them the first kernel drains (its last wave leaves SMs idle) and
 the second fills. Here one persistent kernel does both, with work split evenly by streaming tiles:
 
-  grid (P,): P programs, at most one per SM (P = the device's SM count unless the config says fewer), so
-  every program is resident at once and the programs can wait for each other.
+  grid (P,): P programs, at most one per SM with the barrier (P = the device's SM count unless the config
+  says fewer), so every program is resident at once and the programs can wait for each other.
   1. up. The work is a sequence of steps (batch block, neuron block of `block_n`, D chunk of `block_k`),
      neuron-block-major: acc[BB, BN] += x[BB, BK] @ w_up[layer, idx[n0:n0+BN], k:k+BK].T (and the gate
      alike). Program p takes steps [p * T / P, (p + 1) * T / P): every program moves the same number of
@@ -33,8 +33,12 @@ it; Triton did not pipeline that loop, and it moved 1 TB/s on an H100.)
 Interpret mode (CPU tests) runs the programs one after another, so no program could wait for another:
 there the two phases run as two calls of the same kernel (phase "up", then "down"), same step split and
 atomics, no barrier; `barrier=False` in the config does the same on the GPU (a tuning candidate: the
-launch boundary instead of the barrier). The barrier itself only runs compiled (the GPU tests;
-`test_lowers_to_triton` checks its lowering on CPU).
+launch boundary instead of the barrier, and `per_sm` programs per SM). The barrier itself only runs
+compiled (the GPU tests; `test_lowers_to_triton` checks its lowering on CPU).
+
+Measured on an H100 (benchmarks/results/kernels_mlp_fused.md): 0.69x the two-kernel path's speed at
+B = 16, 0.32-0.44x at B = 48 / 128. One resident program per SM keeps too few weight tiles in flight; two
+launches of two programs per SM were faster than either one-per-SM variant. So it stays opt-in.
 """
 
 from __future__ import annotations
