@@ -262,58 +262,52 @@ def _scan_bodies(jaxpr):
             yield from _scan_bodies(sub)
 
 
-def _iota_sizes(jaxpr) -> set:
-    """Sizes of the 1-D iotas a jaxpr makes, nested jaxprs included, Pallas kernel bodies not."""
-    out = set()
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested jaxprs included, Pallas kernel bodies not."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "iota" and len(eqn.params["shape"]) == 1:
-            out.add(eqn.params["shape"][0])
+        yield eqn
         if eqn.primitive.name != "pallas_call":
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                out |= _iota_sizes(sub)
-    return out
+                yield from _eqns(sub)
 
 
-def test_decode_step_makes_its_every_row_indices_outside_the_layer_loop(monkeypatch):
-    """The dense decode projections select every row of wqkv, wo and the MLP: those index arrays are made once
-    per step, not as an iota kernel per layer inside the layer scan. Traced (not run) as on a GPU, where the
-    projections take the Pallas kernels (the CPU's fallback paths make their own masks)."""
+def _decode_step_jaxpr(monkeypatch, cfg, B):
+    """The jaxpr of one decode step of B sequences, traced (not run) as on a GPU, where the projections take
+    the Pallas kernels (the CPU's fallback paths make their own masks); and its layer-scan bodies."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    cfg = preset("llama-3-8b")
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
-    cache = jax.eval_shape(lambda: init_cache(cfg, 4, 256, jnp.bfloat16))
-    jaxpr = jax.make_jaxpr(lambda p, c: forward(cfg, p, jnp.zeros((4, 1), jnp.int32), c))(params, cache).jaxpr
-    every_row = {(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.mlp_dim}
-    bodies = list(_scan_bodies(jaxpr))
-    assert bodies
-    for body in bodies:
-        assert not _iota_sizes(body) & every_row
-    assert every_row <= _iota_sizes(jaxpr)  # made once, outside
-
-
-def _int_adds(jaxpr, shape) -> int:
-    """int32 adds of `shape` a jaxpr makes, nested jaxprs included, Pallas kernel bodies not."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        out = eqn.outvars[0].aval if eqn.outvars else None
-        if eqn.primitive.name == "add" and out.shape == shape and out.dtype == jnp.int32:
-            n += 1
-        if eqn.primitive.name != "pallas_call":
-            n += sum(_int_adds(sub, shape) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-    return n
-
-
-def test_decode_step_adds_the_sequence_lengths_outside_the_layer_loop(monkeypatch):
-    """The attention's lengths (cached tokens after the step, [B]) are added once per step, not per layer
-    inside the layer scan, where XLA leaves the add as a kernel of its own in every layer."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    cfg = preset("llama-3-8b")
-    B = 5
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))
     cache = jax.eval_shape(lambda: init_cache(cfg, B, 256, jnp.bfloat16))
     jaxpr = jax.make_jaxpr(lambda p, c: forward(cfg, p, jnp.zeros((B, 1), jnp.int32), c))(params, cache).jaxpr
     bodies = list(_scan_bodies(jaxpr))
     assert bodies
+    return jaxpr, bodies
+
+
+def _iota_sizes(jaxpr) -> set:
+    return {e.params["shape"][0] for e in _eqns(jaxpr) if e.primitive.name == "iota" and len(e.params["shape"]) == 1}
+
+
+def _int_adds(jaxpr, shape) -> int:
+    return sum(e.primitive.name == "add" and e.outvars[0].aval.shape == shape and e.outvars[0].aval.dtype == jnp.int32
+               for e in _eqns(jaxpr))
+
+
+def test_decode_step_makes_its_every_row_indices_outside_the_layer_loop(monkeypatch):
+    """The dense decode projections select every row of wqkv, wo and the MLP: those index arrays are made once
+    per step, not as an iota kernel per layer inside the layer scan."""
+    cfg = preset("llama-3-8b")
+    jaxpr, bodies = _decode_step_jaxpr(monkeypatch, cfg, 4)
+    every_row = {(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.mlp_dim}
+    for body in bodies:
+        assert not _iota_sizes(body) & every_row
+    assert every_row <= _iota_sizes(jaxpr)  # made once, outside
+
+
+def test_decode_step_adds_the_sequence_lengths_outside_the_layer_loop(monkeypatch):
+    """The attention's lengths (cached tokens after the step, [B]) are added once per step, not per layer
+    inside the layer scan, where XLA leaves the add as a kernel of its own in every layer."""
+    B = 5
+    jaxpr, bodies = _decode_step_jaxpr(monkeypatch, preset("llama-3-8b"), B)
     assert all(_int_adds(body, (B,)) == 0 for body in bodies)
     assert _int_adds(jaxpr, (B,)) >= 1  # made once, outside
 
