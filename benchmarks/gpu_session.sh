@@ -17,7 +17,8 @@
 #                                                              # be '' to pass ARGS without one)
 # Every phase first gathers carried parts of large files (.carry/parts, from `scripts/device_parts.sh split`)
 # into ~/parts, which survives between calls while the machine stays warm, and assembles each file once all its
-# parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server).
+# parts are in and its hash matches. `wheels NAME` installs a carried wheel folder .whl/NAME (eval, server, jt:
+# the jax-triton wheel, `pip download --no-deps jax-triton==0.3.1`).
 # The benchmark phases refuse to run unless `tests` passed for exactly these sources: on this machine (a stamp
 # under benchmarks/results/tmp/, which git ignores), or on a GPU of the same name in an earlier session (a line of
 # the committed ledger benchmarks/results/logs/gpu_tests_passed.tsv: sources hash, GPU, date, jax; `tests OUT`
@@ -114,8 +115,9 @@ case "$phase" in
     step 300 python3 -m pytest tests/test_gpu.py -m gpu -x -q -p no:cacheprovider
     # The kernel and engine tests compile one program per case: in serial they overran 150 s on an H100
     # (2026-11-25), so 4 pytest-xdist workers share the GPU, each allocating only what it uses.
+    wheels jt jax_triton  # the jax-triton fused MLP's compiled test (carry .whl/jt; it skips without the package)
     XLA_PYTHON_CLIENT_PREALLOCATE=false step 270 python3 -m pytest -n 4 tests/test_decode_attention.py \
-      tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_paged_attention.py \
+      tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_fused_jax_triton.py tests/test_paged_attention.py \
       tests/test_prefill_attention.py tests/test_paged_cache.py tests/test_engine.py -x -q -p no:cacheprovider
     sources_hash > "$stamp"
     printf '%s\t%s\t%s\t%s\n' "$(cat "$stamp")" "$(gpu_name)" "$(date -u +%Y-%m-%dT%H:%MZ)" \

@@ -8,14 +8,20 @@
   and every CPU executable keeps its code mapped: the whole suite in one process died in a segmentation
   fault inside XLA's compiler near its end (the same test passes in a shorter run). Each module's programs
   are its own, so little is recompiled.
+- Without a GPU, Triton (where installed) runs kernels in its interpreter: TRITON_INTERPRET must be set
+  before `triton` is first imported, since the @triton.jit helpers of triton.language (tl.zeros among
+  them) are made interpreted or compiled at that import (tests/test_fused_jax_triton.py).
 """
 
 import gc
+import os
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_compilation_cache", False)
+if jax.default_backend() != "gpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="module")
