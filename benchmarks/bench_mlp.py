@@ -506,19 +506,20 @@ def tune_fused(out_dir: pathlib.Path) -> dict:
     return entries
 
 
-def _run_fused_main(ceiling: dict, out_dir: pathlib.Path, tuned: bool) -> int:
-    command = "python -m benchmarks.bench_mlp " + ("--fused-tune" if tuned else "--fused")
+def _run_fused_main(ceiling: dict, out_dir: pathlib.Path, tuned: bool, name: str) -> int:
+    command = "python -m benchmarks.bench_mlp " + ("--fused-tune" if tuned else "--fused") + (
+        f" --name {name}" if name != "kernels_mlp_fused" else "")
     meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))
     meta["fused_configs"] = ("tuned by this run (tuned_fused.json)" if tuned else
                              "the tuned table / user cache entry where one exists, else fused_heuristic")
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "kernels_mlp_fused.jsonl"
+    log = out_dir / f"{name}.jsonl"
     log.unlink(missing_ok=True)
     unavailable = set()
     records = run_fused(ceiling["read_bw"], log_path=str(log), unavailable=unavailable)
     meta.update(clock_meta(unavailable))
     warnings = common.check_ceiling(records, ["frac_read_bw_fused_kernel", "frac_read_bw_fused_wall"], _label)
-    common.write_results("kernels_mlp_fused", dict(meta, warnings=warnings), records, FUSED_COLUMNS, out_dir=out_dir)
+    common.write_results(name, dict(meta, warnings=warnings), records, FUSED_COLUMNS, out_dir=out_dir)
     return 3 if warnings else 0
 
 
@@ -535,6 +536,8 @@ def main() -> int:
     ap.add_argument("--fused-tune", action="store_true",
                     help="first time the fused kernel's candidate configs at those shapes (winners to the user "
                          "cache and OUT/tuned_fused.json), then run --fused with them")
+    ap.add_argument("--name", default="kernels_mlp_fused",
+                    help="--fused / --fused-tune: result file name (default kernels_mlp_fused; e.g. one per GPU)")
     ap.add_argument("--variant", choices=("relu", "gated"), default=None, help="only this variant")
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--merge", nargs="+", default=None,
@@ -572,7 +575,7 @@ def main() -> int:
         tune_fused(out_dir)
     ceiling = common.measure_ceiling()
     if args.fused or args.fused_tune:
-        return _run_fused_main(ceiling, out_dir, tuned=args.fused_tune)
+        return _run_fused_main(ceiling, out_dir, tuned=args.fused_tune, name=args.name)
     command = "python -m benchmarks.bench_mlp" + (" --quick" if args.quick else "") + (
         f" --variant {args.variant}" if args.variant else "")
     meta = dict(common.metadata(command), **common.ceiling_meta(ceiling))

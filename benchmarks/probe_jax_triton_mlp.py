@@ -3,7 +3,7 @@
 At issue 11's target shapes (bench_mlp.FUSED_CASES), each case: every candidate config of the jax-triton
 kernel is checked against the two-kernel path (relative error) and timed on the wall clock; the fastest
 then gets the kernel clock (profiler trace) beside the two-kernel path and XLA's dense MLP, as
-`bench_mlp --fused` times them. Writes OUT/probe_jax_triton_mlp.{json,md}.
+`bench_mlp --fused` times them. Writes OUT/NAME.{json,md} (default probe_jax_triton_mlp).
 
     python -m benchmarks.probe_jax_triton_mlp --out OUT     # CUDA GPU with jax-triton and triton installed
 """
@@ -107,6 +107,7 @@ def run(read_bw: float, budget_s: float) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
+    ap.add_argument("--name", default="probe_jax_triton_mlp", help="result file name (e.g. one per GPU)")
     ap.add_argument("--budget-s", type=float, default=90.0, help="per case: stop timing new configs after this many seconds")
     args = ap.parse_args()
     common.require_gpu("benchmarks.probe_jax_triton_mlp", False)
@@ -114,11 +115,12 @@ def main() -> int:
     common.check_out_dir(out_dir)
     ceiling = common.measure_ceiling()
     meta = dict(common.metadata("python -m benchmarks.probe_jax_triton_mlp" +
-                                (f" --budget-s {args.budget_s:g}" if args.budget_s != 90.0 else "")),
+                                (f" --budget-s {args.budget_s:g}" if args.budget_s != 90.0 else "") +
+                                (f" --name {args.name}" if args.name != "probe_jax_triton_mlp" else "")),
                 **common.ceiling_meta(ceiling))
     meta["clocks"] = [bm.KERNEL_CLOCK, bm.WALL_CLOCK]
     records = run(ceiling["read_bw"], args.budget_s)
-    common.write_results("probe_jax_triton_mlp", meta, records, COLUMNS, out_dir=out_dir)
+    common.write_results(args.name, meta, records, COLUMNS, out_dir=out_dir)
     return 0
 
 
