@@ -1,7 +1,9 @@
 """End-to-end decode throughput on the GPU: dense and sparse decode steps against the HBM roofline.
 
-One decode step at a fixed context (every sequence holds `ctx` cached tokens; the step rewrites the same
-position so the context does not drift while timing). Clock: wall (host-timed pipelined steps). The
+One decode step at a fixed context: every sequence holds ctx - 1 cached tokens and the step attends over
+ctx positions, its own token included, in a cache of exactly ctx positions (the capacity an engine with
+max_model_len = ctx has, and the one `polar tune --ctx` tunes the paged kernel for; the step rewrites the
+same position so the context does not drift while timing). Clock: wall (host-timed pipelined steps). The
 roofline is the bytes one step must read (`step_bytes`: every weight once, the embedding rows of the B
 tokens, the KV slabs it attends to) over the streaming-read bandwidth measured in the same run (the
 ceiling; the copy bandwidth is reported as information). Densities are reported as run: the KV heads
@@ -71,7 +73,7 @@ def heads_kept(cfg: ModelConfig, sp: SparsityConfig | None) -> np.ndarray:
 
 
 def kv_bytes(cfg: ModelConfig, B: int, ctx: int, kept: np.ndarray, dtype=DTYPE) -> int:
-    """K and V bytes a step reads: the kept heads' slabs over ctx + 1 positions (the cache and the new token)."""
+    """K and V bytes a step reads: the kept heads' slabs over ctx + 1 positions (ctx cached and the new token)."""
     return int(2 * B * int(np.sum(kept)) * (ctx + 1) * cfg.head_dim * jnp.dtype(dtype).itemsize)
 
 
@@ -182,20 +184,20 @@ def run_cases(cases, modes, read_bw, smollm2_dir) -> list[dict]:
             if not fits(cfg, B, ctx):
                 print(f"skip {name} B={B} ctx={ctx}: weights + cache exceed GPU memory", flush=True)
                 continue
-            cache = random_cache(cfg, B, ctx)
+            cache = random_cache(cfg, B, ctx - 1, room=1)  # ctx positions in all: the tuned capacity
             tokens = jax.random.randint(jax.random.key(4), (B,), 0, cfg.vocab_size, jnp.int32)
             dense_ms = None
             for mode, density in modes:
                 sp = None if mode == "dense" else SparsityConfig(attn=mode, attn_density=density)
                 ms, cache = time_steps(make_step(cfg, sp), params, cache, tokens)
-                nbytes = step_bytes(cfg, params, B, ctx, sp)
+                nbytes = step_bytes(cfg, params, B, ctx - 1, sp)
                 dense_ms = ms if mode == "dense" else dense_ms
                 rec = dict(model=name, weights=weights, B=B, ctx=ctx, mode=mode, **density_labels(cfg, sp, density),
                            ms_wall=ms, tokens_per_s_wall=B / (ms * 1e-3), GB_per_step=nbytes / 1e9,
                            roofline_frac_wall=nbytes / read_bw / (ms * 1e-3))
                 if mode != "dense":
                     rec["speedup_wall"] = dense_ms / ms
-                    rec["bw_bound_speedup"] = step_bytes(cfg, params, B, ctx, None) / nbytes
+                    rec["bw_bound_speedup"] = step_bytes(cfg, params, B, ctx - 1, None) / nbytes
                     rec["frac_of_bw_bound_wall"] = rec["speedup_wall"] / rec["bw_bound_speedup"]
                 records.append(rec)
                 print(f"{name:14s} B={B:4d} ctx={ctx:5d} {mode:7s} {rec['kv_heads_kept']:>9s} kv heads: "

@@ -64,7 +64,9 @@ def main(argv=None) -> None:
     sp = None if args.attn == "all" else SparsityConfig(attn=args.attn, attn_density=args.density)
     T = args.prefill or 1
     step = make_prefill_step(cfg) if args.prefill else make_step(cfg, sp)
-    state = {"cache": random_cache(cfg, args.batch, args.ctx, room=max(128, T))}
+    # decode: ctx positions in a cache of exactly ctx, as benchmarks.generate; prefill: ctx cached + T new
+    cached, room = (args.ctx, max(128, T)) if args.prefill else (args.ctx - 1, 1)
+    state = {"cache": random_cache(cfg, args.batch, cached, room=room)}
     tokens = jnp.zeros((args.batch,) + ((T,) if args.prefill else ()), jnp.int32) + 7
 
     def run(key):  # threads the donated cache through the calls
