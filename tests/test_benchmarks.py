@@ -316,3 +316,21 @@ def test_generate_cases_parse_and_refusals():
     for bad in ("llama-3-8b:48", "llama-3-8b:x:2048", "llama-3-8b:0:2048"):
         with pytest.raises(argparse.ArgumentTypeError, match="a case is MODEL:B:CTX"):
             generate.parse_cases(bad)
+
+
+def test_generate_skips_a_case_that_runs_out_of_memory(monkeypatch, capsys):
+    """A case whose step runs out of GPU memory is reported and skipped; the other cases still run, each
+    with a cache of exactly ctx positions (the capacity `polar tune --ctx` tunes for) holding ctx - 1."""
+    real, seen = generate.time_steps, []
+
+    def time_steps(step, params, cache, tokens, **kw):
+        seen.append((tokens.shape[0], cache.page_table.shape[1] * cache.page_size, int(cache.lengths[0])))
+        if tokens.shape[0] == 3:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB")
+        return real(step, params, cache, tokens, inner=1, reps=1)
+
+    monkeypatch.setattr(generate, "time_steps", time_steps)
+    records = generate.run_cases([("tiny-llama-gqa", 3, 64), ("tiny-llama-gqa", 2, 64)], [("dense", 1.0)], 1e12, None)
+    assert [(r["B"], r["mode"]) for r in records] == [(2, "dense")]
+    assert "skip tiny-llama-gqa B=3 ctx=64 dense: out of GPU memory" in capsys.readouterr().out
+    assert seen == [(3, 64, 63), (2, 64, 63)]
