@@ -313,9 +313,10 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     # One scan per run of layers with equal selection capacities of the decode rows (a plain prefill: one
     # run, all dense). A decode step's scans are unrolled: with the layer index a constant, the norm gains
     # and the cache writes need no dynamic slices or clamps of their own, and XLA overlaps kernels across
-    # layers (llama-3-8b B = 16 on an H100: 7.56 against 7.86 ms of device time a step, the compilation a
-    # few seconds longer; benchmarks/results/logs/profile_unroll.log). Prefill steps, whose layers are
-    # few large GEMMs, keep the loop.
+    # layers (llama-3-8b B = 16 on an H100: 7.56 against 7.86 ms of device time a step,
+    # benchmarks/results/logs/profile_unroll.log). It costs compile time: an engine with sparse heads took
+    # about twice as long to start (benchmarks/NOTES.md). Prefill steps, whose layers are few large GEMMs,
+    # keep the loop.
     if decode or riders is not None:
         segments = plan(sp, cfg, Bd, row_density is not None)
     else:
