@@ -18,8 +18,8 @@ The atomics move B * D * 4 bytes per neuron block against the block's 2 * BN * D
 B / BN of the weight traffic (B = 16, BN = 32: a half), all of it to L2. b_down is added by the caller in
 the cast of y (one small fusion with y's consumer).
 
-Needs a CUDA GPU and the `jax-triton` and `triton` packages (`pip install 'polar-jax[jax-triton]'`); elsewhere it raises
-NotImplementedError, so dispatch falls through. The kernel body itself also runs on CPU under Triton's
+Needs a CUDA GPU and the `jax-triton` and `triton` packages (`pip install 'polar-jax[jax-triton]'`);
+elsewhere it raises NotImplementedError. The kernel body itself also runs on CPU under Triton's
 interpreter (TRITON_INTERPRET=1, torch tensors): tests/test_fused_jax_triton.py.
 """
 
