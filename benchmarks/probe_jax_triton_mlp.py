@@ -108,7 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(common.RESULTS), help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="probe_jax_triton_mlp", help="result file name (e.g. one per GPU)")
-    ap.add_argument("--budget-s", type=float, default=90.0, help="per case: stop timing new configs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=90.0,
+                    help="per case: stop timing new configs after this many seconds")
     args = ap.parse_args()
     common.require_gpu("benchmarks.probe_jax_triton_mlp", False)
     out_dir = pathlib.Path(args.out)

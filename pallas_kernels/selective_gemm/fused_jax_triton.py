@@ -94,7 +94,8 @@ if triton is not None:
         for d in range(0, D, BLOCK_D):
             offs_d = d + tl.arange(0, BLOCK_D)
             wt = tl.load(wd_ptr + rows[:, None] + offs_d[None, :], mask=live[:, None], other=0.0)  # [BN, BD]
-            tl.atomic_add(y_rows + offs_d[None, :], tl.dot(h, wt, input_precision=PRECISION), mask=in_b[:, None], sem="relaxed")
+            part = tl.dot(h, wt, input_precision=PRECISION)                                       # [BB, BD]
+            tl.atomic_add(y_rows + offs_d[None, :], part, mask=in_b[:, None], sem="relaxed")
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
