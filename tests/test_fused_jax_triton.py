@@ -77,6 +77,10 @@ def test_declines_off_gpu_and_checks_its_blocks():
             fjt.fused_mlp(a["x"], a["w_up"], a["w_down"], a["idx"], 16, layer=jnp.int32(0))
     with pytest.raises(NotImplementedError, match="block_k=48 does not divide D=64"):
         fjt.check_config(fjt.JtFusedConfig(block_k=48), 64)
+    # the default: batch block the batch rounded up to a power of two in [16, 64], chunks at most D
+    assert fjt.default_config(3, 64) == fjt.JtFusedConfig(block_b=16, block_k=64, block_d=64)
+    assert fjt.default_config(48, 4096) == fjt.JtFusedConfig(block_b=64, block_k=256, block_d=128)
+    assert fjt.default_config(200, 8192).block_b == 64
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="compiled through jax-triton on a CUDA GPU only")

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.selective_gemm.triton import _pow2_at_least
+
 try:
     import triton
     import triton.language as tl
@@ -94,15 +96,7 @@ if triton is not None:
         for d in range(0, D, BLOCK_D):
             offs_d = d + tl.arange(0, BLOCK_D)
             wt = tl.load(wd_ptr + rows[:, None] + offs_d[None, :], mask=live[:, None], other=0.0)  # [BN, BD]
-            part = tl.dot(h, wt, input_precision=PRECISION)                                       # [BB, BD]
-            tl.atomic_add(y_rows + offs_d[None, :], part, mask=in_b[:, None], sem="relaxed")
-
-
-def _pow2_at_least(n: int, lo: int) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
+            tl.atomic_add(y_rows + offs_d[None, :], tl.dot(h, wt, input_precision=PRECISION), mask=in_b[:, None], sem="relaxed")
 
 
 def default_config(B: int, D: int) -> JtFusedConfig:
