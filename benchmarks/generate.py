@@ -121,16 +121,21 @@ def random_routers(cfg: ModelConfig, key) -> dict:
 
 
 def time_steps(step, params, cache, tokens, *, inner: int = 10, reps: int = 7):
-    """(median wall ms per step, cache): pipelined steps, blocking once per `inner`."""
+    """(median wall ms per step, cache): pipelined steps, blocking once per `inner`.
+
+    Every step gets a key of its own, all made before the clock starts: a `jax.random.fold_in` between the
+    steps is a dispatch of its own that cost 0.17-0.33 ms a step on an H100 (`benchmarks.probe_dispatch
+    --fold-in`), which the serving engine does not pay (it derives each step's key inside its program)."""
     key = jax.random.key(0)
     for _ in range(3):
         tokens, cache = step(params, cache, tokens, key)
-    jax.block_until_ready(tokens)
+    keys = list(jax.random.split(jax.random.fold_in(key, 1), reps * inner))
+    jax.block_until_ready((tokens, keys))
     samples = []
     for r in range(reps):
         t0 = time.perf_counter()
         for i in range(inner):
-            tokens, cache = step(params, cache, tokens, jax.random.fold_in(key, r * inner + i))
+            tokens, cache = step(params, cache, tokens, keys[r * inner + i])
         jax.block_until_ready(tokens)
         samples.append((time.perf_counter() - t0) / inner * 1e3)
     return statistics.median(samples), cache

@@ -334,3 +334,31 @@ def test_generate_skips_a_case_that_runs_out_of_memory(monkeypatch, capsys):
     assert [(r["B"], r["mode"]) for r in records] == [(2, "dense")]
     assert "skip tiny-llama-gqa B=3 ctx=64 dense: out of GPU memory" in capsys.readouterr().out
     assert seen == [(3, 64, 63), (2, 64, 63)]
+
+
+def test_time_steps_gives_every_timed_step_its_own_key_made_before_the_clock(monkeypatch):
+    """Each timed step gets a distinct key (sparse random modes draw fresh heads every step), and no key is
+    derived between the timed steps (a fold_in there is a dispatch the benchmark would time)."""
+    import time
+
+    timing, keys, real_clock = [], [], time.perf_counter
+
+    def step(params, cache, tokens, key):
+        if timing:
+            keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+        return tokens + 1, cache
+
+    def clock():
+        timing.append(True)
+        return real_clock()
+
+    def no_derivation(*a, **k):
+        if timing:
+            raise AssertionError("a key was derived between timed steps")
+        return real_fold_in(*a, **k)
+
+    real_fold_in = jax.random.fold_in
+    monkeypatch.setattr(generate.time, "perf_counter", clock)
+    monkeypatch.setattr(jax.random, "fold_in", no_derivation)
+    generate.time_steps(step, None, None, jnp.zeros((2,), jnp.int32), inner=3, reps=2)
+    assert len(keys) == 6 and len(set(keys)) == 6
