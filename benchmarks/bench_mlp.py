@@ -126,8 +126,9 @@ def _xla_dense(x, w):
     return y + w["b_down"] if "b_down" in w else y
 
 
-def device_profile(fn, arg_sets, calls: int = 2):
-    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace.
+def device_profile(fn, arg_sets, calls: int = 2, launches: dict | None = None):
+    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace;
+    `launches`, if given, is filled with {kernel name: launches per fn call}.
 
     An empty dict (and NaN span) when the trace holds no GPU kernels (no GPU)."""
     for a in arg_sets:
@@ -153,6 +154,8 @@ def device_profile(fn, arg_sets, calls: int = 2):
                     if "memcpy" in ev.name.lower():
                         continue
                     kernels[ev.name] += ev.duration_ns / calls
+                    if launches is not None:
+                        launches[ev.name] = launches.get(ev.name, 0) + 1 / calls
                     starts.append(ev.start_ns)
                     ends.append(ev.start_ns + ev.duration_ns)
     shutil.rmtree(d, ignore_errors=True)

@@ -31,15 +31,18 @@ def _group(name: str) -> str:
     return re.sub(r"[._]\d+", "", name)
 
 
-def print_kernel_groups(kernels: dict[str, float], top: int) -> None:
-    """The `top` kernel groups (names without numeric suffixes) by total time: us, share, distinct names."""
-    groups, counts = collections.defaultdict(float), collections.Counter()
+def print_kernel_groups(kernels: dict[str, float], top: int, launches: dict[str, float] | None = None) -> None:
+    """The `top` kernel groups (names without numeric suffixes) by total time: us, share, distinct names, and
+    launches per step when `launches` is given."""
+    groups, counts, n = collections.defaultdict(float), collections.Counter(), collections.defaultdict(float)
     for name, ns in kernels.items():
         groups[_group(name)] += ns
         counts[_group(name)] += 1
+        n[_group(name)] += (launches or {}).get(name, 0)
     total = sum(groups.values())
     for name, ns in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{ns / 1e3:10.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names  {name[:110]}")
+        calls = f"  {n[name]:5.0f} launches" if launches is not None else ""
+        print(f"{ns / 1e3:10.1f} us {100 * ns / total:5.1f}%  {counts[name]:3d} names{calls}  {name[:110]}")
 
 
 def main(argv=None) -> None:
@@ -74,16 +77,17 @@ def main(argv=None) -> None:
         return tok
 
     keys = [(jax.random.key(i),) for i in range(args.steps)]
-    kernels, span = device_profile(run, keys, calls=args.steps)
+    launches = {}
+    kernels, span = device_profile(run, keys, calls=args.steps, launches=launches)
     if not kernels:
         sys.exit(f"error: no GPU kernels in the profiler trace (backend {jax.default_backend()}): no kernel clock")
     print(f"{args.model} B={args.batch} ctx={args.ctx} attn={args.attn} {args.density}"
           f"{f' prefill T={T}' if args.prefill else ''}: device span {span / 1e3:.0f} us/step, kernels "
-          f"{sum(kernels.values()) / 1e3:.0f} us/step")
+          f"{sum(kernels.values()) / 1e3:.0f} us/step, {sum(launches.values()):.0f} kernel launches/step")
     if args.prefill:
         flops = 2 * matmul_params(params) * args.batch * T  # the projections and the LM head (last token only)
         print(f"prefill: {flops / (span * 1e-9) / 1e12:.0f} TFLOP/s of projection matmuls over the device span")
-    print_kernel_groups(kernels, top=25)
+    print_kernel_groups(kernels, top=25, launches=launches)
 
 
 if __name__ == "__main__":

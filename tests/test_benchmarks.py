@@ -374,3 +374,13 @@ def test_time_steps_gives_every_timed_step_its_own_key_made_before_the_clock(mon
     monkeypatch.setattr(jax.random, "fold_in", no_derivation)
     generate.time_steps(step, None, None, jnp.zeros((2,), jnp.int32), inner=3, reps=2)
     assert len(keys) == 6 and len(set(keys)) == 6
+
+
+def test_print_kernel_groups_sums_time_and_launches_per_group(capsys):
+    from benchmarks.profile_step import print_kernel_groups
+
+    print_kernel_groups({"loop_add_fusion.1": 1000.0, "loop_add_fusion_2": 3000.0, "selective_up": 500.0}, top=5,
+                        launches={"loop_add_fusion.1": 2.0, "loop_add_fusion_2": 1.0, "selective_up": 4.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["4.0", "us", "88.9%", "2", "names", "3", "launches", "loop_add_fusion"]
+    assert lines[1].split() == ["0.5", "us", "11.1%", "1", "names", "4", "launches", "selective_up"]
