@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from benchmarks.generate import DTYPE, make_step, parse_cases
 from polar_jax import preset
-from polar_jax.cache import init_cache
+from polar_jax.cache import cache_bytes, init_cache
 from polar_jax.params import init_params
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         key = jax.eval_shape(lambda: jax.random.key(0))
         m = make_step(cfg, None).lower(params, cache, tokens, key).compile().memory_analysis()
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-        kv = cache.k.size * cache.k.dtype.itemsize + cache.v.size * cache.v.dtype.itemsize
+        kv = cache_bytes(cfg, B, ctx, DTYPE)
         print(f"{name} B={B} ctx={ctx} ({jax.devices()[0].device_kind}): weights {weights / gib:.2f} GiB, "
               f"KV cache {kv / gib:.2f} GiB, arguments {m.argument_size_in_bytes / gib:.2f} GiB, output "
               f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "

@@ -364,14 +364,16 @@ def test_time_steps_gives_every_timed_step_its_own_key_made_before_the_clock(mon
         timing.append(True)
         return real_clock()
 
-    def no_derivation(*a, **k):
-        if timing:
-            raise AssertionError("a key was derived between timed steps")
-        return real_fold_in(*a, **k)
+    def guard(real):
+        def derive(*a, **k):
+            if timing:
+                raise AssertionError("a key was derived between timed steps")
+            return real(*a, **k)
+        return derive
 
-    real_fold_in = jax.random.fold_in
     monkeypatch.setattr(generate.time, "perf_counter", clock)
-    monkeypatch.setattr(jax.random, "fold_in", no_derivation)
+    for name in ("fold_in", "split"):
+        monkeypatch.setattr(jax.random, name, guard(getattr(jax.random, name)))
     generate.time_steps(step, None, None, jnp.zeros((2,), jnp.int32), inner=3, reps=2)
     assert len(keys) == 6 and len(set(keys)) == 6
 
