@@ -44,14 +44,6 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, H] rotated by position; math in fp32."""
-    xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
-
-
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "relu":
         return jax.nn.relu(x)

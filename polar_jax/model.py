@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from pallas_kernels.cache_write import rope_and_cache_write
 from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.prefill_attention import paged_prefill_attention
 from pallas_kernels.selective_gemm import selective_down, selective_mlp, selective_up
@@ -220,19 +221,9 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
                                    impl=impl)[:, None]]
         return _split_rows(_join_rows(as_) @ w[l] + (0 if b is None else b[l]), as_)
 
-    def split_heads(qkv, rows: _Rows):
-        Bq, Tq = qkv.shape[:2]
-        q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
-        q, k, v = q.reshape(Bq, Tq, N, H), k.reshape(Bq, Tq, K, H), v.reshape(Bq, Tq, K, H)
-        if rows.rope is not None:
-            q, k = layers.apply_rope(q, *rows.rope), layers.apply_rope(k, *rows.rope)
-        return q, k, v
-
-    def write(l, k_all, v_all, k, v, rows: _Rows):
-        # [B, T, K, H] into pages [l, page, :, off]: the advanced indices broadcast to [B, T] in front.
-        k_all = k_all.at[l, rows.write_page, :, rows.write_off].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[l, rows.write_page, :, rows.write_off].set(v.astype(v_all.dtype), mode="drop")
-        return k_all, v_all
+    def split_and_write(l, qkv, k_all, v_all, rows: _Rows):  # -> q [B, T, N, H] (rotated), k_all, v_all
+        # One kernel on the GPU: q's RoPE and the K and V scatters were three XLA kernels per decode layer.
+        return rope_and_cache_write(qkv, k_all, v_all, rows.write_page, rows.write_off, rows.rope, n_heads=N, layer=l)
 
     def decode_attention(l, q, h1, k_all, v_all, rows: _Rows, n_heads, seg: Segment):
         # rows.ends, not starts + n_new here: an add inside the scan is a kernel per layer (39 us of an 11.7 ms
@@ -267,12 +258,10 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         parts = [x] if xr is None else [x, xr]
         hs = parts if cfg.post_norm else norm("attn_norm", l, parts)
         qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H] each
-        q, k, v = split_heads(qkvs[0], main)
-        k_all, v_all = write(l, k_all, v_all, k, v, main)
+        q, k_all, v_all = split_and_write(l, qkvs[0], k_all, v_all, main)
         if xr is not None:  # written before either part's attention reads the pool: one version of it is
             # live, so the writes stay in place (a write after a read of the same buffer copies the pool)
-            qr, kr, vr = split_heads(qkvs[1], rider_rows)
-            k_all, v_all = write(l, k_all, v_all, kr, vr, rider_rows)
+            qr, k_all, v_all = split_and_write(l, qkvs[1], k_all, v_all, rider_rows)
         if decode:
             attn = decode_attention(l, q, hs[0][:, 0], k_all, v_all, main, n_heads, seg)
         elif packed is None:

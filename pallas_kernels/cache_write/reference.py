@@ -1,0 +1,35 @@
+"""Pure-jnp reference for rope_and_cache_write (same signature as the public function): a split, the
+HF rotate-half RoPE in f32 and two scatters. The CPU path, and the kernel tests' yardstick."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, H] rotated by position (cos, sin [B, T, H], HF rotate-half layout); math in f32."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None, *, n_heads, layer=None,
+                         impl=None, interpret=None):
+    del impl, interpret
+    B, T = qkv.shape[:2]
+    K, H = k_pages.shape[-3], k_pages.shape[-1]
+    N = n_heads
+    q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    # [B, T, K, H] into pages [(layer,) page, :, off]: the advanced indices broadcast to [B, T] in front. A page
+    # id outside [0, P) drops its write (mode="drop"; a negative id would otherwise count from the end).
+    P = k_pages.shape[-4]
+    page = jnp.where((write_page >= 0) & (write_page < P), write_page, P)
+    at = (page, slice(None), write_off) if layer is None else (layer, page, slice(None), write_off)
+    k_pages = k_pages.at[at].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[at].set(v.astype(v_pages.dtype), mode="drop")
+    return q, k_pages, v_pages
