@@ -113,6 +113,26 @@ def test_model_decode_kernels_vs_xla(monkeypatch, model, dtype, sparse):
         assert err <= MODEL_TOL[np.dtype(dtype).name], f"step {i}: logits differ by {err:.3e} (relative)"
 
 
+@pytest.mark.parametrize("model", ["llama-3-8b", "opt-6.7b"])
+def test_decode_step_writes_the_pool_in_place(model):
+    """The decode step's K/V writes (rope_and_cache_write, aliased to the pool) leave the donated pool in place:
+    the compiled step's outputs alias it, and no temporary is anywhere near its size (a copy per layer would
+    be). Also: the step launches that kernel, and no XLA scatter into the pool is left."""
+    cfg = dataclasses.replace(polar_jax.preset(model), n_layers=3, vocab_size=1024)
+    B, S = 8, 4096
+    params = polar_jax.init_params(cfg, _key(model, "inplace"), BF16)
+    cache = polar_jax.init_cache(cfg, B, S, BF16)
+    step = jax.jit(lambda p, t, c: polar_jax.forward(cfg, p, t, c)[:2], donate_argnums=2)
+    compiled = step.lower(params, jnp.ones((B, 1), jnp.int32), cache).compile()
+    pool = cache.k.nbytes + cache.v.nbytes
+    m = compiled.memory_analysis()
+    assert m.alias_size_in_bytes >= pool
+    assert m.temp_size_in_bytes < pool / 16, f"{m.temp_size_in_bytes} bytes of temporaries beside a {pool}-byte pool"
+    text = compiled.as_text()
+    assert text.count("rope_and_cache_write") >= cfg.n_layers
+    assert not re.search(r"\bscatter\(", text), "an XLA scatter is still in the decode step"
+
+
 def test_prefill_compiles_its_gemms_to_cublas():
     """PREFILL_COMPILER_OPTIONS keeps XLA's Triton GEMMs out of a prefill program (with them enabled the
     layer scan copies each layer's weights before its GEMM); without the options XLA picks some here, and
