@@ -157,9 +157,9 @@ def test_rms_norm_api_dispatch():
     x = 3.0 * p["x"]
     want = selective_mlp_reference(reference.rms_norm(x, scale, 1e-6), p["w_up"], p["w_down"], p["idx"], C,
                                    w_gate=p["w_gate"])
-    for impl in ("triton", "fused", "dense", "xla"):
+    for impl in ("triton", "dense", "xla"):
         y = selective_mlp(x, p["w_up"], p["w_down"], p["idx"], C, w_gate=p["w_gate"], rms_norm=(scale, 1e-6),
-                          impl=impl, interpret=True if impl in ("triton", "fused") else None)
+                          impl=impl, interpret=True if impl == "triton" else None)
         assert_close(y, want, F32)
     with pytest.raises(ValueError, match="rms_norm scale"):
         selective_up(x, p["w_up"], p["idx"], C, rms_norm=(scale[:-1], 1e-6))

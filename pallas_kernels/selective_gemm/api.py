@@ -20,8 +20,8 @@ Shapes and dtypes:
       LlamaRMSNorm does (reference.rms_norm; scale [D], or [L, D] with `layer`; eps a float). The
       "triton" kernel folds the norm into its dot (x's tiles times the gains, the result divided by each
       row's RMS, so no normalised copy of x is written: one kernel less per norm in a decode layer); it
-      rounds at another point than normalising first, within the dtype's rounding. The other backends
-      normalise x first (reference.rms_norm).
+      rounds at another point than normalising first, within the dtype's rounding. Other backends
+      normalise x first.
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
@@ -224,14 +224,19 @@ def _stack(w, layer):
     return w[None]
 
 
-def _norm_arg(rms_norm, st):
-    return None if rms_norm is None else (st(rms_norm[0]), rms_norm[1])
-
-
 def _layer_arg(name, layer):
     if name in PALLAS:
         return jnp.int32(0) if layer is None else layer
     return layer
+
+
+def _normed(name, x, rms_norm, layer, st):
+    """(x, rms_norm) as backend `name` takes them: the Triton kernels fold the norm in, the rest get x normalised."""
+    if rms_norm is None:
+        return x, {}
+    if name == "triton":
+        return x, {"rms_norm": (st(rms_norm[0]), rms_norm[1])}
+    return reference.rms_norm(x, rms_norm[0], rms_norm[1], layer), {}
 
 
 def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, rms_norm=None,
@@ -247,8 +252,9 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
-        return fn(x, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
-                  layer=_layer_arg(name, layer), rms_norm=_norm_arg(rms_norm, st), interpret=interpret)
+        xn, norm = _normed(name, x, rms_norm, layer, st)
+        return fn(xn, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
+                  layer=_layer_arg(name, layer), interpret=interpret, **norm)
 
     return _run("up", impl, B, D, F, count, idx.shape[0], call)
 
@@ -287,8 +293,8 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
         extra = {}
         if name == "dense" and c is not None and int(c) == F:
             extra["all_selected"] = True  # idx[:F] distinct = every neuron: the plain dense MLP, no mask
-        return fn(x, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
-                  activation=activation, layer=_layer_arg(name, layer), rms_norm=_norm_arg(rms_norm, st),
-                  interpret=interpret, **extra)
+        xn, norm = _normed(name, x, rms_norm, layer, st)
+        return fn(xn, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
+                  activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra, **norm)
 
     return _run("mlp", impl, B, D, F, count, idx.shape[0], call)

@@ -54,7 +54,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
-from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm.triton import (
     NUM_SMS,
     _activate,
@@ -223,18 +222,15 @@ def sm_count() -> int | None:
 
 
 def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu", layer=None,
-              rms_norm=None, impl=None, interpret=None, config: FusedConfig | None = None):
+              impl=None, interpret=None, config: FusedConfig | None = None):
     """y [B, D] = act(x @ w_up[layer, idx[:count]].T + b_up) @ w_down[layer, idx[:count]] + b_down[layer].
 
     Same contract as `selective_mlp` (api.py; arguments already validated there): here the weights are
     always [L, F, D], b_up [L, F], b_down [L, D] and `layer` an int32 scalar. Gated (w_gate [L, F, D]):
-    the hidden is silu(x @ w_gate.T) * (x @ w_up.T + b_up). Accumulates in f32; y in x's dtype. rms_norm:
-    x is normalised first (reference.rms_norm), not inside the kernel.
+    the hidden is silu(x @ w_gate.T) * (x @ w_up.T + b_up). Accumulates in f32; y in x's dtype.
     """
     del impl
     interpret = check_backend(interpret)
-    if rms_norm is not None:
-        x = reference.rms_norm(x, rms_norm[0], rms_norm[1], layer)
     B, D = x.shape
     C = idx.shape[0]
     gated = w_gate is not None

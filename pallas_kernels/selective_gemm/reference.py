@@ -31,11 +31,6 @@ def _layer(w, layer):
     return w if layer is None else lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
 
 
-def _normalised(x, norm, layer):
-    """x, RMS-normalised first when an API's rms_norm argument (gains, eps) is given."""
-    return x if norm is None else rms_norm(x, norm[0], norm[1], layer)
-
-
 def rms_norm(x, scale, eps: float, layer=None):
     """HF LlamaRMSNorm over the last axis: x / RMS(x) in f32, cast back to x's dtype, then times the gains
     (scale [D], or [L, D] with layer)."""
@@ -44,10 +39,9 @@ def rms_norm(x, scale, eps: float, layer=None):
     return _layer(scale, layer) * y
 
 
-def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, rms_norm=None,
-                 impl=None, interpret=None):
+def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
+                 interpret=None):
     del impl, interpret
-    x = _normalised(x, rms_norm, layer)
     C = idx.shape[0]
     xf = x.astype(jnp.float32)
     up = jnp.take(_layer(w_up, layer), idx, axis=0).astype(jnp.float32)          # [C, D]
@@ -75,9 +69,8 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, rms_norm=None, impl=None, interpret=None):
-    h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer,
-                     rms_norm=rms_norm)
+                  layer=None, impl=None, interpret=None):
+    h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer)
     return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer)
 
 
@@ -107,10 +100,9 @@ def _dense_hidden(x, w_up, b_up, w_gate, activation, layer):
     return activate(h, activation)
 
 
-def dense_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, rms_norm=None,
-             impl=None, interpret=None):
+def dense_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
+             interpret=None):
     del impl, interpret
-    x = _normalised(x, rms_norm, layer)
     C = idx.shape[0]
     h = jnp.take(_dense_hidden(x, w_up, b_up, w_gate, activation, layer), idx, axis=1)  # [B, C]
     return jnp.where(jnp.arange(C) < count, h, jnp.zeros((), x.dtype))
@@ -128,10 +120,9 @@ def dense_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, int
 
 
 def dense_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-              layer=None, rms_norm=None, impl=None, interpret=None, all_selected: bool = False):
+              layer=None, impl=None, interpret=None, all_selected: bool = False):
     """The MLP over all F neurons, masked to idx[:count]; `all_selected` (count == F known) skips the mask."""
     del impl, interpret
-    x = _normalised(x, rms_norm, layer)
     F = w_up.shape[-2]
     h = _dense_hidden(x, w_up, b_up, w_gate, activation, layer)                  # [B, F]
     if not all_selected:
