@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.selective_gemm.reference import rms_norm
 from polar_jax.config import ModelConfig
 
 
@@ -17,7 +16,8 @@ def norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
         xf = xf - xf.mean(-1, keepdims=True)
         y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + cfg.norm_eps)
         return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-    return rms_norm(x, p["scale"], cfg.norm_eps)
+    y = (xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + cfg.norm_eps)).astype(x.dtype)
+    return p["scale"] * y  # HF LlamaRMSNorm: cast back to the input dtype, then scale
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:

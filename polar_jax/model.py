@@ -209,19 +209,10 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     impl = "triton" if jax.default_backend() == "gpu" else None
     every_row = {n: jnp.arange(n, dtype=jnp.int32) for n in {lp["wqkv"].shape[1], lp["wo"].shape[1], cfg.mlp_dim}}
 
-    # A decode step's GEMMs that follow an RMSNorm apply it themselves (selective_up's rms_norm): the norm is not
-    # a kernel of its own. The normalised rows are still computed where something else reads them (a router,
-    # the oracle); where nothing does, XLA drops them.
-    fold_norm = decode and cfg.norm == "rms" and not cfg.post_norm
-
-    def folded(name, parts):  # (raw rows [B, D], (gains [L, D], eps)) for the GEMM after norm `name`, or None
-        return (parts[0][:, 0], (lp[name]["scale"], cfg.norm_eps)) if fold_norm else None
-
-    def project(hs, l, w, b=None, fold=None):  # [B, T, D] each @ w[l].T (+ b[l]) -> [B, T, R'] each
+    def project(hs, l, w, b=None):  # [B, T, D] each @ w[l].T (+ b[l]) -> [B, T, R'] each
         if decode:
-            x1, rms = fold if fold is not None else (hs[0][:, 0], None)
-            return [selective_up(x1, w, every_row[w.shape[1]], w.shape[1], b_up=b, activation="none", layer=l,
-                                 rms_norm=rms, impl=impl)[:, None]]
+            return [selective_up(hs[0][:, 0], w, every_row[w.shape[1]], w.shape[1], b_up=b, activation="none",
+                                 layer=l, impl=impl)[:, None]]
         return _split_rows(jnp.einsum("nd,rd->nr", _join_rows(hs), w[l]) + (0 if b is None else b[l]), hs)
 
     def unproject(as_, l, w, b=None):  # [B, T, R'] each @ w[l] (+ b[l]) -> [B, T, D] each
@@ -249,14 +240,13 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         return paged_decode_attention(q1, k_all, v_all, lengths, rows.table, head_idx, layer=l,
                                       sm_scale=sm_scale)[:, None]
 
-    def decode_mlp(l, h1, valid, n_neurons, seg: Segment, fold=None):  # h1 [B, D] -> [B, 1, D]
+    def decode_mlp(l, h1, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
         sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=valid,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (every_row[cfg.mlp_dim], cfg.mlp_dim) if sel is None else sel
-        x1, rms = fold if fold is not None else (h1, None)
-        y = selective_mlp(x1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
+        y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
                           w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
-                          layer=l, rms_norm=rms, impl=impl)
+                          layer=l, impl=impl)
         return y[:, None]
 
     def norm(name, l, xs_):
@@ -267,7 +257,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         l, n_heads, n_neurons = xs
         parts = [x] if xr is None else [x, xr]
         hs = parts if cfg.post_norm else norm("attn_norm", l, parts)
-        qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"), folded("attn_norm", parts))  # [B, T, (N+2K)*H] each
+        qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H] each
         q, k_all, v_all = split_and_write(l, qkvs[0], k_all, v_all, main)
         if xr is not None:  # written before either part's attention reads the pool: one version of it is
             # live, so the writes stay in place (a write after a read of the same buffer copies the pool)
@@ -291,7 +281,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         h2s = parts if cfg.post_norm else norm("mlp_norm", l, parts)
         hidden = None
         if decode:
-            ys = [decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg, folded("mlp_norm", parts))]
+            ys = [decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg)]
         elif xr is None or seg.neuron_capacity is None:  # riders with a dense MLP join the prefill's GEMMs
             hidden = layers.dense_mlp_hidden(cfg, lp, l, _join_rows(h2s))  # [n, F]
             ys = _split_rows(layers.dense_mlp_out(cfg, lp, l, hidden), h2s)

@@ -121,52 +121,6 @@ def test_configs(interpret, B, D, F, C, up_cfg, down_cfg):
         assert_close(y, ref, F16)
 
 
-NORM_CASES = [  # B, D, F, C, dtype, gated, bias, UpConfig (split_k 3 with a masked D tail: partial sums + epilogue)
-    (3, 200, 96, 45, F16, True, True, tk.UpConfig(block_n=16, block_k=64)),
-    (5, 200, 96, 50, BF16, False, False, tk.UpConfig(block_n=16, block_k=32, split_k=3)),
-    (16, 128, 64, 33, F32, True, False, tk.UpConfig(block_n=32, block_k=32, split_k=2)),
-]
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("B,D,F,C,dtype,gated,bias,cfg", NORM_CASES)
-def test_up_with_rms_norm(interpret, B, D, F, C, dtype, gated, bias, cfg):
-    """rms_norm folded into the kernel = normalising x first (HF's RMSNorm, f32) then the reference. x has an
-    RMS of about 5 and the gains vary, so a kernel that skips the division or the gains is far off."""
-    p = _make(B, D, F, C, dtype, gated=gated, bias=bias, L=2)
-    scale = (1.0 + 0.5 * _normal((2, D), F32)).astype(dtype)
-    eps = 1e-5
-    fn = jax.jit(lambda x, w, g, b, s, idx, count: tk.selective_up(
-        x, w, idx, count, b_up=b, w_gate=g, activation="relu", layer=jnp.int32(1), rms_norm=(s, eps),
-        interpret=interpret, config=cfg))
-    for count in _counts(C):
-        x = 5.0 * _normal((B, D), F32)
-        h = fn(x.astype(dtype), p["w_up"], p["w_gate"], p["b_up"], scale, p["idx"], jnp.int32(count))
-        xn = reference.rms_norm(_f32(x.astype(dtype)), _f32(scale), eps, 1)
-        ref = selective_up_reference(xn, _f32(p["w_up"]), p["idx"], count, b_up=_f32(p["b_up"]),
-                                     w_gate=_f32(p["w_gate"]), activation="relu", layer=1)
-        assert_close(h, ref, dtype)
-        _check_zero_tail(h, count)
-
-
-def test_rms_norm_api_dispatch():
-    """Through the API: every backend computes the same normalised MLP; a bad norm argument is refused."""
-    B, D, F, C = 4, 64, 96, 40
-    p = _make(B, D, F, C, F32, gated=True)
-    scale = 1.0 + 0.5 * _normal((D,), F32)
-    x = 3.0 * p["x"]
-    want = selective_mlp_reference(reference.rms_norm(x, scale, 1e-6), p["w_up"], p["w_down"], p["idx"], C,
-                                   w_gate=p["w_gate"])
-    for impl in ("triton", "dense", "xla"):
-        y = selective_mlp(x, p["w_up"], p["w_down"], p["idx"], C, w_gate=p["w_gate"], rms_norm=(scale, 1e-6),
-                          impl=impl, interpret=True if impl == "triton" else None)
-        assert_close(y, want, F32)
-    with pytest.raises(ValueError, match="rms_norm scale"):
-        selective_up(x, p["w_up"], p["idx"], C, rms_norm=(scale[:-1], 1e-6))
-    with pytest.raises(ValueError, match="eps"):
-        selective_up(x, p["w_up"], p["idx"], C, rms_norm=(scale, 0.0))
-
-
 # ---------------------------------------------------------------------------------------------------
 # the heuristics' own rules at the batches the model and the benchmarks run (64, 128): D, F and C kept
 # small for the interpreter but chosen so that the rules take the branches they take at model shapes

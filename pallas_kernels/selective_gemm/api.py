@@ -16,12 +16,6 @@ Shapes and dtypes:
       padded to a static capacity C; positions >= count are ignored but must hold ids in [0, F).
   count: int32 scalar <= C, may be traced. Work is proportional to count, not to C.
   activation: "relu" | "gelu" (tanh approximation) | "none"; ignored (silu gate) when w_gate is given.
-  rms_norm (selective_up / selective_mlp): None, or (scale, eps): x is first RMS-normalised as HF's
-      LlamaRMSNorm does (reference.rms_norm; scale [D], or [L, D] with `layer`; eps a float). The
-      "triton" kernel folds the norm into its dot (x's tiles times the gains, the result divided by each
-      row's RMS, so no normalised copy of x is written: one kernel less per norm in a decode layer); it
-      rounds at another point than normalising first, within the dtype's rounding. Other backends
-      normalise x first.
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
@@ -130,20 +124,7 @@ def _check_bias(name, b, n, dtype, stacked, L):
         raise TypeError(f"{name} has dtype {b.dtype}, but the activations are {dtype}")
 
 
-def _check_rms_norm(rms_norm, D, stacked, L):
-    if rms_norm is None:
-        return
-    if not isinstance(rms_norm, tuple) or len(rms_norm) != 2:
-        raise TypeError(f"rms_norm must be None or a (scale, eps) pair, got {type(rms_norm).__name__}")
-    scale, eps = rms_norm
-    want = (L, D) if stacked else (D,)
-    if tuple(jnp.shape(scale)) != want:
-        raise ValueError(f"rms_norm scale has shape {tuple(jnp.shape(scale))}; expected {want}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"rms_norm eps must be a positive Python float, got {eps!r}")
-
-
-def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer, rms_norm=None):
+def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
     if x.ndim != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, D]")
     _check_float("x", x)
@@ -159,7 +140,6 @@ def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer, rms_norm=Non
     L = w_up.shape[0] if stacked else 1
     check_layer(layer, L)
     _check_bias("b_up", b_up, F, x.dtype, stacked, L)
-    _check_rms_norm(rms_norm, D, stacked, L)
     _check_idx(idx, count, F)
     return F
 
@@ -230,31 +210,20 @@ def _layer_arg(name, layer):
     return layer
 
 
-def _normed(name, x, rms_norm, layer, st):
-    """(x, rms_norm) as backend `name` takes them: the Triton kernels fold the norm in, the rest get x normalised."""
-    if rms_norm is None:
-        return x, {}
-    if name == "triton":
-        return x, {"rms_norm": (st(rms_norm[0]), rms_norm[1])}
-    return reference.rms_norm(x, rms_norm[0], rms_norm[1], layer), {}
-
-
-def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, rms_norm=None,
-                 impl=None, interpret=None):
-    """h [B, C] in x's dtype: column j < count is act(x @ w_up[idx[j]] + b_up[idx[j]]), the rest 0
-    (x RMS-normalised first when rms_norm is given).
+def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
+                 interpret=None):
+    """h [B, C] in x's dtype: column j < count is act(x @ w_up[idx[j]] + b_up[idx[j]]), the rest 0.
 
     See the module docstring for shapes; `impl` picks a backend ("triton", "fused", "dense", "xla"),
     `interpret` runs the Triton kernels in the Pallas interpreter.
     """
-    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer, rms_norm)
+    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
     B, D = x.shape
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
-        xn, norm = _normed(name, x, rms_norm, layer, st)
-        return fn(xn, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
-                  layer=_layer_arg(name, layer), interpret=interpret, **norm)
+        return fn(x, st(w_up), idx, count, b_up=st(b_up), w_gate=st(w_gate), activation=activation,
+                  layer=_layer_arg(name, layer), interpret=interpret)
 
     return _run("up", impl, B, D, F, count, idx.shape[0], call)
 
@@ -273,15 +242,14 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, rms_norm=None, impl=None, interpret=None):
-    """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer (x RMS-normalised
-    first when rms_norm is given).
+                  layer=None, impl=None, interpret=None):
+    """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
 
     impl="fused" runs it as one persistent kernel (fused.py).
     Takes the dense path (all F neurons, same function) where that is faster, see `dense_is_faster`;
     with a traced count and a large capacity that choice is a `lax.cond` on the device.
     """
-    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer, rms_norm)
+    F = _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer)
     Fd, D = _check_down(jax.ShapeDtypeStruct((x.shape[0], idx.shape[0]), x.dtype), w_down, idx, count, b_down, layer)
     if Fd != F or w_down.shape != w_up.shape:
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but w_up has {tuple(w_up.shape)}")
@@ -293,8 +261,7 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
         extra = {}
         if name == "dense" and c is not None and int(c) == F:
             extra["all_selected"] = True  # idx[:F] distinct = every neuron: the plain dense MLP, no mask
-        xn, norm = _normed(name, x, rms_norm, layer, st)
-        return fn(xn, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
-                  activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra, **norm)
+        return fn(x, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
+                  activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra)
 
     return _run("mlp", impl, B, D, F, count, idx.shape[0], call)

@@ -31,14 +31,6 @@ def _layer(w, layer):
     return w if layer is None else lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
 
 
-def rms_norm(x, scale, eps: float, layer=None):
-    """HF LlamaRMSNorm over the last axis: x / RMS(x) in f32, cast back to x's dtype, then times the gains
-    (scale [D], or [L, D] with layer)."""
-    xf = x.astype(jnp.float32)
-    y = (xf * lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)).astype(x.dtype)
-    return _layer(scale, layer) * y
-
-
 def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, impl=None,
                  interpret=None):
     del impl, interpret

@@ -168,10 +168,9 @@ def _activate(h, activation):
 
 
 def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig, B: int, D: int, C: int,
-               has_gate: bool, has_bias: bool, activation: str, norm_eps: float | None):
+               has_gate: bool, has_bias: bool, activation: str):
     g_ref = refs[0] if has_gate else None
     b_ref = refs[int(has_gate)] if has_bias else None
-    s_ref = refs[int(has_gate) + int(has_bias)] if norm_eps is not None else None  # RMSNorm gains [L, D]
     o_ref = refs[-1]
     BB, BN, BK, SK = cfg.block_b, cfg.block_n, cfg.block_k, cfg.split_k
     b0 = pl.program_id(0) * BB
@@ -200,25 +199,15 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
                 x_mask = b_mask[:, None] & (kk < D)[None, :]
             xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
                             other=0 if x_mask is not None else None)          # [BB, BK]
-            out = []
-            if norm_eps is not None:  # RMSNorm folded in: sum x^2 per row, multiply x by the gains here,
-                # divide by the rows' RMS after the loop (the dot is linear in x)
-                xf = xt.astype(jnp.float32)
-                st = plgpu.load(s_ref.at[layer, pl.ds(k * BK, BK)], mask=kk < D if mask_k else None,
-                                other=0 if mask_k else None).astype(jnp.float32)  # [BK]
-                out.append(accs[-1] + jnp.sum(xf * xf, axis=1))
-                xt = (xf * st[None, :]).astype(xt.dtype)
             wt = plgpu.load(w_ref.at[layer, rows2, kk2], mask=w_mask, other=0)  # [BN, BK] gathered rows
-            out.insert(0, accs[0] + dot(xt, wt, trans_b=True))
+            out = [accs[0] + dot(xt, wt, trans_b=True)]
             if has_gate:
                 gt = plgpu.load(g_ref.at[layer, rows2, kk2], mask=w_mask, other=0)
-                out.insert(1, accs[1] + dot(xt, gt, trans_b=True))
+                out.append(accs[1] + dot(xt, gt, trans_b=True))
             return tuple(out)
 
         zero = jnp.zeros((BB, BN), jnp.float32)
         init = (zero, zero) if has_gate else (zero,)
-        if norm_eps is not None:
-            init += (jnp.zeros((BB,), jnp.float32),)  # sum of x^2 over this program's D chunks
         n_k = pl.cdiv(D, BK)
         if SK == 1:
             accs = lax.fori_loop(0, n_k, body, init)
@@ -226,12 +215,9 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
             per = pl.cdiv(n_k, SK)
             k_lo = jnp.minimum(sk * per, n_k)
             accs = lax.fori_loop(k_lo, jnp.minimum(k_lo + per, n_k), body, init)
-            for i, acc in enumerate(accs[:1 + has_gate]):  # the caller divides by the RMS (from x itself)
+            for i, acc in enumerate(accs):
                 plgpu.store(o_ref.at[jnp.int32(i), sk, pl.ds(b0, BB), pl.ds(n0, BN)], acc, mask=o_mask)
             return
-        if norm_eps is not None:
-            inv_rms = lax.rsqrt(accs[-1] / D + norm_eps)[:, None]  # [BB, 1]
-            accs = tuple(a * inv_rms for a in accs[:-1])
         h = accs[0]
         if has_bias:
             h = h + plgpu.load(b_ref.at[layer, rows], mask=live, other=0).astype(jnp.float32)[None, :]
@@ -325,13 +311,12 @@ def _scalar(v):
     return jnp.asarray(v, jnp.int32).reshape(1)
 
 
-def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None, rms_norm=None,
+def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", layer=None,
                  impl=None, interpret=None, config: UpConfig | None = None):
     """h [B, C] = act(x @ w_up[layer, idx].T + b_up[layer, idx]); arguments already validated by the API.
 
     Here `w_up`/`w_gate` are always [L, F, D], `b_up` [L, F] and `layer` an int32 scalar (the API lifts
-    2-D weights to L = 1). rms_norm (gains [L, D], eps): x is RMS-normalised inside the kernel (the gains
-    multiply x's tiles, the dot is divided by each row's RMS at the end).
+    2-D weights to L = 1).
     """
     del impl
     interpret = check_backend(interpret)
@@ -340,15 +325,13 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     if config is None:
         config = up_config(B, D, _static_count(count, C), gated=w_gate is not None, dtype=x.dtype)
     has_gate, has_bias = w_gate is not None, b_up is not None
-    norm_eps = None if rms_norm is None else float(rms_norm[1])
     kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate,
-                               has_bias=has_bias and config.split_k == 1, activation=activation, norm_eps=norm_eps)
+                               has_bias=has_bias and config.split_k == 1, activation=activation)
     SK = config.split_k
     grid = (pl.cdiv(B, config.block_b), pl.cdiv(C, config.block_n), SK)
     args = [_scalar(count), _scalar(layer), idx.astype(jnp.int32), x, w_up]
     args += [w_gate] if has_gate else []
     args += [b_up] if has_bias and SK == 1 else []
-    args += [rms_norm[0]] if rms_norm is not None else []
     if SK == 1:
         out_shape = jax.ShapeDtypeStruct((B, C), x.dtype)
     else:  # f32 partial sums [up (, gate), split, B, C]
@@ -364,14 +347,10 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     if SK == 1:
         return out
     # Epilogue of the split: one small XLA fusion over [B, C].
-    parts = out.sum(axis=1)  # [up (, gate), B, C]
-    if rms_norm is not None:
-        xf = x.astype(jnp.float32)
-        parts = parts * lax.rsqrt(jnp.mean(xf * xf, axis=1) + norm_eps)[None, :, None]
-    u = parts[0]
+    u = out[0].sum(axis=0)
     if has_bias:
         u = u + jnp.take(lax.dynamic_index_in_dim(b_up, layer, 0, keepdims=False), idx).astype(jnp.float32)
-    h = _activate(parts[1], "silu") * u if has_gate else _activate(u, activation)
+    h = _activate(out[1].sum(axis=0), "silu") * u if has_gate else _activate(u, activation)
     return jnp.where(jnp.arange(C) < count, h, 0.0).astype(x.dtype)
 
 
@@ -409,10 +388,10 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, rms_norm=None, impl=None, interpret=None, up_cfg: UpConfig | None = None,
+                  layer=None, impl=None, interpret=None, up_cfg: UpConfig | None = None,
                   down_cfg: DownConfig | None = None):
     h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer,
-                     rms_norm=rms_norm, interpret=interpret, config=up_cfg)
+                     interpret=interpret, config=up_cfg)
     return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer, interpret=interpret,
                           config=down_cfg)
 
