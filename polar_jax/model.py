@@ -24,7 +24,6 @@ from flax import linen as nn
 from pallas_kernels.cache_write import rope_and_cache_write
 from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.prefill_attention import paged_prefill_attention
-from pallas_kernels.residual_norm import Norm
 from pallas_kernels.selective_gemm import selective_down, selective_mlp, selective_up
 from polar_jax import layers
 from polar_jax.cache import KVCache
@@ -63,9 +62,8 @@ def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Arra
     return x
 
 
-def unembed(cfg: ModelConfig, params: dict, x: jax.Array, normed: bool = False) -> jax.Array:
-    """Logits [..., V] fp32 of the last hidden states x (`normed`: x has been through the final norm already)."""
-    if cfg.has_final_norm and not normed:
+def unembed(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    if cfg.has_final_norm:
         x = layers.norm(cfg, params["final_norm"], x)
     if cfg.has_project:
         x = x @ params["project_out"]  # [..., E]
@@ -223,27 +221,6 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
                                    impl=impl)[:, None]]
         return _split_rows(_join_rows(as_) @ w[l] + (0 if b is None else b[l]), as_)
 
-    # A decode step of a pre-norm model adds each projection's output to the residual stream and normalises the
-    # sum in one kernel (selective_down's residual / norm): the attention output with the MLP's norm, the MLP's
-    # with the next layer's attention norm (the final norm after the last layer). The normalised rows travel in
-    # the scan's carry beside the residual stream.
-    fuse_norms = decode and not cfg.post_norm
-    if fuse_norms:
-        shift = lambda p: p.get("bias") if cfg.norm == "layer" else None
-        mlp_norm = Norm(cfg.norm, lp["mlp_norm"]["scale"], shift(lp["mlp_norm"]), cfg.norm_eps)
-
-        def following(k):  # [L, D]: layer l's output goes through layer l + 1's norm, the last one's the final norm
-            return jnp.concatenate([lp["attn_norm"][k][1:], params["final_norm"][k][None]])
-
-        next_norm = Norm(cfg.norm, following("scale"), following("bias") if cfg.norm == "layer" else None,
-                         cfg.norm_eps)
-
-    def unproject_add_norm(attn, l, x1):  # (x1 + attn @ wo[l] (+ bo[l]), mlp_norm of it), [B, 1, D] each
-        w = lp["wo"]
-        x, h = selective_down(attn[:, 0], w, every_row[w.shape[1]], w.shape[1], b_down=lp.get("bo"), layer=l,
-                              residual=x1[:, 0], norm=mlp_norm, impl=impl)
-        return x[:, None], h[:, None]
-
     def split_and_write(l, qkv, k_all, v_all, rows: _Rows):  # -> q [B, T, N, H] (rotated), k_all, v_all
         # Decode rows: one kernel on the GPU, where q's RoPE and the K and V scatters were three XLA kernels a layer.
         # Prefill rows keep XLA's: the kernel's program per token and head took 1.97 ms of a 2,048-token llama-3-8b
@@ -266,25 +243,23 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         return paged_decode_attention(q1, k_all, v_all, lengths, rows.table, head_idx, layer=l,
                                       sm_scale=sm_scale)[:, None]
 
-    def decode_mlp(l, h1, valid, n_neurons, seg: Segment, x1=None):
-        # h1 [B, D] -> [B, 1, D]; with the residual x1 [B, 1, D] (fuse_norms): (x1 + MLP, next_norm of it)
+    def decode_mlp(l, h1, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
         sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=valid,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (every_row[cfg.mlp_dim], cfg.mlp_dim) if sel is None else sel
-        then = {} if x1 is None else {"residual": x1[:, 0], "norm": next_norm}
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
                           w_gate=lp.get("w_gate"), activation="none" if cfg.gated_mlp else cfg.activation,
-                          layer=l, impl=impl, **then)
-        return y[:, None] if x1 is None else (y[0][:, None], y[1][:, None])
+                          layer=l, impl=impl)
+        return y[:, None]
 
     def norm(name, l, xs_):
         return [layers.norm(cfg, _at(lp[name], l), a) for a in xs_]
 
     def layer_step(seg: Segment, carry, xs):
-        x, h, xr, k_all, v_all = carry  # h: x through this layer's attention norm (fuse_norms), else None
+        x, xr, k_all, v_all = carry
         l, n_heads, n_neurons = xs
         parts = [x] if xr is None else [x, xr]
-        hs = [h] if fuse_norms else parts if cfg.post_norm else norm("attn_norm", l, parts)
+        hs = parts if cfg.post_norm else norm("attn_norm", l, parts)
         qkvs = project(hs, l, lp["wqkv"], lp.get("bqkv"))  # [B, T, (N+2K)*H] each
         q, k_all, v_all = split_and_write(l, qkvs[0], k_all, v_all, main)
         if xr is not None:  # written before either part's attention reads the pool: one version of it is
@@ -303,18 +278,11 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         if xr is not None:
             attns.append(decode_attention(l, qr, hs[1][:, 0], k_all, v_all, rider_rows, n_heads, seg)
                          .reshape(R, 1, N * H))
-        if fuse_norms:
-            x, h2 = unproject_add_norm(attns[0], l, x)
-            parts, h2s = [x], [h2]
-        else:
-            parts = [a + o for a, o in zip(parts, unproject(attns, l, lp["wo"], lp.get("bo")))]
-            if cfg.post_norm:
-                parts = norm("attn_norm", l, parts)
-            h2s = parts if cfg.post_norm else norm("mlp_norm", l, parts)
+        parts = [a + o for a, o in zip(parts, unproject(attns, l, lp["wo"], lp.get("bo")))]
+        if cfg.post_norm:
+            parts = norm("attn_norm", l, parts)
+        h2s = parts if cfg.post_norm else norm("mlp_norm", l, parts)
         hidden = None
-        if fuse_norms:
-            x, h = decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg, x1=x)
-            return (x, h, None, k_all, v_all), None
         if decode:
             ys = [decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg)]
         elif xr is None or seg.neuron_capacity is None:  # riders with a dense MLP join the prefill's GEMMs
@@ -332,7 +300,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         if collect:
             norms = jnp.sqrt(jnp.sum(jnp.square(attn.astype(jnp.float32)), axis=-1))  # [B, T, N]
             rec = Collected(hs[0], hidden, norms)
-        return (parts[0], None, parts[1] if xr is not None else None, k_all, v_all), rec
+        return (parts[0], parts[1] if xr is not None else None, k_all, v_all), rec
 
     # One scan per run of layers with equal selection capacities of the decode rows (a plain prefill: one
     # run, all dense). A decode step's scans are unrolled: with the layer index a constant, the norm gains
@@ -346,22 +314,19 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     else:
         segments = [Segment(0, cfg.n_layers, None, None)]
     xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, Bd))
-    h = layers.norm(cfg, _at(lp["attn_norm"], 0), x) if fuse_norms else None  # later layers': from the carry
-    carry, records = (x, h, xr, cache.k, cache.v), []
+    carry, records = (x, xr, cache.k, cache.v), []
     for seg in segments:
         carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,
                                   tuple(jnp.asarray(a[seg.start:seg.stop]) for a in xs), unroll=decode)
         records.append(rec)
-    x, h, xr, k_all, v_all = carry  # h: x through the final norm (fuse_norms)
+    x, xr, k_all, v_all = carry
     collected = records[0] if collect else None  # prefill runs a single segment
-    if fuse_norms:
-        x = h
 
     if last_only and packed is not None:
         x = x[0, jnp.clip(main.offsets + main.n_new - 1, 0, T - 1)]  # [C, D]
     elif last_only:
         x = x[jnp.arange(B), jnp.maximum(main.n_new - 1, 0)]  # [B, D]
-    logits = unembed(cfg, params, x, normed=fuse_norms)
+    logits = unembed(cfg, params, x)
     rider_logits = None if xr is None else unembed(cfg, params, xr[:, 0])  # [R, V]
     return logits, rider_logits, KVCache(k_all, v_all, main.table, main.ends), collected
 

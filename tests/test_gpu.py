@@ -117,8 +117,7 @@ def test_model_decode_kernels_vs_xla(monkeypatch, model, dtype, sparse):
 def test_decode_step_writes_the_pool_in_place(model):
     """The decode step's K/V writes (rope_and_cache_write, aliased to the pool) leave the donated pool in place:
     the compiled step's outputs alias it, and no temporary is anywhere near its size (a copy per layer would
-    be). Also: the step launches that kernel, no XLA scatter into the pool is left, and the residual adds come
-    with their norms (add_and_norm)."""
+    be). Also: the step launches that kernel, and no XLA scatter into the pool is left."""
     cfg = dataclasses.replace(polar_jax.preset(model), n_layers=3, vocab_size=1024)
     B, S = 8, 4096
     params = polar_jax.init_params(cfg, _key(model, "inplace"), BF16)
@@ -132,8 +131,6 @@ def test_decode_step_writes_the_pool_in_place(model):
     text = compiled.as_text()
     assert text.count("rope_and_cache_write") >= cfg.n_layers
     assert not re.search(r"\bscatter\(", text), "an XLA scatter is still in the decode step"
-    # and each residual add with the norm after it is one add_and_norm kernel (two a layer, pre-norm models)
-    assert text.count("add_and_norm") >= 2 * cfg.n_layers
 
 
 def test_prefill_compiles_its_gemms_to_cublas():

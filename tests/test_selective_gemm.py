@@ -121,52 +121,6 @@ def test_configs(interpret, B, D, F, C, up_cfg, down_cfg):
         assert_close(y, ref, F16)
 
 
-THEN_CASES = [  # B, D, F, C, dtype, kind, bias, DownConfig (split 3: the partials reach the add-and-norm kernel)
-    (3, 200, 96, 45, F16, "rms", True, tk.DownConfig(block_n=16, block_d=32, split=3)),
-    (5, 128, 64, 40, BF16, "layer", True, tk.DownConfig(block_n=16, block_d=64, split=1)),
-    (16, 96, 64, 33, F32, "rms", False, tk.DownConfig(block_n=16, block_d=32, split=2)),
-]
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("B,D,F,C,dtype,kind,bias,cfg", THEN_CASES)
-def test_down_then_residual_norm(interpret, B, D, F, C, dtype, kind, bias, cfg):
-    """selective_down with residual and norm = (residual + y, norm of it), y the reference's, at the layer's own
-    norm parameters; the residual has an RMS of about 4, so a missing add or norm is far off."""
-    from pallas_kernels.residual_norm import Norm, reference as rn_reference
-    p = _make(B, D, F, C, dtype, bias=bias, L=2)
-    norm = Norm(kind, (1.0 + 0.5 * _normal((2, D), F32)).astype(dtype),
-                _normal((2, D), dtype, 0.3) if kind == "layer" else None, 1e-5)
-    fn = jax.jit(lambda h, w, b, r, idx, count: tk.selective_down(
-        h, w, idx, count, b_down=b, layer=jnp.int32(1), residual=r, norm=norm, interpret=interpret, config=cfg))
-    for count in _counts(C):
-        h, r = _normal((B, C), dtype), _normal((B, D), dtype, 4.0)
-        x, normed = fn(h, p["w_down"], p["b_down"], r, p["idx"], jnp.int32(count))
-        y = selective_down_reference(_f32(h), _f32(p["w_down"]), p["idx"], count, b_down=_f32(p["b_down"]), layer=1)
-        x_want = _f32(r) + y
-        n_want = rn_reference.normalize(x_want, Norm(kind, _f32(norm.scale), _f32(norm.shift), 1e-5), 1)
-        assert_close(x, x_want, dtype)
-        assert_close(normed, n_want, dtype)
-
-
-def test_residual_norm_api_dispatch():
-    """Through the API: every backend returns the same (x, normed) for the MLP; residual without norm is refused."""
-    from pallas_kernels.residual_norm import Norm, reference as rn_reference
-    B, D, F, C = 4, 64, 96, 40
-    p = _make(B, D, F, C, F32, gated=True)
-    r = 3.0 * _normal((B, D), F32)
-    norm = Norm("rms", 1.0 + 0.5 * _normal((D,), F32), None, 1e-6)
-    y = selective_mlp_reference(p["x"], p["w_up"], p["w_down"], p["idx"], C, w_gate=p["w_gate"])
-    want = rn_reference.add_and_norm(r, y[None], norm)
-    for impl in ("triton", "fused", "dense", "xla"):
-        got = selective_mlp(p["x"], p["w_up"], p["w_down"], p["idx"], C, w_gate=p["w_gate"], residual=r, norm=norm,
-                            impl=impl, interpret=True if impl in ("triton", "fused") else None)
-        for g, w in zip(got, want):
-            assert_close(g, w, F32)
-    with pytest.raises(ValueError, match="residual and norm"):
-        selective_down(_normal((B, C), F32), p["w_down"], p["idx"], C, residual=r)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the heuristics' own rules at the batches the model and the benchmarks run (64, 128): D, F and C kept
 # small for the interpreter but chosen so that the rules take the branches they take at model shapes

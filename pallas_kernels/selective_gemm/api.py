@@ -15,10 +15,6 @@ Shapes and dtypes:
   idx [C] int32: the selected neuron ids (the union over the batch), distinct among positions < count,
       padded to a static capacity C; positions >= count are ignored but must hold ids in [0, F).
   count: int32 scalar <= C, may be traced. Work is proportional to count, not to C.
-  residual, norm (selective_down / selective_mlp, together or not at all): residual [B, D] in h's dtype and
-      a pallas_kernels.residual_norm.Norm (parameters [D], or [L, D] with `layer`): the result is then
-      (residual + y, norm(residual + y)), both [B, D]. The Triton backend adds and normalises in one kernel
-      over the split's partial sums (a decode layer's residual add and the norm after it were two).
   activation: "relu" | "gelu" (tanh approximation) | "none"; ignored (silu gate) when w_gate is given.
 
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
@@ -42,8 +38,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import check_layer, concrete
-from pallas_kernels.residual_norm import Norm
-from pallas_kernels.residual_norm.api import check_contract as residual_norm_contract
 from pallas_kernels.selective_gemm import fused as fused_impl
 from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm import triton as triton_impl
@@ -150,20 +144,6 @@ def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
     return F
 
 
-def _check_then(residual, norm, B, D, dtype, layer):
-    if residual is None and norm is None:
-        return
-    if residual is None or norm is None:
-        raise ValueError("residual and norm go together: pass both (for (residual + y, norm of it)) or neither")
-    if tuple(residual.shape) != (B, D) or residual.dtype != dtype:
-        raise ValueError(f"residual is {tuple(residual.shape)} {residual.dtype}; expected [B, D]=({B}, {D}) {dtype}")
-    residual_norm_contract(residual, jax.ShapeDtypeStruct((1, B, D), dtype), norm, None, layer)
-
-
-def _lift_norm(norm, st):
-    return None if norm is None else Norm(norm.kind, st(norm.scale), st(norm.shift), norm.eps)
-
-
 def _check_down(h, w_down, idx, count, b_down, layer):
     if h.ndim != 2:
         raise ValueError(f"h has shape {tuple(h.shape)}; expected [B, C]")
@@ -248,24 +228,21 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     return _run("up", impl, B, D, F, count, idx.shape[0], call)
 
 
-def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=None, norm=None, impl=None,
-                   interpret=None):
-    """y [B, D] in h's dtype: sum_{j < count} h[:, j] * w_down[idx[j]] + b_down; with residual and norm,
-    (residual + y, norm(residual + y)) (see the module docstring)."""
+def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None):
+    """y [B, D] in h's dtype: sum_{j < count} h[:, j] * w_down[idx[j]] + b_down (see the module docstring)."""
     F, D = _check_down(h, w_down, idx, count, b_down, layer)
     B = h.shape[0]
-    _check_then(residual, norm, B, D, h.dtype, layer)
 
     def call(name, fn):
         st = (lambda a: _stack(a, layer)) if name in PALLAS else (lambda a: a)
-        return fn(h, st(w_down), idx, count, b_down=st(b_down), layer=_layer_arg(name, layer), residual=residual,
-                  norm=_lift_norm(norm, st), interpret=interpret)
+        return fn(h, st(w_down), idx, count, b_down=st(b_down), layer=_layer_arg(name, layer),
+                  interpret=interpret)
 
     return _run("down", impl, B, D, F, count, idx.shape[0], call)
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, residual=None, norm=None, impl=None, interpret=None):
+                  layer=None, impl=None, interpret=None):
     """y [B, D] = selective_down(selective_up(x, ...), ...): the sparse MLP of one layer.
 
     impl="fused" runs it as one persistent kernel (fused.py).
@@ -277,7 +254,6 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
     if Fd != F or w_down.shape != w_up.shape:
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but w_up has {tuple(w_up.shape)}")
     B = x.shape[0]
-    _check_then(residual, norm, B, D, x.dtype, layer)
     c = concrete(count)
 
     def call(name, fn):
@@ -286,7 +262,6 @@ def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate
         if name == "dense" and c is not None and int(c) == F:
             extra["all_selected"] = True  # idx[:F] distinct = every neuron: the plain dense MLP, no mask
         return fn(x, st(w_up), st(w_down), idx, count, b_up=st(b_up), b_down=st(b_down), w_gate=st(w_gate),
-                  activation=activation, layer=_layer_arg(name, layer), residual=residual, norm=_lift_norm(norm, st),
-                  interpret=interpret, **extra)
+                  activation=activation, layer=_layer_arg(name, layer), interpret=interpret, **extra)
 
     return _run("mlp", impl, B, D, F, count, idx.shape[0], call)

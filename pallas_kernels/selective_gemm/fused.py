@@ -54,7 +54,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
-from pallas_kernels.residual_norm import add_and_norm
 from pallas_kernels.selective_gemm.triton import (
     NUM_SMS,
     _activate,
@@ -223,7 +222,7 @@ def sm_count() -> int | None:
 
 
 def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu", layer=None,
-              residual=None, norm=None, impl=None, interpret=None, config: FusedConfig | None = None):
+              impl=None, interpret=None, config: FusedConfig | None = None):
     """y [B, D] = act(x @ w_up[layer, idx[:count]].T + b_up) @ w_down[layer, idx[:count]] + b_down[layer].
 
     Same contract as `selective_mlp` (api.py; arguments already validated there): here the weights are
@@ -273,8 +272,7 @@ def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=Non
         )(*args, scratch)
 
     scratch = call(scratch, "both") if config.barrier and not interpret else call(call(scratch, "up"), "down")
-    y = scratch[:B, G * Cp:G * Cp + D].astype(x.dtype)
-    return y if residual is None else add_and_norm(residual, y[None], norm, layer=layer, interpret=interpret)
+    return scratch[:B, G * Cp:G * Cp + D].astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.residual_norm import reference as residual_norm
-
 _HI = lax.Precision.HIGHEST
 
 
@@ -51,13 +49,7 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     return h.astype(x.dtype)
 
 
-def _then(y, residual, norm, layer):
-    """y, or (residual + y, its norm) when a residual is given (the selective API's residual / norm)."""
-    return y if residual is None else residual_norm.add_and_norm(residual, y[None], norm, layer=layer)
-
-
-def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=None, norm=None, impl=None,
-                   interpret=None):
+def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None):
     del impl, interpret
     C = idx.shape[0]
     hf = jnp.where(jnp.arange(C) < count, h.astype(jnp.float32), 0.0)             # ignore columns >= count
@@ -65,13 +57,13 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=N
     y = jnp.einsum("bc,cd->bd", hf, down, precision=_HI)
     if b_down is not None:
         y = y + _layer(b_down, layer).astype(jnp.float32)
-    return _then(y.astype(h.dtype), residual, norm, layer)
+    return y.astype(h.dtype)
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, residual=None, norm=None, impl=None, interpret=None):
+                  layer=None, impl=None, interpret=None):
     h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer)
-    return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer, residual=residual, norm=norm)
+    return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer)
 
 
 # ---- dense path: every weight read once at library-GEMM speed, same function through a neuron mask ----
@@ -108,8 +100,7 @@ def dense_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="relu", 
     return jnp.where(jnp.arange(C) < count, h, jnp.zeros((), x.dtype))
 
 
-def dense_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=None, norm=None, impl=None,
-               interpret=None):
+def dense_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None):
     del impl, interpret
     B, C = h.shape
     F = w_down.shape[-2]
@@ -117,11 +108,11 @@ def dense_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=None,
     # Positions >= count hold zeros, so a scatter-add of them (wherever idx points) adds nothing.
     hf = jnp.zeros((B, F), h.dtype).at[:, idx].add(hc)                           # [B, F]
     y = _mm("bf,fd->bd", hf, _layer(w_down, layer))
-    return _then(y if b_down is None else y + _layer(b_down, layer), residual, norm, layer)
+    return y if b_down is None else y + _layer(b_down, layer)
 
 
 def dense_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-              layer=None, residual=None, norm=None, impl=None, interpret=None, all_selected: bool = False):
+              layer=None, impl=None, interpret=None, all_selected: bool = False):
     """The MLP over all F neurons, masked to idx[:count]; `all_selected` (count == F known) skips the mask."""
     del impl, interpret
     F = w_up.shape[-2]
@@ -129,4 +120,4 @@ def dense_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=Non
     if not all_selected:
         h = h * neuron_mask(idx, count, F, h.dtype)
     y = _mm("bf,fd->bd", h, _layer(w_down, layer))
-    return _then(y if b_down is None else y + _layer(b_down, layer), residual, norm, layer)
+    return y if b_down is None else y + _layer(b_down, layer)

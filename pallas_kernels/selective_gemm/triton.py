@@ -34,7 +34,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import autotune
 from pallas_kernels.common import check_backend, dot
-from pallas_kernels.residual_norm import add_and_norm
 
 NUM_SMS = 132  # H100 / H200; only used to size the work split, a wrong value costs speed, not correctness.
 
@@ -355,11 +354,9 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     return jnp.where(jnp.arange(C) < count, h, 0.0).astype(x.dtype)
 
 
-def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=None, norm=None, impl=None,
-                   interpret=None, config: DownConfig | None = None):
-    """y [B, D] = h[:, :count] @ w_down[layer, idx[:count]] + b_down[layer]; arguments already validated.
-    With a residual: (residual + y, norm of it), the add and the norm one kernel over the split's partial sums
-    (pallas_kernels.residual_norm; norm's parameters stacked [L, D] like the weights)."""
+def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None, interpret=None,
+                   config: DownConfig | None = None):
+    """y [B, D] = h[:, :count] @ w_down[layer, idx[:count]] + b_down[layer]; arguments already validated."""
     del impl
     interpret = check_backend(interpret)
     B, C = h.shape
@@ -382,9 +379,6 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=N
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="selective_down",
     )(*args)
-    if residual is not None:
-        return add_and_norm(residual, y if S > 1 else y[None], norm, bias=b_down if S > 1 else None, layer=layer,
-                            interpret=interpret)
     if S > 1:
         y = y.sum(axis=0)  # [B, D]; XLA fuses this with the bias, the cast and the consumer of y
         if has_bias:
@@ -394,12 +388,12 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, residual=N
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",
-                  layer=None, residual=None, norm=None, impl=None, interpret=None, up_cfg: UpConfig | None = None,
+                  layer=None, impl=None, interpret=None, up_cfg: UpConfig | None = None,
                   down_cfg: DownConfig | None = None):
     h = selective_up(x, w_up, idx, count, b_up=b_up, w_gate=w_gate, activation=activation, layer=layer,
                      interpret=interpret, config=up_cfg)
-    return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer, residual=residual, norm=norm,
-                          interpret=interpret, config=down_cfg)
+    return selective_down(h, w_down, idx, count, b_down=b_down, layer=layer, interpret=interpret,
+                          config=down_cfg)
 
 
 def _static_count(count, C: int) -> int:
