@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.generate import DTYPE, make_step, parse_cases
+from benchmarks.generate import DTYPE, _nbytes, make_step, parse_cases
 from polar_jax import preset
 from polar_jax.cache import cache_bytes, init_cache
 from polar_jax.params import init_params
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
         tokens = jax.ShapeDtypeStruct((B,), jnp.int32)
         key = jax.eval_shape(lambda: jax.random.key(0))
         m = make_step(cfg, None).lower(params, cache, tokens, key).compile().memory_analysis()
-        weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+        weights = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(params))
         kv = cache_bytes(cfg, B, ctx, DTYPE)
         print(f"{name} B={B} ctx={ctx} ({jax.devices()[0].device_kind}): weights {weights / gib:.2f} GiB, "
               f"KV cache {kv / gib:.2f} GiB, arguments {m.argument_size_in_bytes / gib:.2f} GiB, output "

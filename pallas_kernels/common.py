@@ -43,12 +43,17 @@ def shape_of(a) -> tuple:
     return tuple(a.shape)
 
 
+def check_float(name: str, a) -> None:
+    """a's dtype is one the kernels take (float16, bfloat16, float32)."""
+    if not any(a.dtype == d for d in DTYPES):
+        raise TypeError(f"{name} has dtype {a.dtype}; expected float16, bfloat16 or float32")
+
+
 def check_query(q, want: str) -> None:
     """q's rank (len of the [..] in `want`), dtype and head dim (its last axis)."""
     if jnp.ndim(q) != want.count(",") + 1:
         raise ValueError(f"q has shape {shape_of(q)}; expected {want}")
-    if not any(q.dtype == d for d in DTYPES):
-        raise TypeError(f"q has dtype {q.dtype}; expected float16, bfloat16 or float32")
+    check_float("q", q)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[-1]} unsupported; supported: {', '.join(map(str, HEAD_DIMS))}")
 

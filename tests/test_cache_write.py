@@ -92,6 +92,8 @@ def test_contract_errors_name_the_problem():
         rope_and_cache_write(qkv, k_pages, v_pages, page, off, n_heads=N)
     with pytest.raises(ValueError, match="write_off"):
         rope_and_cache_write(qkv, k_pages, v_pages, page, off[:, :0], n_heads=N, layer=0)
+    with pytest.raises(TypeError, match="qkv has dtype int32"):
+        rope_and_cache_write(qkv.astype(jnp.int32), k_pages, v_pages, page, off, n_heads=N, layer=0)
     with pytest.raises(ValueError, match="cos"):
         rope_and_cache_write(qkv, k_pages, v_pages, page, off, _tables(2, 1, H // 2), n_heads=N, layer=0)
     assert set(IMPLS) == {"triton", "xla"}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import DTYPES, check_layer, dispatch, shape_of
+from pallas_kernels.common import check_float, check_layer, dispatch, shape_of
 from pallas_kernels.cache_write import reference
 from pallas_kernels.cache_write import triton as triton_impl
 
@@ -37,17 +37,12 @@ IMPLS = {
 }
 
 
-def _check_float(name, a):
-    if not any(a.dtype == d for d in DTYPES):
-        raise TypeError(f"{name} has dtype {a.dtype}; expected float16, bfloat16 or float32")
-
-
 def check_contract(qkv, k_pages, v_pages, write_page, write_off, rope, n_heads, layer):
     """Raise ValueError/TypeError naming the problem."""
     if qkv.ndim != 3:
         raise ValueError(f"qkv has shape {shape_of(qkv)}; expected [B, T, (N + 2K) * H]")
-    _check_float("qkv", qkv)
-    _check_float("k_pages", k_pages)
+    check_float("qkv", qkv)
+    check_float("k_pages", k_pages)
     if k_pages.ndim not in (4, 5):
         raise ValueError(f"k_pages has shape {shape_of(k_pages)}; expected [P, K, Z, H] or [L, P, K, Z, H]")
     if shape_of(v_pages) != shape_of(k_pages) or v_pages.dtype != k_pages.dtype:

@@ -37,13 +37,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import check_layer, concrete
+from pallas_kernels.common import check_float, check_layer, concrete
 from pallas_kernels.selective_gemm import fused as fused_impl
 from pallas_kernels.selective_gemm import reference
 from pallas_kernels.selective_gemm import triton as triton_impl
 
 ACTIVATIONS = ("relu", "gelu", "none")
-DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 IMPLS = {
     "triton": {"up": triton_impl.selective_up, "down": triton_impl.selective_down, "mlp": triton_impl.selective_mlp},
@@ -72,11 +71,6 @@ def dense_is_faster(B: int, D: int, F: int, count: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # contract checks
-
-def _check_float(name, a):
-    if not any(a.dtype == d for d in DTYPES):
-        raise TypeError(f"{name} has dtype {a.dtype}; expected float16, bfloat16 or float32")
-
 
 def _check_weight(name, w, D, dtype, layer):
     """Return (F, stacked) for a [F, D] or [L, F, D] weight."""
@@ -127,7 +121,7 @@ def _check_bias(name, b, n, dtype, stacked, L):
 def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
     if x.ndim != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, D]")
-    _check_float("x", x)
+    check_float("x", x)
     D = x.shape[1]
     F = _check_weight("w_up", w_up, D, x.dtype, layer)
     if w_gate is not None:
@@ -147,7 +141,7 @@ def _check_up(x, w_up, idx, count, b_up, w_gate, activation, layer):
 def _check_down(h, w_down, idx, count, b_down, layer):
     if h.ndim != 2:
         raise ValueError(f"h has shape {tuple(h.shape)}; expected [B, C]")
-    _check_float("h", h)
+    check_float("h", h)
     if w_down.ndim not in (2, 3):
         raise ValueError(f"w_down has shape {tuple(w_down.shape)}; expected [F, D] or [L, F, D]")
     D = w_down.shape[-1]
