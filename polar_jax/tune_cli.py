@@ -85,7 +85,10 @@ def check_table(path: Path, args) -> None:
     """Re-tune every key of the table at `path` on this device, timing its shipped config beside the
     candidates; where another config wins, time the two head to head (alternating, same inputs) and exit 1
     if the shipped config is slower than that winner by more than TOLERANCE there. (The re-tune's own
-    minimum is the fastest of many noisy timings, biased low: it names the rival, it does not judge.)"""
+    minimum is the fastest of many noisy timings, biased low: it names the rival, it does not judge.)
+    With --update, each such entry (or one whose config failed) is replaced in the file by the re-tune's
+    winner, key by key and atomically, and only a key left slower makes the exit status 1: run --check
+    again to confirm the new table."""
     from tqdm import tqdm
 
     from pallas_kernels import autotune
@@ -99,7 +102,7 @@ def check_table(path: Path, args) -> None:
         raise ValueError(f"--check: {path} holds {len(entries)} entries for {data.get('device')!r}; this is {device!r}")
     rows = [("key", "shipped config", "shipped ms", "best ms", "best config", "re-tune ratio",
              "head to head", "")]
-    slow = 0
+    slow, replaced = 0, []
     for ck, e in tqdm(entries.items(), desc="polar tune --check", unit="key", file=sys.stderr):
         kernel, shape = autotune.parse_class_key(ck)
         shipped = autotune.KERNELS[kernel].config_cls(**e["config"])
@@ -115,13 +118,18 @@ def check_table(path: Path, args) -> None:
             h2h = a_ms / b_ms
         bad = h2h is None or h2h > 1 + TOLERANCE
         slow += bad
+        if bad and args.update:
+            autotune.save(path, device, {ck: r["entry"]})
+            replaced.append(ck)
         rows.append((ck, _fmt_config(e["config"]), "failed" if shipped_ms is None else f"{shipped_ms:.4f}",
                      f"{best_ms:.4f}", _fmt_config(r["entry"]["config"]), "-" if ratio is None else f"{ratio:.3f}",
                      "-" if h2h is None else f"{h2h:.3f}", "SLOWER" if bad else "ok"))
     _print_table(rows)
     print(f"{len(entries) - slow} of {len(entries)} shipped configs within {TOLERANCE:.0%} of the best config "
           f"(timed head to head) on {device}")
-    if slow:
+    if replaced:
+        print(f"--update: replaced {len(replaced)} entries of {path} with the winner's config: {', '.join(replaced)}")
+    if slow > len(replaced):
         sys.exit(1)
 
 
@@ -141,6 +149,8 @@ def cmd_tune(args) -> None:
                          f"(or pass --allow-cpu: interpret mode, tiny shapes, for tests)")
     if args.max_candidates is not None and args.max_candidates < 1:
         raise ValueError(f"--max-candidates must be >= 1, got {args.max_candidates}")
+    if args.update and not args.check:
+        raise ValueError("--update rewrites the table given to --check; pass --check TABLE")
     if args.check:
         return check_table(Path(args.check), args)
 
@@ -213,6 +223,8 @@ def add_commands(sub) -> None:
     p.add_argument("--check", metavar="TABLE", help="instead: re-tune every key of TABLE (a shipped table of this "
                    f"device), timing its configs beside the candidates, then each against the winner head to "
                    f"head; exit 1 if any is more than {TOLERANCE * 100:.0f}%% slower there")
+    p.add_argument("--update", action="store_true", help="with --check: replace each entry that is more than "
+                   f"{TOLERANCE * 100:.0f}%% slower than the winner by the winner's config, in TABLE itself")
     p.add_argument("--resume", action="store_true", help="skip the keys the output file already holds (after a "
                    "run was cut off)")
     p.add_argument("--max-candidates", type=int, help="time at most this many candidates per key (the "

@@ -343,6 +343,27 @@ def test_polar_tune_check_flags_a_slow_shipped_config(dirs, tmp_path, monkeypatc
     slow = 1.04
     assert polar(args) == 0
     assert "1 of 1 shipped configs within 5%" in capsys.readouterr().out
+    assert autotune.read_entries(table)[key]["config"] == dataclasses.asdict(shipped)   # --check alone writes nothing
+
+    # --update: the slow entry is replaced by the re-tune's winner (with its timings), the rest stay.
+    other = autotune.class_key("attention", dk.attention_bucket(B=3, N=4, K=2, S=64, H=64, C=2, dtype=jnp.float32))
+    autotune.write_table(table, autotune.device_kind(), {key: _entry(shipped), other: _entry(heuristic)})
+    slow = 1.06
+    measure_all = measure
+
+    def measure(t, cfg, s, **kw):
+        return measure_all(t, cfg, s) if s == sc else (1.0, None)
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    assert polar(args + ["--update"]) == 0
+    out = capsys.readouterr().out
+    assert "SLOWER" in out and f"--update: replaced 1 entries of {table} with the winner's config: {key}" in out
+    entries = autotune.read_entries(table)
+    assert entries[key]["config"] == dataclasses.asdict(heuristic) and entries[key]["ms"] == 1.0
+    assert [c for c, _ in entries[key]["timings"]] == [dataclasses.asdict(heuristic), dataclasses.asdict(shipped)]
+    assert entries[other] == _entry(heuristic)
+    assert polar(["tune", "--allow-cpu", "--update"]) == 2
+    assert "--update rewrites the table given to --check" in capsys.readouterr().err
 
 
 def test_head_to_head_alternates_and_takes_medians():
