@@ -151,6 +151,30 @@ def test_batch_rules(interpret, B, D, F, C, dtype, gated, up_rule, down_rule):
         assert_close(fn(x, jnp.int32(count)), ref, dtype)
 
 
+def test_heuristics_at_decode_shapes():
+    """The branches measured in benchmarks/results/probe_heuristics_ab.json, at model shapes (no kernel runs):
+    batch 33-64 up projections take 32-row neuron blocks exactly where 64-row ones leave SMs idle and 32-row
+    ones do not, and split D only below the SMs (half of them gated); the down projection takes 128-row
+    tiles only while all its programs are resident at once."""
+    up, down = tk.up_heuristic, tk.down_heuristic
+    thin = up(64, 4096, 6144, False)                       # llama-3-8b q/k/v: 96 blocks of 64, 192 of 32
+    assert (thin.block_n, thin.block_k, thin.split_k) == (32, 128, 1), thin
+    assert (up(64, 4096, 12288, False).block_n, up(64, 4096, 12288, False).split_k) == (64, 1)
+    small = up(64, 4096, 2048, False)                      # 64 blocks of 32 would not cover the SMs either
+    assert (small.block_n, small.split_k) == (64, 4), small
+    gated = up(48, 8192, 6656, True)                       # 104 programs >= 132 / 2
+    assert (gated.block_n, gated.split_k) == (64, 1), gated
+    assert up(48, 4096, 1152, True).split_k == 4           # 18 programs
+    one_wave = down(48, 4096, 6144)                        # 64 column blocks x split 4 = 256 <= 2 x 132
+    assert (one_wave.block_n, one_wave.split, one_wave.num_stages) == (128, 4, 3), one_wave
+    assert down(48, 5120, 6144).block_n == 64              # 80 x 4 = 320 programs: a second wave
+    assert down(48, 4096, 2048).block_n == 64              # below 4,096 rows
+    wide = down(128, 8192, 3328)                           # 64 x 2 = 128 <= 132, one program of 8 warps per SM
+    assert (wide.block_n, wide.split, wide.num_warps, wide.num_stages) == (128, 2, 8, 3), wide
+    narrow = down(128, 5120, 6144)                         # 80 x 2 = 160 > 132
+    assert (narrow.block_n, narrow.num_warps) == (64, 4), narrow
+
+
 # ---------------------------------------------------------------------------------------------------
 # the stacked [L, F, D] path inside a jitted lax.scan equals the 2-D path layer by layer
 

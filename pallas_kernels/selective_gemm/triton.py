@@ -92,14 +92,21 @@ def up_heuristic(B: int, D: int, count: int, gated: bool = False) -> UpConfig:
     if block_b <= 32:
         block_n, block_k, warps = 16, _block_dividing(D, 256), 2
         target = 192            # ~1.5 programs per SM was enough; a split costs an epilogue kernel
+    elif block_b == 64:
+        # Batch 33-64, from the tuned tables of both GPUs (pallas_kernels/tuned) and
+        # benchmarks/results/probe_heuristics_ab.json: 32-row neuron blocks with 128-wide K chunks where
+        # they, and not 64-row blocks, give every SM a program (ungated); no split of D once the programs
+        # cover the SMs, or half of them gated (a gated program streams two rows per neuron). split_k = 1
+        # won at every count the tables hold (ungated 6,144-12,288 rows, gated 6,656-16,384).
+        thin = not gated and pl.cdiv(count, 64) * n_b < NUM_SMS <= pl.cdiv(count, 32) * n_b
+        block_n, block_k, warps = (32, _block_dividing(D, 128), 4) if thin else (64, _block_dividing(D, 64), 4)
+        target = NUM_SMS // 2 if gated else NUM_SMS
     else:
         # Re-reading x (block_b * D per program, from L2) must stay small next to the weight rows
-        # (block_n * D per program): block_n >= block_b / 2.
+        # (block_n * D per program): block_n >= block_b / 2. At block_b = 128 the sparse counts need
+        # the split.
         block_n, block_k, warps = 64, _block_dividing(D, 64), 4
-        # At block_b = 64 (batch 33-64) ~1.2 programs per SM is enough: the decode projections of
-        # llama-2-7b (D=4096, every row) ran 34 us unsplit vs 37 us split 4 (q/k/v, 12288 rows) and
-        # 50 us vs 65 us (gated MLP up, 11008 rows). At block_b = 128 the sparse counts need the split.
-        target = 160 if block_b == 64 else 3 * NUM_SMS
+        target = 3 * NUM_SMS
     # Split D across programs until the SMs hold enough programs (each keeps num_stages - 1 tiles in
     # flight); the f32 partial sums cost a small epilogue kernel.
     split_k = 1
@@ -140,20 +147,29 @@ def down_heuristic(B: int, D: int, count: int) -> DownConfig:
             split *= 2
         return split
 
-    split, block_n = split_for(256), 128
-    # 128-row tiles of h and w leave 2 stages at block_b = 128; at block_b = 64 (3 stages) they won only
-    # at large counts (llama-2-7b MLP down, D=4096, 11008 rows: 36 us vs 47 us; attention output, 4096
-    # rows: 25 us vs 20 us for 64-row tiles).
-    big_tiles = count >= 6 * 128 * split if block_b <= 32 else block_b == 64 and count >= 8192
+    split, block_n, warps = split_for(256), 128, 4
+    # 128-row tiles of h and w, where all programs are resident at once (two per SM at block_b = 64 and
+    # 3 stages, one of 8 warps at block_b = 128 with a split of 2; a second wave cost more than the
+    # bigger tiles saved: D = 5120 in benchmarks/results/probe_heuristics_ab.json). At block_b = 64 the
+    # tuned tables of both GPUs chose them at every count they hold (4,096-16,384 rows, D = 4096).
+    if block_b == 128:
+        split, warps = split_for(128), 8
+        big_tiles = n_d * n_b * split <= NUM_SMS
+    elif block_b == 64:
+        big_tiles = count >= 4096 and n_d * n_b * split <= 2 * NUM_SMS
+    else:
+        big_tiles = count >= 6 * 128 * split
     if not big_tiles:
-        split, block_n = split_for(512 if block_b <= 32 else 256), 64
+        split, block_n, warps = split_for(512 if block_b <= 32 else 256), 64, 4
     # Keep >= 3 loop steps per program and the f32 partial sums (split * B * D * 4 bytes, written once
     # and read once, mostly in L2) below the weight bytes (count * D * 2).
     while split > 1 and (pl.cdiv(count, block_n * split) < 3 or split * B * 4 > count * 2):
         split //= 2
     stage_bytes = (block_b * block_n + block_n * block_d) * 2
-    stages = max(2, min(4, (112 << 10) // stage_bytes))
-    return DownConfig(block_b=block_b, block_n=block_n, block_d=block_d, split=split, num_warps=4,
+    # About 112 KB of shared memory (two programs per SM); at block_b = 128 one program of 8 warps per
+    # SM, up to about 200 KB (3 stages of 128-row tiles, as tuned).
+    stages = max(2, min(4, ((200 if block_b == 128 else 112) << 10) // stage_bytes))
+    return DownConfig(block_b=block_b, block_n=block_n, block_d=block_d, split=split, num_warps=warps,
                       num_stages=stages)
 
 
