@@ -1,6 +1,6 @@
 """`polar tune`: time the kernels' candidate configs at the shapes a model's decode step uses, ahead of time.
 
-The keys of a model preset at batch B and context S (cache positions per sequence), dtype T:
+The keys of a model at batch B and context S (cache positions per sequence), dtype T:
   attention   contiguous decode attention (B, N, K, S, H, C = K)
   paged       paged decode attention (B, N, K, S = M*Z, H, C = K, Z = the engine's page size)
   mlp         the row-gathering GEMMs of a decode step: selective_up for the q/k/v projection ((N + 2K) H rows)
@@ -41,6 +41,27 @@ def _floats(text: str, flag: str) -> list[float]:
     if not vals or not all(0 < v <= 1 for v in vals):
         raise ValueError(f"{flag} takes densities in (0, 1], got {text!r}")
     return vals
+
+
+def model_config(spec: str):
+    """The ModelConfig `--model` names: a preset, a polar model directory (or its config.json), or a
+    transformers model directory (or its config.json)."""
+    from polar_jax.config import PRESETS, from_hf_config, load_config
+
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a model "
+                         f"directory or config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {spec!r}: cannot read {path}: {e}") from None
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+        return from_hf_config(data, name=path.parent.name or "custom")
+    return load_config(path)
 
 
 def model_keys(cfg, batches, ctx: int, groups, dtype: str, densities) -> list[tuple[str, dict, int]]:
@@ -141,8 +162,6 @@ def cmd_tune(args) -> None:
     from pallas_kernels.decode_attention import triton as _attention  # noqa: F401  (registers its kernel)
     from pallas_kernels.paged_attention import triton as _paged  # noqa: F401
     from pallas_kernels.selective_gemm import triton as _gemm  # noqa: F401
-    from polar_jax.config import preset
-
     backend = jax.default_backend()
     if backend != "gpu" and not args.allow_cpu:
         raise ValueError(f"polar tune times GPU kernels, but JAX's backend here is {backend!r}; run it on a GPU "
@@ -163,7 +182,7 @@ def cmd_tune(args) -> None:
     if ctx < 1 or args.reps < 1:
         raise ValueError(f"--ctx and --reps must be >= 1, got {ctx} and {args.reps}")
     densities = _floats(args.mlp_density, "--mlp-density")
-    models = [preset(m.strip()) for m in args.model.split(",") if m.strip()]
+    models = [model_config(m.strip()) for m in args.model.split(",") if m.strip()]
 
     keys = {}
     for cfg in models:
@@ -203,13 +222,14 @@ def cmd_tune(args) -> None:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("tune", help="time kernel configs for this GPU at a model's decode shapes (ahead of time)",
-                       description="Time each kernel's candidate block configs at the shapes a model preset's "
+                       description="Time each kernel's candidate block configs at the shapes a model's "
                        "decode step uses (per batch, at one context) and keep the fastest per (device, kernel, "
                        "shape class): in the user cache ($POLAR_TUNE_DIR, else ~/.cache/polar-jax/tune), or "
                        "with --out in a file of the shipped-table format. The kernels read these entries in "
                        "place of their heuristics; POLAR_AUTOTUNE=1 tunes a missing key on first use instead.")
-    p.add_argument("--model", default="llama-2-7b,llama-3-8b", help="model presets, comma-separated "
-                   "(default llama-2-7b,llama-3-8b)")
+    p.add_argument("--model", default="llama-2-7b,llama-3-8b", help="models, comma-separated: preset names, "
+                   "polar model directories or transformers model directories / config.json files (only the "
+                   "shapes are read; default llama-2-7b,llama-3-8b)")
     p.add_argument("--batch", default="16,48,64", help="batch sizes, comma-separated (default 16,48,64)")
     p.add_argument("--ctx", type=int, default=2048, help="cache positions per sequence: the context the "
                    "contiguous cache holds, the engine's max_model_len for the paged one (default 2048)")

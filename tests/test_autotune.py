@@ -309,6 +309,39 @@ def test_polar_tune_allow_cpu_end_to_end(dirs, tmp_path, monkeypatch, capsys):
     assert sk.up_config(2, 96, cfg.mlp_dim, True, jnp.float16) == sk.up_heuristic(2, 96, cfg.mlp_dim, True)
 
 
+def test_polar_tune_model_from_a_directory(dirs, tmp_path, capsys):
+    """--model takes a polar model directory or a transformers one (their config.json) besides a preset: the
+    shapes, so the keys tuned, are the preset's when the config describes the same model."""
+    from polar_jax.tune_cli import model_config
+
+    cfg = preset("tiny-llama-gqa")  # N 6, K 2, H 64, D 96, F 160
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps(cfg.to_dict()))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "head_dim": 64, "intermediate_size": 160, "num_hidden_layers": 3, "vocab_size": 103}))
+    for spec in (str(ours), str(ours / "config.json"), str(hf)):
+        got = model_config(spec)
+        assert (got.n_heads, got.n_kv_heads, got.head_dim, got.dim, got.mlp_dim, got.gated_mlp) == (6, 2, 64, 96, 160, True)
+    assert model_config("tiny-llama-gqa") is cfg
+    with pytest.raises(ValueError, match="neither a preset .* nor a model directory or config.json"):
+        model_config(str(tmp_path / "missing"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        model_config(str(tmp_path / "bad.json"))
+
+    out = {}
+    for name, spec in (("preset", "tiny-llama-gqa"), ("hf", str(hf))):
+        out[name] = tmp_path / f"{name}.json"
+        assert polar(["tune", "--allow-cpu", "--model", spec, "--batch", "2", "--ctx", "64", "--kernels", "mlp",
+                      "--max-candidates", "1", "--reps", "1", "--out", str(out[name])]) == 0
+    capsys.readouterr()
+    assert set(autotune.read_entries(out["hf"])) == set(autotune.read_entries(out["preset"]))
+
+
 def test_polar_tune_check_flags_a_slow_shipped_config(dirs, tmp_path, monkeypatch, capsys):
     """--check re-tunes each key of a table with its config timed beside the candidates, then times the shipped
     config against the winner head to head: exit 1 and SLOWER when it is > 5% slower there, 0 when within
