@@ -222,12 +222,8 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         return _split_rows(_join_rows(as_) @ w[l] + (0 if b is None else b[l]), as_)
 
     def split_and_write(l, qkv, k_all, v_all, rows: _Rows):  # -> q [B, T, N, H] (rotated), k_all, v_all
-        # Decode rows: one kernel on the GPU, where q's RoPE and the K and V scatters were three XLA kernels a layer.
-        # Prefill rows keep XLA's: in a 2,048-token llama-3-8b prefill on an H100 the kernel's program per token and
-        # head took 1.97 ms against 1.75 ms for XLA's scatters and q's RoPE (benchmarks/results/logs/
-        # profile_prefill_cache_write.log, profile_prefill_llama3_xla_write.log).
-        return rope_and_cache_write(qkv, k_all, v_all, rows.write_page, rows.write_off, rows.rope, n_heads=N, layer=l,
-                                    impl=None if qkv.shape[1] == 1 else "xla")
+        # Decode rows: one kernel on the GPU; prefill rows: XLA's scatters (the API's choice, measured there).
+        return rope_and_cache_write(qkv, k_all, v_all, rows.write_page, rows.write_off, rows.rope, n_heads=N, layer=l)
 
     def decode_attention(l, q, h1, k_all, v_all, rows: _Rows, n_heads, seg: Segment):
         # rows.ends, not starts + n_new here: an add inside the scan is a kernel per layer (39 us of an 11.7 ms

@@ -75,6 +75,28 @@ def test_kernel_equals_reference(interpret, stacked):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("T,order", [(1, ["triton", "xla"]), (4, ["xla"])])
+def test_auto_takes_the_kernel_for_decode_rows_only(monkeypatch, T, order):
+    """impl=None: decode rows (T = 1) try the kernel first; a prefill chunk (T > 1) goes to XLA's scatters, where
+    the kernel measured slower. The kernel stand-in declines, as it does off a GPU."""
+    tried = []
+
+    def declining(*a, **kw):
+        tried.append("triton")
+        raise NotImplementedError("stand-in")
+
+    def reference(*a, **kw):
+        tried.append("xla")
+        return xla(*a, **kw)
+
+    xla = IMPLS["xla"]
+    monkeypatch.setitem(IMPLS, "triton", declining)
+    monkeypatch.setitem(IMPLS, "xla", reference)
+    qkv, k_pages, v_pages, page, off = _case(2, T, F32)
+    q, _, _ = rope_and_cache_write(qkv, k_pages, v_pages, page, off, n_heads=N, layer=0)
+    assert tried == order and q.shape == (2, T, N, H)
+
+
 def test_reference_rope_is_hf_rotate_half():
     x = normal((2, 3, 4, H), F32)
     cos, sin = _tables(2, 3, H)

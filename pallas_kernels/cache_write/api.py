@@ -20,7 +20,11 @@ Shapes and dtypes:
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (one Pallas kernel on a CUDA GPU, or the Pallas interpreter with interpret=True; head dims
   that are powers of two), "xla" (the pure-jnp reference: a split, the rotation and two scatters).
-  On the GPU the kernel replaces three XLA kernels per decode layer (benchmarks/NOTES.md).
+  impl=None takes "xla" when each sequence brings more than one token (T > 1, a prefill chunk): the
+  kernel's program per token and head was slower there (a 2,048-token llama-3-8b prefill on an H100: 1.97
+  ms against 1.75 ms for XLA's scatters and q's RoPE, benchmarks/results/logs/profile_prefill_cache_write.log
+  and profile_prefill_llama3_xla_write.log). For decode rows (T = 1) the kernel replaces three XLA kernels
+  per layer (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -87,4 +91,6 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
         return IMPLS[name](qkv, k_pages, v_pages, write_page, write_off, rope, n_heads=n_heads, layer=layer,
                            interpret=interpret)
 
+    if impl is None and qkv.shape[1] > 1:
+        impl = "xla"
     return dispatch(IMPLS, impl, call)
