@@ -122,6 +122,19 @@ def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prom
         assert tok in top3[len(p) - 1 + j], f"token {j} outside the top 3"
 
 
+def test_top_k_past_the_vocabulary_and_any_int_seed_sample_like_their_in_range_equals(params, prompts):
+    # A top_k past int32 once overflowed the step's array and failed every request in it; seeds are taken
+    # mod 2**32, so -1 and 2**32 - 1 are one seed.
+    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False)
+    hot = dict(temperature=1.5, max_tokens=10, ignore_eos=True)
+    sps = [SamplingParams(seed=5, **hot), SamplingParams(top_k=2**40, seed=5, **hot),
+           SamplingParams(top_k=CFG.vocab_size, seed=5, **hot), SamplingParams(seed=-1, **hot)]
+    outs = llm.generate([prompts[1]] * 4, sps, use_tqdm=False)
+    assert outs[1].token_ids == outs[0].token_ids and outs[2].token_ids == outs[0].token_ids
+    alone = llm.generate([prompts[1]], SamplingParams(seed=2**32 - 1, **hot), use_tqdm=False)[0]
+    assert alone.token_ids == outs[3].token_ids and alone.token_ids != outs[0].token_ids
+
+
 @jax.default_matmul_precision("highest")  # on a GPU the fp32 default is TF32; the comparison is fp32
 @pytest.mark.parametrize("batch_invariant", [False, True])
 def test_logprobs_equal_the_models_log_softmax(params, prompts, batch_invariant):
@@ -238,15 +251,15 @@ def test_programs_update_the_page_pool_in_place(params, program, sparse):
 
 def test_sampler_filters_only_the_rows_that_ask():
     """Top-k / top-p cut each asking row to its own set; a row that asks for neither keeps every logit
-    exactly, even where the nucleus sum rounds to 1 after one token (so its samples do not depend on whether
-    its batch needed the sort)."""
+    exactly (top_k 0, or the whole vocabulary), even where the nucleus sum rounds to 1 after one token (so
+    its samples do not depend on whether its batch needed the sort)."""
     from polar_jax.engine.sampler import _filtered
 
     V = 1000
     z = np.full((4, V), -30.0, np.float32)
     z[:, 7] = 0.0  # the other 999 tokens hold ~1e-10 of the mass: the cumulative sum is 1.0 at the top token
     z[2] = np.random.default_rng(0).normal(size=V)
-    top_k = jnp.asarray([0, 0, 5, 0], jnp.int32)
+    top_k = jnp.asarray([0, 0, 5, V], jnp.int32)  # row 3: a top_k of the whole vocabulary filters nothing
     top_p = jnp.asarray([1.0, 0.5, 1.0, 1.0], jnp.float32)
     out = np.asarray(_filtered(jnp.asarray(z), top_k, top_p))
     np.testing.assert_array_equal(out[0], z[0])
@@ -268,6 +281,12 @@ def test_compile_all_leaves_nothing_to_compile_under_traffic(params, prompts):
     run_staggered(eng, prompts[:3], SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=6,
                                                    ignore_eos=True), arrive_every=1)
     assert {name: p._cache_size() for name, p in programs.items()} == before
+
+
+@pytest.mark.parametrize("page_size", [0, 3, 256])
+def test_an_unsupported_page_size_is_named_before_anything_is_sized(params, page_size):
+    with pytest.raises(ValueError, match=f"page_size={page_size} unsupported; supported: 8, 16, 32, 64, 128"):
+        LLMEngine(CFG, params, None, page_size=page_size, compile=False, progress=False)
 
 
 def test_default_chunk_is_capped_at_max_model_len(params):

@@ -329,7 +329,7 @@ def test_metrics_decode_batch_counts_rows_and_steps(server, client):
 BAD = [
     # (path, body, status, param, message part)
     ("completions", b'{"model": "tiny", "prompt": "x"', 400, None, "malformed JSON"),
-    ("completions", {"model": "gpt-9", "prompt": "x"}, 400, "model", "does not exist"),
+    ("completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context length 128"),
     ("completions", {"model": MODEL, "prompt": "a" * 129, "max_tokens": 0}, 400, "prompt", "129 tokens"),
@@ -344,6 +344,9 @@ BAD = [
     ("completions", {"model": MODEL}, 400, "prompt", "required"),
     ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
      "not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages.0.role", "system"),
@@ -353,7 +356,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("path,body,status,param,message", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
-def test_bad_input_gets_400_naming_the_field(server, path, body, status, param, message):
+def test_bad_input_gets_4xx_naming_the_field(server, path, body, status, param, message):
     raw = isinstance(body, bytes)
     kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
     r = httpx.post(f"{server}/v1/{path}", timeout=30, **kw)
@@ -398,6 +401,24 @@ def test_server_answers_after_bad_input(client):
         client.completions.create(model=MODEL, prompt="x", max_tokens=-3)
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=3).usage.completion_tokens <= 3
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_what_sdks_send_by_default_is_accepted(client, offline, loaded):
+    """The no-op values of fields the server does not implement (an empty logit_bias, a text
+    response_format), a negative seed (taken mod 2**32, as offline) and a huge top_k (every token) answer
+    as if left out."""
+    kw = dict(model=MODEL, max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True})
+    got = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], logit_bias={},
+                                         response_format={"type": "text"}, seed=-1, **kw)
+    want = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], seed=2**32 - 1, **kw)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    kw["extra_body"] = {"ignore_eos": True, "top_k": 2**40}
+    got = client.completions.create(prompt="the fox", seed=3, **kw).choices[0].text
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    assert got == offline_one(offline, "the fox", sp).text
 
 
 def test_engine_failure_fails_its_requests_not_the_server(served, client, monkeypatch):

@@ -20,6 +20,7 @@ from typing import Sequence as Seq
 
 import jax
 
+from pallas_kernels.paged_attention.api import PAGE_SIZES
 from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
 from polar_jax.config import ModelConfig
 from polar_jax.engine.block_manager import BlockManager
@@ -119,6 +120,8 @@ class LLMEngine:
                              "context length)")
         if prefill_chunk < 1 or max_num_seqs < 1:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) and max_num_seqs ({max_num_seqs}) must be >= 1")
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size={page_size} unsupported; supported: {', '.join(map(str, PAGE_SIZES))}")
         if sparsity is not None:
             check_routers(cfg, params, sparsity)
         if per_request_density and (sparsity is None or sparsity.attn == "all"):

@@ -275,8 +275,9 @@ class ModelRunner:
         steps = np.zeros(rows, np.int32)
         for i, s in enumerate(seqs):
             p = s.params
-            temps[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-            seeds[i] = s.seed & 0xFFFFFFFF
+            # A top_k past the vocabulary keeps every token, as past int32 (which it must fit) it would too.
+            temps[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, np.iinfo(np.int32).max), p.top_p
+            seeds[i] = s.seed & 0xFFFFFFFF  # the seed mod 2**32 keys the samples (negative seeds too)
             steps[i] = len(s.output_token_ids)  # the key of a request's n-th token depends on (seed, n) only
         return temps, top_k, top_p, seeds, steps
 

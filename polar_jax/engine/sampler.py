@@ -23,7 +23,8 @@ def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
     cut = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1), V - 1)  # [B]
     cutoff = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)  # [B, 1]
-    keep = (top_k <= 0) & (top_p >= 1)  # [B] rows that filter nothing (a cumsum rounding to 1 early would)
+    keep = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1)  # [B] rows that filter nothing (a cumsum rounding
+    # to 1 early would)
     return jnp.where((z < cutoff) & ~keep[:, None], -jnp.inf, z)
 
 

@@ -20,8 +20,9 @@ def _is_int(x) -> bool:
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; seed makes the request's samples
-    reproducible whatever else shares its batch. `stop` strings end the text (the stop string is not part of
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off (a top_k at or past the vocabulary
+    keeps every token); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
+    shares its batch (not its heads under random head selection, which follow the engine's step). `stop` strings end the text (the stop string is not part of
     it); `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept.
     `logprobs`: the log-probability of each sampled token; `prompt_logprobs`: of each prompt token after the
     first.

@@ -106,9 +106,16 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    card = P.ModelCard(id=model_name, max_model_len=engine.config.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=model_name, max_model_len=engine.config.max_model_len)])
+        return P.ModelList(data=[card])
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> P.ModelCard:
+        api._check_model(name)
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
@@ -151,8 +158,8 @@ class _API:
     # -- shared checks -----------------------------------------------------------------------------------
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise _bad(f"model {name!r} does not exist; this server serves {self.model_name!r}", "model",
-                       code="model_not_found")
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model", code="model_not_found")  # OpenAI's (and vLLM's) status for it
 
     def _extra(self, body: P._Sampling) -> dict:
         if body.polar_attn_density is None:

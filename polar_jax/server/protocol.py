@@ -36,11 +36,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# OpenAI fields this server does not implement, with the value that means "not used": a request that sets
-# one otherwise gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None,
-               "best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
-               "response_format": None, "min_tokens": 0}
+# OpenAI fields this server does not implement, with the values that mean "not used" (besides null, and
+# what SDKs send by default: an empty logit_bias, a text response_format): a request that sets one otherwise
+# gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
+UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+               "logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+               "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,)}
 
 
 class _Sampling(BaseModel):
@@ -52,7 +53,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # 0 or -1: off (vLLM uses -1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # any 64-bit seed, as OpenAI's; taken mod 2**32
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per prompt: the engine has no parallel sampling
     stream: bool = False
@@ -65,7 +66,7 @@ class _Sampling(BaseModel):
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
             for name, unused in UNSUPPORTED.items():
-                if data.get(name, unused) not in (unused, None):
+                if data.get(name) is not None and data[name] not in unused:
                     raise PydanticCustomError("unsupported", "{name} is not supported by this server",
                                               {"name": name})
         return data
