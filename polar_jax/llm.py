@@ -12,6 +12,7 @@ per prompt, in order; `stream` yields each step's RequestOutputs (new_token_ids 
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -47,7 +48,9 @@ class LLM:
         self._ids = itertools.count()
 
     def _submit(self, prompts: Prompt | Sequence[Prompt], params) -> list[str]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if hasattr(prompts, "tolist"):  # a numpy / jax array of token ids: [T] one prompt, [N, T] N prompts
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:

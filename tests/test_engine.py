@@ -98,6 +98,12 @@ def test_llm_generate_in_order_and_stream_matches(params, prompts):
     for out in llm.stream(prompts[:3], GREEDY):
         streamed.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert sorted(map(tuple, streamed.values())) == sorted(map(tuple, want[:3]))
+    # Token ids as arrays: [T] is one prompt, [N, T] N prompts, and a list may hold arrays.
+    assert llm.generate(np.asarray(prompts[0]), GREEDY, use_tqdm=False)[0].token_ids == want[0]
+    twice = np.asarray([prompts[0], prompts[0]])
+    assert [o.token_ids for o in llm.generate(twice, GREEDY, use_tqdm=False)] == [want[0], want[0]]
+    mixed = [np.asarray(prompts[1]), prompts[2]]
+    assert [o.token_ids for o in llm.generate(mixed, GREEDY, use_tqdm=False)] == want[1:3]
 
 
 def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prompts):
