@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pallas_kernels.common import HEAD_DIMS
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -145,6 +147,15 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
     _llama("tiny-llama3", 128, 2, 2, 1, 192, vocab=103, theta=500000.0, max_positions=64,
            scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
 ]}
+
+
+def check_decodes(cfg: ModelConfig) -> None:
+    """A one-line ValueError if the model cannot generate: its head size must be one the decode attention
+    kernels (and their XLA references) take. Full-sequence forward passes, conversion and perplexity do
+    not need this."""
+    if cfg.head_dim not in HEAD_DIMS:
+        raise ValueError(f"model {cfg.name!r} has head_dim={cfg.head_dim}; decoding supports head_dim "
+                         f"{', '.join(map(str, HEAD_DIMS))}")
 
 
 def preset(name: str) -> ModelConfig:

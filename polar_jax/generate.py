@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polar_jax.cache import KVCache, cache_bytes, init_cache
-from polar_jax.config import ModelConfig
+from polar_jax.config import ModelConfig, check_decodes
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 
@@ -202,8 +202,10 @@ def prepare(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: 
     """Validate and pad: (tokens [B, Tb], prompt_lens [B], max_new_each [B], max_new, max_len).
 
     Raises a one-line ValueError for any input that cannot run: no or empty prompts, max_new_tokens < 1,
-    token ids outside the vocabulary, more positions than the model's context length or the cache.
+    token ids outside the vocabulary, more positions than the model's context length or the cache, a head
+    size the decode kernels do not take.
     """
+    check_decodes(cfg)
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt")
     lens = np.array([len(p) for p in prompts], np.int64)

@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from polar_jax import checkpoint, generate, preset
 from polar_jax.cli import main as polar
 from polar_jax.cli import print_outputs
+from polar_jax.engine.llm_engine import LLMEngine
 from polar_jax.engine.model_runner import StepRecord
 from tests.test_convert import random_params
 
@@ -118,6 +119,19 @@ def test_bad_flags_fail_before_the_model_loads(model_dir, capsys, no_weights, fl
     rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", *flags)
     assert rc == 2 and out == ""
     assert err.startswith("polar: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp_path, capsys, no_weights):
+    """Such a model converts (and runs full-sequence passes), but generating it once failed only after the
+    weights had loaded, deep in the attention kernel's trace."""
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    cfg = CFG.replace(head_dim=32)
+    model = checkpoint.save(tmp_path / "hd32", cfg, random_params(cfg, jnp.float32), tokenizer_dir=tmp_path / "tok")
+    rc, out, err = run(capsys, "generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "4")
+    assert rc == 2 and out == ""
+    assert err.startswith("polar: error: ") and "head_dim=32; decoding supports head_dim 64, 80, 96, 128" in err, err
+    with pytest.raises(ValueError, match="head_dim=32"):
+        LLMEngine(cfg, random_params(cfg, jnp.float32), None, compile=False, progress=False)
 
 
 def test_broken_sparsity_json_names_the_file(model_dir, tmp_path, capsys, no_weights):

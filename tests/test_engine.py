@@ -364,3 +364,21 @@ def test_unified_arguments_feed_only_decode_rows_from_the_device(params, prompts
     assert tokens[0] == PENDING and token_slots[0] == 2 and (token_slots[1:] == eng.runner.num_slots).all()
     with pytest.raises(RuntimeError, match="request 'b': a prefill chunk holds a token not yet sampled"):
         eng.runner._prefill_args([decode, chunk], 96, n_decode=1)
+
+
+def test_default_pool_and_compile_cache_on_a_cpu(monkeypatch, tmp_path):
+    """On a CPU the default pool takes its fraction of a quarter of the memory available (the whole of it
+    once reserved 19 GB of a 23 GB machine for SmolLM2's README example), and $POLAR_HOME holds the compile
+    cache as it holds the models."""
+    from polar_jax.cache import page_bytes
+    from polar_jax.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine.os, "sysconf", {"SC_AVPHYS_PAGES": 1 << 20, "SC_PAGE_SIZE": 4096}.__getitem__)
+    if jax.devices()[0].memory_stats() is None or "bytes_limit" not in jax.devices()[0].memory_stats():
+        want = int(0.9 * 0.25 * (4 << 30) // page_bytes(CFG, 8, jnp.float32))
+        assert llm_engine.kv_pages_that_fit(CFG, jnp.float32, 8, 0.9) == want
+    monkeypatch.setenv("POLAR_HOME", str(tmp_path / "home"))
+    assert llm_engine.default_compile_cache() == tmp_path / "home" / "jax"
+    monkeypatch.delenv("POLAR_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert llm_engine.default_compile_cache() == tmp_path / "xdg" / "polar-jax" / "jax"

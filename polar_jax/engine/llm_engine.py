@@ -22,7 +22,7 @@ import jax
 
 from pallas_kernels.paged_attention.api import PAGE_SIZES
 from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
-from polar_jax.config import ModelConfig
+from polar_jax.config import ModelConfig, check_decodes
 from polar_jax.engine.block_manager import BlockManager
 from polar_jax.engine.detokenizer import Detokenizer
 from polar_jax.engine.model_runner import Buckets, ModelRunner
@@ -35,7 +35,15 @@ from polar_jax.sparsity import SparsityConfig, check_routers
 # program, which reads every weight again, so fewer, larger chunks prefill W in fewer such steps
 # (benchmarks/results/serve_offline.md compares chunk sizes on W).
 PREFILL_CHUNK = 2048
-DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "polar-jax" / "jax"
+# On a CPU the pool shares the process's memory with the weights, XLA's compiler and everything else, so the
+# "device memory" the pool takes its fraction of is this share of the physical memory available.
+CPU_POOL_SHARE = 0.25
+
+
+def default_compile_cache() -> Path:
+    """$POLAR_HOME/jax, else $XDG_CACHE_HOME/polar-jax/jax, else ~/.cache/polar-jax/jax."""
+    home = os.environ.get("POLAR_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polar-jax"
+    return Path(home).expanduser() / "jax"
 
 
 @dataclasses.dataclass
@@ -62,11 +70,13 @@ class RequestOutput:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
-def enable_compile_cache(path: str | os.PathLike | None = DEFAULT_COMPILE_CACHE) -> None:
+def enable_compile_cache(path: str | os.PathLike | None = "default") -> None:
     """JAX's persistent compilation cache, so a restarted engine loads its programs instead of compiling them
-    (None: leave JAX's setting alone). An explicit JAX_COMPILATION_CACHE_DIR wins."""
+    ("default": `default_compile_cache()`; None: leave JAX's setting alone). An explicit
+    JAX_COMPILATION_CACHE_DIR wins."""
     if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return
+    path = default_compile_cache() if path == "default" else path
     Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -75,14 +85,14 @@ def enable_compile_cache(path: str | os.PathLike | None = DEFAULT_COMPILE_CACHE)
 def kv_pages_that_fit(cfg: ModelConfig, dtype, page_size: int, fraction: float) -> int:
     """Pages of KV (all layers) that fit in `fraction` of the device memory JAX may use, less what is in use.
 
-    On a GPU: from the allocator's limit and use. On a CPU (no allocator statistics): `fraction` of the
-    physical memory available now.
+    On a GPU: from the allocator's limit and use. On a CPU (no allocator statistics): `fraction` of
+    CPU_POOL_SHARE of the physical memory available now.
     """
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     else:
-        free = fraction * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = fraction * CPU_POOL_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(free // page_bytes(cfg, page_size, dtype))
 
 
@@ -91,7 +101,9 @@ class LLMEngine:
 
     max_num_seqs: sequences decoded together at most. max_model_len: prompt + output tokens of one request
     (default: the model's context length). num_pages: KV pool size in pages (default: as many as
-    kv_memory_fraction of the device memory holds, capped at what max_num_seqs full-length sequences use).
+    kv_memory_fraction of the device memory holds, on a CPU of CPU_POOL_SHARE of the memory available, capped
+    at what max_num_seqs full-length sequences use). compile_cache: JAX's persistent compilation cache
+    ("default": $POLAR_HOME/jax, else ~/.cache/polar-jax/jax; None: JAX's own setting).
     prefill_chunk: prompt tokens of one sequence per step (at most max_model_len; default PREFILL_CHUNK);
     max_num_batched_tokens: tokens per step, decode and prefill together (default: the largest packed
     prefill capacity within 2 * prefill_chunk, `Buckets.default_budget`; 4,032 for 2,048-token chunks and 64
@@ -110,8 +122,9 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_model_len: int | None = None, num_pages: int | None = None,
                  kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = PREFILL_CHUNK,
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
-                 compile_cache: str | os.PathLike | None = DEFAULT_COMPILE_CACHE, per_request_density: bool = False,
+                 compile_cache: str | os.PathLike | None = "default", per_request_density: bool = False,
                  batch_invariant: bool = False, seed: int = 0):
+        check_decodes(cfg)
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
         max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
