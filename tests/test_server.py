@@ -195,10 +195,14 @@ def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, 
         got = [x for c in chunks for x in c.logprobs.token_logprobs]
         tokens = [x for c in chunks for x in c.logprobs.tokens]
         top = [x for c in chunks for x in c.logprobs.top_logprobs]
+        offsets = [x for c in chunks for x in c.logprobs.text_offset]
     else:
         choice = client.completions.create(**kw).choices[0]
-        text, got, tokens, top = (choice.text, choice.logprobs.token_logprobs, choice.logprobs.tokens,
-                                  choice.logprobs.top_logprobs)
+        text, got, tokens, top, offsets = (choice.text, choice.logprobs.token_logprobs, choice.logprobs.tokens,
+                                           choice.logprobs.top_logprobs, choice.logprobs.text_offset)
+    # Each token is one character or none (a special token): offsets count the characters before it, and run
+    # on across a stream's chunks.
+    assert offsets == np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() and offsets[-1] <= len(text)
     logits, _, _ = forward(cfg, params, jnp.asarray([prompt]), init_cache(cfg, 1, 128, jnp.float32))
     logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
     assert len(got) == len(tokens) == len(top) == len(prompt) + max_tokens and got[0] is None and top[0] is None
@@ -590,3 +594,41 @@ def test_serve_flags_reach_the_engine(model_dir, tmp_path):
     SparsityConfig(attn="random", attn_density=0.5).to_json(sp)
     with pytest.raises(ValueError, match="batch_invariant=True runs decode rows"):
         build_engine(parser.parse_args(base + ["--batch-invariant", "--sparsity", str(sp)]))
+
+
+def test_streamed_text_offsets_run_on_across_chunks(client):
+    kw = dict(model=MODEL, prompt="the fox", max_tokens=6, logprobs=1, temperature=0, extra_body={"ignore_eos": True})
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert len(chunks) > 1
+    tokens = [x for c in chunks for x in c.logprobs.tokens]
+    offsets = [x for c in chunks for x in c.logprobs.text_offset]
+    assert offsets == np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
+    assert offsets == client.completions.create(**kw).choices[0].logprobs.text_offset
+
+def test_token_bytes_and_text_offsets_follow_characters_split_across_tokens():
+    """Byte-level BPE splits an emoji into one token per byte: each token's `bytes` are its own (not those of
+    U+FFFD, which decoding it alone gives), they join into the text's UTF-8, and each text_offset is where
+    the token's character starts in the text, carried across calls as a stream's chunks carry it."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from polar_jax.server.token_bytes import TextOffsets, TokenBytes
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    byte_level = TokenBytes(transformers.PreTrainedTokenizerFast(tokenizer_object=tok))
+    assert byte_level.byte_level
+    text = "a\U0001f389 \u00e9!"
+    ids = tok.encode(text).ids
+    pieces = [byte_level.bytes_of(i) for i in ids]
+    assert len(ids) == 9 and b"".join(pieces) == text.encode() and pieces[1:5] == [bytes([b]) for b in "\U0001f389".encode()]
+    want = [0, 1, 1, 1, 1, 2, 3, 3, 4]  # a, the emoji's 4 bytes, space, e-acute's 2 bytes, !
+    assert TextOffsets().offsets(pieces) == want
+    where = TextOffsets()
+    assert where.offsets(pieces[:3]) + where.offsets(pieces[3:]) == want
+    # SentencePiece's byte fallback and word pieces.
+    sp = Tokenizer(models.WordLevel({"<unk>": 0, "<0xF0>": 1, "\u2581hi": 2}, unk_token="<unk>"))
+    sp_bytes = TokenBytes(transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>"))
+    assert not sp_bytes.byte_level and sp_bytes.bytes_of(1) == b"\xf0" and sp_bytes.bytes_of(2) == b" hi"

@@ -24,6 +24,7 @@ from polar_jax.engine.sampling_params import SamplingParams
 from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
 from polar_jax.server.metrics import ServerMetrics
+from polar_jax.server.token_bytes import TextOffsets, TokenBytes
 from polar_jax.server.top_logprobs import prompt_top1
 
 
@@ -152,6 +153,7 @@ class _API:
 
     def __init__(self, async_engine: AsyncEngine, engine: LLMEngine, model_name: str):
         self.async_engine, self.tokenizer, self.model_name = async_engine, engine.tokenizer, model_name
+        self.token_bytes = TokenBytes(engine.tokenizer)
         self.cfg, self.params = engine.cfg, engine.runner.params
         self.vocab_size, self.max_model_len = engine.cfg.vocab_size, engine.config.max_model_len
 
@@ -270,16 +272,14 @@ class _API:
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _completion_logprobs(self, token_ids, logprobs, top=None) -> P.CompletionLogprobs:
-        """OpenAI's legacy logprobs: each token's text, its logprob, where it starts (the running length of
-        the token texts) and, with echo, the most likely token at each position (see _top_entries)."""
-        tokens = [self._token_str(t) for t in token_ids]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return P.CompletionLogprobs(tokens=tokens, token_logprobs=list(logprobs), top_logprobs=top,
-                                    text_offset=offsets)
+    def _completion_logprobs(self, token_ids, logprobs, top=None, where: TextOffsets | None = None
+                             ) -> P.CompletionLogprobs:
+        """OpenAI's legacy logprobs: each token's text, its logprob, where it starts in the choice's text
+        (`where` carries the position across a stream's chunks) and, with echo, the most likely token at
+        each position (see _top_entries)."""
+        offsets = (where or TextOffsets()).offsets([self.token_bytes.bytes_of(t) for t in token_ids])
+        return P.CompletionLogprobs(tokens=[self._token_str(t) for t in token_ids], token_logprobs=list(logprobs),
+                                    top_logprobs=top, text_offset=offsets)
 
     def _top_entries(self, ids, gen_ids, logprobs, top) -> list[dict[str, float] | None]:
         """top_logprobs for an echoed prompt ids + gen_ids with logprobs: {most likely token: its logprob} at
@@ -297,6 +297,7 @@ class _API:
                                  ) -> AsyncIterator[str]:
         want_lp = body.logprobs is not None
         sent_echo: set[int] = set()
+        where: dict[int, TextOffsets] = {}  # per choice: text_offset runs on across the stream's chunks
         completion_tokens = 0
         try:
             async for out in sub.outputs():
@@ -319,8 +320,9 @@ class _API:
                 if want_lp and echoed:
                     n = len(ids_per_prompt[i])
                     top = self._top_entries(toks[:n], toks[n:], lps, tops[i])
-                choice = P.CompletionChoice(index=i, text=text, finish_reason=finish,
-                                            logprobs=self._completion_logprobs(toks, lps, top) if want_lp else None)
+                logprobs = self._completion_logprobs(toks, lps, top, where.setdefault(i, TextOffsets())) \
+                    if want_lp else None
+                choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
             if body.include_usage:
                 prompt_tokens = sum(map(len, ids_per_prompt))
@@ -374,8 +376,8 @@ class _API:
     def _chat_logprobs(self, token_ids, logprobs) -> P.ChatChoiceLogprobs:
         content = []
         for t, lp in zip(token_ids, logprobs):
-            s = self._token_str(t)
-            content.append(P.ChatLogprob(token=s, logprob=lp, bytes=list(s.encode())))
+            content.append(P.ChatLogprob(token=self._token_str(t), logprob=lp,
+                                         bytes=list(self.token_bytes.bytes_of(t))))
         return P.ChatChoiceLogprobs(content=content)
 
     async def _chat_stream(self, body, req_id, sub, prompt_tokens: int) -> AsyncIterator[str]:
