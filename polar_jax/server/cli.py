@@ -37,7 +37,7 @@ def _model(args):
             cfg = preset(args.model)
         except KeyError as e:
             raise ValueError(e.args[0]) from None
-        dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+        dtype = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32}[args.dtype]
         params = jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(args.seed))
         return cfg, params, tokenizer, f"{args.model}-random"
     model_dir = Path(args.model)
@@ -107,7 +107,8 @@ def add_commands(sub) -> None:
     p.add_argument("--tokenizer", help="take the tokenizer from this directory instead")
     p.add_argument("--random-weights", action="store_true", help="serve preset --model with random weights (for "
                    "benchmarks; needs --tokenizer)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--random-weights dtype")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "bfloat16", "float32"],
+                   help="--random-weights dtype (default bf16; the long spellings too)")
     p.add_argument("--seed", type=int, default=0, help="--random-weights seed")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`); default dense")
     p.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
