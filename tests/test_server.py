@@ -335,6 +335,7 @@ BAD = [
     ("completions", b'{"model": "tiny", "prompt": "x"', 400, None, "malformed JSON"),
     ("completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context length 128"),
     ("completions", {"model": MODEL, "prompt": "a" * 129, "max_tokens": 0}, 400, "prompt", "129 tokens"),
     ("completions", {"model": MODEL, "prompt": [5, 103]}, 400, "prompt", "outside the vocabulary"),

@@ -52,10 +52,10 @@ class _Sampling(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off (vLLM uses -1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # any 64-bit seed, as OpenAI's; taken mod 2**32
+    top_k: int = Field(0, ge=-1, strict=True)  # 0 or -1: off (vLLM uses -1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)  # any 64-bit seed, as OpenAI's; taken mod 2**32
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per prompt: the engine has no parallel sampling
+    n: int = Field(1, ge=1, le=1, strict=True)  # one choice per prompt: the engine has no parallel sampling
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -93,8 +93,8 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     # A string, a list of token ids, or a list of either (one choice per prompt).
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=1)  # only the chosen token's logprob is available: 0 or 1
+    max_tokens: int | None = Field(16, ge=0, strict=True)  # strict: true is not 1
+    logprobs: int | None = Field(None, ge=0, le=1, strict=True)  # only the chosen token's logprob is available: 0 or 1
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
@@ -119,8 +119,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob is available
 
