@@ -166,6 +166,7 @@ def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
         "empty": ([], GREEDY, "empty prompt"),
         "long": ([5] * 65, GREEDY, "max_model_len"),
         "vocab": ([1, CFG.vocab_size + 3], GREEDY, "outside the vocabulary"),
+        "stop_vocab": ([1, 2], SamplingParams(stop_token_ids=[CFG.vocab_size]), "stop token id 103 is outside"),
     }
     for rid, (prompt, sp, msg) in cases.items():
         with pytest.raises(ValueError, match=msg) as e:

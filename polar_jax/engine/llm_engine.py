@@ -197,6 +197,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary "
                              f"[0, {self.cfg.vocab_size})")
+        bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
+        if bad:  # the model can never sample it: the request would run to max_tokens where it meant to stop
+            raise ValueError(f"request {request_id!r}: stop token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.cfg.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time,
