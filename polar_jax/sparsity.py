@@ -56,6 +56,23 @@ class SparsityConfig:
             object.__setattr__(self, "mlp_k_table", table)
         if self.mlp in ("random", "router") and self.mlp_k is None and self.mlp_k_table is None:
             raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer) or mlp_k_table")
+        if self.mlp_k is not None and np.any(np.atleast_1d(np.asarray(self.mlp_k)) < 1):
+            raise ValueError(f"mlp_k must be >= 1 neuron per layer, got {self.mlp_k}")
+
+    def check_layers(self, cfg: ModelConfig) -> None:
+        """ValueError unless the per-layer fields fit cfg's layer count (dense_layers in [0, L), per-layer
+        lists of length L)."""
+        L = cfg.n_layers
+        bad = [l for l in self.dense_layers if not 0 <= l < L]
+        if bad:
+            raise ValueError(f"sparsity dense_layers {list(self.dense_layers)}: layer {bad[0]} is not one of "
+                             f"{cfg.name}'s layers 0..{L - 1}")
+        lists = [("attn_density", self.attn_density), ("mlp_k", self.mlp_k)]
+        lists += [(f"mlp_k_table[{b}]", ks) for b, ks in self.mlp_k_table or ()]
+        for name, v in lists:
+            n = np.size(v) if v is not None else 1
+            if n != 1 and n != L:
+                raise ValueError(f"sparsity {name} has {n} per-layer values; {cfg.name} has {L} layers")
 
     def for_batch(self, batch: int) -> SparsityConfig:
         """This config with mlp_k taken from mlp_k_table for a batch of `batch` sequences.
@@ -106,14 +123,26 @@ class SparsityConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"sparsity config not found: {path}")
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"sparsity config {path} is not valid JSON: {e.msg} at line {e.lineno} column "
+                             f"{e.colno}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"sparsity config {path} must hold a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"meta"})
+        if unknown:  # a misspelt key would otherwise leave its field at the default (dense) without a word
+            raise ValueError(f"sparsity config {path}: unknown key {unknown[0]!r}; the keys are {sorted(known)}")
         for key in ("attn_density", "mlp_k", "dense_layers"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
-        if isinstance(d.get("mlp_k_table"), dict):
-            d["mlp_k_table"] = tuple(sorted((int(b), tuple(ks)) for b, ks in d["mlp_k_table"].items()))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            if isinstance(d.get("mlp_k_table"), dict):
+                d["mlp_k_table"] = tuple(sorted((int(b), tuple(ks)) for b, ks in d["mlp_k_table"].items()))
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:  # wrong values in valid JSON
+            raise ValueError(f"bad sparsity config {path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +192,9 @@ def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int, per_row_heads: bool =
 
 
 def check_routers(cfg: ModelConfig, params: dict, sp: SparsityConfig, where: str = "the model") -> None:
-    """Raise ValueError when `sp` asks for a learned router that params lacks or that does not fit cfg."""
+    """Raise ValueError when `sp` does not fit cfg's layers, or asks for a learned router that params lacks or
+    that does not fit cfg."""
+    sp.check_layers(cfg)
     L, D, K, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.mlp_dim
     routers = params.get("routers") or {}
     need = []

@@ -1,7 +1,7 @@
 """rope_and_cache_write: the Pallas kernel (interpret mode here, compiled on a GPU) against the jnp
 reference and against values worked out independently: which query heads come back rotated by which
 position, which page and offset each token's k and v land on, and that no other slot of the pool changes
-(padding tokens, page ids outside the pool)."""
+(padding tokens, page ids outside the pool, offsets outside the page)."""
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ def _case(B, T, dtype, stacked=True):
     off = (slots % Z).reshape(B, T).astype(np.int32)
     page[0, -1] = P   # padding: past the pool
     page[-1, 0] = -1  # and negative: neither may write anywhere
+    off[1, 0], off[-1, -1] = -1, Z  # offsets outside the page drop their write too (a -1 once wrapped to Z - 1)
     return qkv, k_pages, v_pages, jnp.asarray(page), jnp.asarray(off)
 
 
@@ -55,7 +56,7 @@ def test_kernel_matches_worked_values(interpret, dtype, rope):
     k_exp, v_exp = np.asarray(k_pages, np.float32).copy(), np.asarray(v_pages, np.float32).copy()
     for b in range(B):
         for t in range(T):
-            if 0 <= page[b, t] < P:
+            if 0 <= page[b, t] < P and 0 <= off[b, t] < Z:
                 k_exp[layer, page[b, t], :, off[b, t]] = k_want[b, t]
                 v_exp[layer, page[b, t], :, off[b, t]] = heads[b, t, N + K:]
     np.testing.assert_allclose(np.asarray(k_new, np.float32), k_exp, rtol=tol, atol=tol)

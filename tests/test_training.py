@@ -295,3 +295,15 @@ def test_tiny_opt_pipeline(tmp_path, tiny_dir, capsys):
     assert "--attn-groups must lie in 1..2" in capsys.readouterr().err
     assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert polar(["calibrate", "--model", str(m), "--data", str(d), "--out", str(tmp_path / "sp0.json"),
+                  "--n-batches", "0", *common]) == 2
+    assert "--n-batches must be >= 1" in capsys.readouterr().err and not (tmp_path / "sp0.json").exists()
+    # A sparsity config that does not fit the model, or misspells a key, is named before anything runs.
+    for text, message in (('{"attn": "oracle", "attn_density": 0.5, "dense_layers": [5]}', "layer 5 is not one of"),
+                          ('{"attn": "oracle", "atn_density": 0.5}', "unknown key 'atn_density'"),
+                          ('{"attn": "oracle", "attn_density": [0.5, 0.5]}', "has 2 per-layer values"),
+                          ("[1, 2]", "must hold a JSON object")):
+        (tmp_path / "bad.json").write_text(text)
+        assert polar(["eval", "ppl", "--model", str(m), "--sparsity", str(tmp_path / "bad.json"), *ppl_args]) == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("polar: error: ") and message in last, last

@@ -89,6 +89,8 @@ def cmd_calibrate(args) -> None:
         sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if args.n_batches < 1:
+        raise ValueError(f"--n-batches must be >= 1, got {args.n_batches} (with none, no recall is measured)")
     calibrate(args.model, args.data, args.out, batch_sizes=sizes, recall=args.recall, attn_density=args.attn_density,
               n_batches=args.n_batches, seed=args.seed, progress=not args.quiet)
 

@@ -26,9 +26,10 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     # [B, T, K, H] into pages [(layer,) page, :, off]: the advanced indices broadcast to [B, T] in front. A page
-    # id outside [0, P) drops its write (mode="drop"; a negative id would otherwise count from the end).
-    P = k_pages.shape[-4]
-    page = jnp.where((write_page >= 0) & (write_page < P), write_page, P)
+    # id outside [0, P), or an offset outside [0, Z), drops its write, as in the kernel (mode="drop"; a
+    # negative index would otherwise count from the end).
+    P, Z = k_pages.shape[-4], k_pages.shape[-2]
+    page = jnp.where((write_page >= 0) & (write_page < P) & (write_off >= 0) & (write_off < Z), write_page, P)
     at = (page, slice(None), write_off) if layer is None else (layer, page, slice(None), write_off)
     k_pages = k_pages.at[at].set(k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[at].set(v.astype(v_pages.dtype), mode="drop")
