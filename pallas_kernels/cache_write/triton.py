@@ -3,8 +3,8 @@
 One program per (token r, head slot s) of the fused projection qkv [R, (N + 2K) * H]: slot s < N is a
 query head (rotated, stored to q [R, N * H]); N <= s < N + K a key head (rotated, stored into the pool at
 [layer, page[r], s - N, off[r]]); the last K slots value heads (stored as they are). The pools are
-aliased to the outputs, so only the new tokens' rows are written; a page id outside [0, P) writes
-nothing. This replaces three XLA kernels of a decode layer (q's RoPE, the K scatter, the V scatter) by one.
+aliased to the outputs, so only the new tokens' rows are written; a page id outside [0, P), or an offset
+outside [0, Z), writes nothing. This replaces three XLA kernels of a decode layer (q's RoPE, the K scatter, the V scatter) by one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import check_backend
 
 
-def _kernel(page_ref, off_ref, layer_ref, qkv_ref, *refs, N: int, K: int, H: int, P: int, rope: bool):
+def _kernel(page_ref, off_ref, layer_ref, qkv_ref, *refs, N: int, K: int, H: int, P: int, Z: int, rope: bool):
     cos_ref, sin_ref = refs[:2] if rope else (None, None)
     q_ref, k_ref, v_ref = refs[-3:]  # k_ref / v_ref: the pools (aliased to their inputs)
     r, s = pl.program_id(0), pl.program_id(1)
@@ -43,14 +43,15 @@ def _kernel(page_ref, off_ref, layer_ref, qkv_ref, *refs, N: int, K: int, H: int
     def _query():
         store(q_ref, (r,), s * H, *halves(True))
 
-    page = page_ref[r]
-    at = (layer_ref[0], jnp.minimum(jnp.maximum(page, 0), P - 1), (s - N) % K, off_ref[r])
+    page, off = page_ref[r], off_ref[r]
+    writes = (page >= 0) & (page < P) & (off >= 0) & (off < Z)  # else the token's k and v go nowhere
+    at = (layer_ref[0], jnp.clip(page, 0, P - 1), (s - N) % K, jnp.clip(off, 0, Z - 1))
 
-    @pl.when((s >= N) & (s < N + K) & (page >= 0) & (page < P))
+    @pl.when((s >= N) & (s < N + K) & writes)
     def _key():
         store(k_ref, at, 0, *halves(True))
 
-    @pl.when((s >= N + K) & (page >= 0) & (page < P))
+    @pl.when((s >= N + K) & writes)
     def _value():
         store(v_ref, at, 0, *halves(False))
 
@@ -61,7 +62,7 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
     del impl
     interpret = check_backend(interpret)
     B, T, W = qkv.shape
-    _, P, K, _, H = k_pages.shape
+    _, P, K, Z, H = k_pages.shape
     if H & (H - 1):
         raise NotImplementedError(f"head_dim={H}: the Triton kernel loads half heads as power-of-two vectors")
     N, R = n_heads, B * T
@@ -71,7 +72,7 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
     if rope is not None:
         args += [flat(rope[0]).astype(jnp.float32), flat(rope[1]).astype(jnp.float32)]
     args += [k_pages, v_pages]
-    kernel = functools.partial(_kernel, N=N, K=K, H=H, P=P, rope=rope is not None)
+    kernel = functools.partial(_kernel, N=N, K=K, H=H, P=P, Z=Z, rope=rope is not None)
     q, k_pages, v_pages = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((R, N * H), qkv.dtype), jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
