@@ -17,21 +17,15 @@ import functools
 import json
 import re
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for 256+."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
+    """The inverse of GPT-2's bytes_to_unicode (transformers' own table)."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _is_byte_level(tokenizer) -> bool:
@@ -68,8 +62,8 @@ class TextOffsets:
     """Where each token starts in the decoded text, in characters, over a stream of token bytes: a token that
     ends inside a character counts from that character's start (calls continue where the last one ended)."""
 
-    def __init__(self, start: int = 0):
-        self.pos = start
+    def __init__(self):
+        self.pos = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def offsets(self, token_bytes: list[bytes]) -> list[int]:
