@@ -69,26 +69,6 @@ def test_up(interpret, B, D, F, C, dtype, activation, gated, bias):
         _check_zero_tail(h, count)
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("programs,gated", [(3, False), (7, True)])
-def test_up_persistent(interpret, programs, gated):
-    """Persistent programs (UpConfig.programs): every live block computed once, every block past count
-    written as zeros, whichever program's run it falls in (5 blocks of 16 over 3 or 7 programs)."""
-    B, D, F, C = 5, 200, 128, 80
-    p = _make(B, D, F, C, F16, gated=gated, bias=True)
-    cfg = tk.UpConfig(block_n=16, block_k=64, num_warps=2, programs=programs)
-    fn = jax.jit(lambda x, w, idx, count, b, g: tk.selective_up(
-        x, w[None], idx, count, b_up=b[None], w_gate=None if g is None else g[None], activation="relu",
-        layer=jnp.int32(0), interpret=interpret, config=cfg))
-    for count in _counts(C) + [33]:
-        p["x"] = _normal((B, D), F16)
-        h = fn(p["x"], p["w_up"], p["idx"], jnp.int32(count), p["b_up"], p["w_gate"])
-        ref = selective_up_reference(_f32(p["x"]), _f32(p["w_up"]), p["idx"], count, b_up=_f32(p["b_up"]),
-                                     w_gate=_f32(p["w_gate"]), activation="relu")
-        assert_close(h, ref, F16)
-        _check_zero_tail(h, count)
-
-
 # ---------------------------------------------------------------------------------------------------
 # down projection
 
@@ -123,10 +103,6 @@ CONFIG_CASES = [  # B, D, F, C, UpConfig, DownConfig
     (20, 96, 64, 40, tk.UpConfig(block_b=16, block_n=32, block_k=32), tk.DownConfig(block_n=16, block_d=64,
                                                                                     split=3)),
     (5, 200, 96, 50, tk.UpConfig(block_n=16, block_k=32, split_k=3), tk.DownConfig(block_n=32, block_d=128)),
-    # persistent up programs: 4 neuron blocks over 3 programs (uneven runs, a masked D tail), and more
-    # programs than blocks
-    (3, 200, 96, 60, tk.UpConfig(block_n=16, block_k=64, programs=3), tk.DownConfig(block_n=16, block_d=32)),
-    (18, 96, 64, 40, tk.UpConfig(block_n=16, block_k=32, programs=5), tk.DownConfig(block_n=16, block_d=32)),
 ]
 
 

@@ -46,8 +46,6 @@ class UpConfig:
     split_k: int = 1      # programs sharing one neuron block, each over 1/split_k of D (f32 partial sums)
     num_warps: int = 4
     num_stages: int = 4
-    programs: int = 0     # > 0 (split_k = 1 only): this many programs per batch block, each streaming an
-                          # equal contiguous run of the live neuron blocks in one pipelined loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,102 +190,61 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
     o_ref = refs[-1]
     BB, BN, BK, SK = cfg.block_b, cfg.block_n, cfg.block_k, cfg.split_k
     b0 = pl.program_id(0) * BB
+    n0 = pl.program_id(1) * BN
+    sk = pl.program_id(2)
     count = count_ref[0]
     layer = layer_ref[0]
+    cols = n0 + jnp.arange(BN)                             # positions in idx
     b_mask = (b0 + jnp.arange(BB)) < B
+    o_mask = b_mask[:, None] & (cols < C)[None, :]
     mask_k, mask_b = D % BK != 0, B % BB != 0
-    n_k = pl.cdiv(D, BK)
 
-    def tile_rows(n0):
-        """idx of the neuron block starting at n0 (0 past count) and which of its columns are live."""
-        cols = n0 + jnp.arange(BN)
+    @pl.when(n0 < count)
+    def _compute():
         live = cols < count
         rows = plgpu.load(idx_ref.at[pl.ds(n0, BN)], mask=cols < C, other=0)
-        return jnp.where(live, rows, 0), live
+        rows = jnp.where(live, rows, 0)
+        rows2 = jnp.broadcast_to(rows[:, None], (BN, BK))
 
-    def step(k, accs, rows2, live):
-        """accs + the products of D chunk k for the neurons of rows2 ([BN, BK] ids; accs [BB, BN] each)."""
-        kk = k * BK + jnp.arange(BK)
-        kk2 = jnp.broadcast_to(kk[None, :], (BN, BK))
-        w_mask = live[:, None] & (kk < D)[None, :] if mask_k else jnp.broadcast_to(live[:, None], (BN, BK))
-        x_mask = None
-        if mask_k or mask_b:
-            x_mask = b_mask[:, None] & (kk < D)[None, :]
-        xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
-                        other=0 if x_mask is not None else None)          # [BB, BK]
-        wt = plgpu.load(w_ref.at[layer, rows2, kk2], mask=w_mask, other=0)  # [BN, BK] gathered rows
-        out = [accs[0] + dot(xt, wt, trans_b=True)]
-        if has_gate:
-            gt = plgpu.load(g_ref.at[layer, rows2, kk2], mask=w_mask, other=0)
-            out.append(accs[1] + dot(xt, gt, trans_b=True))
-        return tuple(out)
+        def body(k, accs):
+            kk = k * BK + jnp.arange(BK)
+            kk2 = jnp.broadcast_to(kk[None, :], (BN, BK))
+            w_mask = live[:, None] & (kk < D)[None, :] if mask_k else jnp.broadcast_to(live[:, None], (BN, BK))
+            x_mask = None
+            if mask_k or mask_b:
+                x_mask = b_mask[:, None] & (kk < D)[None, :]
+            xt = plgpu.load(x_ref.at[pl.ds(b0, BB), pl.ds(k * BK, BK)], mask=x_mask,
+                            other=0 if x_mask is not None else None)          # [BB, BK]
+            wt = plgpu.load(w_ref.at[layer, rows2, kk2], mask=w_mask, other=0)  # [BN, BK] gathered rows
+            out = [accs[0] + dot(xt, wt, trans_b=True)]
+            if has_gate:
+                gt = plgpu.load(g_ref.at[layer, rows2, kk2], mask=w_mask, other=0)
+                out.append(accs[1] + dot(xt, gt, trans_b=True))
+            return tuple(out)
 
-    def store_tile(n0, h):
-        o_mask = b_mask[:, None] & ((n0 + jnp.arange(BN)) < C)[None, :]
-        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], h.astype(o_ref.dtype), mask=o_mask)
-
-    def finish(n0, accs, rows, live):
-        """Bias, activation (or the gate), dead columns zeroed; the tile's store."""
+        zero = jnp.zeros((BB, BN), jnp.float32)
+        init = (zero, zero) if has_gate else (zero,)
+        n_k = pl.cdiv(D, BK)
+        if SK == 1:
+            accs = lax.fori_loop(0, n_k, body, init)
+        else:  # this program's share of the D chunks; the caller adds the partial sums
+            per = pl.cdiv(n_k, SK)
+            k_lo = jnp.minimum(sk * per, n_k)
+            accs = lax.fori_loop(k_lo, jnp.minimum(k_lo + per, n_k), body, init)
+            for i, acc in enumerate(accs):
+                plgpu.store(o_ref.at[jnp.int32(i), sk, pl.ds(b0, BB), pl.ds(n0, BN)], acc, mask=o_mask)
+            return
         h = accs[0]
         if has_bias:
             h = h + plgpu.load(b_ref.at[layer, rows], mask=live, other=0).astype(jnp.float32)[None, :]
         h = _activate(accs[1], "silu") * h if has_gate else _activate(h, activation)
-        store_tile(n0, jnp.where(live[None, :], h, 0.0))
-
-    zero = jnp.zeros((BB, BN), jnp.float32)
-    init = (zero, zero) if has_gate else (zero,)
-    if cfg.programs:
-        # Program p streams the live neuron blocks [t_lo, t_hi) (an equal share, +-1) as one loop over
-        # (block, D chunk) steps, so its pipeline never drains between blocks and no program waits for a
-        # second wave; the next step's ids are loaded one step ahead (see _down_kernel's full_step).
-        P, p = cfg.programs, pl.program_id(1)
-        T, t_live = pl.cdiv(C, BN), pl.cdiv(count, BN)
-        t_lo, t_hi = p * t_live // P, (p + 1) * t_live // P
-
-        def flat_step(s, carry):
-            accs, rows, live = carry
-            t = s // n_k
-            k = s - t * n_k
-            rows2 = jnp.broadcast_to(rows[:, None], (BN, BK))
-            accs = step(k, tuple(jnp.where(k == 0, 0.0, a) for a in accs), rows2, live)
-
-            @pl.when(k == n_k - 1)
-            def _():
-                finish(t * BN, accs, rows, live)
-
-            return (accs, *tile_rows(jnp.minimum((s + 1) // n_k, T - 1) * BN))
-
-        lax.fori_loop(t_lo * n_k, t_hi * n_k, flat_step, (init, *tile_rows(t_lo * BN)))
-        # The blocks past count: zero tiles, shared out the same way.
-        d_lo, d_hi = t_live + p * (T - t_live) // P, t_live + (p + 1) * (T - t_live) // P
-
-        @pl.loop(d_lo, d_hi)
-        def _(t):
-            store_tile(t * BN, zero)
-        return
-
-    n0 = pl.program_id(1) * BN
-    sk = pl.program_id(2)
-
-    @pl.when(n0 < count)
-    def _compute():
-        rows, live = tile_rows(n0)
-        rows2 = jnp.broadcast_to(rows[:, None], (BN, BK))
-        if SK == 1:
-            finish(n0, lax.fori_loop(0, n_k, lambda k, a: step(k, a, rows2, live), init), rows, live)
-            return
-        # this program's share of the D chunks; the caller adds the partial sums
-        per = pl.cdiv(n_k, SK)
-        k_lo = jnp.minimum(sk * per, n_k)
-        accs = lax.fori_loop(k_lo, jnp.minimum(k_lo + per, n_k), lambda k, a: step(k, a, rows2, live), init)
-        o_mask = b_mask[:, None] & ((n0 + jnp.arange(BN)) < C)[None, :]
-        for i, acc in enumerate(accs):
-            plgpu.store(o_ref.at[jnp.int32(i), sk, pl.ds(b0, BB), pl.ds(n0, BN)], acc, mask=o_mask)
+        h = jnp.where(live[None, :], h, 0.0)
+        plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], h.astype(o_ref.dtype), mask=o_mask)
 
     if SK == 1:  # with split_k the caller masks the columns >= count
         @pl.when(n0 >= count)
         def _zero():
-            store_tile(n0, zero)
+            plgpu.store(o_ref.at[pl.ds(b0, BB), pl.ds(n0, BN)], jnp.zeros((BB, BN), o_ref.dtype), mask=o_mask)
 
 
 def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownConfig, B: int, D: int, C: int,
@@ -387,9 +344,7 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     kernel = functools.partial(_up_kernel, cfg=config, B=B, D=D, C=C, has_gate=has_gate,
                                has_bias=has_bias and config.split_k == 1, activation=activation)
     SK = config.split_k
-    if config.programs and SK != 1:
-        raise ValueError(f"UpConfig.programs needs split_k = 1: {config}")
-    grid = (pl.cdiv(B, config.block_b), config.programs or pl.cdiv(C, config.block_n), SK)
+    grid = (pl.cdiv(B, config.block_b), pl.cdiv(C, config.block_n), SK)
     args = [_scalar(count), _scalar(layer), idx.astype(jnp.int32), x, w_up]
     args += [w_gate] if has_gate else []
     args += [b_up] if has_bias and SK == 1 else []
