@@ -23,7 +23,7 @@ import numpy as np
 from convert.names import HF_MAPS, NameMap
 from convert.writer import fill_params
 from polar_jax.checkpoint import copy_tokenizer_files, has_tokenizer
-from polar_jax.config import ModelConfig, from_hf_config
+from polar_jax.config import ModelConfig, eos_ids, from_hf_config
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -86,6 +86,12 @@ def _safetensors_files(path: Path) -> list[Path]:
         hint = " (PyTorch .bin checkpoints are not supported: re-save with save_pretrained)" \
             if any(path.glob("*.bin")) else ""
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    single = path / "model.safetensors"
+    if single.is_file() and len(files) > 1:  # what transformers loads; adapters, consolidated copies are not
+        others = ", ".join(f.name for f in files if f != single)
+        warnings.warn(f"{path}: reading model.safetensors only, as transformers does (also there: {others})",
+                      stacklevel=3)
+        return [single]
     return files
 
 
@@ -98,11 +104,23 @@ def read_hf_config(path: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt {cfg_file}: {e}") from e
     try:
-        return from_hf_config(hf, name=path.name)
+        cfg = from_hf_config(hf, name=path.name)
     except KeyError as e:
         raise ValueError(f"{cfg_file} lacks the field {e.args[0]!r}") from e
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from e
+    # generation_config.json may name more end tokens (e.g. an instruct model's end of turn): generation
+    # stops at any of them there, so it does here too.
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            gen_eos = eos_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError, ValueError) as e:
+            raise ValueError(f"corrupt {gen_file}: {e}") from e
+        extra = tuple(i for i in gen_eos if i not in cfg.eos_token_ids)
+        if extra:
+            cfg = cfg.replace(eos_token_ids=cfg.eos_token_ids + extra)
+    return cfg
 
 
 class HFSource:
@@ -116,6 +134,9 @@ class HFSource:
         for f in _safetensors_files(self.path):
             st = SafetensorsFile(f)
             for name in st.entries:
+                if name in self._where:
+                    raise ValueError(f"tensor {name!r} is stored in both {self._where[name].path.name} and "
+                                     f"{f.name} in {self.path}: remove the copy that is not the model's")
                 self._where[name] = st
 
     def tensor_names(self) -> list[str]:

@@ -7,6 +7,7 @@ is cast straight into its row, then dropped.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from convert.names import NameMap
 from polar_jax import checkpoint
-from polar_jax.config import ModelConfig
+from polar_jax.config import ModelConfig, check_head_dim
 from polar_jax.params import param_shapes, qkv_rows
 
 
@@ -106,6 +107,9 @@ def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read:
             raise ValueError(f"tensor {name!r} fills {path} a second time (duplicate tensor in the source)")
         target = arrays[path] if layer is None else arrays[path][layer]
         target[rows] = x  # casts to the target dtype in place
+        if dtype == np.float16 and x.dtype != np.float16 and not np.isfinite(target[rows]).all():
+            raise ValueError(f"tensor {name!r} has values beyond float16's range (65504): convert with "
+                             "--dtype bf16 or fp32")
         filled[path][row, col] = True
         del x
     for path, done in filled.items():
@@ -118,6 +122,28 @@ def fill_params(cfg: ModelConfig, name_map: NameMap, names: Iterable[str], read:
     return _nest(arrays)
 
 
+def untie_distinct_head(source: Source) -> None:
+    """A config that ties the LM head to the embedding while the source stores a different head: keep the
+    stored head (source.cfg untied), as transformers does, and say so."""
+    if not source.cfg.tie_embeddings:
+        return
+    found = {}
+    for name in source.tensor_names():
+        hit = source.name_map.lookup(name)
+        if hit is not None and hit[0] in ("embed", "lm_head"):
+            found[hit[0]] = name
+    if "lm_head" not in found or "embed" not in found:
+        return
+    embed, head = source.read(found["embed"]), source.read(found["lm_head"])
+    rows = 4096  # compared in slices: both are memory maps of up to a few GB
+    if embed.shape == head.shape and all(np.array_equal(embed[i:i + rows], head[i:i + rows])
+                                         for i in range(0, embed.shape[0], rows)):
+        return
+    warnings.warn(f"{source.path.name}: the config ties the LM head to the embedding, but {found['lm_head']!r} "
+                  "holds different values: kept as an untied LM head (as transformers does)", stacklevel=3)
+    source.cfg = source.cfg.replace(tie_embeddings=False)
+
+
 def write_model(source: Source, out: Path, dtype: str, overwrite: bool = False, progress: bool = True) -> Path:
     """Convert `source` into the directory `out`: params (orbax), config.json, tokenizer files.
 
@@ -125,6 +151,11 @@ def write_model(source: Source, out: Path, dtype: str, overwrite: bool = False, 
     any error or KeyboardInterrupt removes it, so a failed conversion leaves nothing behind.
     """
     np_dtype = target_dtype(dtype)
+    try:
+        check_head_dim(source.cfg)
+    except ValueError as e:  # converting is still exact (and tested at small head sizes); say it cannot run
+        warnings.warn(f"{e}: it converts, but polar cannot run it", stacklevel=2)
+    untie_distinct_head(source)
     with checkpoint.atomic_directory(out, overwrite=overwrite) as tmp:
         source.write_tokenizer(tmp)  # first: a broken tokenizer fails before the long tensor loop
         params = fill_params(source.cfg, source.name_map, source.tensor_names(), source.read, np_dtype,

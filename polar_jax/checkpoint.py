@@ -80,10 +80,16 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     """
     out = Path(out)
     refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders to remove on failure
     # A plain mkdir (not tempfile.mkdtemp, which makes it 0700) so the model gets the user's umask.
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        _remove_empty(made)
+        raise OSError(e.errno, f"cannot create {out}: {e.strerror}") from e
+    old = None
     try:
         yield tmp
         if out.exists() or out.is_symlink():
@@ -91,16 +97,28 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
             # Move the old one aside first, so `out` is never half old, half new.
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # the new one could not take its place: the old one goes back
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
+    if old is not None:  # the new model is in place; the old copy's removal may fail without undoing that
+        try:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        except OSError as e:
+            warnings.warn(f"{out} was written, but its previous copy, moved to {old}, could not be removed: {e}",
+                          stacklevel=3)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders atomic_directory created (deepest first) where they are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def copy_tokenizer_files(src: str | Path, dest: str | Path) -> list[str]:

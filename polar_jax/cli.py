@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from polar_jax.server.cli import add_commands as add_server_commands
@@ -268,6 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings in one line: `polar: warning: ...` (the category named unless it is a plain UserWarning)."""
+    kind = "warning" if category is UserWarning else category.__name__
+    print(f"polar: {kind}: {message}", file=sys.stderr if file is None else file)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(enabled: bool):
+    """SIGTERM raises KeyboardInterrupt, so `kill` cleans up as Ctrl-C does (a conversion's temporary folder).
+    `serve` keeps its own handling (it drains requests first); only the main thread can set handlers."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -275,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        args.func(args)
+        with _sigterm_interrupts(args.command != "serve"), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except (ValueError, OSError, KeyError) as e:  # OSError: missing, existing or unwritable paths
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"polar: error: {msg}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,12 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
 ]}
 
 
-def check_decodes(cfg: ModelConfig) -> None:
-    """A one-line ValueError if the model cannot generate: its head size must be one the decode attention
-    kernels (and their XLA references) take. Full-sequence forward passes, conversion and perplexity do
-    not need this."""
+def check_head_dim(cfg: ModelConfig) -> None:
+    """A one-line ValueError unless the model's head size is one polar's attention kernels (and their XLA
+    references) take: every forward pass, decoding, prefill and perplexity alike, runs them."""
     if cfg.head_dim not in HEAD_DIMS:
-        raise ValueError(f"model {cfg.name!r} has head_dim={cfg.head_dim}; decoding supports head_dim "
-                         f"{', '.join(map(str, HEAD_DIMS))}")
+        raise ValueError(f"model {cfg.name!r} has head_dim={cfg.head_dim}; polar's attention kernels support "
+                         f"head_dim {', '.join(map(str, HEAD_DIMS))}")
 
 
 def preset(name: str) -> ModelConfig:
@@ -164,57 +164,129 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-def _rope_scaling_from_hf(rs: dict | None) -> RopeScaling | None:
+def _rope_scaling_from_hf(rs) -> RopeScaling | None:
     if not rs:
         return None
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be an object or null, not {rs!r}")
     kind = rs.get("rope_type", rs.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
-    return RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
-                       int(rs["original_max_position_embeddings"]))
+    try:
+        return RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                           int(rs["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ValueError(f"llama3 rope_scaling lacks {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"llama3 rope_scaling has a non-numeric value: {rs}") from e
 
 
-def _eos_tuple(eos) -> tuple[int, ...]:
+def eos_ids(eos) -> tuple[int, ...]:
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
+    return tuple(ids)
+
+
+# transformers' defaults for fields a config.json may leave out (LlamaConfig, MistralConfig, Qwen2Config)
+_HF_DEFAULTS = {"llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6),
+                "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, sliding_window=4096),
+                "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=4096)}
+
+
+def _field(hf: dict, name: str, kind, default=None, minimum=None):
+    """hf[name] (or `default` when absent or null) checked to be of `kind` (int: not a bool) and >= minimum."""
+    v = hf.get(name)
+    if v is None:
+        if default is None:
+            raise KeyError(name)
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else \
+        isinstance(v, int) and not isinstance(v, bool)
+    if not ok or (minimum is not None and v < minimum):
+        what = "a number" if kind is float else "an integer"
+        raise ValueError(f"{name} must be {what}{'' if minimum is None else f' >= {minimum}'}, not {v!r}")
+    return kind(v)
+
+
+def _context_of(hf: dict, arch: str, max_positions: int) -> int:
+    """max_positions, capped at the sliding window of a Mistral / Qwen2 model that uses one: polar attends to
+    the whole context, which equals sliding-window attention only for sequences within the window."""
+    if arch == "mistral":
+        window = hf.get("sliding_window", _HF_DEFAULTS[arch]["sliding_window"])
+    elif arch == "qwen2" and hf.get("use_sliding_window"):
+        window = hf.get("sliding_window", _HF_DEFAULTS[arch]["sliding_window"])
+    else:
+        return max_positions
+    if window is None or window >= max_positions:
+        return max_positions
+    window = _field({"sliding_window": window}, "sliding_window", int, minimum=1)
+    warnings.warn(f"{arch} sliding-window attention (window {window}) is not implemented: the converted model's "
+                  f"context is capped at {window} tokens (from {max_positions}), within which full attention "
+                  "is the same", stacklevel=3)
+    return window
 
 
 def from_hf_config(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-    """Build a ModelConfig from a transformers config.json dict (OPT, LLaMA, Mistral, Qwen2)."""
+    """Build a ModelConfig from a transformers config.json dict (OPT, LLaMA, Mistral, Qwen2).
+
+    Raises KeyError naming a required field that is missing, ValueError for a field of the wrong type or
+    an option polar does not implement."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"a model config must be a JSON object, not {type(hf).__name__}")
     arch = hf.get("model_type")
     if arch == "opt":
         if hf.get("activation_function", "relu") != "relu":
             raise ValueError(f"unsupported OPT activation {hf['activation_function']!r} (supported: relu)")
-        dim = hf["hidden_size"]
+        for option, supported in (("layer_norm_elementwise_affine", True), ("_remove_final_layer_norm", False)):
+            if hf.get(option, supported) != supported:
+                raise ValueError(f"unsupported OPT option {option}={hf[option]!r}")
+        dim = _field(hf, "hidden_size", int, minimum=1)
+        heads = _field(hf, "num_attention_heads", int, minimum=1)
         return ModelConfig(
-            name=name, family="opt", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_attention_heads"], mlp_dim=hf["ffn_dim"],
-            max_positions=hf["max_position_embeddings"], norm="layer", norm_eps=1e-5,
-            post_norm=not hf.get("do_layer_norm_before", True), positions="learned", activation="relu",
-            gated_mlp=False, qkv_bias=hf.get("enable_bias", True), out_bias=hf.get("enable_bias", True),
-            mlp_bias=hf.get("enable_bias", True), tie_embeddings=hf.get("tie_word_embeddings", True),
-            embed_dim=hf.get("word_embed_proj_dim", dim) or dim, bos_token_id=hf.get("bos_token_id", 2),
-            eos_token_ids=_eos_tuple(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id", 1) or 0,
+            name=name, family="opt", vocab_size=_field(hf, "vocab_size", int, minimum=1), dim=dim,
+            n_layers=_field(hf, "num_hidden_layers", int, minimum=1), n_heads=heads, n_kv_heads=heads,
+            mlp_dim=_field(hf, "ffn_dim", int, minimum=1),
+            max_positions=_field(hf, "max_position_embeddings", int, 2048, minimum=1), norm="layer",
+            norm_eps=1e-5, post_norm=not hf.get("do_layer_norm_before", True), positions="learned",
+            activation="relu", gated_mlp=False, qkv_bias=hf.get("enable_bias", True),
+            out_bias=hf.get("enable_bias", True), mlp_bias=hf.get("enable_bias", True),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            embed_dim=_field(hf, "word_embed_proj_dim", int, dim, minimum=1), bos_token_id=hf.get("bos_token_id", 2),
+            eos_token_ids=eos_ids(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id", 1) or 0,
         )
     if arch in ("llama", "mistral", "qwen2"):
-        if hf.get("hidden_act", "silu") != "silu":
+        # transformers computes SiLU for "swish" too
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"unsupported {arch} activation {hf['hidden_act']!r} (supported: silu)")
-        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("mlp_bias"):
+            raise ValueError(f"unsupported {arch} option mlp_bias=true (biases on the MLP projections)")
+        defaults = _HF_DEFAULTS[arch]
+        dim = _field(hf, "hidden_size", int, minimum=1)
+        heads = _field(hf, "num_attention_heads", int, minimum=1)
+        rope = hf.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be an object or null, not {rope!r}")
+        theta = hf.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
         qkv_bias = arch == "qwen2" or bool(hf.get("attention_bias", False))
+        max_positions = _field(hf, "max_position_embeddings", int, defaults["max_position_embeddings"], minimum=1)
         return ModelConfig(
-            name=name, family="llama", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
-            max_positions=hf.get("max_position_embeddings", 4096),
-            head_dim=hf.get("head_dim") or dim // heads, norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-5),
-            positions="rope", rope_theta=float(hf.get("rope_theta", hf.get("rope_parameters", {}).get(
-                "rope_theta", 10000.0))),
-            rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or hf.get("rope_parameters")),
+            name=name, family="llama", vocab_size=_field(hf, "vocab_size", int, minimum=1), dim=dim,
+            n_layers=_field(hf, "num_hidden_layers", int, minimum=1), n_heads=heads,
+            n_kv_heads=_field(hf, "num_key_value_heads", int, heads, minimum=1),
+            mlp_dim=_field(hf, "intermediate_size", int, minimum=1),
+            max_positions=_context_of(hf, arch, max_positions),
+            head_dim=_field(hf, "head_dim", int, dim // heads, minimum=1), norm="rms",
+            norm_eps=_field(hf, "rms_norm_eps", float, defaults["rms_norm_eps"]), positions="rope",
+            rope_theta=_field({"rope_theta": theta}, "rope_theta", float, minimum=0),
+            rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or rope),
             activation="silu", gated_mlp=True, qkv_bias=qkv_bias, out_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
+            mlp_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id") or 0,
         )
     raise ValueError(f"unsupported architecture model_type={arch!r} (supported: opt, llama, mistral, qwen2)")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polar_jax.cache import KVCache, cache_bytes, init_cache
-from polar_jax.config import ModelConfig, check_decodes
+from polar_jax.config import ModelConfig, check_head_dim
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 
@@ -205,7 +205,7 @@ def prepare(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: 
     token ids outside the vocabulary, more positions than the model's context length or the cache, a head
     size the decode kernels do not take.
     """
-    check_decodes(cfg)
+    check_head_dim(cfg)
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt")
     lens = np.array([len(p) for p in prompts], np.int64)

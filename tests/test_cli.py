@@ -122,14 +122,14 @@ def test_bad_flags_fail_before_the_model_loads(model_dir, capsys, no_weights, fl
 
 
 def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp_path, capsys, no_weights):
-    """Such a model converts (and runs full-sequence passes), but generating it once failed only after the
+    """Such a model converts (with a warning) but cannot run; generating it once failed only after the
     weights had loaded, deep in the attention kernel's trace."""
     char_tokenizer().save_pretrained(tmp_path / "tok")
     cfg = CFG.replace(head_dim=32)
     model = checkpoint.save(tmp_path / "hd32", cfg, random_params(cfg, jnp.float32), tokenizer_dir=tmp_path / "tok")
     rc, out, err = run(capsys, "generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "4")
     assert rc == 2 and out == ""
-    assert err.startswith("polar: error: ") and "head_dim=32; decoding supports head_dim 64, 80, 96, 128" in err, err
+    assert err.startswith("polar: error: ") and "head_dim=32; polar's attention kernels support head_dim 64, 80, 96, 128" in err, err
     with pytest.raises(ValueError, match="head_dim=32"):
         LLMEngine(cfg, random_params(cfg, jnp.float32), None, compile=False, progress=False)
 

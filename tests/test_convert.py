@@ -513,3 +513,162 @@ def test_load_errors(tmp_path):
 
     with pytest.raises(ValueError, match="unknown dtype"):
         checkpoint.load(good, dtype="fp8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (f) what a user's checkpoint directory may hold besides one clean model (a new-user audit's cases)
+
+
+def _edit_config(src: Path, **fields) -> None:
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(hf | fields))
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"num_attention_heads": "4"}, "num_attention_heads must be an integer >= 1, not '4'"),
+    ({"hidden_size": None}, "lacks the field 'hidden_size'"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be an integer >= 1, not 0"),
+    ({"ffn_dim": True}, "ffn_dim must be an integer >= 1, not True"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id or a list of them"),
+    ({"activation_function": "gelu"}, "unsupported OPT activation 'gelu'"),
+    ({"layer_norm_elementwise_affine": False}, "unsupported OPT option layer_norm_elementwise_affine=False"),
+])
+def test_malformed_config_is_named_in_one_line(tmp_path, opt_src, capsys, fields, message):
+    """Each used to end in a traceback (AttributeError, TypeError) or name a tensor instead of the option."""
+    _edit_config(opt_src, **fields)
+    assert polar(["convert", str(opt_src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("polar: error: ") and message in err and err.count("\n") == 1, err
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_llama_config_fields(tmp_path):
+    """transformers' defaults for absent fields; swish is SiLU; rope_parameters null is the default RoPE;
+    options polar does not implement and malformed RoPE settings are refused by name."""
+    base = json.loads(hf_model("llama-untied").config.to_json_string())
+    for name in ("rms_norm_eps", "max_position_embeddings"):
+        base.pop(name)
+    cfg = from_hf_config(base | {"hidden_act": "swish", "rope_parameters": None, "rope_theta": 1e4})
+    assert (cfg.norm_eps, cfg.max_positions, cfg.activation, cfg.rope_scaling) == (1e-6, 2048, "silu", None)
+    for fields, message in [({"mlp_bias": True}, "mlp_bias=true"),
+                            ({"rope_scaling": "linear"}, "rope_scaling must be an object or null"),
+                            ({"rope_parameters": [1]}, "rope_parameters must be an object or null"),
+                            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'")]:
+        with pytest.raises(ValueError, match=message):
+            from_hf_config(base | fields)
+    with pytest.raises(ValueError, match="must be a JSON object, not list"):
+        from_hf_config([1, 2])
+
+
+@pytest.mark.parametrize("arch,fields,context", [
+    ("mistral", {"sliding_window": 16}, 16),                             # capped at the window, with a warning
+    ("mistral", {"sliding_window": None}, 64),                           # full attention
+    ("mistral", {}, 64),                                                 # MistralConfig's default window 4096
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 24}, 24),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 24}, 64),
+])
+def test_sliding_window_caps_the_context(arch, fields, context):
+    """Sliding-window attention is not implemented: it equals full attention within the window, so the
+    context is capped there instead of running silently wrong past it."""
+    hf = dict(model_type=arch, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+              intermediate_size=96, vocab_size=101, max_position_embeddings=64) | fields
+    if context < 64:
+        with pytest.warns(UserWarning, match=f"sliding-window attention \\(window {context}\\) is not implemented"):
+            cfg = from_hf_config(hf)
+    else:
+        cfg = from_hf_config(hf)
+    assert cfg.max_positions == context
+
+
+def test_generation_config_adds_end_tokens(tmp_path, opt_src):
+    """An instruct model may name its end-of-turn token only in generation_config.json."""
+    (opt_src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 57]}))
+    cfg, _, _ = checkpoint.load(convert_checkpoint(opt_src, tmp_path / "out", progress=False))
+    assert cfg.eos_token_ids == (2, 57)
+
+
+def test_stray_weight_files(tmp_path):
+    """transformers reads model.safetensors when there is no index; polar read every *.safetensors file
+    and let the last one in sorted order win, silently."""
+    src = save_hf(hf_model("llama-untied", seed=0), tmp_path / "src")
+    other = save_hf(hf_model("llama-untied", seed=1), tmp_path / "other")
+    shutil.copy(other / "model.safetensors", src / "model_old.safetensors")
+    with pytest.warns(UserWarning, match=r"reading model.safetensors only.*model_old.safetensors"):
+        out = convert_checkpoint(src, tmp_path / "out", dtype="fp32", progress=False)
+    cfg, params, _ = checkpoint.load(out)
+    assert_tree_equal(params, expected_params(cfg, hf_model("llama-untied", seed=0)), np.float32)
+    (src / "model.safetensors").rename(src / "model_new.safetensors")  # two files, no index: which is it?
+    with pytest.raises(ValueError, match="stored in both model_new.safetensors and model_old.safetensors"):
+        convert_checkpoint(src, tmp_path / "out2", progress=False)
+    assert_nothing_left(tmp_path, {"src", "other", "out"})
+
+
+def test_tied_config_with_a_different_stored_head(tmp_path):
+    """transformers keeps a stored LM head that differs from the embedding (and warns); polar dropped it."""
+    model = hf_model("llama-untied")
+    src = save_hf(model, tmp_path / "src")
+    _edit_config(src, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match="holds different values: kept as an untied LM head"):
+        out = convert_checkpoint(src, tmp_path / "out", dtype="fp32", progress=False)
+    cfg, params, _ = checkpoint.load(out)
+    assert not cfg.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]), model.lm_head.weight.detach().numpy())
+
+
+def test_fp16_overflow_is_refused(tmp_path):
+    model = hf_model("opt")
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc1.weight[3, 5] = 1e5
+    src = save_hf(model, tmp_path / "src")
+    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.1\.fc1\.weight' has values beyond float16's"):
+        convert_checkpoint(src, tmp_path / "out", dtype="fp16", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_failed_convert_removes_the_folders_it_made(tmp_path, opt_src):
+    _edit_config(opt_src, model_type="gpt2")
+    with pytest.raises(ValueError):
+        convert_checkpoint(opt_src, tmp_path / "new" / "a" / "out", progress=False)
+    hf = json.loads((opt_src / "config.json").read_text())
+    _edit_config(opt_src, model_type="opt", hidden_size=hf["hidden_size"] + 16)  # fails inside the writer
+    with pytest.raises(ValueError, match="expects"):
+        convert_checkpoint(opt_src, tmp_path / "new" / "a" / "out", progress=False)
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_old_copy_that_cannot_be_removed_does_not_fail_the_overwrite(tmp_path, opt_src, monkeypatch):
+    """The new model was in place but the command failed (a permission error removing the old copy)."""
+    out = convert_checkpoint(opt_src, tmp_path / "out", dtype="fp32", progress=False)
+    rmtree = shutil.rmtree
+
+    def refuse_old(path, *a, **k):
+        if ".out.old-" in str(path):
+            raise PermissionError(13, "Permission denied", "tokenizer.json")
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_old)
+    with pytest.warns(UserWarning, match=r"out was written, but its previous copy, moved to .*\.out\.old-"):
+        convert_checkpoint(opt_src, out, dtype="bf16", progress=False, overwrite=True)
+    assert checkpoint.load(out)[1]["embed"].dtype == jnp.bfloat16
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, opt_src, monkeypatch, capsys):
+    """`kill` (SIGTERM) during a conversion left its temporary folder behind; Ctrl-C did not."""
+    import signal
+
+    def terminated(self, name):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(HFSource, "read", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert polar(["convert", str(opt_src), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "polar: interrupted; nothing written"
+    assert signal.getsignal(signal.SIGTERM) is previous  # restored afterwards
+    assert_nothing_left(tmp_path, {"src"})
+
+
+def test_cli_warnings_are_one_line(tmp_path, opt_src, capsys):
+    assert polar(["convert", str(opt_src), str(tmp_path / "out")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "tokenizer" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"polar: warning: {opt_src} has no tokenizer files"), warning

@@ -22,7 +22,7 @@ import jax
 
 from pallas_kernels.paged_attention.api import PAGE_SIZES
 from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
-from polar_jax.config import ModelConfig, check_decodes
+from polar_jax.config import ModelConfig, check_head_dim
 from polar_jax.engine.block_manager import BlockManager
 from polar_jax.engine.detokenizer import Detokenizer
 from polar_jax.engine.model_runner import Buckets, ModelRunner
@@ -124,7 +124,7 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
                  compile_cache: str | os.PathLike | None = "default", per_request_density: bool = False,
                  batch_invariant: bool = False, seed: int = 0):
-        check_decodes(cfg)
+        check_head_dim(cfg)
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
         max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
