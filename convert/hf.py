@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.names import HF_MAPS, NameMap
 from convert.writer import fill_params
-from polar_jax.checkpoint import copy_tokenizer_files, has_tokenizer
+from polar_jax.checkpoint import copy_tokenizer_files, has_tokenizer, is_model_dir
 from polar_jax.config import ModelConfig, eos_ids, from_hf_config
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -97,6 +97,9 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def read_hf_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
+    if is_model_dir(path):
+        raise ValueError(f"{path} is already a polar model directory: LLM, polar generate and polar serve load it "
+                         "as it is")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: a HF model directory needs config.json")
     try:

@@ -672,3 +672,11 @@ def test_cli_warnings_are_one_line(tmp_path, opt_src, capsys):
     assert polar(["convert", str(opt_src), str(tmp_path / "out")]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "tokenizer" in line]
     assert len(warning) == 1 and warning[0].startswith(f"polar: warning: {opt_src} has no tokenizer files"), warning
+
+
+def test_converting_a_polar_model_directory_says_so(tmp_path, opt_src, capsys):
+    out = convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    assert polar(["convert", str(out), str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == f"polar: error: {out} is already a polar model directory: LLM, polar " \
+                                      "generate and polar serve load it as it is\n"
+    assert_nothing_left(tmp_path, {"src", "out"})
