@@ -676,6 +676,7 @@ def test_cli_warnings_are_one_line(tmp_path, opt_src, capsys):
 
 def test_converting_a_polar_model_directory_says_so(tmp_path, opt_src, capsys):
     out = convert_checkpoint(opt_src, tmp_path / "out", progress=False)
+    capsys.readouterr()
     assert polar(["convert", str(out), str(tmp_path / "again")]) == 2
     assert capsys.readouterr().err == f"polar: error: {out} is already a polar model directory: LLM, polar " \
                                       "generate and polar serve load it as it is\n"
