@@ -240,8 +240,10 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         return paged_decode_attention(q1, k_all, v_all, lengths, rows.table, head_idx, layer=l,
                                       sm_scale=sm_scale)[:, None]
 
-    def decode_mlp(l, h1, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
-        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, h1, routers, key, valid=valid,
+    def decode_mlp(l, h1, router_in, valid, n_neurons, seg: Segment):  # h1 [B, D] -> [B, 1, D]
+        # The router reads the layer's attention-norm output (router_in), as collection recorded it for
+        # training and calibration, so both routers can run at the start of the layer.
+        sel = mlp_neurons(sp, cfg, l, n_neurons, seg.neuron_capacity, router_in, routers, key, valid=valid,
                           dense_hidden=lambda: layers.dense_mlp_hidden(cfg, lp, l, h1))
         idx, n = (every_row[cfg.mlp_dim], cfg.mlp_dim) if sel is None else sel
         y = selective_mlp(h1, lp["w_up"], lp["w_down"], idx, n, b_up=lp.get("b_up"), b_down=lp.get("b_down"),
@@ -281,7 +283,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         h2s = parts if cfg.post_norm else norm("mlp_norm", l, parts)
         hidden = None
         if decode:
-            ys = [decode_mlp(l, h2s[0][:, 0], main.n_new > 0, n_neurons, seg)]
+            ys = [decode_mlp(l, h2s[0][:, 0], hs[0][:, 0], main.n_new > 0, n_neurons, seg)]
         elif xr is None or seg.neuron_capacity is None:  # riders with a dense MLP join the prefill's GEMMs
             hidden = layers.dense_mlp_hidden(cfg, lp, l, _join_rows(h2s))  # [n, F]
             ys = _split_rows(layers.dense_mlp_out(cfg, lp, l, hidden), h2s)
@@ -289,7 +291,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         else:
             hidden = layers.dense_mlp_hidden(cfg, lp, l, h2s[0])  # [B, T, F]
             ys = [layers.dense_mlp_out(cfg, lp, l, hidden),
-                  decode_mlp(l, h2s[1][:, 0], rider_rows.n_new > 0, n_neurons, seg)]
+                  decode_mlp(l, h2s[1][:, 0], hs[1][:, 0], rider_rows.n_new > 0, n_neurons, seg)]
         parts = [a + y for a, y in zip(parts, ys)]
         if cfg.post_norm:
             parts = norm("mlp_norm", l, parts)

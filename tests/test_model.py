@@ -347,3 +347,35 @@ def test_flax_module_applies_forward():
     ref, _, _ = forward(cfg, variables["params"]["weights"], tokens, cache)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
     assert float(jnp.std(logits)) > 0.1
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt-350m"])
+def test_both_routers_read_the_attention_norm_output(monkeypatch, name):
+    """Collection records the attention-norm output as the router input, and training and calibration fit
+    the MLP router to it; decoding fed the MLP router the MLP-norm output instead (after the attention's
+    residual add). Both routers must see the same [B, D] rows, layer by layer (post-norm OPT: the layer input)."""
+    import polar_jax.model as model
+    from training import routers as rt
+
+    cfg = preset(name)
+    params = init_params(cfg, jax.random.key(3))
+    k1, k2 = jax.random.split(jax.random.key(4))
+    params["routers"] = {"attn": rt.init_attn(cfg, k1), "mlp": rt.init_mlp(cfg, k2, hidden=16)}
+    seen = {"attn": {}, "mlp": {}}
+
+    def spy(kind, fn, h_at):
+        def wrapped(*args, **kw):
+            jax.debug.callback(lambda l, h: seen[kind].__setitem__(int(l), np.asarray(h)), args[2], args[h_at])
+            return fn(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(model, "attention_heads", spy("attn", model.attention_heads, 5))
+    monkeypatch.setattr(model, "mlp_neurons", spy("mlp", model.mlp_neurons, 5))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 5)))
+    _, cache, _ = forward(cfg, params, tokens, init_cache(cfg, 2, 16, jnp.float32))
+    sp = SparsityConfig(attn="router", attn_density=0.5, mlp="router", mlp_k=16)
+    forward(cfg, params, tokens[:, :1], cache, sparsity=sp)
+    jax.effects_barrier()
+    assert sorted(seen["attn"]) == sorted(seen["mlp"]) and 1 in seen["mlp"]
+    for l in seen["attn"]:
+        np.testing.assert_array_equal(seen["mlp"][l], seen["attn"][l], err_msg=f"layer {l}")
