@@ -350,6 +350,10 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
      "not supported"),
     ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "min_p": 0.1}, 400, "min_p", "not supported"),  # vLLM's
+    ("completions", {"model": MODEL, "prompt": "x", "use_beam_search": True}, 400, "use_beam_search",
+     "not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [5, 10**6]}, 400, None, "outside the vocab"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                           "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
@@ -626,10 +630,51 @@ def test_token_bytes_and_text_offsets_follow_characters_split_across_tokens():
     pieces = [byte_level.bytes_of(i) for i in ids]
     assert len(ids) == 9 and b"".join(pieces) == text.encode() and pieces[1:5] == [bytes([b]) for b in "\U0001f389".encode()]
     want = [0, 1, 1, 1, 1, 2, 3, 3, 4]  # a, the emoji's 4 bytes, space, e-acute's 2 bytes, !
-    assert TextOffsets().offsets(pieces) == want
-    where = TextOffsets()
-    assert where.offsets(pieces[:3]) + where.offsets(pieces[3:]) == want
+    assert TextOffsets(byte_level).offsets(ids) == want
+    where = TextOffsets(byte_level)
+    assert where.offsets(ids[:3]) + where.offsets(ids[3:]) == want
     # SentencePiece's byte fallback and word pieces.
     sp = Tokenizer(models.WordLevel({"<unk>": 0, "<0xF0>": 1, "\u2581hi": 2}, unk_token="<unk>"))
     sp_bytes = TokenBytes(transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>"))
     assert not sp_bytes.byte_level and sp_bytes.bytes_of(1) == b"\xf0" and sp_bytes.bytes_of(2) == b" hi"
+
+
+def test_sentencepiece_tokens_keep_their_space_and_special_tokens_take_no_room():
+    """A SentencePiece tokenizer (LLaMA-2, Mistral) drops a word piece's leading space when the piece is
+    decoded alone and at the start of a text, and every tokenizer's decode skips special tokens (an OPT or
+    LLaMA-2 prompt's BOS): logprobs named "▁the" as "the", and an echoed prompt's text_offset counted
+    the BOS's characters and the dropped space, so text[offset:] did not start with the token."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from polar_jax.server.token_bytes import TextOffsets, TokenBytes
+
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581Hello": 2, "\u2581world": 3, "\u2581the": 4, "\u2581fox": 5, "!": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    tb = TokenBytes(hf)
+    assert tb.strips_first_space and not tb.byte_level
+    ids = [1, 4, 5, 6, 3]  # <s> the fox! world
+    text = hf.decode(ids, skip_special_tokens=True)
+    assert text == "the fox! world"
+    assert [tb.token_str(i) for i in ids] == ["<s>", " the", " fox", "!", " world"]
+    offsets = TextOffsets(tb, decoded_start=True).offsets(ids)  # an echoed prompt: text starts with its decoding
+    assert offsets == [0, 0, 3, 7, 8]
+    for i, at in zip(ids[1:], offsets[1:]):
+        assert text[at:].startswith(tb.token_str(i).lstrip(" ") if at == 0 else tb.token_str(i))
+    # Generated text (no echo) keeps the first token's space: only an echoed prompt's start is decoded alone.
+    assert TextOffsets(tb).offsets([4, 5]) == [0, 4]
+
+
+def test_stop_token_ids_end_generation_over_http(client, loaded):
+    """vLLM's stop_token_ids was accepted and silently ignored (the offline API honours it)."""
+    kw = dict(model=MODEL, prompt="the fox", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    free = client.completions.create(logprobs=1, **kw).choices[0]
+    toks = free.logprobs.tokens
+    j = max(i for i in range(len(toks)) if toks[i] not in toks[:i])  # a token that first appears at j
+    assert j > 0
+    stop = loaded[2].encode(toks[j], add_special_tokens=False)  # one id: a character tokenizer
+    got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": stop}})
+    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == "".join(toks[:j + 1])

@@ -41,7 +41,10 @@ class StreamOptions(BaseModel):
 # gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
 UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
                "logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-               "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,)}
+               "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,),
+               # vLLM's sampling extensions this server does not implement either
+               "min_p": (0,), "include_stop_str_in_output": (False,), "use_beam_search": (False,),
+               "length_penalty": (1,), "skip_special_tokens": (True,)}
 
 
 class _Sampling(BaseModel):
@@ -59,6 +62,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's extension: generation also ends at any of these ids
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="before")

@@ -43,6 +43,8 @@ class TokenBytes:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.byte_level = _is_byte_level(tokenizer)
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+        self.strips_first_space = self._strips_first_space()
 
     def bytes_of(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
@@ -57,18 +59,41 @@ class TokenBytes:
             return bytes([int(m.group(1), 16)])
         return piece.replace("\u2581", " ").encode()
 
+    def token_str(self, token_id: int) -> str:
+        """The token as logprobs name it: its own text, a SentencePiece word's leading space included (decoding
+        the token alone drops it), U+FFFD for part of a character."""
+        return self.bytes_of(token_id).decode("utf-8", "replace")
+
+    def text_bytes_of(self, token_id: int) -> bytes:
+        """What the token adds to decoded text: nothing for a special token (decoding skips them)."""
+        return b"" if int(token_id) in self.special else self.bytes_of(token_id)
+
+    def _strips_first_space(self) -> bool:
+        """SentencePiece decoders drop the leading space of a text's first word piece; byte-level ones keep it."""
+        ids = self.tokenizer.encode("Hello world", add_special_tokens=False)
+        joined = b"".join(self.text_bytes_of(i) for i in ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).encode()
+        return joined != text and joined[:1] == b" " and joined[1:] == text
+
 
 class TextOffsets:
-    """Where each token starts in the decoded text, in characters, over a stream of token bytes: a token that
-    ends inside a character counts from that character's start (calls continue where the last one ended)."""
+    """Where each token starts in the decoded text, in characters, over a stream of token ids: a token that
+    ends inside a character counts from that character's start, a special token takes no room (calls
+    continue where the last one ended). `decoded_start`: the text begins with a decoding of these tokens
+    (an echoed prompt), which drops a SentencePiece tokenizer's first leading space."""
 
-    def __init__(self):
+    def __init__(self, token_bytes: TokenBytes, decoded_start: bool = False):
+        self.token_bytes = token_bytes
+        self.strip = decoded_start and token_bytes.strips_first_space
         self.pos = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def offsets(self, token_bytes: list[bytes]) -> list[int]:
+    def offsets(self, token_ids: list[int]) -> list[int]:
         out = []
-        for b in token_bytes:
+        for t in token_ids:
+            b = self.token_bytes.text_bytes_of(t)
+            if self.strip and b:
+                b, self.strip = (b[1:] if b[:1] == b" " else b), False
             out.append(self.pos)
             self.pos += len(self._decoder.decode(b))
         return out
