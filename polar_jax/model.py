@@ -13,6 +13,7 @@ every byte it reads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -183,7 +184,12 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         raise ValueError("collect=True records prefill activations; pass more than one token")
     R = 0 if riders is None else riders.tokens.shape[0]
     Bd = R if riders is not None else B  # the decode rows (the call's own, or the riders): what sp is sized for
-    sp = (sparsity or SparsityConfig()).for_batch(Bd)
+    sp = sparsity or SparsityConfig()
+    # A per-batch-size k (calibrated table): the step's real decode rows (not its padded Bd) pick the counts
+    # on the device; capacities are sized for the largest count any of 1 .. Bd rows takes.
+    count_table = None if sp.mlp_k_table is None else sp.neuron_count_table(cfg, Bd)  # [Bd + 1, L]
+    if count_table is not None:
+        sp = dataclasses.replace(sp, mlp_k=tuple(int(k) for k in count_table.max(axis=0)), mlp_k_table=None)
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)  # [B] (packed: [C])
     key = jax.random.key(sp.seed) if key is None else key
     lp, routers = params["layers"], params.get("routers")
@@ -312,7 +318,11 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         segments = plan(sp, cfg, Bd, row_density is not None)
     else:
         segments = [Segment(0, cfg.n_layers, None, None)]
-    xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), sp.neuron_counts(cfg, Bd))
+    neurons = sp.neuron_counts(cfg)
+    if count_table is not None:
+        real = jnp.sum((main if riders is None else rider_rows).n_new > 0)
+        neurons = jnp.asarray(count_table)[jnp.clip(real, 1, Bd)]  # [L]
+    xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), neurons)
     carry, records = (x, xr, cache.k, cache.v), []
     for seg in segments:
         carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,

@@ -36,9 +36,11 @@ class SparsityConfig:
     mlp_k: int | tuple[int, ...] | None = None  # neurons per layer (random: union size; router: per token)
     dense_layers: tuple[int, ...] = (0,)
     seed: int = 0
-    # Per-batch-size router top-k from `polar calibrate`: ((batch, per-layer k), ...) ascending in batch. The
-    # union over the batch grows with the batch, so the k that reaches a recall target does too; `for_batch`
-    # picks the entry to use. A tuple of tuples, not a dict, so the config stays hashable (a static jit arg).
+    # Per-batch-size router top-k from `polar calibrate`: ((batch, per-layer k), ...) ascending in batch. Each
+    # k reaches the recall target at its batch size; k need not move one way with the batch (a larger batch's
+    # union can reach it with a smaller per-token k), so `for_batch` takes the larger of the two entries
+    # around an uncalibrated size. A tuple of tuples, not a dict, so the config stays hashable (a static jit
+    # arg).
     mlp_k_table: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self):
@@ -75,15 +77,24 @@ class SparsityConfig:
                 raise ValueError(f"sparsity {name} has {n} per-layer values; {cfg.name} has {L} layers")
 
     def for_batch(self, batch: int) -> SparsityConfig:
-        """This config with mlp_k taken from mlp_k_table for a batch of `batch` sequences.
+        """This config with mlp_k taken from mlp_k_table for a batch of `batch` real sequences.
 
-        The entry of the smallest calibrated batch size >= batch (its k reaches the recall target for any
-        smaller batch too, since the union only shrinks), else the largest. Without a table: self.
+        A calibrated batch size takes its own entry; a size between two takes, layer by layer, the larger k
+        of the two around it; a size past either end takes the nearest entry. Without a table: self.
         """
         if self.mlp_k_table is None:
             return self
-        ks = next((ks for b, ks in self.mlp_k_table if b >= batch), self.mlp_k_table[-1][1])
+        below = [ks for b, ks in self.mlp_k_table if b <= batch]
+        above = [ks for b, ks in self.mlp_k_table if b >= batch]
+        lo, hi = (below or above)[-1 if below else 0], (above or below)[0 if above else -1]
+        ks = tuple(int(k) for k in np.maximum(np.asarray(lo), np.asarray(hi)))
         return dataclasses.replace(self, mlp_k=ks if len(ks) > 1 else ks[0], mlp_k_table=None)
+
+    def neuron_count_table(self, cfg: ModelConfig, max_batch: int) -> np.ndarray:
+        """[max_batch + 1, L] neurons per layer for 1 .. max_batch real sequences (row 0 as row 1): a decode
+        step picks its row on the device, by how many of its padded rows are real."""
+        rows = [self.for_batch(max(b, 1)).neuron_counts(cfg) for b in range(max_batch + 1)]
+        return np.stack(rows).astype(np.int32)
 
     def head_counts(self, cfg: ModelConfig) -> np.ndarray:
         """[L] KV heads (groups) kept per layer, at least 1; all of them in dense layers."""
@@ -97,12 +108,15 @@ class SparsityConfig:
     def neuron_counts(self, cfg: ModelConfig, batch: int | None = None) -> np.ndarray:
         """[L] neurons per layer (random: union size; router: top-k per token); F in dense layers.
 
-        With an mlp_k_table, `batch` picks the entry (see `for_batch`); without a batch, the largest.
+        With an mlp_k_table: the counts for `batch` real sequences (see `for_batch`); without a batch, the
+        largest count of each layer over the table's entries.
         """
         if self.mlp in ("all", "oracle"):
             return np.full(cfg.n_layers, cfg.mlp_dim, np.int32)
         if self.mlp_k_table is not None:
-            return self.for_batch(batch or self.mlp_k_table[-1][0]).neuron_counts(cfg)
+            if batch is None:
+                return np.max([self.for_batch(b).neuron_counts(cfg) for b, _ in self.mlp_k_table], axis=0)
+            return self.for_batch(batch).neuron_counts(cfg)
         k = np.broadcast_to(np.asarray(self.mlp_k, dtype=np.int64), (cfg.n_layers,))
         counts = np.clip(k, 1, cfg.mlp_dim).astype(np.int32)
         counts[list(self.dense_layers)] = cfg.mlp_dim

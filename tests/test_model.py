@@ -379,3 +379,31 @@ def test_both_routers_read_the_attention_norm_output(monkeypatch, name):
     assert sorted(seen["attn"]) == sorted(seen["mlp"]) and 1 in seen["mlp"]
     for l in seen["attn"]:
         np.testing.assert_array_equal(seen["mlp"][l], seen["attn"][l], err_msg=f"layer {l}")
+
+
+def test_a_calibrated_k_table_follows_the_real_rows_not_the_padding(monkeypatch):
+    """The engine pads decode batches to buckets (a lone request runs in a batch of 4): the table entry must
+    follow the rows that are real, on the device, or a lone request gets a larger batch's (smaller) k."""
+    import polar_jax.model as model
+    from training import routers as rt
+
+    cfg = preset("tiny-opt")
+    params = init_params(cfg, jax.random.key(5))
+    params["routers"] = {"mlp": rt.init_mlp(cfg, jax.random.key(6), hidden=16)}
+    counts = {}
+
+    def spy(*args, **kw):
+        jax.debug.callback(lambda l, n: counts.__setitem__(int(l), int(n)), args[2], args[3])
+        return mlp_neurons(*args, **kw)
+
+    mlp_neurons = model.mlp_neurons
+    monkeypatch.setattr(model, "mlp_neurons", spy)
+    sp = SparsityConfig(mlp="router", mlp_k_table=((1, (512, 384, 256)), (4, (512, 128, 128))))
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (4, 3)))
+    _, cache, _ = forward(cfg, params, tokens, init_cache(cfg, 4, 16, jnp.float32))
+    step = jax.jit(lambda c, n_new: forward(cfg, params, tokens[:, :1], c, n_new=n_new, sparsity=sp)[0])
+    for n_new, want in [([1, 0, 0, 0], (384, 256)), ([1, 1, 0, 0], (384, 256)), ([1, 1, 1, 1], (128, 128))]:
+        counts.clear()
+        jax.block_until_ready(step(cache, jnp.asarray(n_new, jnp.int32)))
+        jax.effects_barrier()
+        assert (counts[1], counts[2]) == want, (n_new, counts)
