@@ -383,3 +383,11 @@ def test_default_pool_and_compile_cache_on_a_cpu(monkeypatch, tmp_path):
     monkeypatch.delenv("POLAR_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert llm_engine.default_compile_cache() == tmp_path / "xdg" / "polar-jax" / "jax"
+
+
+def test_a_pool_that_cannot_hold_one_full_sequence_is_refused_at_start(params):
+    """Such an engine (or server) started, then refused every request without a small max_tokens."""
+    with pytest.raises(ValueError, match=r"KV pool \(8 pages of 8 tokens\) cannot hold one sequence of "
+                                         r"max_model_len 64 tokens"):
+        LLMEngine(CFG, params, None, max_model_len=64, page_size=8, num_pages=8, compile=False, progress=False)
+    LLMEngine(CFG, params, None, max_model_len=64, page_size=8, num_pages=9, compile=False, progress=False)

@@ -150,6 +150,10 @@ class LLMEngine:
         most = max_num_seqs * pages_for(max_model_len, page_size) + 1  # more pages than this are never used
         if num_pages is None:
             num_pages = min(most, kv_pages_that_fit(cfg, dtype, page_size, kv_memory_fraction))
+        if num_pages - 1 < pages_for(max_model_len, page_size):  # page 0 is the scratch page
+            raise ValueError(f"the KV pool ({num_pages} pages of {page_size} tokens) cannot hold one sequence of "
+                             f"max_model_len {max_model_len} tokens: lower max_model_len, or raise num_pages or "
+                             "kv_memory_fraction")
         prefill_chunk = min(prefill_chunk, max_model_len)  # no longer chunk can occur: no bucket for one
         budget = max_num_batched_tokens or (Buckets.invariant_budget(max_num_seqs) if batch_invariant
                                             else Buckets.default_budget(max_num_seqs, prefill_chunk))
