@@ -114,7 +114,7 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     chunk = min(512, bucket(max(map(len, ids))))
     llm = LLM((cfg, params, tokenizer), sparsity=sparsity, max_num_seqs=len(ids), max_model_len=need,
               num_pages=len(ids) * pages_for(need) + 1, prefill_chunk=chunk,
-              max_num_batched_tokens=max(chunk, len(ids)), progress=False, seed=args.seed)
+              max_num_batched_tokens=max(chunk, len(ids)), progress=False)  # selection: the sparsity's seed
     llm.engine.runner.record = True
     per_prompt = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                  seed=args.seed + i, max_tokens=args.max_new_tokens) for i in range(len(ids))]
@@ -220,7 +220,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0); random head or "
+                   "neuron selection takes the sparsity config's seed")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed prompts as raw text instead of through the tokenizer's chat template")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`) for the decode steps")

@@ -391,3 +391,13 @@ def test_a_pool_that_cannot_hold_one_full_sequence_is_refused_at_start(params):
                                          r"max_model_len 64 tokens"):
         LLMEngine(CFG, params, None, max_model_len=64, page_size=8, num_pages=8, compile=False, progress=False)
     LLMEngine(CFG, params, None, max_model_len=64, page_size=8, num_pages=9, compile=False, progress=False)
+
+
+def test_random_selection_follows_the_sparsity_configs_seed(params):
+    """SparsityConfig.seed was ignored by the engine (LLM, polar generate, polar serve): only
+    LLMEngine(seed=) keyed random heads, and the server could not set it."""
+    sp = SparsityConfig(attn="random", attn_density=0.5, seed=12345)
+    kw = dict(max_model_len=64, page_size=8, num_pages=40, compile=False, progress=False)
+    assert LLMEngine(CFG, params, None, sparsity=sp, **kw).runner.seed == 12345
+    assert LLMEngine(CFG, params, None, sparsity=sp, seed=7, **kw).runner.seed == 7
+    assert LLMEngine(CFG, params, None, **kw).runner.seed == 0

@@ -116,6 +116,9 @@ class LLMEngine:
     of one shape over max_num_batched_tokens tokens (default `Buckets.invariant_budget`: 512 for up to 512
     sequences), decode rows included: slower decode, no sparsity. Requests that ask for prompt logprobs
     are prefilled by a program of their own and keep this guarantee only for those log-probabilities.
+
+    seed: keys random head / neuron selection (sparsity attn or mlp "random"), with the step number
+    (default: the sparsity config's seed). Sampling has its own seeds, per request.
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, *, sparsity: SparsityConfig | None = None,
@@ -123,8 +126,10 @@ class LLMEngine:
                  kv_memory_fraction: float = 0.9, page_size: int = PAGE_SIZE, prefill_chunk: int = PREFILL_CHUNK,
                  max_num_batched_tokens: int | None = None, compile: bool = True, progress: bool = True,
                  compile_cache: str | os.PathLike | None = "default", per_request_density: bool = False,
-                 batch_invariant: bool = False, seed: int = 0):
+                 batch_invariant: bool = False, seed: int | None = None):
         check_head_dim(cfg)
+        if seed is None:  # random head / neuron selection: the sparsity config's seed unless one is given
+            seed = sparsity.seed if sparsity is not None else 0
         if not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must lie in (0, 1], got {kv_memory_fraction}")
         max_model_len = cfg.max_positions if max_model_len is None else int(max_model_len)
