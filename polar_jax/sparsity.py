@@ -58,13 +58,29 @@ class SparsityConfig:
             object.__setattr__(self, "mlp_k_table", table)
         if self.mlp in ("random", "router") and self.mlp_k is None and self.mlp_k_table is None:
             raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer) or mlp_k_table")
-        if self.mlp_k is not None and np.any(np.atleast_1d(np.asarray(self.mlp_k)) < 1):
-            raise ValueError(f"mlp_k must be >= 1 neuron per layer, got {self.mlp_k}")
+        if self.mlp_k is not None:
+            k = np.atleast_1d(np.asarray(self.mlp_k))
+            if k.dtype.kind not in "iu" or np.any(k < 1):
+                raise ValueError(f"mlp_k must be whole neurons, >= 1 per layer, got {self.mlp_k}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise ValueError(f"sparsity seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.dense_layers, (tuple, list)) or not all(
+                isinstance(l, (int, np.integer)) and not isinstance(l, bool) for l in self.dense_layers):
+            raise ValueError(f"dense_layers must be a list of layer indices, got {self.dense_layers!r}")
+        # Settings a source of "all" would silently ignore (the run stays dense where the user asked otherwise)
+        if self.attn == "all" and np.any(dens < 1):
+            raise ValueError(f"attn_density {self.attn_density} needs attn = router, oracle or random (with attn "
+                             "'all' every head runs)")
+        if self.mlp == "all" and (self.mlp_k is not None or self.mlp_k_table is not None):
+            raise ValueError("mlp_k / mlp_k_table need mlp = router or random (with mlp 'all' every neuron runs)")
 
     def check_layers(self, cfg: ModelConfig) -> None:
         """ValueError unless the per-layer fields fit cfg's layer count (dense_layers in [0, L), per-layer
-        lists of length L)."""
+        lists of length L) and the MLP source fits its activation."""
         L = cfg.n_layers
+        if self.mlp == "oracle" and cfg.gated_mlp:
+            raise ValueError(f"mlp 'oracle' keeps the neurons whose activation is not zero: {cfg.name}'s gated "
+                             f"{cfg.activation} MLP has none that are, so it would run dense (ReLU models only)")
         bad = [l for l in self.dense_layers if not 0 <= l < L]
         if bad:
             raise ValueError(f"sparsity dense_layers {list(self.dense_layers)}: layer {bad[0]} is not one of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from polar_jax import SparsityConfig, init_cache, init_params, preset
 from polar_jax import model as model_lib
@@ -171,3 +172,22 @@ def test_mlp_oracle_union_is_the_active_neurons():
     idx, n = mlp_neurons(SparsityConfig(mlp="oracle"), CFG, 1, F, F, jnp.zeros((B, CFG.dim)), None,
                          jax.random.key(0), dense_hidden=lambda: jnp.asarray(hidden))
     assert 0 < int(n) < F and set(np.asarray(idx)[: int(n)].tolist()) == want
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(attn_density=0.25), "needs attn = router, oracle or random"),  # attn stays "all": silently dense
+    (dict(mlp_k=64), "mlp_k / mlp_k_table need mlp = router or random"),
+    (dict(mlp="random", mlp_k=2.5), "mlp_k must be whole neurons"),
+    (dict(seed="abc"), "seed must be an integer"),
+    (dict(dense_layers=None), "dense_layers must be a list of layer indices"),
+])
+def test_settings_that_would_be_ignored_or_crash_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(**kw)
+
+
+def test_mlp_oracle_needs_a_relu_model():
+    """A gated SiLU MLP has no activation that is exactly zero: the oracle would keep every neuron."""
+    SparsityConfig(mlp="oracle").check_layers(preset("tiny-opt"))
+    with pytest.raises(ValueError, match="gated silu MLP has none that are, so it would run dense"):
+        SparsityConfig(mlp="oracle").check_layers(preset("tiny-llama"))

@@ -112,7 +112,7 @@ def attach_routers(cfg: ModelConfig, params: dict, path: str | Path) -> tuple[di
         raise ValueError(f"{path} holds routers for another checkpoint of {cfg.name}: the embeddings differ "
                          f"(embed[0, :4] {fingerprint[0, :4]} in the file, {mine[0, :4]} here)")
     kinds = SparsityConfig(attn="router" if "attn" in routers else "all",
-                           mlp="router" if "mlp" in routers else "all", mlp_k=1)
+                           mlp="router" if "mlp" in routers else "all", mlp_k=1 if "mlp" in routers else None)
     check_routers(cfg, {"routers": routers}, kinds, where=str(path))
     dtype = params["embed"].dtype
     placed = jax.tree.map(lambda a: jax.device_put(np.asarray(a).astype(dtype)), routers)
