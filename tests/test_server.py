@@ -338,6 +338,8 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context length 128"),
     ("completions", {"model": MODEL, "prompt": "a" * 129, "max_tokens": 0}, 400, "prompt", "129 tokens"),
+    ("completions", {"model": MODEL, "prompt": "a" * 128, "max_tokens": None}, 400, "prompt",
+     "fills the context length 128: no room to generate"),  # was 200 with an empty text
     ("completions", {"model": MODEL, "prompt": [5, 103]}, 400, "prompt", "outside the vocabulary"),
     ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
     ("completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than"),

@@ -181,7 +181,10 @@ class _API:
             raise _bad(f"the prompt has {len(ids)} tokens, more than the context length {self.max_model_len}",
                        prompt_param, code="context_length_exceeded")
         if max_tokens is None:
-            return max(self.max_model_len - len(ids), 0)
+            if len(ids) >= self.max_model_len:  # what is left is nothing: say so, not an empty completion
+                raise _bad(f"the prompt has {len(ids)} tokens, which fills the context length {self.max_model_len}:"
+                           " no room to generate", prompt_param, code="context_length_exceeded")
+            return self.max_model_len - len(ids)
         if len(ids) + max_tokens > self.max_model_len:
             raise _bad(f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens exceeds the context length "
                        f"{self.max_model_len}", "max_tokens", code="context_length_exceeded")
