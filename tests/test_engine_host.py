@@ -385,9 +385,10 @@ def test_add_rejects_requests_that_can_never_run():
     (dict(temperature=float("inf")), "SamplingParams.temperature must be a finite number >= 0: got inf"),
     (dict(top_p=0.0), "SamplingParams.top_p must be in (0, 1]: got 0.0"),
     (dict(top_p=1.5), "SamplingParams.top_p must be in (0, 1]: got 1.5"),
-    (dict(top_k=-1), "SamplingParams.top_k must be an int >= 0 (0: off): got -1"),
+    (dict(top_k=-2), "SamplingParams.top_k must be an int >= 0 (0: off): got -2"),
+    (dict(logprobs=5), "SamplingParams.logprobs must be a bool: got 5"),
     (dict(top_k=2.0), "SamplingParams.top_k must be an int >= 0 (0: off): got 2.0"),
-    (dict(max_tokens=0), "SamplingParams.max_tokens must be an int >= 1: got 0"),
+    (dict(max_tokens=0), "SamplingParams.max_tokens must be None or an int >= 1: got 0"),
     (dict(seed="1"), "SamplingParams.seed must be None or an int: got '1'"),
     (dict(stop=["ok", ""]), "SamplingParams.stop must hold non-empty strings: got ''"),
     (dict(stop_token_ids=[3, -2]), "SamplingParams.stop_token_ids must hold ints >= 0: got -2"),
@@ -403,6 +404,20 @@ def test_sampling_params_normalised():
     p = SamplingParams(stop="###", stop_token_ids=[3, 4])
     assert p.stop == ("###",) and p.stop_token_ids == (3, 4)
     assert SamplingParams(temperature=0, top_p=1, top_k=5, seed=0).temperature == 0
+    # vLLM's spellings of "off", which code ported from vLLM passes (all were refused)
+    vllm = SamplingParams(stop=None, stop_token_ids=None, top_k=-1, logprobs=None, prompt_logprobs=0,
+                          max_tokens=None)
+    assert (vllm.stop, vllm.stop_token_ids, vllm.top_k, vllm.logprobs, vllm.prompt_logprobs, vllm.max_tokens) == \
+        ((), (), 0, False, False, None)
+    assert SamplingParams(logprobs=1).logprobs is True
+
+
+def test_max_tokens_none_runs_to_the_end_of_the_context():
+    sched = make(max_model_len=24, page_size=4, num_pages=32)
+    s = seq(0, 10, eos=(), max_tokens=None)
+    sched.add(s)
+    step_while(sched, sched.has_unfinished)
+    assert len(s.output_token_ids) == 24 - 10 and s.finish_reason == "length"
 
 
 class ByteTokenizer:

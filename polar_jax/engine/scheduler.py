@@ -120,7 +120,7 @@ class Scheduler:
                              f"max_model_len {cfg.max_model_len}")
         # Positions whose KV is ever stored: the last sampled token is never fed.
         stored = max(seq.num_prompt_tokens,
-                     min(seq.num_prompt_tokens + seq.params.max_tokens, cfg.max_model_len) - 1)
+                     min(seq.num_prompt_tokens + (seq.params.max_tokens or cfg.max_model_len), cfg.max_model_len) - 1)
         need = self.block_manager.pages_for(stored)
         if need > self.block_manager.num_usable_pages:
             raise ValueError(f"request {rid!r}: needs {need} KV pages of {cfg.page_size} tokens, the pool has "
@@ -247,7 +247,8 @@ class Scheduler:
             seq.output_token_ids.append(PENDING)
             seq.output_logprobs.append(None)
             p = seq.params
-            if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            if (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or \
+                    seq.num_tokens >= self.config.max_model_len:
                 self.finish(seq, "length")
                 finished.append(seq)
         return finished
