@@ -88,7 +88,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
         tmp.mkdir()
     except OSError as e:
         _remove_empty(made)
-        raise OSError(e.errno, f"cannot create {out}: {e.strerror}") from e
+        raise OSError(f"cannot create {out}: {e.strerror}") from e
     old = None
     try:
         yield tmp

@@ -206,3 +206,31 @@ def test_demo_uses_a_per_user_folder(tmp_path, monkeypatch, capsys):
     assert polar(["demo", "--model-dir", str(tmp_path / "other")]) == 2
     assert "holds no converted model" in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_serve_on_a_busy_port_fails_before_loading(tmp_path, capsys):
+    """It loaded and compiled every program (minutes on a GPU) before uvicorn found the port taken."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, _, err = run(capsys, "serve", "--model", tmp_path / "not-loaded", "--port", port)
+    assert rc == 2 and err.startswith(f"polar: error: cannot listen on 127.0.0.1:{port}: "), err
+
+
+def test_serve_warns_when_the_tokenizer_outgrows_the_vocabulary(tmp_path, monkeypatch):
+    """--random-weights with another model's tokenizer: its ids past the vocabulary decoded to ''."""
+    import polar_jax.engine.llm_engine as llm_engine
+    from polar_jax.cli import build_parser
+    from polar_jax.server.cli import build_engine
+
+    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(149)}}  # 150 tokens; tiny-llama has 103
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    monkeypatch.setattr(llm_engine, "LLMEngine", lambda *a, **k: None)  # the check comes before compiling
+    args = build_parser().parse_args(["serve", "--random-weights", "--model", "tiny-llama", "--tokenizer",
+                                      str(tmp_path / "tok"), "--dtype", "fp32"])
+    with pytest.warns(UserWarning, match="the tokenizer has 150 tokens, more than the model's vocabulary of 103"):
+        build_engine(args)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
+import warnings
 from pathlib import Path
 
 # Kept here, not imported from protocol.py: the `polar` command must start without pydantic / FastAPI.
@@ -53,6 +55,10 @@ def build_engine(args):
     from polar_jax.sparsity import SparsityConfig
 
     cfg, params, tokenizer, default_name = _model(args)
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        warnings.warn(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
+                      f"{cfg.vocab_size}: prompts holding the others are refused, and they are never generated",
+                      stacklevel=2)
     sparsity = SparsityConfig.from_json(args.sparsity) if args.sparsity else None
     kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk", "max_num_batched_tokens")
           if getattr(args, k) is not None}
@@ -64,11 +70,22 @@ def build_engine(args):
     return engine, sparsity, args.served_model_name or default_name
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError naming the address if nothing can listen there now (uvicorn binds as this does)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
     from polar_jax.server.app import build_app
 
+    check_port_free(args.host, args.port)  # before minutes of loading and compiling, not after
     engine, sparsity, name = build_engine(args)
     app = build_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, sparsity=sparsity)
     print(f"serving {name} ({engine.config.num_pages} KV pages of {engine.config.page_size}, max_num_seqs "
