@@ -69,7 +69,7 @@ def test_greedy_equals_static_path_with_chunks_and_staggered_arrivals(params, pr
 
 def test_preemption_keeps_greedy_outputs_and_frees_pages(params, prompts):
     # 12 usable pages of 8: the 4 running sequences need up to 7 each, so decode runs out and preempts.
-    done, preempted = run_staggered(engine(params, num_pages=13), prompts, GREEDY, arrive_every=1)
+    done, preempted = run_staggered(engine(params, num_pages=13, max_model_len=96), prompts, GREEDY, arrive_every=1)
     assert preempted > 0, "the pool was meant to force preemption"
     want = static_tokens(params, prompts, GREEDY.max_tokens)
     for i in range(len(prompts)):
@@ -334,7 +334,7 @@ def test_batch_invariant_outputs_do_not_depend_on_the_batch(params, prompts):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
     kw = {"batch_invariant": True, "max_num_batched_tokens": 48}
     before = mr._UNIFIED._cache_size()
-    crowded, preempted = run_staggered(engine(bf16, num_pages=13, **kw), prompts, sp, arrive_every=1)
+    crowded, preempted = run_staggered(engine(bf16, num_pages=13, max_model_len=96, **kw), prompts, sp, arrive_every=1)
     assert preempted > 0, "the pool was meant to force preemption"
     for i, p in enumerate(prompts):
         alone, _ = run_staggered(engine(bf16, **kw), [p], sp)
