@@ -132,6 +132,11 @@ def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp
     assert err.startswith("polar: error: ") and "head_dim=32; polar's attention kernels support head_dim 64, 80, 96, 128" in err, err
     with pytest.raises(ValueError, match="head_dim=32"):
         LLMEngine(cfg, random_params(cfg, jnp.float32), None, compile=False, progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("Hi there. " * 50)
+    for command in (["eval", "ppl", "--text", text], ["collect", "--text", text, "--out", tmp_path / "d"]):
+        rc, _, err = run(capsys, *command, "--model", model)  # failed after the weights loaded
+        assert rc == 2 and "head_dim=32; polar's attention kernels support" in err and err.count("\n") == 1, err
 
 
 def test_an_unknown_flag_is_named_with_its_commands_usage(capsys):
