@@ -680,3 +680,18 @@ def test_stop_token_ids_end_generation_over_http(client, loaded):
     stop = loaded[2].encode(toks[j], add_special_tokens=False)  # one id: a character tokenizer
     got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": stop}})
     assert got.choices[0].finish_reason == "stop" and got.choices[0].text == "".join(toks[:j + 1])
+
+
+def test_sparsity_metrics_describe_the_selecting_layers_and_calibrated_tables():
+    """polar_attn_density read 0.625 for a calibrated 0.5 config (it averaged in the dense layer 0), and a
+    calibrated k table showed as mlp_k="None"."""
+    from polar_jax.server.metrics import ServerMetrics
+
+    sp = SparsityConfig(attn="router", attn_density=(1.0, 0.5, 0.5, 0.5), mlp="router",
+                        mlp_k_table=((1, (512, 384)), (8, (512, 256))))
+    m = ServerMetrics("m", sp)
+    assert m.registry.get_sample_value("polar_attn_density") == 0.5
+    info = {s.labels["mlp_k"] for s in m.registry.collect() for s in s.samples if s.name == "polar_sparsity_info"}
+    assert info == {"{1: [512, 384], 8: [512, 256]}"}
+    assert ServerMetrics("m", SparsityConfig(attn="random", attn_density=0.25)).registry.get_sample_value(
+        "polar_attn_density") == 0.25

@@ -32,16 +32,22 @@ class ServerMetrics:
         self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("polar_generation_tokens", "Output tokens generated", registry=r)
         self.finished = Counter("polar_requests_finished", "Finished requests by reason", ["reason"], registry=r)
-        self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode "
-                                  "(1: dense)", registry=r)
+        self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode, "
+                                  "over the layers that select heads (1: dense)", registry=r)
         self.sparsity = Info("polar_sparsity", "The engine's sparsity configuration", registry=r)
         attn = "all" if sparsity is None else sparsity.attn
         density = 1.0 if sparsity is None else sparsity.attn_density
-        mean = sum(density) / len(density) if isinstance(density, tuple) else float(density)
+        if isinstance(density, tuple):  # per layer: the layers kept dense are not what the config selects
+            sparse = [d for l, d in enumerate(density) if l not in sparsity.dense_layers] or list(density)
+            mean = sum(sparse) / len(sparse)
+        else:
+            mean = float(density)
         self.attn_density.set(mean if attn != "all" else 1.0)
+        mlp_k = None if sparsity is None else sparsity.mlp_k
+        if sparsity is not None and sparsity.mlp_k_table is not None:  # calibrated: {batch: k per layer}
+            mlp_k = {b: list(ks) for b, ks in sparsity.mlp_k_table}
         self.sparsity.info({"model": model_name, "attn": attn, "attn_density": str(density),
-                            "mlp": "all" if sparsity is None else sparsity.mlp,
-                            "mlp_k": str(None if sparsity is None else sparsity.mlp_k)})
+                            "mlp": "all" if sparsity is None else sparsity.mlp, "mlp_k": str(mlp_k)})
 
     def set_engine_state(self, scheduler) -> None:
         bm = scheduler.block_manager
