@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from polar_jax.config import ModelConfig, load_config
+from polar_jax.config import ModelConfig, check_head_dim, load_config
 from polar_jax.params import check_params
 
 CONFIG_FILE = "config.json"
@@ -106,7 +106,10 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
         raise
     if old is not None:  # the new model is in place; the old copy's removal may fail without undoing that
         try:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         except OSError as e:
             warnings.warn(f"{out} was written, but its previous copy, moved to {old}, could not be removed: {e}",
                           stacklevel=3)
@@ -247,13 +250,17 @@ def load_tokenizer(path: str | Path):
         raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 
 
-def load(path: str | Path, dtype=None):
+def load(path: str | Path, dtype=None, *, runnable: bool = True):
     """(config, params, tokenizer) of a model directory written by `polar convert` or `save`.
 
-    tokenizer is a transformers tokenizer, or None when the directory has no tokenizer files.
+    tokenizer is a transformers tokenizer, or None when the directory has no tokenizer files. runnable: refuse,
+    before the weights load, a model polar's attention kernels cannot run (config.check_head_dim); False reads
+    it anyway (to inspect a conversion).
     """
     path = Path(path)
     check_model_dir(path)
     cfg = load_config(path / CONFIG_FILE)
+    if runnable:
+        check_head_dim(cfg)
     params = load_params(path, cfg, dtype)
     return cfg, params, load_tokenizer(path)

@@ -198,33 +198,36 @@ _HF_DEFAULTS = {"llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6),
                 "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=4096)}
 
 
-def _field(hf: dict, name: str, kind, default=None, minimum=None):
-    """hf[name] (or `default` when absent or null) checked to be of `kind` (int: not a bool) and >= minimum."""
-    v = hf.get(name)
-    if v is None:
-        if default is None:
-            raise KeyError(name)
-        return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else \
-        isinstance(v, int) and not isinstance(v, bool)
-    if not ok or (minimum is not None and v < minimum):
+def _checked(name: str, v, kind, minimum=None):
+    """v, checked to be of `kind` (int: not a bool; float: any number) and >= minimum, as `kind`."""
+    ok = isinstance(v, (int, float)) if kind is float else isinstance(v, int)
+    if not ok or isinstance(v, bool) or (minimum is not None and v < minimum):
         what = "a number" if kind is float else "an integer"
         raise ValueError(f"{name} must be {what}{'' if minimum is None else f' >= {minimum}'}, not {v!r}")
     return kind(v)
 
 
+def _field(hf: dict, name: str, kind, default=None, minimum=None):
+    """hf[name] (or `default` when absent or null; KeyError without one), checked by _checked."""
+    v = hf.get(name)
+    if v is None:
+        if default is None:
+            raise KeyError(name)
+        return default
+    return _checked(name, v, kind, minimum)
+
+
 def _context_of(hf: dict, arch: str, max_positions: int) -> int:
     """max_positions, capped at the sliding window of a Mistral / Qwen2 model that uses one: polar attends to
     the whole context, which equals sliding-window attention only for sequences within the window."""
-    if arch == "mistral":
-        window = hf.get("sliding_window", _HF_DEFAULTS[arch]["sliding_window"])
-    elif arch == "qwen2" and hf.get("use_sliding_window"):
-        window = hf.get("sliding_window", _HF_DEFAULTS[arch]["sliding_window"])
-    else:
+    if arch != "mistral" and not (arch == "qwen2" and hf.get("use_sliding_window")):
         return max_positions
-    if window is None or window >= max_positions:
+    window = hf.get("sliding_window", _HF_DEFAULTS[arch]["sliding_window"])
+    if window is None:
         return max_positions
-    window = _field({"sliding_window": window}, "sliding_window", int, minimum=1)
+    window = _checked("sliding_window", window, int, minimum=1)
+    if window >= max_positions:
+        return max_positions
     warnings.warn(f"{arch} sliding-window attention (window {window}) is not implemented: the converted model's "
                   f"context is capped at {window} tokens (from {max_positions}), within which full attention "
                   "is the same", stacklevel=3)
@@ -282,7 +285,7 @@ def from_hf_config(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
             max_positions=_context_of(hf, arch, max_positions),
             head_dim=_field(hf, "head_dim", int, dim // heads, minimum=1), norm="rms",
             norm_eps=_field(hf, "rms_norm_eps", float, defaults["rms_norm_eps"]), positions="rope",
-            rope_theta=_field({"rope_theta": theta}, "rope_theta", float, minimum=0),
+            rope_theta=_checked("rope_theta", theta, float, minimum=0),
             rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or rope),
             activation="silu", gated_mlp=True, qkv_bias=qkv_bias, out_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

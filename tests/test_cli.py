@@ -13,7 +13,7 @@ import pytest
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from polar_jax import checkpoint, generate, preset
+from polar_jax import LLM, checkpoint, generate, preset
 from polar_jax.cli import main as polar
 from polar_jax.cli import print_outputs
 from polar_jax.engine.llm_engine import LLMEngine
@@ -132,6 +132,8 @@ def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp
     assert err.startswith("polar: error: ") and "head_dim=32; polar's attention kernels support head_dim 64, 80, 96, 128" in err, err
     with pytest.raises(ValueError, match="head_dim=32"):
         LLMEngine(cfg, random_params(cfg, jnp.float32), None, compile=False, progress=False)
+    with pytest.raises(ValueError, match="head_dim=32; polar's attention kernels support"):
+        LLM(model)  # `polar serve` and lm-eval's model load through the same checkpoint.load
     text = tmp_path / "t.txt"
     text.write_text("Hi there. " * 50)
     for command in (["eval", "ppl", "--text", text], ["collect", "--text", text, "--out", tmp_path / "d"]):

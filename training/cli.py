@@ -31,12 +31,8 @@ def _text_flags(p: argparse.ArgumentParser, default_split: str) -> None:
 
 
 def _load_model(path):
-    """(cfg, params, tokenizer); a head size no attention kernel takes is named before the weights load."""
-    from polar_jax.checkpoint import CONFIG_FILE, check_model_dir, load
-    from polar_jax.config import check_head_dim, load_config
+    from polar_jax.checkpoint import load
 
-    check_model_dir(Path(path))
-    check_head_dim(load_config(Path(path) / CONFIG_FILE))
     return load(Path(path))
 
 

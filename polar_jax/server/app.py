@@ -195,7 +195,7 @@ class _API:
             # max_tokens 0 (echo only): the engine generates one token, which is dropped.
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                                   seed=body.seed, max_tokens=max(max_tokens, 1), stop=body.stops,
-                                  stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                                  stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # "SamplingParams.top_p must be ...": name the field
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
@@ -267,7 +267,7 @@ class _API:
                 if body.echo:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
                     top = self._top_entries(ids, gen_ids, lps, tops[i])
-                logprobs = self._completion_logprobs(toks, lps, top, echo=body.echo)
+                logprobs = self._completion_logprobs(toks, lps, top, TextOffsets(self.token_bytes, body.echo))
             choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
@@ -276,12 +276,11 @@ class _API:
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _completion_logprobs(self, token_ids, logprobs, top=None, where: TextOffsets | None = None,
-                             echo: bool = False) -> P.CompletionLogprobs:
+    def _completion_logprobs(self, token_ids, logprobs, top, where: TextOffsets) -> P.CompletionLogprobs:
         """OpenAI's legacy logprobs: each token's text, its logprob, where it starts in the choice's text
         (`where` carries the position across a stream's chunks) and, with echo, the most likely token at
         each position (see _top_entries)."""
-        offsets = (where or TextOffsets(self.token_bytes, echo)).offsets(token_ids)
+        offsets = where.offsets(token_ids)
         return P.CompletionLogprobs(tokens=[self._token_str(t) for t in token_ids], token_logprobs=list(logprobs),
                                     top_logprobs=top, text_offset=offsets)
 
