@@ -15,7 +15,8 @@ boundaries alone, with streaming reads that stand in for the projections (each p
     layer's bytes as one read.
 
 Wall clock per call (autotune.time_fn: 20 calls back to back, median of 15), inputs rotated through more than
-the L2. Programs: one, two or four per SM (all resident, as the barrier requires), each streaming 16 KB rows.
+the L2. Programs: one or two per SM (all resident, as the barrier requires: RUNS), each streaming 16 KB rows, one, two
+or four rows per loop step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from pallas_kernels.common import check_backend
 from pallas_kernels.selective_gemm.fused import sm_count
 
 W = 8192  # elements per row (16 KB of bf16): one load per loop step
+# (programs per SM, rows per loop step): a barrier kernel whose programs are not all resident never ends, and
+# 4 rows a step with 2 programs per SM did not end in a first run (its registers leave room for fewer programs)
+RUNS = [(1, (1, 2, 4)), (2, (1, 2))]
 LAYER_MB = {"qkv": 50.3, "kv_cache": 134.2, "o": 33.6, "gate_up": 234.9, "down": 117.4}  # llama-3-8b, B = 16
 
 
@@ -47,18 +51,18 @@ def _wait_all(cnt_ref, target: float):
     plgpu.debug_barrier()
 
 
-def _phases_kernel(*refs, n_phases: int, per: tuple, P: int, barrier: bool, extra_barriers: int):
+def _phases_kernel(*refs, n_phases: int, per: tuple, P: int, barrier: bool, extra_barriers: int, U: int):
     xs, (cnt_in, out_ref, cnt_ref) = refs[:n_phases], refs[n_phases:]
     del cnt_in
     p = pl.program_id(0)
-    acc = jnp.zeros((W,), jnp.float32)
+    acc = jnp.zeros((U, W), jnp.float32)
     waits = 0
     for a, x_ref in enumerate(xs):
         if a and barrier:
             waits += 1
             _wait_all(cnt_ref, float(waits * P))
-        acc = lax.fori_loop(p * per[a], (p + 1) * per[a], lambda i, acc, x_ref=x_ref: acc + x_ref[i].astype(jnp.float32),
-                            acc)
+        step = lambda i, acc, x_ref=x_ref: acc + x_ref[pl.ds(i * U, U), :].astype(jnp.float32)
+        acc = lax.fori_loop(p * (per[a] // U), (p + 1) * (per[a] // U), step, acc)
 
     def spin(i, c):
         _wait_all(cnt_ref, ((waits + i + 1) * P).astype(jnp.float32))
@@ -66,16 +70,18 @@ def _phases_kernel(*refs, n_phases: int, per: tuple, P: int, barrier: bool, extr
 
     if extra_barriers:
         lax.fori_loop(0, extra_barriers, spin, 0)
-    out_ref[p] = acc
+    out_ref[p] = acc.sum(0)
 
 
-def phases(xs, P: int, *, barrier: bool, extra_barriers: int = 0, num_warps: int = 8, interpret=None):
-    """out [P, W] f32: program p's sum of its rows of every x in xs ([P * per, W] each), the phases one after
-    another in one launch, joined by grid barriers if `barrier` (then every program must be resident)."""
+def phases(xs, P: int, *, barrier: bool, extra_barriers: int = 0, unroll: int = 1, num_warps: int = 8,
+           interpret=None):
+    """out [P, W] f32: program p's sum of its rows of every x in xs ([P * per, W] each, per a multiple of
+    `unroll`, the rows loaded per loop step), the phases one after another in one launch, joined by grid
+    barriers if `barrier` (then every program must be resident)."""
     interpret = check_backend(interpret)
     per = tuple(x.shape[0] // P for x in xs)
     kernel = functools.partial(_phases_kernel, n_phases=len(xs), per=per, P=P, barrier=barrier,
-                               extra_barriers=extra_barriers)
+                               extra_barriers=extra_barriers, U=unroll)
     out, _ = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((P, W), jnp.float32), jax.ShapeDtypeStruct((1, 1), jnp.float32)],
@@ -89,7 +95,8 @@ def phases(xs, P: int, *, barrier: bool, extra_barriers: int = 0, num_warps: int
 
 
 def _rows(mb: float, P: int) -> int:
-    return max(1, round(mb * 1e6 / (2 * W) / P)) * P
+    """Rows of a ~mb MB array: a multiple of 4 per program (any unroll divides it)."""
+    return max(1, round(mb * 1e6 / (2 * W) / P / 4)) * 4 * P
 
 
 def _arrays(mbs, P, n_sets, key):
@@ -120,7 +127,7 @@ def main(argv=None) -> None:
         records.append({"case": name, "us": ms * 1e3, "bytes": nbytes, "read_fraction": frac, **extra})
         return ms * 1e3
 
-    for per_sm in (1, 2, 4):
+    for per_sm, unrolls in RUNS:
         P = per_sm * sms
         print(f"== {P} programs ({per_sm} per SM)")
         tiny = _arrays([0.0], P, 1, key)              # one row per program
@@ -144,20 +151,20 @@ def main(argv=None) -> None:
         mbs = list(LAYER_MB.values())
         sets = _arrays(mbs, P, 2, key)
         nbytes = sum(x.size * 2 for x in sets[0])
-        def kernels(*xs):
-            return tuple(phases((x,), P, barrier=False) for x in xs)
-        k5 = timed("layer reads: 5 kernels", kernels, sets, nbytes, programs=P)
-        kb = timed("layer reads: 1 kernel, 4 grid barriers", lambda *xs: phases(xs, P, barrier=True), sets, nbytes,
-                   programs=P)
-        kn = timed("layer reads: 1 kernel, no barrier", lambda *xs: phases(xs, P, barrier=False), sets, nbytes,
-                   programs=P)
         whole = _arrays([nbytes / 1e6], P, 2, key)
-        k1 = timed("layer bytes as one read", lambda x: phases((x,), P, barrier=False), whole,
-                   whole[0][0].size * 2, programs=P)
-        print(f"  -> barriers instead of kernel boundaries: {k5 / kb:.3f}x; the bound without barriers {k5 / kn:.3f}x;"
-              f" one read {k5 / k1:.3f}x")
-        records.append({"case": "derived", "programs": P, "speedup_barriers": k5 / kb, "speedup_no_barrier": k5 / kn,
-                        "speedup_one_read": k5 / k1})
+        for U in unrolls:
+            print(f"  -- {U} rows per loop step")
+            run = functools.partial(phases, P=P, unroll=U)
+            kw = dict(programs=P, unroll=U)
+            k5 = timed("layer reads: 5 kernels", lambda *xs: tuple(run((x,), barrier=False) for x in xs), sets,
+                       nbytes, **kw)
+            kb = timed("layer reads: 1 kernel, 4 grid barriers", lambda *xs: run(xs, barrier=True), sets, nbytes, **kw)
+            kn = timed("layer reads: 1 kernel, no barrier", lambda *xs: run(xs, barrier=False), sets, nbytes, **kw)
+            k1 = timed("layer bytes as one read", lambda x: run((x,), barrier=False), whole, whole[0][0].size * 2, **kw)
+            print(f"  -> barriers instead of kernel boundaries: {k5 / kb:.3f}x; the bound without barriers"
+                  f" {k5 / kn:.3f}x; one read {k5 / k1:.3f}x")
+            records.append({"case": "derived", **kw, "speedup_barriers": k5 / kb, "speedup_no_barrier": k5 / kn,
+                            "speedup_one_read": k5 / k1})
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**common.metadata("python -m benchmarks.probe_grid_barrier"), **common.ceiling_meta(ceiling),
