@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import uuid
 import warnings
@@ -69,6 +70,21 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     if not is_model_dir(out):
         raise FileExistsError(f"refusing to overwrite {out}: it is not a model directory written by polar "
                               f"(no {MARKER_FILE}); remove it yourself or choose another output")
+
+
+def check_writable(out: str | Path, what: str = "--out", *, file: bool = True) -> None:
+    """Raise now, not after the work that produces it, if `out` (a file, or a directory with file=False) cannot
+    be written: an ancestor is a file, the nearest existing folder is not writable, or a wanted file is an
+    existing directory. Creates nothing (missing folders are made by the writer)."""
+    out = Path(out)
+    if file and out.is_dir():
+        raise IsADirectoryError(f"{what} {out} is a directory; name a file")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"{what} {out}: cannot be written, {parent} is a file, not a directory")
+    folder = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {out}: cannot be written, {folder} is not writable")
 
 
 @contextlib.contextmanager

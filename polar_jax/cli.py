@@ -164,11 +164,20 @@ def print_outputs(outputs, prompts: list[str], engine, out=None, err=None) -> No
           f"{1e3 * dec_s / max(len(dec), 1):.1f} ms/step); compile {engine.compile_s:.1f} s", file=out, flush=True)
 
 
+def default_dtype() -> str:
+    """The parameter dtype a model is converted to unless told: fp32 where JAX runs on the CPU (bf16 there is
+    slow and loses the parity with transformers), bf16 on an accelerator."""
+    import jax
+
+    return "fp32" if jax.default_backend() == "cpu" else "bf16"
+
+
 def cmd_convert(args) -> None:
     from convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    dtype = args.dtype or default_dtype()
+    out = convert_checkpoint(args.src, args.out, dtype=dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({dtype})")
 
 
 def cmd_generate(args) -> None:
@@ -196,12 +205,10 @@ def default_gguf() -> Path:
 
 
 def cmd_demo(args) -> None:
-    import jax
-
     from convert import convert_checkpoint
 
     check_flags(args, DEMO_PROMPTS)  # bad flags fail before a conversion, too
-    dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
+    dtype = default_dtype()
     model_dir = Path(args.model_dir or polar_home() / "models" / f"smollm2-135m-instruct-{dtype}")
     if not (model_dir / "config.json").is_file():
         if model_dir.is_dir() and not any(model_dir.iterdir()):
@@ -242,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "config.json and the tokenizer. Tensor by tensor; nothing is left behind on failure.")
     p.add_argument("src", help="HF model directory or .gguf file")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="parameter dtype (default bf16)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="parameter dtype (default: fp32 where JAX runs on the CPU, bf16 on a GPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a model directory polar wrote (any other folder is refused)")
     p.set_defaults(func=cmd_convert)
@@ -287,7 +295,11 @@ def _sigterm_interrupts(enabled: bool):
         yield
         return
 
+    main_pid = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker (lm-eval's bootstrap pool) told to stop: stop quietly
+            os._exit(128 + signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)

@@ -115,7 +115,7 @@ class SparsityConfig:
     def head_counts(self, cfg: ModelConfig) -> np.ndarray:
         """[L] KV heads (groups) kept per layer, at least 1; all of them in dense layers."""
         dens = np.broadcast_to(np.asarray(self.attn_density, dtype=np.float64), (cfg.n_layers,))
-        counts = np.clip(np.round(dens * cfg.n_kv_heads), 1, cfg.n_kv_heads).astype(np.int32)
+        counts = np.clip(np.floor(dens * cfg.n_kv_heads + 0.5), 1, cfg.n_kv_heads).astype(np.int32)  # half up
         if self.attn == "all":
             counts[:] = cfg.n_kv_heads
         counts[list(self.dense_layers)] = cfg.n_kv_heads
@@ -269,12 +269,12 @@ def _top_slots(scores: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
 
 
 def row_head_counts(cfg: ModelConfig, count, row_density: jax.Array | None) -> jax.Array:
-    """[B, 1] heads kept per sequence: the layer's count, or round(row_density * K) in [1, K] where a row
-    asks for its own density (NaN: the layer's count)."""
+    """[B, 1] heads kept per sequence: the layer's count, or row_density * K rounded half up into [1, K] (as
+    SparsityConfig.head_counts) where a row asks for its own density (NaN: the layer's count)."""
     if row_density is None:
         return jnp.reshape(count, (1, 1))
     K = cfg.n_kv_heads
-    own = jnp.clip(jnp.round(row_density * K), 1, K).astype(jnp.int32)
+    own = jnp.clip(jnp.floor(row_density * K + 0.5), 1, K).astype(jnp.int32)
     return jnp.where(jnp.isnan(row_density), count, own)[:, None]
 
 

@@ -241,3 +241,24 @@ def test_serve_warns_when_the_tokenizer_outgrows_the_vocabulary(tmp_path, monkey
                                       str(tmp_path / "tok"), "--dtype", "fp32"])
     with pytest.warns(UserWarning, match="the tokenizer has 150 tokens, more than the model's vocabulary of 103"):
         build_engine(args)
+
+
+def test_sigterm_in_a_forked_worker_ends_it_quietly(capfd):
+    """lm-eval's bootstrap pool forks workers and ends them with SIGTERM: they inherit polar's handler, which
+    must end them (status 128 + SIGTERM), not print a KeyboardInterrupt traceback from each."""
+    import multiprocessing
+    import signal
+    import time
+    import warnings
+
+    from polar_jax.cli import _sigterm_interrupts
+
+    with _sigterm_interrupts(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # os.fork() beside JAX's threads: the worker runs no JAX
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.5)
+        worker.terminate()
+        worker.join(20)
+    assert worker.exitcode == 128 + signal.SIGTERM
+    assert "KeyboardInterrupt" not in capfd.readouterr().err

@@ -372,6 +372,34 @@ def test_model_args_reach_polar(tmp_path):
         PolarLM((cfg, init_params(cfg, jax.random.key(0)), object()), attn="router", attn_density=0.5)
     with pytest.raises(ValueError, match="unknown polar model_args: dtype"):
         PolarLM.create_from_arg_string(f"model={tmp_path},dtype=bf16", {"batch_size": 1, "device": None})
+    # A head density without a source, a density of 0, or a density beside a JSON config would run dense (or
+    # other than asked) silently: each is refused.
+    tiny = (cfg, init_params(cfg, jax.random.key(0)), object())
+    with pytest.raises(ValueError, match="attn_density=0.5 needs attn=router|oracle|random"):
+        PolarLM(tiny, attn_density=0.5)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        PolarLM(tiny, attn="random", attn_density=0)
+    with pytest.raises(ValueError, match="not both"):
+        PolarLM(tiny, sparsity=SparsityConfig(attn="oracle", attn_density=0.5), attn_density=0.5)
+    assert PolarLM(tiny, attn="random", attn_density=0.5).sparsity == SparsityConfig(attn="random", attn_density=0.5)
+
+
+def test_cli_refuses_bad_numbers_and_unwritable_out_before_loading(tmp_path, capsys):
+    write_jsonl(tmp_path / "mine.jsonl", [ROW])
+    parser = argparse.ArgumentParser()
+    add_tasks_command(parser.add_subparsers())
+    base = ["tasks", "--model", str(tmp_path / "no-model"), "--tasks", "mine", "--tasks-dir", str(tmp_path)]
+    for flag in ("--limit", "--batch-size"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, flag, "0"])
+        assert f"{flag}: must be a positive integer, got 0" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    args = parser.parse_args([*base, "--out", str(tmp_path / "afile" / "r.json")])
+    with pytest.raises(NotADirectoryError, match="afile is a file"):  # not "model directory not found"
+        args.func(args)
+    args = parser.parse_args([*base, "--attn-density", "0.5", "--sparsity", str(tmp_path / "sp.json")])
+    with pytest.raises(ValueError, match="not both"):
+        args.func(args)
 
 
 def test_model_time_counts_only_the_lm_request_methods():

@@ -191,3 +191,17 @@ def test_mlp_oracle_needs_a_relu_model():
     SparsityConfig(mlp="oracle").check_layers(preset("tiny-opt"))
     with pytest.raises(ValueError, match="gated silu MLP has none that are, so it would run dense"):
         SparsityConfig(mlp="oracle").check_layers(preset("tiny-llama"))
+
+
+def test_a_density_rounds_to_a_head_count_half_up():
+    """0.5 of 5 groups keeps 3 (np.round's half-to-even gave 2: 40%), 0.5 of 7 keeps 4; the same count from the
+    config, the router labels (training) and a per-request density (the server's)."""
+    from polar_jax.sparsity import row_head_counts
+
+    for K, density, want in ((5, 0.5, 3), (7, 0.5, 4), (3, 0.5, 2), (8, 0.3, 2), (4, 0.01, 1)):
+        cfg = preset("tiny-llama-gqa").replace(n_heads=K, n_kv_heads=K)
+        got = SparsityConfig(attn="random", attn_density=density, dense_layers=()).head_counts(cfg)
+        assert set(got.tolist()) == {want}, (K, density, got)
+        assert rt.topk_count(density, K) == want
+        per_row = row_head_counts(cfg, 0, jnp.asarray([density, np.nan], jnp.float32))
+        assert per_row[:, 0].tolist() == [want, 0]

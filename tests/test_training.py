@@ -22,6 +22,13 @@ from training.train import Labels, TrainConfig, train
 TINY = "tiny-opt"
 
 
+def usage_rc(argv) -> int:
+    """polar's status for a flag argparse refuses (it exits with the usage line)."""
+    with pytest.raises(SystemExit) as e:
+        polar(argv)
+    return e.value.code
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = preset(TINY)
@@ -176,6 +183,16 @@ def test_data_from_another_model_is_refused(tmp_path, tiny):
                 progress=False)
 
 
+def test_data_from_the_same_model_in_another_precision_is_accepted(tmp_path, tiny):
+    """A bf16 conversion may train routers on data collected with the fp32 one, and the reverse."""
+    cfg, params = tiny
+    tokens = np.arange(256, dtype=np.int32) % cfg.vocab_size
+    collect(cfg, params, tokens, "test", tmp_path / "d", n_tokens=128, seq_len=32, batch=2, progress=False)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        copy = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+        assert load_data(tmp_path / "d", cfg, copy).n == 128
+
+
 def test_empty_text_is_refused(tmp_path, tiny):
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(ValueError, match="empty"):
@@ -302,9 +319,36 @@ def test_tiny_opt_pipeline(tmp_path, tiny_dir, capsys):
     assert "--attn-groups must lie in 1..2" in capsys.readouterr().err
     assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(m)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert polar(["calibrate", "--model", str(m), "--data", str(d), "--out", str(tmp_path / "sp0.json"),
-                  "--n-batches", "0", *common]) == 2
-    assert "--n-batches must be >= 1" in capsys.readouterr().err and not (tmp_path / "sp0.json").exists()
+    assert usage_rc(["calibrate", "--model", str(m), "--data", str(d), "--out", str(tmp_path / "sp0.json"),
+                     "--n-batches", "0", *common]) == 2
+    assert "--n-batches: must be a positive integer" in capsys.readouterr().err and not (tmp_path / "sp0.json").exists()
+    assert usage_rc(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out", str(tmp_path / "m2"),
+                     "--lr", "-1"]) == 2  # gradient ascent is not a setting
+    assert "--lr: must be a positive number" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    # Outputs that cannot be written are named before the work, not after it.
+    (tmp_path / "afile").write_text("")
+    assert polar(["eval", "ppl", "--model", str(m), "--sweep", "--densities", "0.5", "--out",
+                  str(tmp_path / "afile" / "sweep"), *ppl_args]) == 2
+    out, err = capsys.readouterr()
+    assert "afile is a file" in err and "dense" not in out  # no sweep ran
+    assert polar(["train-routers", "--model", str(tiny_dir), "--data", str(d), "--out",
+                  str(tmp_path / "afile" / "m"), *common]) == 2
+    out, err = capsys.readouterr()
+    assert "afile is a file" in err and "router" not in out
+    # calibrate checks the data even where only attention is calibrated (it used to ignore a wrong --data)
+    assert polar(["calibrate", "--model", str(tiny_dir), "--data", str(tmp_path / "nodata"), "--attn-density", "1",
+                  "--out", str(tmp_path / "sp1.json"), *common]) == 2
+    assert "nodata" in capsys.readouterr().err and not (tmp_path / "sp1.json").exists()
+    # ... and runs at the density its attention router was trained for unless told otherwise
+    metrics = json.loads((m / "routers_metrics.json").read_text())
+    metrics["attn"]["density"] = 1.0
+    (m / "routers_metrics.json").write_text(json.dumps(metrics))
+    assert polar(["calibrate", "--model", str(m), "--data", str(d), "--out", str(tmp_path / "sp2.json"),
+                  "--batch-sizes", "1", "--n-batches", "1", *common]) == 0
+    assert "attention density 1 (the router's training density" in capsys.readouterr().out
+    assert SparsityConfig.from_json(tmp_path / "sp2.json").attn == "all"
+    with pytest.warns(UserWarning, match="differs from the density the attention router"):
+        cal.calibrate(m, d, tmp_path / "sp3.json", batch_sizes=(1,), attn_density=0.5, n_batches=1, progress=False)
     # A sparsity config that does not fit the model, or misspells a key, is named before anything runs.
     for text, message in (('{"attn": "oracle", "attn_density": 0.5, "dense_layers": [5]}', "layer 5 is not one of"),
                           ('{"attn": "oracle", "atn_density": 0.5}', "unknown key 'atn_density'"),

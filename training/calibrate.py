@@ -10,6 +10,8 @@ the router neither trained nor stopped early on them), so the k is not tuned to 
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -18,9 +20,10 @@ from tqdm.auto import tqdm
 
 from polar_jax.sparsity import SparsityConfig
 from polar_jax.sparsity import check_routers
-from training.collect import has_mlp_labels, load_data
-from training.routers import mlp_logits
+from training.collect import check_identity, has_mlp_labels, load_data, read_manifest
+from training.routers import DEFAULT_ATTN_DENSITY, mlp_logits
 from training.splits import range_of_test
+from training.train import METRICS_FILE
 
 K_MULTIPLE = 128  # the selective GEMM kernels work in blocks; a k between multiples buys nothing
 
@@ -60,21 +63,43 @@ def min_k(recall: np.ndarray, target: float, multiple: int = K_MULTIPLE) -> tupl
     return F, float(recall[F])
 
 
+def trained_attn_density(model_dir) -> float | None:
+    """The density the model's attention router was trained for (its routers_metrics.json), if known."""
+    path = Path(model_dir) / METRICS_FILE
+    try:
+        return float(json.loads(path.read_text())["attn"]["density"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128), recall: float = 0.99,
-              attn_density: float = 0.5, n_batches: int = 16, seed: int = 0,
+              attn_density: float | None = None, n_batches: int = 16, seed: int = 0,
               progress: bool = True) -> tuple[SparsityConfig, dict]:
     """Write a SparsityConfig JSON: uniform attention density (dense layers kept dense) and, for models with
-    an MLP router, the per-layer router top-k table over batch_sizes. Returns (config, report)."""
-    from polar_jax.checkpoint import load
+    an MLP router, the per-layer router top-k table over batch_sizes. Returns (config, report).
+
+    attn_density None: the density the attention router was trained for, else DEFAULT_ATTN_DENSITY."""
+    from polar_jax.checkpoint import check_writable, load
 
     if not 0 < recall <= 1:
         raise ValueError(f"--recall must lie in (0, 1], got {recall}")
+    trained = trained_attn_density(model_dir)
+    if attn_density is None:
+        attn_density = DEFAULT_ATTN_DENSITY if trained is None else trained
+        print(f"attention density {attn_density:g} ("
+              + ("the default: no routers_metrics.json" if trained is None else "the router's training density")
+              + "; --attn-density sets another)")
+    elif trained is not None and attn_density < 1 and not np.isclose(attn_density, trained):
+        warnings.warn(f"--attn-density {attn_density:g} differs from the density the attention router of {model_dir} "
+                      f"was trained for ({trained:g}); its top-k labels were made for that one", stacklevel=2)
     if not 0 < attn_density <= 1:
         raise ValueError(f"--attn-density must lie in (0, 1], got {attn_density}")
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {batch_sizes}")
+    check_writable(out_path)
     cfg, params, _ = load(model_dir)
+    check_identity(read_manifest(data_dir), cfg, params, data_dir)  # even where only attention is calibrated
     dense_layers = (0,)
     L, F = cfg.n_layers, cfg.mlp_dim
     routers = params.get("routers") or {}

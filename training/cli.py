@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from polar_jax.argtypes import positive_float, positive_int
 from polar_jax.evals.cli import add_tasks_command
 from training.data import HELDOUT_FRAC
 
@@ -89,13 +90,12 @@ def cmd_calibrate(args) -> None:
         sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-    if args.n_batches < 1:
-        raise ValueError(f"--n-batches must be >= 1, got {args.n_batches} (with none, no recall is measured)")
     calibrate(args.model, args.data, args.out, batch_sizes=sizes, recall=args.recall, attn_density=args.attn_density,
               n_batches=args.n_batches, seed=args.seed, progress=not args.quiet)
 
 
 def cmd_eval_ppl(args) -> None:
+    from polar_jax.checkpoint import check_writable
     from polar_jax.sparsity import SparsityConfig
     from training import evaluate as ev
     from training.data import load_tokens
@@ -122,6 +122,8 @@ def cmd_eval_ppl(args) -> None:
                 raise ValueError(f"--sources: unknown source {s!r}; choose from router, oracle, random")
         for d in densities:
             ev.head_sparsity("oracle", d, cfg)  # validates the density before hours of work
+        for suffix in (".json", ".md", ".png"):  # and the output files
+            check_writable(Path(args.out).with_suffix(suffix))
         result = ev.sweep(cfg, params, windows, args.prefix, densities, args.batch, sources, args.seed, progress)
         print(ev.format_sweep(result, cfg.n_kv_heads))
         metrics_path = Path(args.model) / METRICS_FILE
@@ -157,10 +159,11 @@ to a directory holding data of another model or text. Each token takes L * (2D +
 and collect refuses when the disk lacks the space.""")
     p.add_argument("--model", required=True, help="model directory (from `polar convert`)")
     p.add_argument("--out", required=True, help="data directory to create or resume")
-    p.add_argument("--tokens", type=int, default=100_000, help="tokens to collect (default 100000)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per prefill window (default 512)")
-    p.add_argument("--batch", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--shard-tokens", type=int, default=16384, help="tokens per shard on disk (default 16384)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="tokens to collect (default 100000)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per prefill window (default 512)")
+    p.add_argument("--batch", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--shard-tokens", type=positive_int, default=16384, help="tokens per shard on disk, rounded to whole batches of --batch windows of --seq-len "
+                   "(default 16384)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _text_flags(p, "train")
     p.set_defaults(func=cmd_collect)
@@ -179,15 +182,15 @@ model with params["routers"] to --out, a model directory that generate / eval / 
     p.add_argument("--out", required=True, help="output model directory (the model plus its routers)")
     _attn_flags(p, "labelled positive per token", "; default 0.5")
     p.add_argument("--mlp", action="store_true", help="also train the MLP router (ReLU models only)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default 1024)")
-    p.add_argument("--epochs", type=int, default=30, help="most epochs (default 30)")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--batch-size", type=positive_int, default=1024, help="tokens per step (default 1024)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="most epochs (default 30)")
+    p.add_argument("--patience", type=positive_int, default=3,
                    help="stop after this many epochs without any layer improving (default 3)")
     p.add_argument("--val-frac", type=float, default=0.1,
                    help="fraction of the non-test tokens used for early stopping (default 0.1)")
-    p.add_argument("--max-tokens", type=int, help="train and validate on at most this many collected tokens "
+    p.add_argument("--max-tokens", type=positive_int, help="train and validate on at most this many collected tokens "
                    "(the test split stays the last 10%% of all of them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router initialisation and of the batch "
                    "order (default 0)")
@@ -201,15 +204,16 @@ Write the SparsityConfig JSON that generate / eval / benchmarks read (--sparsity
 --attn-density of KV groups per sequence (layer 0 dense) from the attention router. MLP (models with an
 MLP router): for each layer and batch size, the smallest router top-k (a multiple of 128) whose union over
 a batch recalls --recall of the truly active neurons, over random batches of the collected tokens' test split
-(the last 10%, which the router neither trained nor stopped early on).""")
+(about the last 10%, in whole windows, which the router neither trained nor stopped early on).""")
     p.add_argument("--model", required=True, help="model directory with routers (from `polar train-routers`)")
     p.add_argument("--data", required=True, help="data directory from `polar collect` (same model)")
     p.add_argument("--out", required=True, help="sparsity config JSON to write")
     p.add_argument("--batch-sizes", default="1,8,32,64,128", help="comma-separated (default 1,8,32,64,128)")
     p.add_argument("--recall", type=float, default=0.99, help="batch-union recall target (default 0.99)")
-    p.add_argument("--attn-density", type=float, default=0.5,
-                   help="fraction of KV groups kept per sequence in layers > 0 (default 0.5; 1 = dense)")
-    p.add_argument("--n-batches", type=int, default=16, help="random batches per batch size (default 16)")
+    p.add_argument("--attn-density", type=float,
+                   help="fraction of KV groups kept per sequence in layers > 0 (default: the density the attention "
+                   "router was trained for, from the model's routers_metrics.json, else 0.5; 1 = dense)")
+    p.add_argument("--n-batches", type=positive_int, default=16, help="random batches per batch size (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration batches (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
@@ -231,9 +235,9 @@ density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--source", default="router", choices=["router", "oracle", "random"],
                    help="where the kept groups come from (default router)")
     p.add_argument("--prefix", type=int, default=64, help="dense prefill tokens per window (default 64)")
-    p.add_argument("--decode-len", type=int, default=192, help="decode steps per window (default 192)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="about this many decoded tokens (default 8192)")
-    p.add_argument("--batch", type=int, default=16, help="windows decoded together (default 16)")
+    p.add_argument("--decode-len", type=positive_int, default=192, help="decode steps per window (default 192)")
+    p.add_argument("--max-tokens", type=positive_int, default=8192, help="about this many decoded tokens (default 8192)")
+    p.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     p.add_argument("--sweep", action="store_true", help="sweep head densities (router, oracle, dense)")
     p.add_argument("--densities", help="comma-separated densities for --sweep (default k/K for every k)")
     p.add_argument("--sources", default="router,oracle", help="sources for --sweep (default router,oracle)")

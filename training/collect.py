@@ -56,29 +56,48 @@ def config_hash(cfg: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(params: dict) -> str:
-    """A few statistics of a few tensors, rounded so that fp32, bf16 and fp16 copies of one model agree
-    while different weights of one architecture (base vs instruct, random seeds) do not."""
+def weights_stats(params: dict) -> list[float]:
+    """mean |a|, std and the mean of the first 8 rows of three tensors: within 1e-5 of the std for fp32, bf16
+    and fp16 copies of one model, ~1e-2 of it apart for other weights of one architecture (random seeds)."""
     lp = params["layers"]
     stats = []
     for a in (params["embed"], lp["wqkv"][0], lp["w_up"][-1]):
         a = jnp.asarray(a, jnp.float32)
         stats += [float(jnp.mean(jnp.abs(a))), float(jnp.std(a)), float(jnp.mean(a[:8]))]
+    return stats
+
+
+def weights_fingerprint(stats: list[float]) -> str:
+    """A short name of weights_stats for messages (and the only check of manifests written before the stats)."""
     return hashlib.sha256(" ".join(f"{s:.3e}" for s in stats).encode()).hexdigest()[:16]
 
 
+def same_weights(theirs: list[float], ours: list[float]) -> bool:
+    """Stats of one model in another precision: each within 1e-3 of its tensor's std."""
+    if len(theirs) != len(ours):
+        return False
+    t, o = np.asarray(theirs, np.float64).reshape(-1, 3), np.asarray(ours, np.float64).reshape(-1, 3)
+    return bool(np.all(np.abs(t - o) <= 1e-3 * o[:, 1:2]))
+
+
 def model_identity(cfg: ModelConfig, params: dict) -> dict:
-    return {"model": cfg.name, "config_hash": config_hash(cfg), "weights": weights_fingerprint(params)}
+    stats = weights_stats(params)
+    return {"model": cfg.name, "config_hash": config_hash(cfg), "weights": weights_fingerprint(stats),
+            "weights_stats": stats}
 
 
 def check_identity(manifest: dict, cfg: ModelConfig, params: dict, data_dir) -> None:
-    """Raise ValueError when the data in data_dir was collected from a different model."""
+    """Raise ValueError when the data in data_dir was collected from a different model (fp32, bf16 and fp16
+    copies of one model count as the same)."""
     ident = model_identity(cfg, params)
     if manifest.get("config_hash") != ident["config_hash"]:
         raise ValueError(f"{data_dir} holds data collected from model {manifest.get('model')!r} (config hash "
                          f"{manifest.get('config_hash')}), not from {cfg.name!r} (config hash "
                          f"{ident['config_hash']}); collect data with this model or use its data directory")
-    if manifest.get("weights") != ident["weights"]:
+    stats = manifest.get("weights_stats")
+    same = (same_weights(stats, ident["weights_stats"]) if isinstance(stats, list)
+            else manifest.get("weights") == ident["weights"])
+    if not same:
         raise ValueError(f"{data_dir} holds data collected from other weights of {cfg.name!r} (weights "
                          f"fingerprint {manifest.get('weights')}, this model {ident['weights']}); collect "
                          "data with this model")

@@ -26,7 +26,7 @@ def topk_count(frac: float, n: int, what: str = "--attn-density") -> int:
     """How many of n items a fraction keeps: the rounding SparsityConfig.head_counts uses, at least 1."""
     if not 0 < frac <= 1:
         raise ValueError(f"{what} must lie in (0, 1], got {frac}")
-    return int(np.clip(np.round(frac * n), 1, n))
+    return int(np.clip(np.floor(frac * n + 0.5), 1, n))  # halves round up (np.round would take 0.5 of 5 to 2)
 
 
 def attn_group_count(n_kv: int, density: float | None = None, groups: int | None = None) -> int:

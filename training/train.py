@@ -201,8 +201,11 @@ METRICS_FILE = "routers_metrics.json"
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     """Fail before training, not after it, when the output cannot be written."""
+    from polar_jax.checkpoint import check_writable
+
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it (it may be --model itself)")
+    check_writable(out_dir, file=False)
 
 
 def train_routers(model_dir, data_dir, out_dir, *, attn_density: float | None = None, attn_groups: int | None = None,

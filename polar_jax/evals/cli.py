@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from polar_jax.argtypes import positive_int
+
 
 def cmd_eval_tasks(args) -> None:
     try:
@@ -18,14 +20,17 @@ def cmd_eval_tasks(args) -> None:
         from polar_jax.evals.run import evaluate, markdown
     except ImportError as e:
         raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
+    from polar_jax.checkpoint import check_writable
     from polar_jax.evals import data
 
     folder = data.data_dir(args.tasks_dir)
     names = data.available(folder) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     for n in names:  # fail on a bad name before loading the model
         data.task_file(n, folder)
-    if args.sparsity and args.attn_source:
+    if args.sparsity and (args.attn_source or args.attn_density is not None):
         raise ValueError("pass either --sparsity JSON or --attn-source/--attn-density, not both")
+    if args.out:
+        check_writable(args.out)
     lm = PolarLM(args.model, sparsity=args.sparsity, attn=args.attn_source, attn_density=args.attn_density,
                  batch_size=args.batch_size, seed=args.seed)
     results = evaluate(lm, names, folder, limit=args.limit)
@@ -67,9 +72,11 @@ fed one token per step through the sparse decode kernels. Tasks are NAME.jsonl f
     p.add_argument("--sparsity", help="sparsity config JSON (`polar calibrate`); default dense")
     p.add_argument("--attn-source", choices=["router", "oracle", "random"],
                    help="head source for --attn-density (instead of --sparsity)")
-    p.add_argument("--attn-density", type=float, default=1.0, help="fraction of KV groups kept (default 1)")
-    p.add_argument("--limit", type=int, help="first N items of each task (a quick run)")
-    p.add_argument("--batch-size", type=int, default=32, help="continuation rows per device call (default 32)")
+    p.add_argument("--attn-density", type=float,
+                   help="fraction of KV groups kept per sequence, in (0, 1] (needs --attn-source; default 1)")
+    p.add_argument("--limit", type=positive_int, help="first N items of each task (a quick run)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="continuation rows per device call (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random head source (default 0)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--print-include-path", action=_PrintIncludePath,

@@ -27,13 +27,18 @@ from polar_jax.sparsity import SparsityConfig, check_routers
 
 
 def _parse_sparsity(sparsity, attn: str | None, attn_density) -> SparsityConfig | None:
-    if isinstance(sparsity, SparsityConfig) or (sparsity is None and attn is None):
+    if sparsity is not None and (attn is not None or attn_density is not None):
+        raise ValueError("pass either sparsity=JSON or attn=SOURCE,attn_density=X, not both")
+    if isinstance(sparsity, SparsityConfig):
         return sparsity
     if sparsity is not None:
-        if attn is not None:
-            raise ValueError("pass either sparsity=JSON or attn=SOURCE,attn_density=X, not both")
         return SparsityConfig.from_json(sparsity)
-    return SparsityConfig(attn=attn, attn_density=float(attn_density or 1.0))
+    if attn is None:
+        if attn_density is not None:
+            raise ValueError(f"attn_density={attn_density} needs attn=router|oracle|random (the source of the kept "
+                             "KV groups); without it the run would be dense")
+        return None
+    return SparsityConfig(attn=attn, attn_density=1.0 if attn_density is None else float(attn_density))
 
 
 @register_model("polar")
