@@ -1,4 +1,4 @@
-"""What the Pallas kernels and their APIs share: the backend check, the dot, host values of inputs."""
+"""What the Pallas kernels and their APIs share: the backend check, the dot, host values of inputs, raw bits."""
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,23 @@ def dot(a, b, *, trans_b: bool):
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+_UINT = {2: jnp.uint16, 4: jnp.uint32}
+
+
+def raw_bits(a):
+    """A float array's bits as unsigned integers of its width (other arrays as they are). The jnp references
+    gather from and scatter into whole KV pools through these: XLA's CPU backend converts a bf16 gather's or
+    scatter's whole operand to f32 and back, which made a decode step cost O(pool), not O(pages touched)."""
+    if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype.itemsize not in _UINT:
+        return a
+    return lax.bitcast_convert_type(a, _UINT[a.dtype.itemsize])
+
+
+def from_raw_bits(a, dtype):
+    """The inverse of raw_bits, for an array that had `dtype`."""
+    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
 
 
 def concrete(v):

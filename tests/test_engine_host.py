@@ -217,6 +217,7 @@ def test_preemption_picks_newest_and_keeps_outputs():
 
     batch, _ = step(sched)
     assert batch.preempted == [c] and batch.decode == [a, b] and not batch.prefill
+    assert sched.num_preemptions == 1  # what /metrics serves as polar_preemptions_total
     assert c.status is SequenceStatus.WAITING and c.num_computed == 0 and not c.pages
     assert c.output_token_ids == c_out and list(sched.waiting) == [c, d]  # C before D
     assert a.pages[1] == c_pages[0]  # C's page went to A

@@ -256,3 +256,37 @@ def test_lowers_to_triton(monkeypatch, config, dense):
 
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "paged_decode_attention" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cpu_references_touch_only_the_pages_they_use(dtype):
+    """The jnp references (the CPU path) read and write a 16-bit pool as raw bits: XLA's CPU backend converted
+    the whole pool to f32 around every gather and scatter, so a decode step cost O(pool), not O(pages used)."""
+    from pallas_kernels.cache_write import reference as write_ref
+    from pallas_kernels.paged_attention import reference as read_ref
+
+    L, P, K, Z, H, N, B = 3, 40, 2, 8, 16, 4, 2
+    kq, kp, kv = jax.random.split(_key(), 3)
+    pool = jax.random.normal(kp, (L, P, K, Z, H), jnp.float32).astype(dtype)
+    table = jnp.asarray([[5, 9, 0], [31, 2, 7]], jnp.int32)
+    q = jax.random.normal(kq, (B, N, H), jnp.float32).astype(dtype)
+    qkv = jax.random.normal(kv, (B, 1, (N + 2 * K) * H), jnp.float32).astype(dtype)
+    read = jax.jit(lambda q, k, v: read_ref.paged_decode_attention(q, k, v, jnp.asarray([20, 13]), table, layer=1))
+    write = jax.jit(lambda qkv, k, v: write_ref.rope_and_cache_write(
+        qkv, k, v, jnp.asarray([[9], [2]]), jnp.asarray([[3], [4]]), n_heads=N, layer=1))
+    pool_f32 = "f32[" + ",".join(map(str, pool.shape)) + "]"
+    for fn, args in ((read, (q, pool, pool)), (write, (qkv, pool, pool))):
+        hlo = fn.lower(*args).compile().as_text()
+        assert not [l for l in hlo.splitlines() if pool_f32 in l], "a whole-pool f32 copy"
+    # and the values are the pages', bit for bit
+    gathered = read_ref.gather_pages(pool, table, 1)
+    want = np.asarray(pool[1].astype(jnp.float32))[np.asarray(table)].transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)
+    np.testing.assert_array_equal(np.asarray(gathered.astype(jnp.float32)), want)
+    _, k_new, _ = write(qkv, pool, pool)
+    kk = np.asarray(qkv[:, 0, N * H:(N + K) * H].reshape(B, K, H).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(k_new[1, 9, :, 3].astype(jnp.float32)), kk[0])
+    np.testing.assert_array_equal(np.asarray(k_new[1, 2, :, 4].astype(jnp.float32)), kk[1])
+    untouched = np.ones(pool.shape, bool)
+    untouched[1, 9, :, 3] = untouched[1, 2, :, 4] = False
+    np.testing.assert_array_equal(np.asarray(k_new.astype(jnp.float32))[untouched],
+                                  np.asarray(pool.astype(jnp.float32))[untouched])

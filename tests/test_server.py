@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -336,6 +337,8 @@ BAD = [
     ("completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ("completions", {"model": MODEL, "prompt": [True, False]}, 400, "prompt", "valid"),  # not token ids 1, 0
+    ("completions", {"model": MODEL, "prompt": [[1.0, 2]]}, 400, "prompt", "valid"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context length 128"),
     ("completions", {"model": MODEL, "prompt": "a" * 129, "max_tokens": 0}, 400, "prompt", "129 tokens"),
     ("completions", {"model": MODEL, "prompt": "a" * 128, "max_tokens": None}, 400, "prompt",
@@ -680,6 +683,19 @@ def test_stop_token_ids_end_generation_over_http(client, loaded):
     stop = loaded[2].encode(toks[j], add_special_tokens=False)  # one id: a character tokenizer
     got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": stop}})
     assert got.choices[0].finish_reason == "stop" and got.choices[0].text == "".join(toks[:j + 1])
+
+
+def test_preemptions_are_counted_in_metrics():
+    """polar_preemptions_total follows the scheduler's count (a pool that thrashes shows in /metrics)."""
+    from polar_jax.server.metrics import ServerMetrics
+
+    m = ServerMetrics("tiny")
+    bm = types.SimpleNamespace(num_free_pages=3, num_usable_pages=7)
+    sched = types.SimpleNamespace(block_manager=bm, num_running=1, num_waiting=2, num_preemptions=0)
+    for total in (0, 2, 2, 5):
+        sched.num_preemptions = total
+        m.set_engine_state(sched)
+        assert b"polar_preemptions_total %.1f" % total in m.render()
 
 
 def test_sparsity_metrics_describe_the_selecting_layers_and_calibrated_tables():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import from_raw_bits, raw_bits
+
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, heads, H] rotated by position (cos, sin [B, T, H], HF rotate-half layout); math in f32."""
@@ -31,6 +33,9 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
     P, Z = k_pages.shape[-4], k_pages.shape[-2]
     page = jnp.where((write_page >= 0) & (write_page < P) & (write_off >= 0) & (write_off < Z), write_page, P)
     at = (page, slice(None), write_off) if layer is None else (layer, page, slice(None), write_off)
-    k_pages = k_pages.at[at].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[at].set(v.astype(v_pages.dtype), mode="drop")
+    # Scattered as raw bits (pallas_kernels.common.raw_bits: a bf16 scatter on the CPU converts the whole pool).
+    k_pages = from_raw_bits(raw_bits(k_pages).at[at].set(raw_bits(k.astype(k_pages.dtype)), mode="drop"),
+                            k_pages.dtype)
+    v_pages = from_raw_bits(raw_bits(v_pages).at[at].set(raw_bits(v.astype(v_pages.dtype)), mode="drop"),
+                            v_pages.dtype)
     return q, k_pages, v_pages

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.common import from_raw_bits, raw_bits
 from pallas_kernels.decode_attention.reference import decode_attention as contiguous_reference
 
 
 def gather_pages(pages, page_table, layer=None):
-    """[B, K, M*Z, H]: pages[(layer,) page_table[b, s // Z], :, s % Z] for every s < M*Z; ids clamped."""
+    """[B, K, M*Z, H]: pages[(layer,) page_table[b, s // Z], :, s % Z] for every s < M*Z; ids clamped. Gathered
+    as raw bits (pallas_kernels.common.raw_bits: a bf16 gather on the CPU would convert the whole pool)."""
+    raw = raw_bits(pages)
     if layer is not None:
         ids = jnp.clip(page_table, 0, pages.shape[1] - 1)
-        g = pages[layer, ids]                                                       # [B, M, K, Z, H]
+        g = raw[layer, ids]                                                         # [B, M, K, Z, H]
     else:
         ids = jnp.clip(page_table, 0, pages.shape[0] - 1)
-        g = pages[ids]                                                              # [B, M, K, Z, H]
+        g = raw[ids]                                                                # [B, M, K, Z, H]
+    g = from_raw_bits(g, pages.dtype)
     B, M, K, Z, H = g.shape
     return g.transpose(0, 2, 1, 3, 4).reshape(B, K, M * Z, H)
 

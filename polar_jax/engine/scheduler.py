@@ -94,6 +94,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._live: dict[object, Sequence] = {}  # request_id -> every sequence not yet finished
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0  # since start, all sequences (served as /metrics' polar_preemptions_total)
 
     @property
     def num_waiting(self) -> int:
@@ -165,6 +166,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 

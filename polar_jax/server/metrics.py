@@ -32,6 +32,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("polar_generation_tokens", "Output tokens generated", registry=r)
         self.finished = Counter("polar_requests_finished", "Finished requests by reason", ["reason"], registry=r)
+        self.preemptions = Counter("polar_preemptions", "Requests preempted (their KV pages freed, their tokens "
+                                   "recomputed later) because the KV pool ran out", registry=r)
+        self._preemptions_seen = 0
         self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode, "
                                   "over the layers that select heads (1: dense)", registry=r)
         self.sparsity = Info("polar_sparsity", "The engine's sparsity configuration", registry=r)
@@ -55,6 +58,8 @@ class ServerMetrics:
         self.waiting.set(scheduler.num_waiting)
         self.kv_pages_free.set(bm.num_free_pages)
         self.kv_pages_used.set(bm.num_usable_pages - bm.num_free_pages)
+        self.preemptions.inc(scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = scheduler.num_preemptions
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Requests accepted beyond the engine's max_num_seqs before the server answers 429.
@@ -96,7 +96,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     # A string, a list of token ids, or a list of either (one choice per prompt).
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: true / 1.0 are not token ids
     max_tokens: int | None = Field(16, ge=0, strict=True)  # strict: true is not 1
     logprobs: int | None = Field(None, ge=0, le=1, strict=True)  # only the chosen token's logprob is available: 0 or 1
     echo: bool = False
