@@ -56,12 +56,25 @@ def stored_dtype(path: str | Path) -> np.dtype | None:
         return None
 
 
-def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Raise unless `out` may be written: it does not exist, or it is one of our model directories and
-    overwrite is on. Every ancestor that exists must be a directory."""
+def check_writable(out: str | Path, *, file: bool = True) -> None:
+    """Raise now, not after the work that produces it, if `out` (a file, or a directory with file=False) cannot
+    be created: an ancestor is a file, the nearest existing folder is not writable, or a wanted file is an
+    existing directory. Creates nothing (missing folders are made by the writer)."""
+    out = Path(out)
+    if file and out.is_dir():
+        raise IsADirectoryError(f"cannot create {out}: it is a directory; name a file")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(f"cannot create {out}: {parent} is a file, not a directory")
+    folder = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {out}: {folder} is not writable")
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Raise unless `out` may be written: it does not exist, or it is one of our model directories and
+    overwrite is on. Its folder must be creatable and writable (check_writable)."""
+    check_writable(out, file=False)
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
@@ -70,21 +83,6 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     if not is_model_dir(out):
         raise FileExistsError(f"refusing to overwrite {out}: it is not a model directory written by polar "
                               f"(no {MARKER_FILE}); remove it yourself or choose another output")
-
-
-def check_writable(out: str | Path, what: str = "--out", *, file: bool = True) -> None:
-    """Raise now, not after the work that produces it, if `out` (a file, or a directory with file=False) cannot
-    be written: an ancestor is a file, the nearest existing folder is not writable, or a wanted file is an
-    existing directory. Creates nothing (missing folders are made by the writer)."""
-    out = Path(out)
-    if file and out.is_dir():
-        raise IsADirectoryError(f"{what} {out} is a directory; name a file")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"{what} {out}: cannot be written, {parent} is a file, not a directory")
-    folder = next(p for p in [out.parent, *out.parent.parents] if p.exists())
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {out}: cannot be written, {folder} is not writable")
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128),
         print(f"note: MLP stays dense for {model_dir}: {why}")
         sp = SparsityConfig(attn=attn, attn_density=density, dense_layers=dense_layers)
     else:
-        ds = load_data(data_dir, cfg, params)
+        ds = load_data(data_dir)  # its identity was checked above
         t0, t1 = range_of_test(ds.n, ds.manifest["seq_len"])
         n_cal = t1 - t0
         if n_cal < batch_sizes[-1]:

@@ -162,7 +162,8 @@ and collect refuses when the disk lacks the space.""")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="tokens to collect (default 100000)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per prefill window (default 512)")
     p.add_argument("--batch", type=positive_int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--shard-tokens", type=positive_int, default=16384, help="tokens per shard on disk, rounded to whole batches of --batch windows of --seq-len "
+    p.add_argument("--shard-tokens", type=positive_int, default=16384,
+                   help="tokens per shard on disk, rounded to whole batches of --batch windows of --seq-len "
                    "(default 16384)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _text_flags(p, "train")
@@ -236,7 +237,8 @@ density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
                    help="where the kept groups come from (default router)")
     p.add_argument("--prefix", type=int, default=64, help="dense prefill tokens per window (default 64)")
     p.add_argument("--decode-len", type=positive_int, default=192, help="decode steps per window (default 192)")
-    p.add_argument("--max-tokens", type=positive_int, default=8192, help="about this many decoded tokens (default 8192)")
+    p.add_argument("--max-tokens", type=positive_int, default=8192,
+                   help="about this many decoded tokens (default 8192)")
     p.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     p.add_argument("--sweep", action="store_true", help="sweep head densities (router, oracle, dense)")
     p.add_argument("--densities", help="comma-separated densities for --sweep (default k/K for every k)")
