@@ -1,0 +1,136 @@
+"""Probe: how close to the read ceiling can a decode step come if each of its phases were a perfect read?
+
+    python -m benchmarks.probe_read_chain [--cases llama-3-8b:16:2048,...] [--out OUT.json]
+
+The dense-step target is 92% of the read ceiling, the best of several XLA reductions over 2 GiB arrays
+(benchmarks/common.py). A decode step cannot stream like that: each layer is a chain of dependent phases
+(q/k/v, attention over the K/V cache, the output projection, gate/up, down), each one kernel at least, each
+reading a few tens to a few hundred MB. This replaces every phase by XLA's own reduction over exactly that
+phase's bytes (no arithmetic, no GEMM: the fastest reader we have) and times whole steps:
+
+  - one reduction a phase: 5 kernels a layer in a dependent chain (each reduction's input is scaled by a
+    number computed from the previous result, so XLA neither reorders nor merges them), then the LM head;
+  - one reduction a layer: the layer's bytes as one array (the bound for a layer-persistent kernel whose
+    phases cost nothing to join);
+  - single reductions at each phase's size (inputs rotated past the L2): the rate one kernel of that size
+    reaches on its own.
+
+Bytes per layer (bf16): q/k/v D * (N + 2K) * H, the K and V cache 2 * B * K * (ctx + 1) * H, output N * H * D,
+gate/up 2 * D * F (relu models: D * F), down F * D; the LM head V * D once a step. The embedding rows and the
+norms (a few KB) are left out. Wall clock per step (autotune.time_fn), the fraction divides by the ceiling
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from pallas_kernels import autotune
+from polar_jax.config import preset
+
+DTYPE = jnp.bfloat16
+
+
+def phase_bytes(model: str, B: int, ctx: int) -> dict[str, int]:
+    """Bytes each phase of one layer reads in a dense bf16 decode step (module docstring)."""
+    c = preset(model)
+    D, N, K, H, F = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim
+    up = (2 if c.family == "llama" else 1) * D * F
+    return {"qkv": D * (N + 2 * K) * H * 2, "kv_cache": 2 * B * K * (ctx + 1) * H * 2, "o": N * H * D * 2,
+            "gate_up": up * 2, "down": F * D * 2}
+
+
+def _fill(nbytes: int, key) -> jax.Array:
+    n = max(1024, nbytes // 2 // 1024 * 1024)
+    return jax.random.normal(key, (n,), jnp.float32).astype(DTYPE)
+
+
+def _read(x: jax.Array, prev: jax.Array) -> jax.Array:
+    """x's sum, after scaling x by a number (1) made from prev, so that it runs after prev's reduction."""
+    one = (prev * 0 + 1).astype(x.dtype)
+    return jnp.sum(x * one, dtype=jnp.float32)
+
+
+def _chain(arrays: list) -> jax.Array:
+    acc = jnp.zeros((), jnp.float32)
+    for x in arrays:
+        acc = acc + _read(x, acc)
+    return acc
+
+
+def _kernels(fn, arrays) -> int:
+    """Kernels (fusions and custom calls) in the compiled step: to see that XLA kept one per reduction."""
+    text = jax.jit(fn).lower(arrays).compile().as_text()
+    entry = text[text.index("ENTRY"):].split("\n}")[0]
+    return sum(1 for line in entry.splitlines() if " fusion(" in line or "custom-call(" in line)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="llama-2-7b:16:2048,llama-3-8b:16:2048,llama-3-8b:48:2048,"
+                    "llama-3-8b:64:2048", help="model:batch:context, comma-separated (default: the targets')")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every size by this (a CPU smoke run: 1e-4); figures then mean nothing")
+    ap.add_argument("--out", help="also write the timings as JSON here")
+    common.add_device_args(ap)
+    args = ap.parse_args(argv)
+    common.require_gpu("benchmarks.probe_read_chain", args.allow_cpu)
+    ceiling = common.measure_ceiling()
+    read_bw = ceiling["read_bw"]
+    key = jax.random.key(0)
+    records = []
+
+    def timed(name, fn, sets, nbytes, **extra):
+        ms = autotune.time_fn(jax.jit(fn), sets, inner=5, reps=7, warmup=2)
+        frac = nbytes / (ms * 1e-3) / read_bw
+        print(f"  {name:<44s} {ms * 1e3:10.1f} us  {nbytes / 1e9:7.3f} GB  {frac:.3f} of the read ceiling",
+              flush=True)
+        records.append({"case": name, "us": ms * 1e3, "bytes": nbytes, "read_fraction": frac, **extra})
+        return frac
+
+    seen = set()
+    for case in args.cases.split(","):
+        model, B, ctx = case.split(":")
+        B, ctx = int(B), int(ctx)
+        cfg = preset(model)
+        sizes = {k: int(v * args.scale) for k, v in phase_bytes(model, B, ctx).items()}
+        head = int(cfg.vocab_size * cfg.dim * 2 * args.scale)
+        print(f"== {model} B={B} ctx={ctx}: per layer " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in
+                                                                   sizes.items()) + f"; LM head {head / 1e6:.0f} MB")
+        for name, nb in sizes.items():  # one kernel of each size, on its own
+            if (name, nb) in seen:
+                continue
+            seen.add((name, nb))
+            n_sets = max(2, -(-int(4 * common.L2_BYTES) // max(nb, 1)))
+            sets = [(_fill(nb, jax.random.fold_in(key, i)),) for i in range(min(n_sets, 16))]
+            timed(f"one reduction of {name}'s size", lambda x: _read(x, jnp.zeros((), jnp.float32)), sets,
+                  sets[0][0].nbytes, model=model, B=B, ctx=ctx, variant="single", phase=name)
+            del sets
+        L = cfg.n_layers
+        per_phase = [_fill(nb, jax.random.fold_in(key, 100 + i)) for i in range(L) for nb in sizes.values()]
+        per_phase.append(_fill(head, jax.random.fold_in(key, 99)))
+        nbytes = sum(x.nbytes for x in per_phase)
+        n_k = _kernels(_chain, per_phase)
+        timed(f"step, one reduction a phase ({n_k} kernels)", _chain, [(per_phase,)], nbytes, model=model, B=B,
+              ctx=ctx, variant="per_phase", kernels=n_k)
+        del per_phase
+        per_layer = [_fill(sum(sizes.values()), jax.random.fold_in(key, 200 + i)) for i in range(L)]
+        per_layer.append(_fill(head, jax.random.fold_in(key, 99)))
+        nbytes = sum(x.nbytes for x in per_layer)
+        n_k = _kernels(_chain, per_layer)
+        timed(f"step, one reduction a layer ({n_k} kernels)", _chain, [(per_layer,)], nbytes, model=model, B=B,
+              ctx=ctx, variant="per_layer", kernels=n_k)
+        del per_layer
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({**common.metadata("python -m benchmarks.probe_read_chain " + " ".join(argv or [])),
+                       **common.ceiling_meta(ceiling), "records": records}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
