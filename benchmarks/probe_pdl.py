@@ -44,21 +44,22 @@ W = 8192
 LAYER_MB = {"qkv": 50.3, "kv_cache": 134.2, "o": 33.6, "gate_up": 234.9, "down": 117.4}  # llama-3-8b, B = 16
 
 
-def trigger_dependents(i):
-    """i, after every thread has issued `griddepcontrol.launch_dependents` (the value carries the asm so that
-    it is not removed as unused)."""
-    [out] = plgpu.elementwise_inline_asm("griddepcontrol.launch_dependents;\n\tmov.u32 $0, $1;", args=[i],
+def trigger_dependents(x):
+    """x (an f32 array), after every thread has issued `griddepcontrol.launch_dependents` (the value carries the
+    asm so that it is not removed as unused)."""
+    [out] = plgpu.elementwise_inline_asm("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", args=[x],
                                          constraints="=r,r", pack=1,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct((), jnp.int32)])
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
     return out
 
 
 def _sum_kernel(x_ref, o_ref, *, per: int, trigger: bool):
     p = pl.program_id(0)
+    acc = jnp.zeros((1, W), jnp.float32)
     if trigger:
-        p = trigger_dependents(p)
+        acc = trigger_dependents(acc)
     step = lambda i, acc: acc + x_ref[pl.ds(i, 1), :].astype(jnp.float32)
-    acc = lax.fori_loop(p * per, (p + 1) * per, step, jnp.zeros((1, W), jnp.float32))
+    acc = lax.fori_loop(p * per, (p + 1) * per, step, acc)
     o_ref[pl.ds(p, 1), :] = acc
 
 
@@ -110,6 +111,8 @@ def main(argv=None) -> None:
         for trig in (False, True):
             jax.block_until_ready(jax.jit(functools.partial(row_sums, P=P, trigger=trig))(tiny))
         counts = ptx_griddepcontrol(pathlib.Path(args.dump))
+        for f in pathlib.Path(args.dump).glob("*row_sums*thunk_sequence*"):
+            print(f"  {f.name}:\n" + "\n".join("    " + line[:300] for line in f.read_text().splitlines()[:12]))
         print(f"  PTX of our kernel (with and without the trigger): {counts}", flush=True)
         records.append({"case": "ptx", **counts})
 
