@@ -44,6 +44,19 @@ def test_step_bytes_weights_match_param_shapes(name, B):
     assert generate.step_bytes(cfg, params, B, 100, None) == _expected_weight_bytes(cfg, B) + kv
 
 
+@pytest.mark.parametrize("name, B, ctx", [("llama-2-7b", 16, 2048), ("llama-3-8b", 48, 2048), ("opt-6.7b", 8, 300)])
+def test_read_chain_phases_add_up_to_the_step(name, B, ctx):
+    """probe_read_chain's phases (one layer's bytes, times L, plus the LM head) are the step's bytes: within the
+    norms, biases and B embedding rows the probe leaves out (under 0.1%)."""
+    from benchmarks import probe_read_chain
+    cfg = preset(name)
+    phases = probe_read_chain.phase_bytes(name, B, ctx)
+    probe = cfg.n_layers * sum(phases.values()) + cfg.vocab_size * cfg.dim * 2
+    step = generate.step_bytes(cfg, _shape_params(cfg), B, ctx, None)
+    assert phases["kv_cache"] * cfg.n_layers == generate.kv_bytes(cfg, B, ctx, np.full(cfg.n_layers, cfg.n_kv_heads))
+    assert abs(probe - step) / step < 1e-3, (probe, step)
+
+
 @pytest.mark.parametrize("name, n_params", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248)])
 def test_untied_lm_head_counted_once(name, n_params):
     """Published parameter counts (embed and lm_head each once); a step reads B = 16 rows of embed."""
