@@ -19,7 +19,7 @@ phase's bytes (no arithmetic, no GEMM: the fastest reader we have) and times who
     the host's dispatch is not timed): the rate one kernel of that size reaches.
 
 Bytes per layer (bf16): q/k/v D * (N + 2K) * H, the K and V cache 2 * B * K * (ctx + 1) * H, output N * H * D,
-gate/up 2 * D * F (relu models: D * F), down F * D; the LM head V * D once a step. The embedding rows and the
+gate/up 2 * D * F (ungated MLPs: D * F), down F * D; the LM head V * D once a step. The embedding rows and the
 norms (a few KB) are left out. Wall clock per step (autotune.time_fn), the fraction divides by the ceiling
 measured in the same run.
 """
@@ -43,7 +43,7 @@ def phase_bytes(model: str, B: int, ctx: int) -> dict[str, int]:
     """Bytes each phase of one layer reads in a dense bf16 decode step (module docstring)."""
     c = preset(model)
     D, N, K, H, F = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_dim
-    up = (2 if c.family == "llama" else 1) * D * F
+    up = (2 if c.gated_mlp else 1) * D * F
     return {"qkv": D * (N + 2 * K) * H * 2, "kv_cache": 2 * B * K * (ctx + 1) * H * 2, "o": N * H * D * 2,
             "gate_up": up * 2, "down": F * D * 2}
 
