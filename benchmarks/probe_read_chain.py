@@ -157,20 +157,14 @@ def main(argv=None) -> None:
                   f"{xs[0].nbytes / read_bw * 1e6:.1f})")
             del xs
         L = cfg.n_layers
-        per_phase = [_fill(nb, jax.random.fold_in(key, 100 + i)) for i in range(L) for nb in sizes.values()]
-        per_phase.append(_fill(head, jax.random.fold_in(key, 99)))
-        nbytes = sum(x.nbytes for x in per_phase)
-        n_k = _kernels(_chain, per_phase)
-        timed(f"step, one reduction a phase ({n_k} kernels)", _chain, [(per_phase,)], nbytes, model=model, B=B,
-              ctx=ctx, variant="per_phase", kernels=n_k)
-        del per_phase
-        per_layer = [_fill(sum(sizes.values()), jax.random.fold_in(key, 200 + i)) for i in range(L)]
-        per_layer.append(_fill(head, jax.random.fold_in(key, 99)))
-        nbytes = sum(x.nbytes for x in per_layer)
-        n_k = _kernels(_chain, per_layer)
-        timed(f"step, one reduction a layer ({n_k} kernels)", _chain, [(per_layer,)], nbytes, model=model, B=B,
-              ctx=ctx, variant="per_layer", kernels=n_k)
-        del per_layer
+        for variant, per_layer in (("phase", list(sizes.values())), ("layer", [sum(sizes.values())])):
+            arrays = [_fill(nb, jax.random.fold_in(key, 100 + len(per_layer) * i + j)) for i in range(L)
+                      for j, nb in enumerate(per_layer)]
+            arrays.append(_fill(head, jax.random.fold_in(key, 99)))
+            n_k = _kernels(_chain, arrays)
+            timed(f"step, one reduction a {variant} ({n_k} kernels)", _chain, [(arrays,)],
+                  sum(x.nbytes for x in arrays), model=model, B=B, ctx=ctx, variant=f"per_{variant}", kernels=n_k)
+            del arrays
     if not args.no_mlp:
         records += mlp_bounds(read_bw, args.scale)
     if args.out:
