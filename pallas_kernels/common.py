@@ -22,16 +22,16 @@ def dot(a, b, *, trans_b: bool):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-_UINT = {2: jnp.uint16, 4: jnp.uint32}
-
-
 def raw_bits(a):
-    """A float array's bits as unsigned integers of its width (other arrays as they are). The jnp references
-    gather from and scatter into whole KV pools through these: XLA's CPU backend converts a bf16 gather's or
-    scatter's whole operand to f32 and back, which made a decode step cost O(pool), not O(pages touched)."""
-    if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype.itemsize not in _UINT:
+    """A 16-bit float array's bits as uint16 on the CPU; other arrays, and any array elsewhere, as they are. The
+    jnp references gather from and scatter into whole KV pools through these: XLA's CPU backend converts a
+    bf16 gather's or scatter's whole operand to f32 and back, which made a decode step cost O(pool), not
+    O(pages touched). f32 needs no bits (the CPU gathers and scatters it as it is), and the bits are no view:
+    a pool converted at a program's edge, or at a loop's, is a copy of all of it, so callers that keep a pool
+    across steps or layers keep it as bits (polar_jax.model's layer scan, the engine's ModelRunner)."""
+    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating) or jax.default_backend() != "cpu":
         return a
-    return lax.bitcast_convert_type(a, _UINT[a.dtype.itemsize])
+    return lax.bitcast_convert_type(a, jnp.uint16)
 
 
 def from_raw_bits(a, dtype):

@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 
 from pallas_kernels.cache_write import rope_and_cache_write
+from pallas_kernels.common import from_raw_bits, raw_bits
 from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.prefill_attention import paged_prefill_attention
 from pallas_kernels.selective_gemm import selective_down, selective_mlp, selective_up
@@ -262,6 +263,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
 
     def layer_step(seg: Segment, carry, xs):
         x, xr, k_all, v_all = carry
+        k_all, v_all = from_raw_bits(k_all, cache.k.dtype), from_raw_bits(v_all, cache.v.dtype)
         l, n_heads, n_neurons = xs
         parts = [x] if xr is None else [x, xr]
         hs = parts if cfg.post_norm else norm("attn_norm", l, parts)
@@ -305,7 +307,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         if collect:
             norms = jnp.sqrt(jnp.sum(jnp.square(attn.astype(jnp.float32)), axis=-1))  # [B, T, N]
             rec = Collected(hs[0], hidden, norms)
-        return (parts[0], parts[1] if xr is not None else None, k_all, v_all), rec
+        return (parts[0], parts[1] if xr is not None else None, raw_bits(k_all), raw_bits(v_all)), rec
 
     # One scan per run of layers with equal selection capacities of the decode rows (a plain prefill: one
     # run, all dense). A decode step's scans are unrolled: with the layer index a constant, the norm gains
@@ -323,12 +325,17 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
         real = jnp.sum((main if riders is None else rider_rows).n_new > 0)
         neurons = jnp.asarray(count_table)[jnp.clip(real, 1, Bd)]  # [L]
     xs = (np.arange(cfg.n_layers, dtype=np.int32), sp.head_counts(cfg), neurons)
-    carry, records = (x, xr, cache.k, cache.v), []
+    # The scan carries the pools as raw bits (pallas_kernels.common.raw_bits; on the CPU, where the jnp references
+    # scatter and gather 16-bit pools as bits): carried as floats, each layer of a loop converted the whole pool
+    # to bits and back, two copies of it per pool and layer. A caller that keeps its pools as bits (the engine)
+    # passes them through with no conversion at all.
+    carry, records = (x, xr, raw_bits(cache.k), raw_bits(cache.v)), []
     for seg in segments:
         carry, rec = jax.lax.scan(functools.partial(layer_step, seg), carry,
                                   tuple(jnp.asarray(a[seg.start:seg.stop]) for a in xs), unroll=decode)
         records.append(rec)
     x, xr, k_all, v_all = carry
+    k_all, v_all = from_raw_bits(k_all, cache.k.dtype), from_raw_bits(v_all, cache.v.dtype)
     collected = records[0] if collect else None  # prefill runs a single segment
 
     if last_only and packed is not None:

@@ -264,6 +264,7 @@ def test_cpu_references_touch_only_the_pages_they_use(dtype):
     the whole pool to f32 around every gather and scatter, so a decode step cost O(pool), not O(pages used)."""
     from pallas_kernels.cache_write import reference as write_ref
     from pallas_kernels.paged_attention import reference as read_ref
+    from pallas_kernels.prefill_attention import reference as prefill_ref
 
     L, P, K, Z, H, N, B = 3, 40, 2, 8, 16, 4, 2
     kq, kp, kv = jax.random.split(_key(), 3)
@@ -274,8 +275,12 @@ def test_cpu_references_touch_only_the_pages_they_use(dtype):
     read = jax.jit(lambda q, k, v: read_ref.paged_decode_attention(q, k, v, jnp.asarray([20, 13]), table, layer=1))
     write = jax.jit(lambda qkv, k, v: write_ref.rope_and_cache_write(
         qkv, k, v, jnp.asarray([[9], [2]]), jnp.asarray([[3], [4]]), n_heads=N, layer=1))
+    # the prefill reference too (its gather inside a loop over KV blocks once converted the pool before the loop)
+    prefill = jax.jit(lambda q, k, v: prefill_ref.paged_prefill_attention(
+        q, k, v, table, jnp.asarray([4, 0]), jnp.asarray([3, 5]), layer=1))
     pool_f32 = "f32[" + ",".join(map(str, pool.shape)) + "]"
-    for fn, args in ((read, (q, pool, pool)), (write, (qkv, pool, pool))):
+    for fn, args in ((read, (q, pool, pool)), (write, (qkv, pool, pool)),
+                     (prefill, (jnp.stack([q] * 5, axis=1), pool, pool))):
         hlo = fn.lower(*args).compile().as_text()
         assert not [l for l in hlo.splitlines() if pool_f32 in l], "a whole-pool f32 copy"
     # and the values are the pages', bit for bit

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import from_raw_bits, raw_bits
+
 BLOCK = 256  # positions per step (rounded to whole pages)
 
 
@@ -51,14 +53,19 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     hi = jnp.max(written)                                                           # furthest causal limit
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).astype(cdt)             # [B, K, G, T, H]
 
-    def gather(pages, ids):
-        g = pages[layer, ids] if layer is not None else pages[ids]                  # [B, ppb, K, Z, H]
+    # Gathered as raw bits (pallas_kernels.common.raw_bits: a bf16 gather on the CPU converts the whole pool),
+    # taken outside the loop: the loop then carries the pool as the caller's bits, no converted copy of it.
+    k_raw, v_raw = raw_bits(k_pages), raw_bits(v_pages)
+
+    def gather(raw, ids):
+        g = raw[layer, ids] if layer is not None else raw[ids]                      # [B, ppb, K, Z, H]
+        g = from_raw_bits(g, k_pages.dtype)
         return g.transpose(0, 2, 1, 3, 4).reshape(B, K, blk, H).astype(cdt)         # [B, K, blk, H]
 
     def body(j, carry):
         o, m, l = carry
         ids = lax.dynamic_slice_in_dim(table, j * ppb, ppb, axis=1)                 # [B, ppb]
-        k, v = gather(k_pages, ids), gather(v_pages, ids)
+        k, v = gather(k_raw, ids), gather(v_raw, ids)
         pos = j * blk + jnp.arange(blk)
         # Positions past a sequence's written length hold whatever the pool has there: masked scores
         # give p = 0, but 0 * inf in the value einsum would still poison the row, so zero them.

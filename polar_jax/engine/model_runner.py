@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import from_raw_bits, raw_bits
 from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
 from polar_jax.engine.sampler import needs_filter, sample_rows
@@ -140,14 +141,21 @@ def _keep(last, slots, tok):
     return last.at[slots].set(tok, mode="drop")
 
 
+def _pools(params, k, v):
+    """The pools as the model takes them, from the runner's raw bits (see ModelRunner.__init__): its dtype is the
+    weights' (init_pool there)."""
+    dtype = params["embed"].dtype
+    return from_raw_bits(k, dtype), from_raw_bits(v, dtype)
+
+
 def _decode_program(cfg: ModelConfig, sparsity: SparsityConfig | None, params, k, v, last, tokens, slots, table,
                     lengths, valid, row_density, seed, step):
     """[B] sequences append one token each: returns the pools and logits [B, V]."""
-    cache = KVCache(k, v, table, lengths)
+    cache = KVCache(*_pools(params, k, v), table, lengths)
     key = jax.random.fold_in(jax.random.key(seed), step)  # random head/neuron choices: fresh every step
     logits, cache, _ = forward(cfg, params, _feed(last, slots, tokens)[:, None], cache,
                                n_new=valid.astype(jnp.int32), sparsity=sparsity, key=key, row_density=row_density)
-    return cache.k, cache.v, logits[:, 0]
+    return raw_bits(cache.k), raw_bits(cache.v), logits[:, 0]
 
 
 def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, max_new: int, params, k, v, last, d_tokens,
@@ -158,10 +166,10 @@ def _mixed_program(cfg: ModelConfig, sparsity: SparsityConfig | None, max_new: i
     the R decode rows' first, then each chunk's at its last token."""
     key = jax.random.fold_in(jax.random.key(seed), step)
     riders = Riders(_feed(last, d_slots, d_tokens), d_lengths, d_valid, d_table, d_density)
-    logits, d_logits, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
-                                            max_new=max_new, riders=riders, sparsity=sparsity,
+    logits, d_logits, k, v = forward_packed(cfg, params, tokens, KVCache(*_pools(params, k, v), table, starts),
+                                            offsets, n_new, max_new=max_new, riders=riders, sparsity=sparsity,
                                             key=key)  # [C, V], [R, V]
-    return k, v, jnp.concatenate([d_logits, logits])
+    return raw_bits(k), raw_bits(v), jnp.concatenate([d_logits, logits])
 
 
 def _unified_program(cfg: ModelConfig, max_new: int, params, k, v, last, tokens, table, starts, offsets, n_new,
@@ -169,9 +177,10 @@ def _unified_program(cfg: ModelConfig, max_new: int, params, k, v, last, tokens,
     """Batch-invariant mode's step: decode rows and prefill chunks alike as chunks packed in tokens [S]
     (a PENDING token read from last at token_slots [S]): returns the pools and logits [C, V] at each chunk's
     last token."""
-    logits, _, k, v = forward_packed(cfg, params, _feed(last, token_slots, tokens), KVCache(k, v, table, starts),
-                                     offsets, n_new, max_new=max_new, batch_invariant=True)
-    return k, v, logits
+    logits, _, k, v = forward_packed(cfg, params, _feed(last, token_slots, tokens),
+                                     KVCache(*_pools(params, k, v), table, starts), offsets, n_new, max_new=max_new,
+                                     batch_invariant=True)
+    return raw_bits(k), raw_bits(v), logits
 
 
 def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, tokens, table, starts, offsets, n_new,
@@ -179,11 +188,11 @@ def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, toke
     """The packed prefill that also returns [S] log-probabilities of targets[s] (the token after packed
     token s): all S logits are kept, so it runs only for chunks whose requests ask for prompt logprobs.
     Returns the pools, logits [C, V] at each chunk's last token and the [S] log-probabilities."""
-    logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(k, v, table, starts), offsets, n_new,
-                                     max_new=max_new, all_logits=True)  # [S, V]
+    logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(*_pools(params, k, v), table, starts), offsets,
+                                     n_new, max_new=max_new, all_logits=True)  # [S, V]
     final = logits[jnp.clip(offsets + n_new - 1, 0, tokens.shape[0] - 1)]  # [C, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return k, v, final, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return raw_bits(k), raw_bits(v), final, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
 def _sample_program(filtered: bool, last, logits, slots, temps, top_k, top_p, seeds, steps):
@@ -251,7 +260,10 @@ class ModelRunner:
         self.page_size, self.num_pages = page_size, num_pages
         self.M = pages_for(max_model_len, page_size)
         self.buckets = buckets
-        self.k, self.v = init_pool(cfg, num_pages, page_size, params["embed"].dtype)
+        # The pools as raw bits (pallas_kernels.common.raw_bits: 16-bit pools on the CPU, else as they are): the
+        # programs hand them to the model's layer scan as they are. Kept as floats, each program converted both
+        # whole pools to bits at its start and back at its end (4 copies of the pool a step, whatever it touched).
+        self.k, self.v = (raw_bits(a) for a in init_pool(cfg, num_pages, page_size, params["embed"].dtype))
         self.num_slots = buckets.decode[-1]  # max_num_seqs: one slot per running sequence
         self.last = jnp.zeros(self.num_slots, jnp.int32)  # [S] each slot's last sampled token, on the device
         self.seed, self.num_decode_steps = seed & 0xFFFFFFFF, 0
