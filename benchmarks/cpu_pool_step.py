@@ -7,8 +7,9 @@ copied the whole pool around them (converts, bitcast-converts at a program's or 
 the engine's decode program (4 rows of 100 cached tokens each, one new token) and its mixed program (no
 decode rows, one empty prefill bucket) through a `ModelRunner` of a random SmolLM2-135M at each pool size:
 wall clock of one call (median of 8 after 2 warm-up calls). Flat across pool sizes is the goal. Also counts
-the instructions of each compiled program that make a whole pool (other than parameters and the in-place
-scatters). CPU figures, for CPU questions: written to DIR (default benchmarks/results/cpu), never next to the
+the instructions of each compiled program's entry computation that make a whole pool (other than parameters,
+plumbing and the in-place scatters; copies inside the layer loop of a mixed step are not counted, its time
+shows them). CPU figures, for CPU questions: written to DIR (default benchmarks/results/cpu), never next to the
 GPU results.
 """
 
