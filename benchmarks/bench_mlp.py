@@ -126,11 +126,9 @@ def _xla_dense(x, w):
     return y + w["b_down"] if "b_down" in w else y
 
 
-def device_profile(fn, arg_sets, calls: int = 2, launches: dict | None = None):
-    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace;
-    `launches`, if given, is filled with {kernel name: launches per fn call}.
-
-    An empty dict (and NaN span) when the trace holds no GPU kernels (no GPU)."""
+def gpu_kernel_events(fn, arg_sets, calls: int = 2) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of every GPU kernel of `calls` calls of fn over arg_sets (after one warm-up
+    call per set), from a profiler trace; memcpys left out. Empty when the trace holds no GPU kernels."""
     for a in arg_sets:
         jax.block_until_ready(fn(*a))
     d = tempfile.mkdtemp()
@@ -142,24 +140,34 @@ def device_profile(fn, arg_sets, calls: int = 2, launches: dict | None = None):
         jax.block_until_ready(out)
     finally:
         jax.profiler.stop_trace()
-    kernels, starts, ends = collections.defaultdict(float), [], []
+    events = []
     for path in glob.glob(f"{d}/**/*.xplane.pb", recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
             for line in plane.lines:
-                if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    if "memcpy" in ev.name.lower():
-                        continue
-                    kernels[ev.name] += ev.duration_ns / calls
-                    if launches is not None:
-                        launches[ev.name] = launches.get(ev.name, 0) + 1 / calls
-                    starts.append(ev.start_ns)
-                    ends.append(ev.start_ns + ev.duration_ns)
+                if line.name.startswith("Stream"):
+                    events += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events
+                               if "memcpy" not in ev.name.lower()]
     shutil.rmtree(d, ignore_errors=True)
-    return dict(kernels), ((max(ends) - min(starts)) / calls if starts else float("nan"))
+    return events
+
+
+def device_profile(fn, arg_sets, calls: int = 2, launches: dict | None = None):
+    """({kernel name: ns per fn call}, device span ns per fn call) of fn over arg_sets, from a profiler trace;
+    `launches`, if given, is filled with {kernel name: launches per fn call}.
+
+    An empty dict (and NaN span) when the trace holds no GPU kernels (no GPU)."""
+    events = gpu_kernel_events(fn, arg_sets, calls)
+    kernels = collections.defaultdict(float)
+    for name, _, ns in events:
+        kernels[name] += ns / calls
+        if launches is not None:
+            launches[name] = launches.get(name, 0) + 1 / calls
+    if not events:
+        return {}, float("nan")
+    span = max(t + ns for _, t, ns in events) - min(t for _, t, _ in events)
+    return dict(kernels), span / calls
 
 
 def _measure(fn, arg_sets, wall=True, unavailable=None):

@@ -1,19 +1,16 @@
 """Probe: does programmatic dependent launch (PDL) reach our Pallas kernels, and what does an early trigger save?
 
-    python -m benchmarks.probe_pdl [--dump DIR] [--out OUT.json]
+    python -m benchmarks.probe_pdl [--out OUT.json]
 
 On Hopper, XLA can launch a kernel with programmatic stream serialization: the kernel starts before the one
 ahead of it has ended and waits (`griddepcontrol.wait`) before it reads anything, and the kernel ahead may
 let it start early (`griddepcontrol.launch_dependents`). XLA's own GEMM fusions trigger early; whether our
-Pallas custom calls are launched that way, and whether they wait, depends on XLA's Triton pipeline
-(`xla_gpu_enable_pdl`). This probe
-
-  1. compiles a small Pallas kernel with XLA's dump on (--dump) and counts `griddepcontrol` instructions in
-     the PTX XLA wrote: a `wait` in our kernel means XLA launches it with PDL;
-  2. times the same streaming-read kernels as benchmarks.probe_grid_barrier (each program sums its rows of a
-     [rows, 8192] bf16 array), chained, with and without a `launch_dependents` issued by every thread at the
-     start of each kernel (inline PTX): empty kernels (one row per program) and one llama-3-8b layer's reads
-     at B = 16 as five kernels.
+Pallas custom calls are launched that way depends on XLA's Triton pipeline (`xla_gpu_enable_pdl`). This probe
+times the same streaming-read kernels as benchmarks.probe_grid_barrier (each program sums its rows of a
+[rows, 8192] bf16 array), chained, with and without a `launch_dependents` issued by every thread at the start
+of each kernel (inline PTX): empty kernels (one row per program) and one llama-3-8b layer's reads at B = 16 as
+five kernels; and, from a profiler trace of the chain, whether each kernel starts before the one ahead has
+ended (it can only if it was launched with PDL).
 
 The trigger is safe whatever XLA does: a kernel launched with PDL still waits for the whole kernel ahead
 (and its memory) at its `griddepcontrol.wait`, and one launched without it ignores the trigger.
@@ -26,11 +23,7 @@ import argparse
 import functools
 import json
 import os
-import pathlib
-import re
-import shutil
 import statistics
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +32,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from benchmarks import common
+from benchmarks.bench_mlp import gpu_kernel_events
+from benchmarks.probe_grid_barrier import LAYER_MB
 from pallas_kernels import autotune
 from pallas_kernels.common import check_backend
 from pallas_kernels.selective_gemm.fused import sm_count
 
 W = 8192
-LAYER_MB = {"qkv": 50.3, "kv_cache": 134.2, "o": 33.6, "gate_up": 234.9, "down": 117.4}  # llama-3-8b, B = 16
 
 
 def trigger_dependents(x):
@@ -84,39 +78,10 @@ def _arrays(mbs, P, n_sets, key):
                   .astype(jnp.bfloat16) for i, mb in enumerate(mbs)) for s in range(n_sets)]
 
 
-def ptx_griddepcontrol(dump: pathlib.Path) -> dict:
-    """Counts of griddepcontrol instructions in the PTX of our kernel's entry, from XLA's dump folder."""
-    counts = {"files": 0, "wait": 0, "launch_dependents": 0}
-    for f in dump.rglob("*.ptx"):
-        text = f.read_text(errors="replace")
-        if "probe_pdl_sum" not in text:
-            continue
-        counts["files"] += 1
-        counts["wait"] += len(re.findall(r"griddepcontrol\.wait", text))
-        counts["launch_dependents"] += len(re.findall(r"griddepcontrol\.launch_dependents", text))
-    return counts
-
-
 def kernel_gaps(fn, args) -> dict:
     """From a profiler trace of one call of fn: how the probe kernels follow each other on the GPU (start of
     one minus end of the one before, ns): overlapping kernels (a negative gap) were launched with PDL."""
-    jax.block_until_ready(fn(*args))
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    try:
-        jax.block_until_ready(fn(*args))
-    finally:
-        jax.profiler.stop_trace()
-    events = []
-    for path in pathlib.Path(d).rglob("*.xplane.pb"):
-        for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
-            if plane.name.startswith("/device:GPU"):
-                for line in plane.lines:
-                    if line.name.startswith("Stream"):
-                        events += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events
-                                   if "probe_pdl_sum" in ev.name]
-    shutil.rmtree(d, ignore_errors=True)
-    events.sort()
+    events = sorted((t, t + ns) for name, t, ns in gpu_kernel_events(fn, [args], calls=1) if "probe_pdl_sum" in name)
     gaps = [b[0] - a[1] for a, b in zip(events, events[1:])]
     if not gaps:
         return {"kernels": len(events)}
@@ -126,7 +91,6 @@ def kernel_gaps(fn, args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dump", help="the folder XLA_FLAGS=--xla_dump_to= names, to read the kernel's PTX from")
     ap.add_argument("--out", help="also write the timings as JSON here")
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.probe_pdl", False)
@@ -136,16 +100,6 @@ def main(argv=None) -> None:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, XLA_FLAGS={flags!r}, {P} programs", flush=True)
     key = jax.random.key(0)
     records = []
-    if args.dump:
-        tiny = _arrays([0.0], P, 1, key)[0][0]
-        for trig in (False, True):
-            jax.block_until_ready(jax.jit(functools.partial(row_sums, P=P, trigger=trig))(tiny))
-        counts = ptx_griddepcontrol(pathlib.Path(args.dump))
-        for f in pathlib.Path(args.dump).glob("*row_sums*thunk_sequence*"):
-            print(f"  {f.name}:\n" + "\n".join("    " + line[:300] for line in f.read_text().splitlines()[:12]))
-        print(f"  PTX of our kernel (with and without the trigger): {counts}", flush=True)
-        records.append({"case": "ptx", **counts})
-
     def timed(name, fn, sets, nbytes):
         ms = autotune.time_fn(jax.jit(fn), sets)
         frac = nbytes / (ms * 1e-3) / ceiling["read_bw"] if nbytes else None
