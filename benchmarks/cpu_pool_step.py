@@ -7,9 +7,9 @@ copied the whole pool around them (converts, bitcast-converts at a program's or 
 the engine's decode program (4 rows of 100 cached tokens each, one new token) and its mixed program (no
 decode rows, one empty prefill bucket) through a `ModelRunner` of a random SmolLM2-135M at each pool size:
 wall clock of one call (median of 8 after 2 warm-up calls). Flat across pool sizes is the goal. Also counts
-the instructions of each compiled program's entry computation that make a whole pool (other than parameters,
-plumbing and the in-place scatters; copies inside the layer loop of a mixed step are not counted, its time
-shows them). CPU figures, for CPU questions: written to DIR (default benchmarks/results/cpu), never next to the
+the instructions of each compiled program that make a whole pool (`whole_pool_ops`, which
+tests/test_engine.py holds at zero: converts, copies, bitcast-converts; not parameters, plumbing or the
+in-place scatters), in loop bodies too. CPU figures, for CPU questions: written to DIR (default benchmarks/results/cpu), never next to the
 GPU results.
 """
 
@@ -36,16 +36,49 @@ ROWS, CACHED = 4, 100
 COLUMNS = ["program", "dtype", "pages", "pool_MB", "ms", "whole_pool_ops"]
 
 
-PLUMBING = ("parameter(", "get-tuple-element(", "tuple(", "while(", "bitcast(", "call(")
+def _shape_and_opcode(instruction: str) -> tuple[str, str]:
+    """('u16[2,3]{1,0}', 'fusion') of an HLO instruction line '[ROOT ]%x = <shape> <opcode>(...)'; a tuple
+    shape '(.., ..)' whole."""
+    rest = instruction.split(" = ", 1)[1]
+    depth, end = 0, 0
+    for end, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == " " and depth == 0:
+            break
+    return rest[:end], rest[end + 1:].split("(", 1)[0]
 
 
-def whole_pool_ops(hlo: str, shape: tuple) -> int:
-    """Instructions of the entry computation that make a whole pool: not parameters, loop or tuple plumbing,
-    bitcasts, or the in-place scatters (converts, copies, bitcast-converts would count)."""
-    dims = r"\[" + ",".join(map(str, shape)) + r"\]"
-    entry = hlo[hlo.index("\nENTRY"):]
-    return sum(1 for line in entry.splitlines() if re.search(rf"= \w+{dims}", line)
-               and "scatter" not in line and not any(p in line for p in PLUMBING))
+def whole_pool_ops(hlo: str, shape) -> list[str]:
+    """The instructions of a compiled CPU program that make a whole array of `shape` (any dtype), but for the
+    parameters, loop and tuple plumbing, bitcasts and fusions whose root is a scatter (an in-place write of a
+    few rows): converts, copies, bitcast-converts, selects, .. over the whole pool. Fused computations are
+    skipped: their instructions are computed element by element into the fusion's result (a gather's fusion
+    reads only the rows it gathers)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%(\S+) \(.*\{$", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name and line.strip().startswith(("%", "ROOT %")):
+            comps[name].append(line.strip())
+    calls = re.compile(r"calls=%([\w.\-]+)")
+    fused = {c for lines in comps.values() for i in lines if _shape_and_opcode(i)[1] == "fusion"
+             for c in calls.findall(i)}
+    roots = {n: _shape_and_opcode(i)[1] for n, lines in comps.items() for i in lines if i.startswith("ROOT")}
+    dims = "[" + ",".join(map(str, shape)) + "]"
+    bad = []
+    for n, lines in comps.items():
+        if n in fused:
+            continue
+        for i in lines:
+            out, op = _shape_and_opcode(i)
+            if dims not in out or op in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "call"):
+                continue
+            if op == "fusion" and roots.get(calls.findall(i)[0]) in ("scatter", "dynamic-update-slice"):
+                continue
+            bad.append(i[:200])
+    return bad
 
 
 def measure(dtype, pages: int) -> list[dict]:
@@ -64,7 +97,7 @@ def measure(dtype, pages: int) -> list[dict]:
     records = []
     for name, (fn, head) in programs.items():
         rest = (*decode, *prefill) if name == "mixed" else tuple(decode)
-        n_ops = whole_pool_ops(fn.lower(*head, r.k, r.v, r.last, *rest).compile().as_text(), r.k.shape)
+        n_ops = len(whole_pool_ops(fn.lower(*head, r.k, r.v, r.last, *rest).compile().as_text(), r.k.shape))
         times = []
         for _ in range(10):
             t0 = time.perf_counter()

@@ -1,8 +1,6 @@
 """The serving engine end to end on a tiny random model (CPU): the same tokens as the static batch path
 under staggered arrivals, chunked prefill and preemption; per-request sampling; logprobs; bad requests."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,51 +256,6 @@ def test_programs_update_the_page_pool_in_place(params, program, sparse):
     assert not copies, copies
 
 
-def _shape_and_opcode(instruction: str) -> tuple[str, str]:
-    """('u16[2,3]{1,0}', 'fusion') of an HLO instruction line '[ROOT ]%x = <shape> <opcode>(...)'; a tuple
-    shape '(.., ..)' whole."""
-    rest = instruction.split(" = ", 1)[1]
-    depth, end = 0, 0
-    for end, ch in enumerate(rest):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if ch == " " and depth == 0:
-            break
-    return rest[:end], rest[end + 1:].split("(", 1)[0]
-
-
-def _whole_pool_ops(hlo: str, shape) -> list[str]:
-    """The instructions of a compiled CPU program that make a whole array of `shape` (any dtype), but for the
-    parameters, loop and tuple plumbing, bitcasts and fusions whose root is a scatter (an in-place write of a
-    few rows): converts, copies, bitcast-converts, selects, .. over the whole pool. Fused computations are
-    skipped: their instructions are computed element by element into the fusion's result (a gather's fusion
-    reads only the rows it gathers)."""
-    comps, name = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"(?:ENTRY )?%(\S+) \(.*\{$", line)
-        if head:
-            name = head.group(1)
-            comps[name] = []
-        elif name and line.strip().startswith(("%", "ROOT %")):
-            comps[name].append(line.strip())
-    calls = re.compile(r"calls=%([\w.\-]+)")
-    fused = {c for lines in comps.values() for i in lines if _shape_and_opcode(i)[1] == "fusion"
-             for c in calls.findall(i)}
-    roots = {n: _shape_and_opcode(i)[1] for n, lines in comps.items() for i in lines if i.startswith("ROOT")}
-    dims = "[" + ",".join(map(str, shape)) + "]"
-    bad = []
-    for n, lines in comps.items():
-        if n in fused:
-            continue
-        for i in lines:
-            out, op = _shape_and_opcode(i)
-            if dims not in out or op in ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "call"):
-                continue
-            if op == "fusion" and roots.get(calls.findall(i)[0]) in ("scatter", "dynamic-update-slice"):
-                continue
-            bad.append(i[:200])
-    return bad
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("program", ["decode", "mixed", "prefill_logprobs", "unified"])
 def test_programs_touch_only_the_pages_they_use(params, program, dtype):
@@ -311,6 +264,7 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
     at its start and back at its end (pallas_kernels.common.raw_bits), and a prefill's layer loop did so every
     layer and also converted the pool to f32 for its attention: SmolLM2-135M on 2 CPU cores, 1,024 pages,
     decode 0.39 s a step (bf16; 0.15 s at 64 pages) and a mixed step 5 s (0.64 s)."""
+    from benchmarks.cpu_pool_step import whole_pool_ops
     from polar_jax.engine import model_runner as mr
 
     if jax.default_backend() != "cpu":
@@ -331,7 +285,7 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
         lowered = mr._UNIFIED.lower(CFG, r._max_new(S), params, r.k, r.v, r.last,
                                     *r._prefill_args([], S, n_decode=0)[0])
     hlo, dims = lowered.compile().as_text(), "[" + ",".join(map(str, r.k.shape)) + "]"
-    bad = _whole_pool_ops(hlo, r.k.shape)
+    bad = whole_pool_ops(hlo, r.k.shape)
     assert not bad, bad
     assert any(" scatter(" in line and dims in line for line in hlo.splitlines())  # the checker saw the writes
 
