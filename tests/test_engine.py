@@ -262,8 +262,8 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
     """On the CPU no program makes an op over the whole KV page pool but its in-place writes, so a step costs
     the pages it uses, not the pool's size. Each program once converted both bf16 (and f32) pools to raw bits
     at its start and back at its end (pallas_kernels.common.raw_bits), and a prefill's layer loop did so every
-    layer and also converted the pool to f32 for its attention: SmolLM2-135M on 2 CPU cores, 1,024 pages,
-    decode 0.39 s a step (bf16; 0.15 s at 64 pages) and a mixed step 5 s (0.64 s)."""
+    layer and also converted the pool to f32 for its attention (benchmarks/results/cpu/cpu_pool_step_before.md:
+    a step's time grew with the pool)."""
     from benchmarks.cpu_pool_step import whole_pool_ops
     from polar_jax.engine import model_runner as mr
 
