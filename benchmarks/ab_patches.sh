@@ -10,6 +10,7 @@ cases=${2:?usage: ab_patches.sh LOG CASES PATCH...}
 shift 2
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 mkdir -p "$(dirname "$log")"
+source <(sed -n "/^sources_hash()/,/^}/p" benchmarks/gpu_session.sh)  # the hash the GPU test ledger keys on
 run() {  # run LABEL: one dense run, its ceiling and step lines
   echo "== $1"
   timeout 200 python3 -m benchmarks.generate --out "$(mktemp -d)" --part dense --cases "$cases" --name ab 2>&1 \
@@ -17,7 +18,7 @@ run() {  # run LABEL: one dense run, its ceiling and step lines
 }
 {
   echo "# bash benchmarks/ab_patches.sh $log $cases $*"
-  echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no GPU), $(python3 -c 'import jax; print("jax", jax.__version__)'), $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no GPU), $(python3 -c 'import jax; print("jax", jax.__version__)'), $(date -u +%FT%TZ), sources $(sources_hash)"
   run "as committed"
   for p in "$@"; do
     patch -p1 -s --dry-run < "$p"
