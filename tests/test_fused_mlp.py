@@ -65,16 +65,20 @@ def test_fused_mlp(interpret, B, D, F, C, dtype, activation, gated, bias):
             np.testing.assert_array_equal(np.asarray(y, np.float32), want)
 
 
-# Explicit blocks: D not a multiple of block_k / block_d (masked tails, padded scratch columns), several
-# batch blocks (B > block_b), neuron blocks straddling count, and a few programs, so that programs' shares
-# of the steps start and end inside a neuron block (up) and a column block (down).
+# Explicit blocks: D not a multiple of block_k / block_d (masked tails), several batch blocks (B > block_b)
+# of different sizes in the two phases, neuron blocks straddling count, splits of the down projection, and
+# program counts that leave some programs one tile more than others (and some none).
+def _cfg(ub, un, bk, db, dn, bd, split, programs, **kw):
+    return fused.FusedConfig(up_block_b=ub, up_block_n=un, block_k=bk, down_block_b=db, down_block_n=dn, block_d=bd,
+                             split=split, programs=programs, **kw)
+
+
 CONFIG_CASES = [  # B, D, F, C, gated, FusedConfig
-    (20, 80, 200, 70, False, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=16, block_d=32, programs=7)),
-    (5, 80, 200, 100, True, fused.FusedConfig(block_b=16, block_n=32, block_k=64, block_j=32, block_d=64, programs=5)),
-    (3, 48, 200, 130, False, fused.FusedConfig(block_b=16, block_n=64, block_k=16, block_j=16, block_d=32, programs=3)),
-    (3, 48, 200, 130, True, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=64, block_d=16, programs=1)),
-    (20, 80, 200, 70, True, fused.FusedConfig(block_b=16, block_n=16, block_k=32, block_j=16, block_d=16, programs=9,
-                                              barrier=False)),
+    (20, 80, 200, 70, False, _cfg(16, 16, 32, 32, 16, 32, 1, 7)),
+    (5, 80, 200, 100, True, _cfg(16, 32, 64, 16, 32, 64, 2, 5)),
+    (3, 48, 200, 130, False, _cfg(16, 64, 16, 16, 16, 32, 4, 3)),
+    (3, 48, 200, 130, True, _cfg(16, 16, 32, 16, 64, 16, 1, 1)),
+    (40, 80, 200, 70, True, _cfg(32, 16, 32, 16, 16, 16, 3, 9, barrier=False)),
 ]
 
 
@@ -149,8 +153,9 @@ def test_heuristic_and_candidates():
                     cands = fused.fused_candidates(B, D, count, gated)
                     assert cands[0] == fused.fused_heuristic(B, D, count, gated)
                     for c in cands:
-                        blocks = (c.block_b, c.block_n, c.block_k, c.block_j, c.block_d)
+                        blocks = (c.up_block_b, c.up_block_n, c.block_k, c.down_block_b, c.down_block_n, c.block_d)
                         assert all(v >= 16 and v & (v - 1) == 0 for v in blocks), (B, D, count, c)
+                        assert c.fits(gated) or c.per_sm == 1, c  # the barrier's programs must all be resident
     t = autotune.KERNELS["selective_mlp_fused"]
     assert t.config_cls is fused.FusedConfig
     assert t.bucket(B=40, D=80, count=100, gated=True, dtype=F16) == dict(B=48, D=80, count=128, gated=1,
@@ -169,7 +174,7 @@ def test_autotune_candidates_agree():
                                                (48, 8192, 22016, 6656, True), (5, 80, 200, 40, True)])
 def test_lowers_to_triton(monkeypatch, B, D, F, count, gated):
     """The kernel (its heuristic config at issue 11's target shapes, and an awkward tiny one) lowers to
-    Triton IR for CUDA, atomic adds and the grid barrier included, on a CPU-only machine too: catches constructs the GPU
+    Triton IR for CUDA, the grid barrier included, on a CPU-only machine too: catches constructs the GPU
     lowering rejects while the interpreter accepts them. Only shapes are traced; nothing is allocated."""
     monkeypatch.setattr(fused, "check_backend", lambda interpret: False)
     monkeypatch.setattr(fused, "sm_count", lambda: 132)

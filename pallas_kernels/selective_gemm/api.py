@@ -20,8 +20,8 @@ Shapes and dtypes:
 Implementations, tried in order until one accepts the inputs (backends raise NotImplementedError):
   "triton" (Pallas kernels lowered through Triton; CUDA GPU, or the Pallas interpreter with
   interpret=True), "xla" (the pure-jnp reference, last resort). "fused" (only by impl="fused"; same
-  backend as "triton") runs selective_mlp as one persistent kernel, up and down split evenly over one
-  program per SM with a grid barrier between them (fused.py; slower than "triton" on an H100, see
+  backend as "triton") runs selective_mlp as one persistent kernel, the two-kernel path's up tiles, a
+  grid barrier, then its down tiles (fused.py; slightly slower than "triton" on an H100, see
   benchmarks/results/kernels_mlp_fused.md); for selective_up / selective_down alone it is "triton".
   "dense" computes the same function over all F neurons through a neuron mask with library GEMMs;
   impl=None takes it where the selected fraction is high enough that gathering would be slower than

@@ -187,13 +187,16 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
                has_gate: bool, has_bias: bool, activation: str):
     g_ref = refs[0] if has_gate else None
     b_ref = refs[int(has_gate)] if has_bias else None
-    o_ref = refs[-1]
+    up_tile(count_ref[0], layer_ref[0], idx_ref, x_ref, w_ref, g_ref, b_ref, refs[-1], pl.program_id(0) * cfg.block_b,
+            pl.program_id(1) * cfg.block_n, pl.program_id(2), cfg=cfg, B=B, D=D, C=C, activation=activation)
+
+
+def up_tile(count, layer, idx_ref, x_ref, w_ref, g_ref, b_ref, o_ref, b0, n0, sk, *, cfg: UpConfig, B: int, D: int,
+            C: int, activation: str):
+    """One program's tile of the up projection: rows [b0, b0 + block_b) of h, neurons [n0, n0 + block_n)
+    (and split sk of D with split_k > 1). Also the fused MLP's up phase (fused.py), one tile a loop step."""
+    has_gate, has_bias = g_ref is not None, b_ref is not None
     BB, BN, BK, SK = cfg.block_b, cfg.block_n, cfg.block_k, cfg.split_k
-    b0 = pl.program_id(0) * BB
-    n0 = pl.program_id(1) * BN
-    sk = pl.program_id(2)
-    count = count_ref[0]
-    layer = layer_ref[0]
     cols = n0 + jnp.arange(BN)                             # positions in idx
     b_mask = (b0 + jnp.arange(BB)) < B
     o_mask = b_mask[:, None] & (cols < C)[None, :]
@@ -250,13 +253,17 @@ def _up_kernel(count_ref, layer_ref, idx_ref, x_ref, w_ref, *refs, cfg: UpConfig
 def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownConfig, B: int, D: int, C: int,
                  has_bias: bool):
     b_ref = refs[0] if has_bias else None
-    o_ref = refs[-1]
+    down_tile(count_ref[0], layer_ref[0], idx_ref, h_ref, w_ref, b_ref, refs[-1], pl.program_id(0) * cfg.block_d,
+              pl.program_id(1), pl.program_id(2) * cfg.block_b, cfg=cfg, B=B, D=D, C=C)
+
+
+def down_tile(count, layer, idx_ref, h_ref, w_ref, b_ref, o_ref, d0, s, b0, *, cfg: DownConfig, B: int, D: int, C: int,
+              poison=None):
+    """One program's tile of the down projection: columns [d0, d0 + block_d) of y, rows [b0, b0 + block_b),
+    split s of the active neuron blocks. Also the fused MLP's down phase (fused.py), one tile a loop step;
+    `poison` (an f32 scalar, 0 or NaN) is added to its tile there, to mark a grid barrier that gave up."""
+    has_bias = b_ref is not None
     BB, BN, BD, S = cfg.block_b, cfg.block_n, cfg.block_d, cfg.split
-    d0 = pl.program_id(0) * BD
-    s = pl.program_id(1)
-    b0 = pl.program_id(2) * BB
-    count = count_ref[0]
-    layer = layer_ref[0]
     dd = d0 + jnp.arange(BD)
     d_mask = dd < D
     b_mask = (b0 + jnp.arange(BB)) < B
@@ -315,6 +322,8 @@ def _down_kernel(count_ref, layer_ref, idx_ref, h_ref, w_ref, *refs, cfg: DownCo
     o_mask = None
     if mask_b or mask_d:
         o_mask = b_mask[:, None] & d_mask[None, :]
+    if poison is not None:
+        acc = acc + poison
     if S == 1:
         if has_bias:
             acc = acc + plgpu.load(b_ref.at[layer, dd], mask=d_mask, other=0).astype(jnp.float32)[None, :]
