@@ -399,3 +399,35 @@ def test_print_kernel_groups_sums_time_and_launches_per_group(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["4.0", "us", "88.9%", "2", "names", "3", "launches", "loop_add_fusion"]
     assert lines[1].split() == ["0.5", "us", "11.1%", "1", "names", "4", "launches", "selective_up"]
+
+
+_PTX_PREFETCHES = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from benchmarks import probe_l2_prefetch as probe
+out = {}
+for K, at_start in [(0, False), (2, False), (4, True)]:
+    consts = dict(R=3051, RN=2000, P=264, K=K, AT_START=at_start, W=probe.W, LINE=probe.LINE)
+    sig = {"prev_ptr": "*fp32", "x_ptr": "*bf16", "nxt_ptr": "*bf16", "out_ptr": "*fp32", **{c: "constexpr" for c in consts}}
+    src = triton.compiler.ASTSource(fn=probe._triton_kernel(), signature=sig, constexprs=consts)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    out[f"{K},{at_start}"] = ptx.count("prefetch.global.L2::evict_last")
+print(json.dumps(out))
+"""
+
+
+def test_l2_prefetch_probe_emits_its_prefetches():
+    """probe_l2_prefetch's Triton kernel, compiled to PTX for an H100 on this CPU machine (in a fresh process:
+    the kernel tests import Triton in interpreter mode): K rows of 16 KB are K * 128 line prefetches a
+    program, K per thread at 4 warps, none without; each a fire-and-forget
+    `prefetch.global.L2::evict_last`, not dropped as dead code (its result feeds the stored sum)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_PREFETCHES], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"0,False": 0, "2,False": 2, "4,True": 4}
