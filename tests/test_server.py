@@ -299,6 +299,43 @@ def test_several_prompts_in_one_request(client, offline, loaded):
     assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 15
 
 
+def test_n_choices_per_prompt(client, offline, loaded):
+    """n > 1 (refused before): a prompt's n choices side by side, choice j of a seeded request sampled with
+    seed + j (as vLLM's), the prompt's tokens counted once; streamed, each chunk names its choice."""
+    prompts, n = ["abc", "Hello there"], 3
+    kw = dict(model=MODEL, prompt=prompts, n=n, max_tokens=6, temperature=1.0, seed=5,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw)
+    want = offline.generate([loaded[2].encode(p) for p in prompts for _ in range(n)],
+                            [SamplingParams(temperature=1.0, seed=5 + j, max_tokens=6, ignore_eos=True)
+                             for _ in prompts for j in range(n)], use_tqdm=False)
+    assert [c.index for c in whole.choices] == list(range(len(prompts) * n))
+    assert [c.text for c in whole.choices] == [w.text for w in want]
+    assert len({c.text for c in whole.choices[:n]}) > 1, "a prompt's choices should be different samples"
+    assert whole.usage.prompt_tokens == sum(map(len, prompts)) and whole.usage.completion_tokens == 6 * n * 2
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = [""] * len(want)
+    for c in chunks[:-1]:
+        streamed[c.choices[0].index] += c.choices[0].text
+    assert streamed == [w.text for w in want] and chunks[-1].usage == whole.usage
+
+    messages = [{"role": "user", "content": "hi"}]
+    ids = list(loaded[2].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    kw = dict(model=MODEL, messages=messages, n=2, max_tokens=5, temperature=1.0, seed=7, logprobs=True)
+    chat = client.chat.completions.create(**kw)
+    want = offline.generate([ids, ids], [SamplingParams(temperature=1.0, seed=7 + j, max_tokens=5, logprobs=True)
+                                         for j in range(2)], use_tqdm=False)
+    assert [(c.index, c.message.content) for c in chat.choices] == [(j, w.text) for j, w in enumerate(want)]
+    assert [[x.logprob for x in c.logprobs.content] for c in chat.choices] == [w.logprobs for w in want]
+    assert chat.usage.prompt_tokens == len(ids) and chat.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    stream = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    texts, roles = ["", ""], set()
+    for c in stream[:-1]:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+        roles |= {c.choices[0].index} if c.choices[0].delta.role == "assistant" else set()
+    assert texts == [w.text for w in want] and roles == {0, 1} and stream[-1].usage == chat.usage
+
+
 def test_ignore_eos_decodes_past_the_eos_token(served, client, offline, loaded, monkeypatch):
     """ignore_eos (vLLM's extension field) reaches the engine: once the 4th token of the greedy answer is made
     the EOS, a request stops at its first occurrence without the field and runs to max_tokens with it."""
@@ -349,9 +386,16 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     ("completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k", "greater than or equal"),
-    ("completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "less than or equal"),
+    ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "greater than or equal"),
+    ("completions", {"model": MODEL, "prompt": ["x", "y"], "n": 10**4}, 400, None, "20000 sequences (prompts times n)"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", "stop strings must be non-empty"),
     ("completions", {"model": MODEL}, 400, "prompt", "required"),
+    # a field whose name starts like a union alternative's tag ("str") was not named
+    ("completions", {"model": MODEL, "prompt": "x", "stream": "maybe"}, 400, "stream", "valid boolean"),
+    ("completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400,
+     "stream_options.include_usage", "valid boolean"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop", "valid string"),
+    ("completions", {"model": None, "prompt": "x"}, 400, "model", "valid string"),  # null is no default here
     ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
      "not supported"),
     ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
@@ -435,6 +479,25 @@ def test_what_sdks_send_by_default_is_accepted(client, offline, loaded):
     assert got == offline_one(offline, "the fox", sp).text
 
 
+def test_null_fields_take_their_defaults(server):
+    """OpenAI's optional fields are nullable and clients send null for what they leave unset: "temperature":
+    null (or n, top_p, top_k, echo, stream, ignore_eos, chat's logprobs) got 400 instead of the default."""
+    base = {"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    fields = {"completions": ({"prompt": "the fox"}, ["temperature", "top_p", "top_k", "n", "stream", "echo",
+                                                      "ignore_eos", "seed", "stop", "logprobs", "stream_options"]),
+              "chat/completions": ({"messages": [{"role": "user", "content": "hi"}]},
+                                   ["temperature", "top_p", "n", "stream", "logprobs", "top_logprobs",
+                                    "max_completion_tokens"])}
+    for path, (prompt, names) in fields.items():
+        want = httpx.post(f"{server}/v1/{path}", json=base | prompt, timeout=30).json()["choices"][0]
+        for name in names:
+            r = httpx.post(f"{server}/v1/{path}", json=base | prompt | {name: None}, timeout=30)
+            assert r.status_code == 200, (path, name, r.text)
+            if name != "temperature":  # greedy, so the answer is the one without the field
+                got = r.json()["choices"][0]
+                assert got.get("text", got.get("message")) == want.get("text", want.get("message")), (path, name)
+
+
 def test_engine_failure_fails_its_requests_not_the_server(served, client, monkeypatch):
     url, engine = served
     real_step, calls = engine.step, []
@@ -473,6 +536,29 @@ def test_disconnect_mid_stream_frees_pages(server):
     key = 'polar_requests_finished_total{reason="abort"}'
     assert after.get(key, 0) == before.get(key, 0) + 1, "the request was not aborted"
     assert after["polar_generation_tokens_total"] - before["polar_generation_tokens_total"] < 120
+
+
+@pytest.mark.parametrize("path,body", [("completions", {"prompt": "Hello"}),
+                                       ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_disconnect_while_tokens_keep_coming_cancels_a_whole_answer(served, monkeypatch, path, body):
+    """A client that gave up on a non-streamed answer was asked about only when no token had come for
+    _DISCONNECT_POLL_S: with tokens every 50 ms (any busy server) the request ran on to max_tokens."""
+    url, engine = served
+    real_step = engine.step
+
+    def slow_step():  # a token every 50 ms: never a quiet 0.5 s
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)  # the engine thread looks the method up every step
+    before = metrics(url)
+    body = {"model": MODEL, "max_tokens": 100, "ignore_eos": True} | body  # 100 steps: 5 s and more
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/{path}", json=body, timeout=1.0)  # hangs up after 1 s
+    key = 'polar_requests_finished_total{reason="abort"}'
+    wait_until(lambda: metrics(url).get(key, 0) == before.get(key, 0) + 1, 3, "the request to be aborted")
+    wait_until(lambda: metrics(url)["polar_kv_pages_free"] == USABLE_PAGES, 10, "the pages to come back")
+    assert metrics(url)["polar_generation_tokens_total"] - before["polar_generation_tokens_total"] < 100
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -138,8 +138,10 @@ def _validation_response(errors) -> JSONResponse:
                     code="invalid_json").response()
     if err.get("type") == "unsupported":
         return _bad(err["msg"], err["ctx"]["name"], code="unsupported").response()
-    # A union (prompt: str | list[int] | ...) reports each alternative: name the field, not the alternative.
-    loc = [x for x in loc if not x.startswith(("str", "list[", "int", "float", "function-"))]
+    # A union (prompt: str | list[int] | ...) reports each alternative: name the field, not the alternative
+    # (and not a field whose name starts like one: stream, stream_options).
+    loc = [x for x in loc if x not in ("str", "int", "float", "bool") and not x.startswith(("list[", "dict[",
+                                                                                          "function-"))]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     if "input" in err and err.get("type") != "missing":
@@ -190,11 +192,14 @@ class _API:
                        f"{self.max_model_len}", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def _params(self, body: P._Sampling, max_tokens: int, logprobs: bool, prompt_logprobs: bool) -> SamplingParams:
+    def _params(self, body: P._Sampling, max_tokens: int, logprobs: bool, prompt_logprobs: bool,
+                sample: int = 0) -> SamplingParams:
+        """sample: which of a prompt's n choices; with a seed, choice j samples with seed + j (as vLLM's)."""
+        seed = None if body.seed is None else body.seed + sample
         try:
             # max_tokens 0 (echo only): the engine generates one token, which is dropped.
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                                  seed=body.seed, max_tokens=max(max_tokens, 1), stop=body.stops,
+                                  seed=seed, max_tokens=max(max_tokens, 1), stop=body.stops,
                                   stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # "SamplingParams.top_p must be ...": name the field
@@ -229,20 +234,27 @@ class _API:
             ids = list(self.tokenizer.encode(p)) if isinstance(p, str) else list(p)
             ids_per_prompt.append(ids)
         budgets = [self._check_lengths(ids, body.max_tokens, "prompt") for ids in ids_per_prompt]
+        prompt_tokens = sum(map(len, ids_per_prompt))  # once per prompt, however many choices it has
         want_lp = body.logprobs is not None
         req_id = P.new_id("cmpl")
-        engine_reqs = [(f"{req_id}-{i}", ids, self._params(body, n, want_lp, want_lp and body.echo), extra)
-                       for i, (ids, n) in enumerate(zip(ids_per_prompt, budgets))]
-        echo_only = [n == 0 for n in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
-        index = {r[0]: i for i, r in enumerate(engine_reqs)}
+        # Choice k is sample k % n of prompt k // n (OpenAI's order: a prompt's n choices side by side).
+        n = body.n
+        ids_per_choice = [ids for ids in ids_per_prompt for _ in range(n)]
+        budgets = [b for b in budgets for _ in range(n)]
+        engine_reqs = [(f"{req_id}-{k}", ids, self._params(body, b, want_lp, want_lp and body.echo, k % n), extra)
+                       for k, (ids, b) in enumerate(zip(ids_per_choice, budgets))]
+        echo_only = [b == 0 for b in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
+        index = {r[0]: k for k, r in enumerate(engine_reqs)}
         tops = [None] * len(prompts)
         if want_lp and body.echo:
             loop = asyncio.get_running_loop()
             tops = await asyncio.gather(*(loop.run_in_executor(None, prompt_top1, self.cfg, self.params, ids,
                                                                self.max_model_len) for ids in ids_per_prompt))
+        tops = [t for t in tops for _ in range(n)]
         sub = await self._submit(engine_reqs)
         if body.stream:
-            return _sse(self._completion_stream(body, req_id, sub, ids_per_prompt, index, echo_only, tops), sub)
+            return _sse(self._completion_stream(body, req_id, sub, ids_per_choice, prompt_tokens, index, echo_only,
+                                                tops), sub)
         try:
             final: dict[int, RequestOutput] = {}
             async for out in sub.outputs(request.is_disconnected):
@@ -255,7 +267,7 @@ class _API:
         finally:
             sub.close()
         choices, completion_tokens = [], 0
-        for i, ids in enumerate(ids_per_prompt):
+        for i, ids in enumerate(ids_per_choice):
             out = final[i]
             gen_ids = [] if echo_only[i] else out.token_ids
             text = out.text if not echo_only[i] else ""
@@ -271,7 +283,6 @@ class _API:
             choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
-        prompt_tokens = sum(map(len, ids_per_prompt))
         return P.CompletionResponse(id=req_id, model=self.model_name, choices=choices,
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
@@ -296,8 +307,10 @@ class _API:
             out.append({self._token_str(best): logprobs[t + 1] if best == tok else float(top_lp[t])})
         return out + [None] * (len(ids) + len(gen_ids) - len(out))
 
-    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, index, echo_only, tops
-                                 ) -> AsyncIterator[str]:
+    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, prompt_tokens: int, index, echo_only,
+                                 tops) -> AsyncIterator[str]:
+        """ids_per_prompt: each choice's prompt (a prompt's n choices each have it); prompt_tokens: of the
+        request's distinct prompts."""
         want_lp = body.logprobs is not None
         sent_echo: set[int] = set()
         where: dict[int, TextOffsets] = {}  # per choice: text_offset runs on across the stream's chunks
@@ -329,7 +342,6 @@ class _API:
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
             if body.include_usage:
-                prompt_tokens = sum(map(len, ids_per_prompt))
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 total_tokens=prompt_tokens + completion_tokens)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[],
@@ -357,25 +369,30 @@ class _API:
             raise _bad(f"the messages fill the context length {self.max_model_len}", "messages",
                        code="context_length_exceeded")
         req_id = P.new_id("chatcmpl")
-        sub = await self._submit([(req_id, ids, self._params(body, budget, body.logprobs, False), extra)])
+        engine_reqs = [(f"{req_id}-{j}", ids, self._params(body, budget, body.logprobs, False, j), extra)
+                       for j in range(body.n)]
+        index = {r[0]: j for j, r in enumerate(engine_reqs)}
+        sub = await self._submit(engine_reqs)
         if body.stream:
-            return _sse(self._chat_stream(body, req_id, sub, len(ids)), sub)
+            return _sse(self._chat_stream(body, req_id, sub, len(ids), index), sub)
         try:
-            final = None
+            final: dict[int, RequestOutput] = {}
             async for out in sub.outputs(request.is_disconnected):
-                final = out
+                if out.finished:
+                    final[index[out.request_id]] = out
         except ClientGone:
             return Response(status_code=499)
         except EngineError as e:
             raise APIError(500, str(e), type="server_error") from None
         finally:
             sub.close()
-        logprobs = self._chat_logprobs(final.token_ids, final.logprobs) if body.logprobs else None
-        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=len(final.token_ids),
-                        total_tokens=len(ids) + len(final.token_ids))
-        choice = P.ChatChoice(index=0, message=P.ChatResponseMessage(content=final.text), logprobs=logprobs,
-                              finish_reason=final.finish_reason)
-        return P.ChatCompletionResponse(id=req_id, model=self.model_name, choices=[choice], usage=usage)
+        choices = [P.ChatChoice(index=j, message=P.ChatResponseMessage(content=out.text),
+                                logprobs=self._chat_logprobs(out.token_ids, out.logprobs) if body.logprobs else None,
+                                finish_reason=out.finish_reason) for j, out in sorted(final.items())]
+        completion_tokens = sum(len(out.token_ids) for out in final.values())
+        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                        total_tokens=len(ids) + completion_tokens)
+        return P.ChatCompletionResponse(id=req_id, model=self.model_name, choices=choices, usage=usage)
 
     def _chat_logprobs(self, token_ids, logprobs) -> P.ChatChoiceLogprobs:
         content = []
@@ -384,21 +401,25 @@ class _API:
                                          bytes=list(self.token_bytes.bytes_of(t))))
         return P.ChatChoiceLogprobs(content=content)
 
-    async def _chat_stream(self, body, req_id, sub, prompt_tokens: int) -> AsyncIterator[str]:
-        def chunk(delta: P.ChatDelta, finish=None, logprobs=None) -> str:
-            choice = P.ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)
+    async def _chat_stream(self, body, req_id, sub, prompt_tokens: int, index: dict[str, int]
+                           ) -> AsyncIterator[str]:
+        def chunk(j: int, delta: P.ChatDelta, finish=None, logprobs=None) -> str:
+            choice = P.ChatChunkChoice(index=j, delta=delta, finish_reason=finish, logprobs=logprobs)
             return P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
 
-        completion_tokens = 0
+        tokens = [0] * len(index)  # per choice
         try:
-            yield chunk(P.ChatDelta(role="assistant", content=""))
+            for j in range(len(index)):
+                yield chunk(j, P.ChatDelta(role="assistant", content=""))
             async for out in sub.outputs():
-                completion_tokens = len(out.token_ids)
+                j = index[out.request_id]
+                tokens[j] = len(out.token_ids)
                 lp = None
                 if body.logprobs:
                     lp = self._chat_logprobs(out.new_token_ids, out.logprobs[-len(out.new_token_ids):])
-                yield chunk(P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp)
+                yield chunk(j, P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp)
             if body.include_usage:
+                completion_tokens = sum(tokens)
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 total_tokens=prompt_tokens + completion_tokens)
                 yield P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[],

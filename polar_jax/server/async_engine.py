@@ -67,16 +67,20 @@ class Submission:
 
     async def outputs(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None
                       ) -> AsyncIterator[RequestOutput]:
-        """Until every request has finished. is_disconnected: polled while waiting; True raises ClientGone."""
+        """Until every request has finished. is_disconnected: asked every _DISCONNECT_POLL_S, whether or not
+        outputs come meanwhile (a busy engine makes a token far more often); True raises ClientGone."""
+        next_poll = time.monotonic() + _DISCONNECT_POLL_S
         while self.unfinished:
             if is_disconnected is None:
                 item = await self.stream.queue.get()
             else:
-                try:
-                    item = await asyncio.wait_for(self.stream.queue.get(), _DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
+                if time.monotonic() >= next_poll:
                     if await is_disconnected():
-                        raise ClientGone() from None
+                        raise ClientGone()
+                    next_poll = time.monotonic() + _DISCONNECT_POLL_S
+                try:
+                    item = await asyncio.wait_for(self.stream.queue.get(), next_poll - time.monotonic())
+                except asyncio.TimeoutError:
                     continue
             if isinstance(item, BaseException):
                 raise item
@@ -133,7 +137,8 @@ class AsyncEngine:
         if not self.alive:
             raise EngineError("the engine is not running")
         if len(requests) > self.max_in_flight:
-            raise ValueError(f"{len(requests)} prompts in one request; this server takes at most {self.max_in_flight}")
+            raise ValueError(f"{len(requests)} sequences (prompts times n) in one request; this server takes at "
+                             f"most {self.max_in_flight}")
         if self._in_flight + len(requests) > self.max_in_flight:
             raise QueueFull(f"the server is full ({self._in_flight} requests in flight, at most "
                             f"{self.max_in_flight}); retry later")

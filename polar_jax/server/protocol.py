@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -47,6 +47,11 @@ UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_
                "length_penalty": (1,), "skip_special_tokens": (True,)}
 
 
+def _null_is_default(field) -> bool:
+    """A field that takes no null of its own (max_tokens null is "until the context"), and has a default."""
+    return field is not None and not field.is_required() and type(None) not in get_args(field.annotation)
+
+
 class _Sampling(BaseModel):
     """Fields completions and chat share."""
 
@@ -58,12 +63,21 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=-1, strict=True)  # 0 or -1: off (vLLM uses -1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)  # any 64-bit seed, as OpenAI's; taken mod 2**32
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1, strict=True)  # one choice per prompt: the engine has no parallel sampling
+    n: int = Field(1, ge=1, strict=True)  # choices per prompt: n engine requests (at most the server's queue)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None  # vLLM's extension: generation also ends at any of these ids
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """OpenAI's optional fields are nullable ("temperature": null is the default temperature), and clients
+        send null for a field they leave unset: take it as the default, not as a bad value."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None or not _null_is_default(cls.model_fields.get(k))}
+        return data
 
     @model_validator(mode="before")
     @classmethod
