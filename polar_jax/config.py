@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,22 @@ def eos_ids(eos) -> tuple[int, ...]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
     return tuple(ids)
+
+
+def token_ids(seq) -> list[int]:
+    """seq's token ids (a list, or a numpy / jax array) as Python ints. ValueError naming the first that is
+    not an integer (a float, a bool, a string): int() would run [1.7, "8"] as [1, 8], a prompt nobody wrote."""
+    if hasattr(seq, "tolist"):  # one transfer for an array, not one per element
+        seq = seq.tolist()
+    out = []
+    for t in seq:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out.append(operator.index(t))  # int, numpy and jax integer scalars; not floats or strings
+        except TypeError:
+            raise ValueError(f"token id {t!r} ({type(t).__name__}) is not an integer") from None
+    return out
 
 
 # transformers' defaults for fields a config.json may leave out (LlamaConfig, MistralConfig, Qwen2Config)

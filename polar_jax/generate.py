@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polar_jax.cache import KVCache, cache_bytes, init_cache
-from polar_jax.config import ModelConfig, check_head_dim
+from polar_jax.config import ModelConfig, check_head_dim, token_ids
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
 
@@ -197,17 +197,25 @@ def check_memory(cfg: ModelConfig, batch: int, max_len: int, dtype, weights_byte
                          "use fewer or shorter prompts, or fewer new tokens")
 
 
+def _prompt_ids(i: int, prompt: Sequence[int]) -> list[int]:
+    try:
+        return token_ids(prompt)
+    except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}") from None
+
+
 def prepare(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
             max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """Validate and pad: (tokens [B, Tb], prompt_lens [B], max_new_each [B], max_new, max_len).
 
     Raises a one-line ValueError for any input that cannot run: no or empty prompts, max_new_tokens < 1,
-    token ids outside the vocabulary, more positions than the model's context length or the cache, a head
-    size the decode kernels do not take.
+    token ids that are not integers or lie outside the vocabulary, more positions than the model's context
+    length or the cache, a head size the decode kernels do not take.
     """
     check_head_dim(cfg)
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt")
+    prompts = [_prompt_ids(i, p) for i, p in enumerate(prompts)]
     lens = np.array([len(p) for p in prompts], np.int64)
     if np.any(lens == 0):
         raise ValueError(f"prompt {int(np.argmin(lens))} is empty: every prompt needs at least one token")

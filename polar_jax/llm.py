@@ -50,7 +50,8 @@ class LLM:
     def _submit(self, prompts: Prompt | Sequence[Prompt], params) -> list[str]:
         if hasattr(prompts, "tolist"):  # a numpy / jax array of token ids: [T] one prompt, [N, T] N prompts
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
+        # a flat list of numbers is one prompt (floats too: the engine refuses them by name)
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Number)):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:

@@ -1,6 +1,8 @@
 """The serving engine end to end on a tiny random model (CPU): the same tokens as the static batch path
 under staggered arrivals, chunked prefill and preemption; per-request sampling; logprobs; bad requests."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,6 +188,23 @@ def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     with pytest.raises(ValueError, match="prompt 1"):
         llm.generate([prompts[0], [5] * 70], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished(), "the valid prompt of a rejected call was left queued"
+
+
+def test_token_ids_that_are_not_integers_are_refused_not_truncated(params, prompts):
+    """int() would run [1.7, 2.2] as [1, 2] and ["7", "8"] as [7, 8]: a prompt nobody asked for. A token id
+    must be an integer (numpy and jax integer scalars are); a flat float array is one prompt, refused."""
+    eng = engine(params, max_model_len=64)
+    for bad, x in (([1.7, 2.2], 1.7), (["7", "8"], "7"), ([5, True], True), ([3, np.float32(4)], np.float32(4))):
+        with pytest.raises(ValueError, match=f"request 'r': token id {re.escape(repr(x))} .* is not an integer"):
+            eng.add_request("r", bad, GREEDY)
+    assert not eng.has_unfinished()
+    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False,
+              max_model_len=64)
+    with pytest.raises(ValueError, match="prompt 0: .*token id 5.0 .* is not an integer"):
+        llm.generate(np.array([5.0, 6.0]), GREEDY, use_tqdm=False)
+    want = static_tokens(params, [prompts[0]], GREEDY.max_tokens)[0]
+    for ok in (np.array(prompts[0], np.int64), [jnp.array(prompts[0])], [np.array(prompts[0], np.int32)]):
+        assert llm.generate(ok, GREEDY, use_tqdm=False)[0].token_ids == want
 
 
 def test_per_request_density_serves_dense_and_sparse_side_by_side(params, prompts):

@@ -323,6 +323,8 @@ def test_bad_inputs_are_named():
         generate(cfg, params, [[1] * 12], max_new_tokens=8, max_len=16)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(cfg, params, [[1, cfg.vocab_size]])
+    with pytest.raises(ValueError, match="prompt 0: token id 1.5 .* is not an integer"):
+        generate(cfg, params, [[1.5, 2]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(cfg, params, [[1]], max_new_tokens=0)
     with pytest.raises(KeyError, match="unknown model preset 'llama-9'"):

@@ -203,6 +203,20 @@ def test_empty_text_is_refused(tmp_path, tiny):
         ev.eval_windows(tiny[0], np.arange(10), prefix=8, decode_len=8, max_tokens=100)
 
 
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_windows_past_the_context_are_refused_for_rope_models_too(tmp_path, name):
+    """A RoPE model runs past its max_positions without an index error, but what it computes there (router
+    data, perplexity) is extrapolation the model was never trained for: refused as for learned positions."""
+    cfg = preset(name)  # context 64
+    tokens = np.arange(1000) % cfg.vocab_size
+    assert ev.eval_windows(cfg, tokens, prefix=31, decode_len=32, max_tokens=100).shape[1] == 64
+    with pytest.raises(ValueError, match="windows of 65 tokens .* exceed the 64-token context"):
+        ev.eval_windows(cfg, tokens, prefix=32, decode_len=32, max_tokens=100)
+    with pytest.raises(ValueError, match="--seq-len 65 exceeds the 64-token context"):
+        collect(cfg, None, tokens, "test", tmp_path / "d", n_tokens=130, seq_len=65, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("frac", [0.0, -0.5, 1.5])
 def test_topk_outside_unit_interval_is_refused(tiny, frac):
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):

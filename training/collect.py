@@ -153,8 +153,8 @@ def collect(cfg: ModelConfig, params: dict, tokens: np.ndarray, source: str, out
     """
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (a prefill), got {seq_len}")
-    if cfg.positions == "learned" and seq_len > cfg.max_positions:
-        raise ValueError(f"--seq-len {seq_len} exceeds the {cfg.max_positions} learned positions of {cfg.name}")
+    if seq_len > cfg.max_positions:  # RoPE runs past it too, but the routers would learn extrapolation
+        raise ValueError(f"--seq-len {seq_len} exceeds the {cfg.max_positions}-token context of {cfg.name}")
     if n_tokens < seq_len:
         raise ValueError(f"--tokens {n_tokens} is less than one window of --seq-len {seq_len}")
     if batch < 1:

@@ -22,7 +22,7 @@ import jax
 
 from pallas_kernels.paged_attention.api import PAGE_SIZES
 from polar_jax.cache import PAGE_SIZE, page_bytes, pages_for
-from polar_jax.config import ModelConfig, check_head_dim
+from polar_jax.config import ModelConfig, check_head_dim, token_ids
 from polar_jax.engine.block_manager import BlockManager
 from polar_jax.engine.detokenizer import Detokenizer
 from polar_jax.engine.model_runner import Buckets, ModelRunner
@@ -184,7 +184,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids or load a model with one")
             return list(self.tokenizer.encode(prompt))
-        return [int(t) for t in prompt]
+        return token_ids(prompt)
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, attn_density: float | None = None) -> None:
@@ -201,7 +201,10 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}")
-        ids = self.encode(prompt)
+        try:
+            ids = self.encode(prompt)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary "
