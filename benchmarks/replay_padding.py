@@ -88,7 +88,7 @@ def replay(args, rule: str) -> dict:
             p, r = padded(batch.prefill)
             steps, real, pad, rows = steps + 1, real + sum(c.n for c in batch.prefill), pad + p, rows + r
         sched.advance(batch)
-        sched.apply(batch, {s.request_id: (5, None) for s, _ in batch.sampling})
+        sched.apply(batch, {s.request_id: (5, None, 5, None) for s, _ in batch.sampling})
     return {"rule": rule, "max_num_batched_tokens": budget, "prefill_steps": steps, "real_tokens": real,
             "padded_tokens": pad, "padded_per_real": pad / real, "gemm_rows": rows, "gemm_rows_per_real": rows / real}
 

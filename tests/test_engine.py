@@ -161,6 +161,31 @@ def test_logprobs_equal_the_models_log_softmax(params, prompts, batch_invariant)
     np.testing.assert_allclose(out.logprobs, want_out, rtol=1e-4, atol=1e-4)
 
 
+@jax.default_matmul_precision("highest")
+def test_top_logprobs_are_the_models_argmax_when_sampling_and_preempted(params, prompts):
+    """With logprobs and prompt_logprobs the engine reports the most likely token and its logprob at every
+    prompt and output position: the argmax and max of the model's log-softmax there, whatever was sampled,
+    also for sequences preempted and recomputed (the pool of test_preemption_keeps_greedy_outputs)."""
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, logprobs=True,
+                        prompt_logprobs=True)
+    done, preempted = run_staggered(engine(params, num_pages=13, max_model_len=96), prompts, sp, arrive_every=1)
+    assert preempted > 0, "the pool was meant to force preemption"
+    sampled_other = 0
+    for i, p in enumerate(prompts):
+        out = done[f"r{i}"]
+        seq = p + out.token_ids
+        logits, _, _ = forward(CFG, params, jnp.asarray([seq]), init_cache(CFG, 1, 128, jnp.float32))
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
+        assert out.prompt_top_logprobs[0] is None and len(out.prompt_top_logprobs) == len(p)
+        assert len(out.top_logprobs) == len(out.token_ids)
+        tops = out.prompt_top_logprobs[1:] + out.top_logprobs  # at positions 1 .. T - 1
+        want = logp[:len(seq) - 1]  # the distribution each of them was drawn from
+        assert [t for t, _ in tops] == want.argmax(-1).tolist(), f"request {i}"
+        np.testing.assert_allclose([lp for _, lp in tops], want.max(-1), rtol=1e-4, atol=1e-4)
+        sampled_other += sum(t != tok for (t, _), tok in zip(out.top_logprobs, out.token_ids))
+    assert sampled_other > 0, "temperature 1 was meant to sample tokens other than the most likely"
+
+
 def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     eng = engine(params, max_model_len=64)
     eng.add_request("good", prompts[0], GREEDY)

@@ -29,11 +29,16 @@ def seq(rid, prompt_len, eos=(EOS,), **params):
 
 
 def sampled_for(batch, token=fake_token):
-    """What a runner samples: decode sequences and chunks that reach the end of the known tokens."""
-    out = {s.request_id: (token(s.request_id, s.num_computed + 1), -0.5) for s in batch.decode}
+    """What a runner samples: decode sequences and chunks that reach the end of the known tokens (each the
+    most likely token too)."""
+    out = {}
+    for s in batch.decode:
+        tok = token(s.request_id, s.num_computed + 1)
+        out[s.request_id] = (tok, -0.5, tok, -0.5)
     for c in batch.prefill:
         if c.samples:
-            out[c.seq.request_id] = (token(c.seq.request_id, c.start + c.n), -0.25)
+            tok = token(c.seq.request_id, c.start + c.n)
+            out[c.seq.request_id] = (tok, -0.25, tok, -0.25)
     return out
 
 
@@ -352,16 +357,20 @@ def test_finish_reasons():
 def test_logprobs_recorded_only_when_asked():
     s = run_alone(seq(0, 3, max_tokens=4, logprobs=True, prompt_logprobs=True))
     assert len(s.output_logprobs) == len(s.output_token_ids) and None not in s.output_logprobs
+    assert [top for top, _ in s.output_top_logprobs] == s.output_token_ids  # sampled_for: the top-1 sampled
     s = run_alone(seq(0, 3, max_tokens=4))
     assert s.output_logprobs == [None] * len(s.output_token_ids) and s.prompt_logprobs is None
+    assert s.output_top_logprobs == [None] * len(s.output_token_ids) and s.prompt_top_logprobs is None
 
 
 def test_prompt_logprobs_across_chunks_and_preemption():
     s = Sequence(0, [5, 6, 7, 8, 9], SamplingParams(prompt_logprobs=True))
-    s.record_prompt_logprobs(0, [-1.0, -2.0])  # chunk [0, 2): tokens 1 and 2
-    s.record_prompt_logprobs(0, [-9.0, -9.0])  # recomputed after preemption: kept as first recorded
-    s.record_prompt_logprobs(2, [-3.0, -4.0, -5.0])  # chunk [2, 5): tokens 3, 4 (5 is not a prompt token)
+    s.record_prompt_logprobs(0, [-1.0, -2.0], [11, 12], [-0.1, -0.2])  # chunk [0, 2): tokens 1 and 2
+    s.record_prompt_logprobs(0, [-9.0, -9.0], [99, 99], [-9.0, -9.0])  # recomputed after preemption: kept
+    s.record_prompt_logprobs(2, [-3.0, -4.0, -5.0], [13, 14, 15], [-0.3, -0.4, -0.5])  # chunk [2, 5): tokens
+    # 3, 4 (5 is not a prompt token)
     assert s.prompt_logprobs == [None, -1.0, -2.0, -3.0, -4.0]
+    assert s.prompt_top_logprobs == [None, (11, -0.1), (12, -0.2), (13, -0.3), (14, -0.4)]
 
 
 def test_add_rejects_requests_that_can_never_run():

@@ -701,6 +701,24 @@ def test_streamed_text_offsets_run_on_across_chunks(client):
     assert offsets == np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
     assert offsets == client.completions.create(**kw).choices[0].logprobs.text_offset
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("logprobs", [0, 1])
+def test_logprobs_name_the_most_likely_token_at_every_generated_position(client, logprobs, stream):
+    """logprobs without echo: top_logprobs holds {the most likely token: its logprob} at each generated token
+    (it was null); greedy, that is the token generated, with the same logprob."""
+    kw = dict(model=MODEL, prompt="the fox", max_tokens=6, logprobs=logprobs, temperature=0,
+              extra_body={"ignore_eos": True})
+    if stream:
+        chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw) if c.choices]
+        tokens, lps, top = ([x for c in chunks for x in getattr(c, field)]
+                            for field in ("tokens", "token_logprobs", "top_logprobs"))
+    else:
+        got = client.completions.create(**kw).choices[0].logprobs
+        tokens, lps, top = got.tokens, got.token_logprobs, got.top_logprobs
+    assert len(tokens) == 6
+    assert top == [{tok: lp} for tok, lp in zip(tokens, lps)]
+
+
 def test_token_bytes_and_text_offsets_follow_characters_split_across_tokens():
     """Byte-level BPE splits an emoji into one token per byte: each token's `bytes` are its own (not those of
     U+FFFD, which decoding it alone gives), they join into the text's UTF-8, and each text_offset is where

@@ -27,9 +27,10 @@ have n_new = 0 (they write nothing, take no part in the MLP union) and point at 
 never hands out.
 
 The boundary to the host-side scheduler is `launch` (ScheduledBatch -> Launched, returns at once) and
-`collect` (Launched -> {request_id: (token, logprob)}, waits): the engine launches step n+1 before it
-collects step n, so the host's work of one step overlaps the device's of the other. Sampled tokens also
-stay on the device ([S] `last`, one slot per running sequence) for the next decode step to read.
+`collect` (Launched -> {request_id: (token, logprob, top token, top logprob)}, waits): the engine launches
+step n+1 before it collects step n, so the host's work of one step overlaps the device's of the other.
+Sampled tokens also stay on the device ([S] `last`, one slot per running sequence) for the next decode step
+to read.
 """
 
 from __future__ import annotations
@@ -186,20 +187,24 @@ def _unified_program(cfg: ModelConfig, max_new: int, params, k, v, last, tokens,
 def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, tokens, table, starts, offsets, n_new,
                               targets):
     """The packed prefill that also returns [S] log-probabilities of targets[s] (the token after packed
-    token s): all S logits are kept, so it runs only for chunks whose requests ask for prompt logprobs.
-    Returns the pools, logits [C, V] at each chunk's last token and the [S] log-probabilities."""
+    token s) and [S] most likely next tokens with theirs: all S logits are kept, so it runs only for chunks
+    whose requests ask for prompt logprobs. Returns the pools, logits [C, V] at each chunk's last token, the
+    targets' [S] log-probabilities, and the [S] argmax ids and [S] log-probabilities of the next token."""
     logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(*_pools(params, k, v), table, starts), offsets,
                                      n_new, max_new=max_new, all_logits=True)  # [S, V]
     final = logits[jnp.clip(offsets + n_new - 1, 0, tokens.shape[0] - 1)]  # [C, V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return raw_bits(k), raw_bits(v), final, jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
+    target_lp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return (raw_bits(k), raw_bits(v), final, target_lp, jnp.argmax(logp, axis=-1).astype(jnp.int32),
+            jnp.max(logp, axis=-1))
 
 
 def _sample_program(filtered: bool, last, logits, slots, temps, top_k, top_p, seeds, steps):
     """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
-    tokens [B], logprobs [B]). Its own program, so the model programs need no variant per `filtered`."""
-    tok, logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
-    return _keep(last, slots, tok), tok, logprob
+    tokens [B], logprobs [B], top_tokens [B], top_logprobs [B]) (see sample_rows). Its own program, so the
+    model programs need no variant per `filtered`."""
+    tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
+    return _keep(last, slots, tok), tok, logprob, top_tok, top_logprob
 
 
 # No HLO rematerialization in the engine's model programs. XLA's GPU compiler sets its memory limit from what
@@ -238,8 +243,9 @@ class StepRecord:
 
 @dataclasses.dataclass
 class Launched:
-    """A dispatched step: its batch, device results per program ([rows] tokens and logprobs, the sequence of
-    each row or None), prompt logprobs per prefill group that asked, and its StepRecord when recording."""
+    """A dispatched step: its batch, device results per program ([rows] tokens, logprobs, top tokens and top
+    logprobs, the sequence of each row or None), prompt logprobs and top-1s per prefill group that asked, and
+    its StepRecord when recording."""
 
     batch: ScheduledBatch
     results: list = dataclasses.field(default_factory=list)
@@ -344,10 +350,11 @@ class ModelRunner:
         return min(self.buckets.max_new, S)
 
     def _sample(self, logits, sample_args):
-        """Dispatch the sampler over logits [B, V]; sorts for top-k / top-p only when a row asks for it."""
+        """Dispatch the sampler over logits [B, V]; sorts for top-k / top-p only when a row asks for it.
+        Returns (tokens, logprobs, top tokens, top logprobs), [B] each."""
         filtered = needs_filter(*sample_args[1:4])  # temps, top_k, top_p
-        self.last, tok, lp = _SAMPLE(filtered, self.last, logits, *sample_args)
-        return tok, lp
+        self.last, *sampled = _SAMPLE(filtered, self.last, logits, *sample_args)
+        return sampled
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Compile every bucket's program before traffic; returns the seconds it took."""
@@ -373,7 +380,7 @@ class ModelRunner:
                 logits = jnp.zeros((shape, self.cfg.vocab_size), jnp.float32)
                 _, smp = self._decode_args([], shape)
                 for filtered in (False, True):
-                    self.last, _, _ = _SAMPLE(filtered, self.last, logits, *smp)
+                    self.last, *_ = _SAMPLE(filtered, self.last, logits, *smp)
             jax.block_until_ready((self.k, self.v, self.last))
             if progress:
                 progress(i + 1, len(shapes))
@@ -418,9 +425,9 @@ class ModelRunner:
         for group in with_logprobs:
             S = self.buckets.prefill_size(sum(c.n for c in group))
             p_fwd, p_smp = self._prefill_args(group, S)
-            self.k, self.v, logits, target_lp = _PREFILL_LOGPROBS(self.cfg, self._max_new(S), self.params, self.k,
-                                                                  self.v, *p_fwd, self._targets(group, S))
-            out.prompt.append((group, target_lp))
+            self.k, self.v, logits, *prompt = _PREFILL_LOGPROBS(self.cfg, self._max_new(S), self.params, self.k,
+                                                                self.v, *p_fwd, self._targets(group, S))
+            out.prompt.append((group, *prompt))  # target logprobs, top ids, top logprobs: [S] each
             out.results.append(([c.seq if c.samples else None for c in group], *self._sample(logits, p_smp)))
         if self.record:
             out.record = StepRecord(
@@ -432,25 +439,27 @@ class ModelRunner:
         self._in_flight += 1
         return out
 
-    def collect(self, launched: Launched) -> tuple[dict[str, tuple[int, float]], dict[str, np.ndarray]]:
-        """Wait for a launched step. Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob)}
-        for every decode row and every chunk that samples; prompt_logprobs {request_id: [n] logprobs of the
-        chunk's tokens after its first position} for chunks of requests that asked for them
-        (Sequence.record_prompt_logprobs)."""
+    def collect(self, launched: Launched) -> tuple[dict[str, tuple[int, float, int, float]],
+                                                   dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Wait for a launched step. Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob,
+        top token, top logprob)} for every decode row and every chunk that samples (the most likely token and
+        its logprob beside the sampled one's); prompt_logprobs {request_id: ([n] logprobs of the chunk's tokens
+        after its first position, [n] most likely tokens there, [n] their logprobs)} for chunks of requests
+        that asked for them (Sequence.record_prompt_logprobs)."""
         t_wait = time.perf_counter()
-        results = [(seqs, np.asarray(tok), np.asarray(lp)) for seqs, tok, lp in launched.results]
-        prompt = [(group, np.asarray(target_lp)) for group, target_lp in launched.prompt]
+        results = [(seqs, *map(np.asarray, arrays)) for seqs, *arrays in launched.results]
+        prompt = [(group, *map(np.asarray, arrays)) for group, *arrays in launched.prompt]
         now = time.perf_counter()
         sampled, prompt_lp = {}, {}
-        for seqs, tok, lp in results:
+        for seqs, tok, lp, top_tok, top_lp in results:
             for i, s in enumerate(seqs):
                 if s is not None:
-                    sampled[s.request_id] = (int(tok[i]), float(lp[i]))
-        for group, target_lp in prompt:
+                    sampled[s.request_id] = (int(tok[i]), float(lp[i]), int(top_tok[i]), float(top_lp[i]))
+        for group, *arrays in prompt:  # target logprobs, top ids, top logprobs: [S] each
             at = 0
             for c in group:  # packed back to back, as _prefill_args laid them out
                 if c.seq.params.prompt_logprobs:
-                    prompt_lp[c.seq.request_id] = target_lp[at: at + c.n]
+                    prompt_lp[c.seq.request_id] = tuple(a[at: at + c.n] for a in arrays)
                 at += c.n
         if launched.record is not None:  # the time since the step before it completed: device throughput
             launched.record.seconds, launched.record.wait_seconds = now - self._busy_since, now - t_wait

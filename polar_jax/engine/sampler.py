@@ -2,7 +2,8 @@
 
 A request's n-th token is drawn with the key fold_in(key(seed), n), so a seeded request reproduces its
 tokens whatever else shares its batch. Temperature 0 is greedy. logprob: the model's log-probability of
-the chosen token (log-softmax of the raw logits, before temperature and filtering).
+the chosen token (log-softmax of the raw logits, before temperature and filtering); beside it the most likely
+token of that distribution and its logprob (OpenAI's top_logprobs of one).
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ def needs_filter(temps, top_k, top_p) -> bool:
 
 
 def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                steps: jax.Array, *, filtered: bool = True) -> tuple[jax.Array, jax.Array]:
+                steps: jax.Array, *, filtered: bool = True
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [B, V] f32; temps, top_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B] int32.
 
     filtered (static): apply top-k / top-p; False skips the [B, V] sort, valid when no row needs it
     (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
     the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
-    Returns (tokens [B] int32, logprobs [B] f32).
+    Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B] int32, top_logprobs [B] f32): the sampled
+    tokens and their log-probabilities, and each row's most likely token (the argmax of the raw logits, the
+    greedy choice) and its log-probability; logprobs and top_logprobs come from one log-softmax of the raw
+    logits, so they are equal where the sampled token is the most likely.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -50,5 +55,6 @@ def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: ja
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
     drawn = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
     tokens = jnp.where(temps > 0, drawn, greedy)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs, greedy, jnp.max(logp, axis=-1)

@@ -154,6 +154,7 @@ class Scheduler:
         while seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
             seq.output_token_ids.pop()
             seq.output_logprobs.pop()
+            seq.output_top_logprobs.pop()
         return True
 
     def _release_slot(self, seq: Sequence) -> None:
@@ -248,6 +249,7 @@ class Scheduler:
             batch.sampling.append((seq, len(seq.output_token_ids)))
             seq.output_token_ids.append(PENDING)
             seq.output_logprobs.append(None)
+            seq.output_top_logprobs.append(None)
             p = seq.params
             if (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or \
                     seq.num_tokens >= self.config.max_model_len:
@@ -256,24 +258,26 @@ class Scheduler:
         return finished
 
     def apply(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
-        """Fill in the tokens of an advanced step. sampled: request_id -> (token_id, logprob or None) for every
-        entry of batch.sampling; prompt_logprobs (optional): request_id -> logprobs of the chunk's prompt
-        tokens after its first position (see Sequence.record_prompt_logprobs). A token in a sequence's EOS
-        or stop ids ends it with "stop" and drops any output after it (a step already in flight). Returns
-        the sequences that finished in this step (now, or by length in advance)."""
+        """Fill in the tokens of an advanced step. sampled: request_id -> (token_id, logprob or None, the most
+        likely token id, its logprob or None) for every entry of batch.sampling; prompt_logprobs (optional):
+        request_id -> (logprobs, most likely ids, their logprobs) of the chunk's prompt tokens after its first
+        position (see Sequence.record_prompt_logprobs). A token in a sequence's EOS or stop ids ends it with
+        "stop" and drops any output after it (a step already in flight). Returns the sequences that finished
+        in this step (now, or by length in advance)."""
         if prompt_logprobs:
             for c in batch.prefill:
                 if c.seq.request_id in prompt_logprobs and c.seq.finish_reason != "abort":
-                    c.seq.record_prompt_logprobs(c.start, prompt_logprobs[c.seq.request_id])
+                    c.seq.record_prompt_logprobs(c.start, *prompt_logprobs[c.seq.request_id])
         finished = []
         for seq, i in batch.sampling:
             if seq.finish_reason == "abort" or i >= len(seq.output_token_ids):
                 continue  # aborted, or past an EOS found in the step before
             if seq.request_id not in sampled:
                 raise KeyError(f"apply(): no sampled token for request {seq.request_id!r}")
-            token, logprob = sampled[seq.request_id]
+            token, logprob, top_token, top_logprob = sampled[seq.request_id]
             seq.output_token_ids[i] = int(token)
             seq.output_logprobs[i] = logprob if seq.params.logprobs else None
+            seq.output_top_logprobs[i] = (top_token, top_logprob) if seq.params.logprobs else None
             if seq.timings.first_token is None:
                 seq.timings.first_token = time.monotonic()
             p = seq.params
@@ -287,7 +291,7 @@ class Scheduler:
     def stop_at(self, seq: Sequence, i: int) -> None:
         """End seq with "stop" at output token i (an EOS, a stop token or the end of a stop string): outputs
         after it, sampled by a step already launched, are dropped."""
-        del seq.output_token_ids[i + 1:], seq.output_logprobs[i + 1:]
+        del seq.output_token_ids[i + 1:], seq.output_logprobs[i + 1:], seq.output_top_logprobs[i + 1:]
         if seq.is_finished:
             seq.finish_reason = "stop"
         else:
@@ -300,6 +304,8 @@ class Scheduler:
         slots = [seq.slot for seq in self.running]
         assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots), slots
         assert sorted(slots + self._free_slots) == list(range(self.config.max_num_seqs)), slots
+        for seq in self._live.values():
+            assert len(seq.output_logprobs) == len(seq.output_top_logprobs) == len(seq.output_token_ids), seq
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING, seq
             assert len(seq.pages) * z >= seq.num_computed, seq

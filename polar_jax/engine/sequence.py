@@ -50,8 +50,13 @@ class Sequence:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float | None] = []  # one per output token (None unless params.logprobs)
-        # Entry i is the logprob of prompt token i; entry 0 (no context) is None.
+        # One per output token: (the most likely token there, its logprob); None unless params.logprobs.
+        self.output_top_logprobs: list[tuple[int, float] | None] = []
+        # Entry i is the logprob of prompt token i, and the most likely token at i with its logprob; entry 0
+        # (no context) is None.
         self.prompt_logprobs: list[float | None] | None = [None] if self.params.prompt_logprobs else None
+        self.prompt_top_logprobs: list[tuple[int, float] | None] | None = \
+            [None] if self.params.prompt_logprobs else None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.pages: list[int] = []  # page ids in order: position s lives in pages[s // Z] at s % Z
@@ -93,14 +98,16 @@ class Sequence:
     def needs_prefill(self) -> bool:
         return self.num_computed < self.prefill_target
 
-    def record_prompt_logprobs(self, start: int, logprobs) -> None:
-        """logprobs[i]: of prompt token start + 1 + i, from a prefill chunk starting at `start`. Positions
-        already recorded (a preempted sequence's prompt computed again) are kept as they were."""
+    def record_prompt_logprobs(self, start: int, logprobs, top_ids, top_logprobs) -> None:
+        """logprobs[i]: of prompt token start + 1 + i, from a prefill chunk starting at `start`; top_ids[i],
+        top_logprobs[i]: the most likely token at that position and its logprob. Positions already recorded
+        (a preempted sequence's prompt computed again) are kept as they were."""
         if self.prompt_logprobs is None:
             return
-        for i, lp in enumerate(logprobs):
+        for i, (lp, top_id, top_lp) in enumerate(zip(logprobs, top_ids, top_logprobs)):
             pos = start + 1 + i
             if pos >= self.num_prompt_tokens:
                 break
             if pos == len(self.prompt_logprobs):
                 self.prompt_logprobs.append(None if lp is None else float(lp))
+                self.prompt_top_logprobs.append((int(top_id), float(top_lp)))

@@ -8,7 +8,6 @@ or wrong API key, 429 when the queue is full, 500 when the engine failed on the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from typing import AsyncIterator
@@ -25,7 +24,6 @@ from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
 from polar_jax.server.metrics import ServerMetrics
 from polar_jax.server.token_bytes import TextOffsets, TokenBytes
-from polar_jax.server.top_logprobs import prompt_top1
 
 
 class APIError(Exception):
@@ -156,7 +154,6 @@ class _API:
     def __init__(self, async_engine: AsyncEngine, engine: LLMEngine, model_name: str):
         self.async_engine, self.tokenizer, self.model_name = async_engine, engine.tokenizer, model_name
         self.token_bytes = TokenBytes(engine.tokenizer)
-        self.cfg, self.params = engine.cfg, engine.runner.params
         self.vocab_size, self.max_model_len = engine.cfg.vocab_size, engine.config.max_model_len
 
     # -- shared checks -----------------------------------------------------------------------------------
@@ -245,16 +242,10 @@ class _API:
                        for k, (ids, b) in enumerate(zip(ids_per_choice, budgets))]
         echo_only = [b == 0 for b in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
         index = {r[0]: k for k, r in enumerate(engine_reqs)}
-        tops = [None] * len(prompts)
-        if want_lp and body.echo:
-            loop = asyncio.get_running_loop()
-            tops = await asyncio.gather(*(loop.run_in_executor(None, prompt_top1, self.cfg, self.params, ids,
-                                                               self.max_model_len) for ids in ids_per_prompt))
-        tops = [t for t in tops for _ in range(n)]
         sub = await self._submit(engine_reqs)
         if body.stream:
-            return _sse(self._completion_stream(body, req_id, sub, ids_per_choice, prompt_tokens, index, echo_only,
-                                                tops), sub)
+            return _sse(self._completion_stream(body, req_id, sub, ids_per_choice, prompt_tokens, index, echo_only),
+                        sub)
         try:
             final: dict[int, RequestOutput] = {}
             async for out in sub.outputs(request.is_disconnected):
@@ -275,11 +266,12 @@ class _API:
             logprobs = None
             if want_lp:
                 lps = [] if echo_only[i] else out.logprobs[:len(gen_ids)]
-                toks, top = gen_ids, None
+                tops = [] if echo_only[i] else out.top_logprobs[:len(gen_ids)]
+                toks = gen_ids
                 if body.echo:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
-                    top = self._top_entries(ids, gen_ids, lps, tops[i])
-                logprobs = self._completion_logprobs(toks, lps, top, TextOffsets(self.token_bytes, body.echo))
+                    tops = list(out.prompt_top_logprobs) + tops
+                logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo))
             choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
@@ -287,28 +279,19 @@ class _API:
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _completion_logprobs(self, token_ids, logprobs, top, where: TextOffsets) -> P.CompletionLogprobs:
+    def _completion_logprobs(self, token_ids, logprobs, tops, where: TextOffsets) -> P.CompletionLogprobs:
         """OpenAI's legacy logprobs: each token's text, its logprob, where it starts in the choice's text
-        (`where` carries the position across a stream's chunks) and, with echo, the most likely token at
-        each position (see _top_entries)."""
+        (`where` carries the position across a stream's chunks) and the most likely token at each position,
+        {its text: its logprob} from the engine's (token id, logprob) in tops (None at an echoed prompt's
+        first token). The engine takes both logprobs from one log-softmax, so where the most likely token is
+        the one there, a client comparing the two (lm-eval's is_greedy) sees them equal."""
         offsets = where.offsets(token_ids)
+        top_logprobs = [None if top is None else {self._token_str(top[0]): top[1]} for top in tops]
         return P.CompletionLogprobs(tokens=[self._token_str(t) for t in token_ids], token_logprobs=list(logprobs),
-                                    top_logprobs=top, text_offset=offsets)
+                                    top_logprobs=top_logprobs, text_offset=offsets)
 
-    def _top_entries(self, ids, gen_ids, logprobs, top) -> list[dict[str, float] | None]:
-        """top_logprobs for an echoed prompt ids + gen_ids with logprobs: {most likely token: its logprob} at
-        each prompt position after the first and at the first generated token (None where it is not known).
-        Where the most likely token is the one there, its logprob is the engine's own, so that a client
-        comparing the two (lm-eval's is_greedy) sees them equal."""
-        top_ids, top_lp = top
-        out: list[dict[str, float] | None] = [None]
-        for t, tok in enumerate((ids + gen_ids)[1:len(ids) + 1]):
-            best = int(top_ids[t])
-            out.append({self._token_str(best): logprobs[t + 1] if best == tok else float(top_lp[t])})
-        return out + [None] * (len(ids) + len(gen_ids) - len(out))
-
-    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, prompt_tokens: int, index, echo_only,
-                                 tops) -> AsyncIterator[str]:
+    async def _completion_stream(self, body, req_id, sub, ids_per_prompt, prompt_tokens: int, index, echo_only
+                                 ) -> AsyncIterator[str]:
         """ids_per_prompt: each choice's prompt (a prompt's n choices each have it); prompt_tokens: of the
         request's distinct prompts."""
         want_lp = body.logprobs is not None
@@ -320,24 +303,22 @@ class _API:
                 i = index[out.request_id]
                 if echo_only[i] and not out.finished:
                     continue
-                text, toks, lps, echoed = "", [], [], False
+                text, toks, lps, tops = "", [], [], []
                 if body.echo and i not in sent_echo:
                     sent_echo.add(i)
-                    text, toks, echoed = self._text(ids_per_prompt[i]), list(ids_per_prompt[i]), True
-                    lps = list(out.prompt_logprobs or [])
+                    text, toks = self._text(ids_per_prompt[i]), list(ids_per_prompt[i])
+                    lps, tops = list(out.prompt_logprobs or []), list(out.prompt_top_logprobs or [])
                 if not echo_only[i]:
                     text += out.new_text
                     toks += out.new_token_ids
                     if want_lp:
-                        lps += out.logprobs[len(out.token_ids) - len(out.new_token_ids):len(out.token_ids)]
+                        new = slice(len(out.token_ids) - len(out.new_token_ids), len(out.token_ids))
+                        lps += out.logprobs[new]
+                        tops += out.top_logprobs[new]
                     completion_tokens += len(out.new_token_ids)
                 finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
-                top = None
-                if want_lp and echoed:
-                    n = len(ids_per_prompt[i])
-                    top = self._top_entries(toks[:n], toks[n:], lps, tops[i])
                 logprobs = self._completion_logprobs(
-                    toks, lps, top, where.setdefault(i, TextOffsets(self.token_bytes, body.echo))) \
+                    toks, lps, tops, where.setdefault(i, TextOffsets(self.token_bytes, body.echo))) \
                     if want_lp else None
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()

@@ -112,7 +112,8 @@ class CompletionRequest(_Sampling):
     # A string, a list of token ids, or a list of either (one choice per prompt).
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: true / 1.0 are not token ids
     max_tokens: int | None = Field(16, ge=0, strict=True)  # strict: true is not 1
-    logprobs: int | None = Field(None, ge=0, le=1, strict=True)  # only the chosen token's logprob is available: 0 or 1
+    # The engine reports the chosen token's logprob and the most likely token's (top_logprobs): 0 or 1.
+    logprobs: int | None = Field(None, ge=0, le=1, strict=True)
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
