@@ -406,6 +406,10 @@ BAD = [
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                           "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 1}, 400,
+     "top_logprobs", "needs logprobs: true"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                          "top_logprobs": 2}, 400, "top_logprobs", "less than or equal to 1"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages.0.role", "system"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a" * 130}]}, 400, "messages",
@@ -815,3 +819,19 @@ def test_sparsity_metrics_describe_the_selecting_layers_and_calibrated_tables():
     assert info == {"{1: [512, 384], 8: [512, 256]}"}
     assert ServerMetrics("m", SparsityConfig(attn="random", attn_density=0.25)).registry.get_sample_value(
         "polar_attn_density") == 0.25
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_top_logprobs_name_the_most_likely_token(client, stream):
+    """Chat's top_logprobs 1 (refused before): at each generated token the most likely one with its logprob and
+    bytes; greedy, that is the token itself (top_logprobs without logprobs: the bad-input table)."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count: one, two"}], max_tokens=5, temperature=0,
+              logprobs=True, top_logprobs=1)
+    if stream:
+        content = [x for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                   for x in c.choices[0].logprobs.content]
+    else:
+        content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) == 5
+    for x in content:
+        assert [(t.token, t.logprob, t.bytes) for t in x.top_logprobs] == [(x.token, x.logprob, x.bytes)]

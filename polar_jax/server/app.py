@@ -368,18 +368,21 @@ class _API:
         finally:
             sub.close()
         choices = [P.ChatChoice(index=j, message=P.ChatResponseMessage(content=out.text),
-                                logprobs=self._chat_logprobs(out.token_ids, out.logprobs) if body.logprobs else None,
+                                logprobs=self._chat_logprobs(body, out.token_ids, out.logprobs, out.top_logprobs)
+                                if body.logprobs else None,
                                 finish_reason=out.finish_reason) for j, out in sorted(final.items())]
         completion_tokens = sum(len(out.token_ids) for out in final.values())
         usage = P.Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                         total_tokens=len(ids) + completion_tokens)
         return P.ChatCompletionResponse(id=req_id, model=self.model_name, choices=choices, usage=usage)
 
-    def _chat_logprobs(self, token_ids, logprobs) -> P.ChatChoiceLogprobs:
-        content = []
-        for t, lp in zip(token_ids, logprobs):
-            content.append(P.ChatLogprob(token=self._token_str(t), logprob=lp,
-                                         bytes=list(self.token_bytes.bytes_of(t))))
+    def _chat_logprobs(self, body, token_ids, logprobs, tops) -> P.ChatChoiceLogprobs:
+        """Each token's logprob; with top_logprobs 1 also the most likely token there (tops: (id, logprob))."""
+        def entry(t, lp) -> dict:
+            return dict(token=self._token_str(t), logprob=lp, bytes=list(self.token_bytes.bytes_of(t)))
+
+        content = [P.ChatLogprob(**entry(t, lp), top_logprobs=[entry(*top)] if body.top_logprobs else [])
+                   for t, lp, top in zip(token_ids, logprobs, tops)]
         return P.ChatChoiceLogprobs(content=content)
 
     async def _chat_stream(self, body, req_id, sub, prompt_tokens: int, index: dict[str, int]
@@ -397,7 +400,8 @@ class _API:
                 tokens[j] = len(out.token_ids)
                 lp = None
                 if body.logprobs:
-                    lp = self._chat_logprobs(out.new_token_ids, out.logprobs[-len(out.new_token_ids):])
+                    new = len(out.new_token_ids)
+                    lp = self._chat_logprobs(body, out.new_token_ids, out.logprobs[-new:], out.top_logprobs[-new:])
                 yield chunk(j, P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp)
             if body.include_usage:
                 completion_tokens = sum(tokens)

@@ -141,7 +141,14 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob is available
+    top_logprobs: int | None = Field(None, ge=0, le=1)  # the engine reports the most likely token (1) only
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     @property
     def wanted_tokens(self) -> int | None:
