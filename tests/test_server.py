@@ -381,14 +381,18 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "a" * 128, "max_tokens": None}, 400, "prompt",
      "fills the context length 128: no room to generate"),  # was 200 with an empty text
     ("completions", {"model": MODEL, "prompt": [5, 103]}, 400, "prompt", "outside the vocabulary"),
-    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
+    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "the prompt is empty"),
+    ("completions", {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt", "prompt 1 is empty"),  # which one
+    ("completions", {"model": MODEL, "prompt": [[5], [7, 10**6]]}, 400, "prompt", "prompt 1: token id 1000000 is"),
     ("completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than"),
     ("completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     ("completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k", "greater than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "greater than or equal"),
     ("completions", {"model": MODEL, "prompt": ["x", "y"], "n": 10**4}, 400, None, "20000 sequences (prompts times n)"),
-    ("completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", "stop strings must be non-empty"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", "stop: stop strings must be non-empty"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop": list("abcde")}, 400, "stop",
+     "stop: at most 4 stop strings (5 given), got ['a',"),
     ("completions", {"model": MODEL}, 400, "prompt", "required"),
     # a field whose name starts like a union alternative's tag ("str") was not named
     ("completions", {"model": MODEL, "prompt": "x", "stream": "maybe"}, 400, "stream", "valid boolean"),

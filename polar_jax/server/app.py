@@ -142,6 +142,8 @@ def _validation_response(errors) -> JSONResponse:
                                                                                           "function-"))]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+        msg = msg.removeprefix("Value error, ")
     if "input" in err and err.get("type") != "missing":
         got = repr(err["input"])
         msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
@@ -169,23 +171,25 @@ class _API:
             raise _bad("polar_attn_density is not supported by this engine", "polar_attn_density")
         return {"attn_density": body.polar_attn_density}
 
-    def _check_lengths(self, ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
-        """The output budget of one prompt (max_tokens, or what the context leaves when None)."""
+    def _check_lengths(self, ids: list[int], max_tokens: int | None, prompt_param: str, which: str = "the prompt"
+                       ) -> int:
+        """The output budget of one prompt (max_tokens, or what the context leaves when None). which: how the
+        messages name it ("prompt 2" in a list of prompts)."""
         if not ids:
-            raise _bad("the prompt is empty", prompt_param)
+            raise _bad(f"{which} is empty", prompt_param)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", prompt_param)
+            raise _bad(f"{which}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", prompt_param)
         if len(ids) > self.max_model_len:
-            raise _bad(f"the prompt has {len(ids)} tokens, more than the context length {self.max_model_len}",
+            raise _bad(f"{which} has {len(ids)} tokens, more than the context length {self.max_model_len}",
                        prompt_param, code="context_length_exceeded")
         if max_tokens is None:
             if len(ids) >= self.max_model_len:  # what is left is nothing: say so, not an empty completion
-                raise _bad(f"the prompt has {len(ids)} tokens, which fills the context length {self.max_model_len}:"
+                raise _bad(f"{which} has {len(ids)} tokens, which fills the context length {self.max_model_len}:"
                            " no room to generate", prompt_param, code="context_length_exceeded")
             return self.max_model_len - len(ids)
         if len(ids) + max_tokens > self.max_model_len:
-            raise _bad(f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens exceeds the context length "
+            raise _bad(f"max_tokens={max_tokens} with {which} of {len(ids)} tokens exceeds the context length "
                        f"{self.max_model_len}", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
@@ -230,7 +234,9 @@ class _API:
         for p in prompts:
             ids = list(self.tokenizer.encode(p)) if isinstance(p, str) else list(p)
             ids_per_prompt.append(ids)
-        budgets = [self._check_lengths(ids, body.max_tokens, "prompt") for ids in ids_per_prompt]
+        which = (lambda i: "the prompt") if len(ids_per_prompt) == 1 else (lambda i: f"prompt {i}")
+        budgets = [self._check_lengths(ids, body.max_tokens, "prompt", which(i))
+                   for i, ids in enumerate(ids_per_prompt)]
         prompt_tokens = sum(map(len, ids_per_prompt))  # once per prompt, however many choices it has
         want_lp = body.logprobs is not None
         req_id = P.new_id("cmpl")

@@ -96,7 +96,7 @@ class _Sampling(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+            raise ValueError(f"at most 4 stop strings ({len(stops)} given)")
         return stop
 
     @property
