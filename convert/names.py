@@ -76,7 +76,16 @@ class NameMap:
         if any(re.search(p, name) for p in self.ignore):
             return None
         raise ValueError(f"unexpected tensor {name!r}: the {self.format} name map has no entry for it "
-                         "(unsupported model variant?)")
+                         f"({self._why(name)})")
+
+    def _why(self, name: str) -> str:
+        """The likely reason a tensor has no entry, for the error message."""
+        if re.search(r"\.(qweight|qzeros|scales|g_idx|weight_scale\w*)$", name):
+            return "a quantized checkpoint (GPTQ / AWQ / FP8 tensors); polar converts unquantized weights only"
+        if any(rx.match(key) for key in ("model." + name, "model.decoder." + name) for rx, _, _ in self._compiled):
+            return ("the names lack the 'model.' prefix: a base model saved without its LM head? polar converts "
+                    "the ...ForCausalLM checkpoint")
+        return "unsupported model variant?"
 
     def source_name(self, path: str, layer: int | None, part: str | None = None) -> str:
         """The source tensor name that fills `path` (row `layer`, fused part `part`), for error messages."""

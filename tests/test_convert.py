@@ -392,6 +392,11 @@ def test_missing_and_unexpected_tensors(tmp_path):
         params_from_torch_state_dict(cfg, {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"})
     with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"):
         params_from_torch_state_dict(cfg, sd | {"model.layers.0.mlp.extra.weight": sd["model.norm.weight"]})
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.qweight'.*a quantized checkpoint"):
+        params_from_torch_state_dict(cfg, sd | {"model.layers.0.mlp.up_proj.qweight": sd["model.norm.weight"]})
+    base = {k.removeprefix("model."): v for k, v in sd.items() if k != "lm_head.weight"}  # LlamaModel's names
+    with pytest.raises(ValueError, match=r"unexpected tensor 'embed_tokens\.weight'.*lack the 'model\.' prefix"):
+        params_from_torch_state_dict(cfg, base)
     with pytest.raises(ValueError, match=r"'model\.layers\.3\.input_layernorm\.weight' is layer 3 .* 3 layers"):
         params_from_torch_state_dict(cfg, sd | {"model.layers.3.input_layernorm.weight": sd["model.norm.weight"]})
 
