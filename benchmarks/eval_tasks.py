@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import metadata
+from polar_jax.argtypes import positive_int
 from polar_jax.evals import data
 from polar_jax.evals.lm import PolarLM
 from polar_jax.evals.run import evaluate, markdown
@@ -47,14 +49,14 @@ def parse(argv):
     p.add_argument("--densities", default="0.6667",
                    help="without --routers: fractions of KV groups kept (default 0.6667 = 2 of 3)")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"head sources (default {','.join(SOURCES)})")
-    p.add_argument("--limit", type=int, help="first N items of each task (a quick run)")
-    p.add_argument("--batch-size", type=int, default=64, help="continuation rows per device call (default 64)")
+    p.add_argument("--limit", type=positive_int, help="first N items of each task (a quick run)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="continuation rows per device call (default 64)")
     p.add_argument("--hf", help="also run lm-eval's `hf` model on this GGUF file / transformers dir")
     p.add_argument("--hf-batch-sizes", default="64",
                    help="hf batch sizes: the first for the accuracy run, each for the throughput (default 64; "
                         "1 is lm-eval's own default, and adds a line comparing with it)")
     p.add_argument("--speed-task", help="task of the throughput comparison (default: arc_easy if present)")
-    p.add_argument("--speed-limit", type=int,
+    p.add_argument("--speed-limit", type=positive_int,
                    help="first N items of the speed task for the throughput comparison (default: --limit)")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     p.add_argument("--resume", action="store_true",
@@ -195,11 +197,30 @@ def resumed_runs(partial: Path, settings: dict) -> dict:
     differ (runs of another model, task set or limit must not mix into this table)."""
     if not partial.is_file():
         return {}
-    saved = json.loads(partial.read_text())
+    try:
+        saved = json.loads(partial.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"eval_tasks: {partial} is not valid JSON ({e.msg} at line {e.lineno}); delete it or "
+                         "drop --resume") from None
     if saved.get("settings") != settings:
         raise SystemExit(f"eval_tasks: {partial} holds runs made with other settings ({saved.get('settings')}); "
                          "delete it or drop --resume")
     return {r["label"]: r for r in saved["runs"]}
+
+
+def out_paths(out: Path) -> dict[str, Path]:
+    """The files of output prefix OUT: OUT.json, OUT.md, OUT.png and OUT.partial.json, each suffix appended
+    (a prefix with a dot, e.g. eval_0.5, keeps it)."""
+    return {kind: out.with_name(f"{out.name}.{suffix}") for kind, suffix in
+            (("json", "json"), ("md", "md"), ("png", "png"), ("partial", "partial.json"))}
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write text to path through a temporary file renamed over it: a run killed mid-write leaves the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -213,7 +234,8 @@ def main(argv=None) -> None:
     cfg, params, tok = load(Path(args.model))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.json")
+    files = out_paths(out)
+    partial = files["partial"]
     settings = {"model": str(args.model), "tasks": tasks, "tasks_dir": str(folder), "limit": args.limit,
                 "routers": args.routers, "densities": args.densities, "sources": args.sources,
                 "batch_size": args.batch_size}
@@ -231,7 +253,7 @@ def main(argv=None) -> None:
         runs.append({"label": label, "source": source, "density": density,
                      "results": evaluate(lm, tasks, folder, limit=args.limit)})
         print(f"   {runs[-1]['results']['_timing']['seconds']:.1f} s (compilation included)", flush=True)
-        partial.write_text(json.dumps({"settings": settings, "runs": runs}))  # what a run cut short leaves
+        write_whole(partial, json.dumps({"settings": settings, "runs": runs}))  # what a run cut short leaves
     hf, speed = None, None
     if args.hf:
         hf_batches = [int(b) for b in args.hf_batch_sizes.split(",")]
@@ -244,7 +266,7 @@ def main(argv=None) -> None:
             print("== hf", flush=True)
             hf = {"label": "lm-eval hf", "source": "hf", "density": 1.0, "settings": hf_settings,
                   "results": evaluate(hf_lm(loaded, hf_batches[0]), tasks, folder, limit=args.limit)}
-            partial.write_text(json.dumps({"settings": settings, "runs": runs + [hf]}))
+            write_whole(partial, json.dumps({"settings": settings, "runs": runs + [hf]}))
         task = args.speed_task or ("arc_easy" if "arc_easy" in tasks else tasks[0])
         speed_limit = args.speed_limit or args.limit
         print(f"== throughput on {task}: dense polar and hf, each a cold then a warm pass", flush=True)
@@ -295,9 +317,9 @@ def main(argv=None) -> None:
         md.append(f"\nParity: dense `polar` and lm-eval's `hf` agree on {same} of {total} per-item predictions "
                   f"(both in {meta['dtype']}).")
         md += speed_lines(speed)
-    paths = [out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")]
-    paths[0].write_text(json.dumps({"meta": meta, "runs": runs, "hf": hf, "speed": speed}, indent=1))
-    paths[1].write_text("\n".join(md) + "\n")
+    paths = [files["json"], files["md"], files["png"]]
+    write_whole(paths[0], json.dumps({"meta": meta, "runs": runs, "hf": hf, "speed": speed}, indent=1))
+    write_whole(paths[1], "\n".join(md) + "\n")
     plot(runs, tasks, paths[2])
     partial.unlink(missing_ok=True)
     print("\n".join(md))

@@ -271,6 +271,16 @@ def test_polar_tune_refuses_cpu_in_one_line(capsys):
     assert "\n" not in err and "--allow-cpu" in err and "'cpu'" in err
 
 
+def test_polar_tune_check_refuses_zero_reps_in_one_line(tmp_path, capsys):
+    """--reps 0 is named as the problem with --check too (it used to reach the tuner and end in a traceback
+    saying every candidate config failed)."""
+    table = tmp_path / "t.json"
+    table.write_text("{}")
+    assert polar(["tune", "--allow-cpu", "--check", str(table), "--reps", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--reps must be >= 1, got 0" in err
+
+
 def test_polar_tune_allow_cpu_end_to_end(dirs, tmp_path, monkeypatch, capsys):
     """Tiny preset in interpret mode: the table printed, --out in the shipped format, and that file used as
     the shipped table gives the kernels its configs."""

@@ -428,3 +428,40 @@ def test_model_time_counts_only_the_lm_request_methods():
     assert lm.loglikelihood_rolling([1]) == [-2.0]
     assert lm.generate_until([1]) == ["x"]
     assert 0.08 <= clock[0] < 0.15
+
+
+def _tasks_args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    add_tasks_command(parser.add_subparsers())
+    return parser.parse_args(["tasks", "--model", str(tmp_path / "no-model"), "--tasks-dir", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--tasks", "mine", "--attn-density", "0.5"], ValueError, "--attn-density 0.5 needs --attn-source"),
+    (["--tasks", "mine", "--attn-source", "oracle", "--attn-density", "1.5"], ValueError, r"in \(0, 1\], got 1.5"),
+    (["--tasks", "mine", "--sparsity", "missing.json"], FileNotFoundError, "sparsity config not found"),
+    (["--tasks", ","], data.TaskDataError, "no tasks named"),
+])
+def test_cli_checks_sparsity_and_task_flags_before_loading(tmp_path, extra, error, message):
+    """Each mistake is named in the CLI's own terms, not found after the weights load (here: instead of
+    'model directory not found')."""
+    write_jsonl(tmp_path / "mine.jsonl", [ROW])
+    args = _tasks_args(tmp_path, *extra)
+    with pytest.raises(error, match=message):
+        args.func(args)
+
+
+def test_cli_tasks_all_in_a_folder_without_tasks(tmp_path):
+    (tmp_path / "notes.txt").write_text("no task here")
+    args = _tasks_args(tmp_path, "--tasks", "all")
+    with pytest.raises(data.TaskDataError, match=f"--tasks all: no NAME.jsonl files in {tmp_path}"):
+        args.func(args)
+
+
+def test_yaml_tasks_without_a_folder_name_lm_evals_ways_to_give_one(monkeypatch):
+    """The YAML tasks run under lm_eval, which has no --tasks-dir: the error names what lm_eval does take."""
+    monkeypatch.delenv(data.ENV_DIR, raising=False)
+    with pytest.raises(data.TaskDataError) as e:
+        data.dataset(task_file="piqa.jsonl")
+    assert f"set {data.ENV_DIR}=DIR" in str(e.value) and "--metadata" in str(e.value)
+    assert "--tasks-dir" not in str(e.value)

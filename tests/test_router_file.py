@@ -128,6 +128,37 @@ def test_eval_tasks_resume_keeps_only_runs_of_the_same_settings(tmp_path):
         resumed_runs(partial, settings | {"limit": 50})
 
 
+def test_eval_tasks_out_prefix_keeps_its_dots(tmp_path):
+    """--out is a prefix: OUT.json etc. are appended, so prefixes that differ after a dot (densities, versions)
+    do not overwrite each other's files (Path.with_suffix would cut "eval_0.5" and "eval_0.6" to "eval_0")."""
+    from benchmarks.eval_tasks import out_paths
+
+    assert out_paths(tmp_path / "eval_tasks") == {
+        "json": tmp_path / "eval_tasks.json", "md": tmp_path / "eval_tasks.md", "png": tmp_path / "eval_tasks.png",
+        "partial": tmp_path / "eval_tasks.partial.json"}
+    a, b = out_paths(tmp_path / "eval_0.5"), out_paths(tmp_path / "eval_0.6")
+    assert a["json"] == tmp_path / "eval_0.5.json" and a["partial"] == tmp_path / "eval_0.5.partial.json"
+    assert not set(a.values()) & set(b.values())
+
+
+def test_eval_tasks_resume_names_a_damaged_partial_file(tmp_path):
+    from benchmarks.eval_tasks import resumed_runs
+
+    partial = tmp_path / "eval_tasks.partial.json"
+    partial.write_text('{"settings": {"model": "m"}, "runs": [{"lab')  # a run killed mid-write (before the fix)
+    with pytest.raises(SystemExit, match=f"{partial} is not valid JSON.*delete it or drop --resume"):
+        resumed_runs(partial, {"model": "m"})
+
+
+def test_eval_tasks_refuses_non_positive_limits(capsys):
+    from benchmarks.eval_tasks import parse
+
+    for flag in ("--limit", "--batch-size", "--speed-limit"):
+        with pytest.raises(SystemExit):
+            parse(["--model", "m", "--out", "o", flag, "0"])
+        assert f"{flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_eval_tasks_speed_lines_compare_with_hf_at_its_best_and_its_default():
     """The throughput lines: `polar` against `hf` at its faster batch size, and against batch size 1 (lm-eval's
     default) when that ran, in whole-pass and model-time requests/s."""

@@ -678,6 +678,55 @@ def test_bench_random_dataset_draws_like_the_engine_benchmarks_workload():
         parse_range("9:2", "--output-len")
 
 
+def _bench_args(*extra):
+    import argparse
+
+    from polar_jax.server.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    return parser.parse_args(["bench", "serve", "--url", "http://127.0.0.1:9", "--num-prompts", "1",
+                              "--input-len", "4", "--output-len", "2", *extra])
+
+
+def test_bench_serve_writes_out_into_a_new_folder_and_checks_outputs_first(tmp_path, monkeypatch):
+    """--out / --plot in a folder that does not exist yet are written (the folder made), not lost after the
+    run; an --out or --plot that cannot be written, or a --compare report that is missing, is refused before
+    any request leaves."""
+    from polar_jax.server import bench
+
+    calls = []
+
+    async def fake_run(url, items, rate, *args):
+        calls.append(rate)
+        return [bench.Result(ok=True, prompt_tokens=4, output_tokens=2, ttft=0.1, e2e=0.2, itl=[0.1])], 0.5
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    out, png = tmp_path / "new" / "sub" / "dense.json", tmp_path / "plots" / "lat.png"
+    args = _bench_args("--out", str(out), "--plot", str(png))
+    bench.bench_serve(args)
+    assert json.loads(out.read_text())["runs"][0]["completed"] == 1 and png.is_file()
+    (tmp_path / "afile").write_text("")
+    for extra, error, message in [
+        (["--out", str(tmp_path / "afile" / "r.json")], NotADirectoryError, "afile is a file"),
+        (["--plot", str(tmp_path / "new")], IsADirectoryError, "it is a directory"),
+        (["--plot", str(png), "--compare", str(tmp_path / "missing.json")], FileNotFoundError,
+         "--compare: no report .*missing.json"),
+    ]:
+        calls.clear()
+        with pytest.raises(error, match=message):
+            bench.bench_serve(_bench_args(*extra))
+        assert calls == []  # refused before the benchmark ran
+    # `polar bench plot` of that report into a new folder; a file that is no report is named
+    plot_args = _bench_args()
+    plot_args.results, plot_args.out = [str(out)], str(tmp_path / "more" / "both.png")
+    bench.bench_plot(plot_args)
+    assert (tmp_path / "more" / "both.png").is_file()
+    plot_args.results = [str(tmp_path / "afile")]
+    with pytest.raises(ValueError, match="afile is not a report of `polar bench serve`"):
+        bench.bench_plot(plot_args)
+
+
 def test_serve_flags_reach_the_engine(model_dir, tmp_path):
     """`polar serve --batch-invariant --max-num-batched-tokens N` builds an engine in that mode with that
     budget; with a sparse config the engine refuses, naming the conflict."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from polar_jax.argtypes import positive_int
+from polar_jax.evals import data
 
 
 def cmd_eval_tasks(args) -> None:
@@ -21,28 +23,61 @@ def cmd_eval_tasks(args) -> None:
     except ImportError as e:
         raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
     from polar_jax.checkpoint import check_writable
-    from polar_jax.evals import data
 
     folder = data.data_dir(args.tasks_dir)
-    names = data.available(folder) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-    for n in names:  # fail on a bad name before loading the model
-        data.task_file(n, folder)
-    if args.sparsity and (args.attn_source or args.attn_density is not None):
-        raise ValueError("pass either --sparsity JSON or --attn-source/--attn-density, not both")
+    names = _task_names(args.tasks, folder)  # every name checked before the model loads
+    sparsity = _sparsity(args)
     if args.out:
         check_writable(args.out)
-    lm = PolarLM(args.model, sparsity=args.sparsity, attn=args.attn_source, attn_density=args.attn_density,
-                 batch_size=args.batch_size, seed=args.seed)
+    lm = PolarLM(args.model, sparsity=sparsity, batch_size=args.batch_size, seed=args.seed)
     results = evaluate(lm, names, folder, limit=args.limit)
     table = markdown([{"label": "polar" + (" (sparse)" if lm.sparsity else " (dense)"), "results": results}])
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": "polar " + " ".join(sys.argv[1:]), "model": str(args.model), "limit": args.limit,
                 "sparsity": None if lm.sparsity is None else repr(lm.sparsity), "tasks_dir": str(folder)}
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {out}")
+        _write_json(Path(args.out), {"meta": meta, "results": results})
+        print(f"wrote {args.out}")
+
+
+def _task_names(spec: str, folder: Path) -> list[str]:
+    """The tasks --tasks names ('all': every NAME.jsonl of folder), each file checked to exist."""
+    if spec == "all":
+        names = data.available(folder)
+        if not names:
+            raise data.TaskDataError(f"--tasks all: no NAME.jsonl files in {folder}")
+    else:
+        names = list(dict.fromkeys(t.strip() for t in spec.split(",") if t.strip()))
+        if not names:
+            raise data.TaskDataError(f"no tasks named in --tasks {spec!r}: pass NAME[,NAME...] or 'all'")
+    for n in names:
+        data.task_file(n, folder)
+    return names
+
+
+def _sparsity(args):
+    """The SparsityConfig of --sparsity or --attn-source/--attn-density (None: dense), checked before the
+    model loads."""
+    from polar_jax.sparsity import SparsityConfig
+
+    if args.sparsity and (args.attn_source or args.attn_density is not None):
+        raise ValueError("pass either --sparsity JSON or --attn-source/--attn-density, not both")
+    if args.sparsity:
+        return SparsityConfig.from_json(args.sparsity)
+    if args.attn_source is None:
+        if args.attn_density is not None:
+            raise ValueError(f"--attn-density {args.attn_density} needs --attn-source router|oracle|random (the "
+                             "source of the kept KV groups); without it the run would be dense")
+        return None
+    return SparsityConfig(attn=args.attn_source, attn_density=1.0 if args.attn_density is None else args.attn_density)
+
+
+def _write_json(out: Path, obj) -> None:
+    """Write obj to out whole: into a temporary file beside it, then renamed over it (never half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, out)
 
 
 class _PrintIncludePath(argparse.Action):

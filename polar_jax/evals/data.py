@@ -147,6 +147,9 @@ def as_dataset(path: str | os.PathLike) -> dict:
 def dataset(task_file: str, evals_dir: str | None = None, **_metadata) -> dict:
     """lm-eval `custom_dataset` of the YAML tasks: FOLDER/task_file, FOLDER = --metadata's evals_dir, else
     $POLAR_EVALS_DIR. lm-eval passes the task's dataset_kwargs and --metadata as keywords."""
+    if evals_dir is None and not os.environ.get(ENV_DIR):  # lm_eval has no --tasks-dir: name what it takes
+        raise TaskDataError(f"no task-data folder for {task_file}: set {ENV_DIR}=DIR or pass lm_eval --metadata "
+                            "'{\"evals_dir\": \"DIR\"}' (a folder of NAME.jsonl files, e.g. the shared evals folder)")
     folder = data_dir(evals_dir)
     path = folder / task_file
     if not path.is_file():

@@ -239,6 +239,7 @@ def bench_serve(args) -> dict:
         items = random_tokens(args.num_prompts, input_len, output_len, args.vocab_size, args.seed)
     else:
         items = load_dataset(args.dataset, args.num_prompts, output_len[0])
+    compare = _check_outputs(args)  # before any request: a run's results are not lost to a bad path
     runs = []
     for rate in rates:
         results, duration = asyncio.run(run(args.url, items, rate, args.max_concurrency, args.model, args.api_key,
@@ -249,12 +250,37 @@ def bench_serve(args) -> dict:
     report = {"label": args.label, "url": args.url, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "runs": runs}
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
     if args.plot:
-        plot([report] + [json.loads(Path(f).read_text()) for f in args.compare or []], args.plot)
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot([report] + compare, args.plot)
         print(f"wrote {args.plot}")
     return report
+
+
+def _check_outputs(args) -> list[dict]:
+    """Refuse now an --out or --plot that cannot be written; read the --compare reports (returned)."""
+    from polar_jax.checkpoint import check_writable
+
+    for path in (args.out, args.plot):
+        if path:
+            check_writable(path)
+    return [read_report(f, "--compare") for f in args.compare or []]
+
+
+def read_report(path: str, flag: str) -> dict:
+    """A `polar bench serve` report (its JSON), or an error naming the flag and the file."""
+    try:
+        rep = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag}: no report {path}") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}: {path} is not a report of `polar bench serve` (not JSON: {e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("runs"), list):
+        raise ValueError(f"{flag}: {path} is not a report of `polar bench serve` (no 'runs' list)")
+    return rep
 
 
 def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one point per request rate)") -> None:
@@ -282,7 +308,11 @@ def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one
 
 
 def bench_plot(args) -> None:
-    reports = [json.loads(Path(f).read_text()) for f in args.results]
+    from polar_jax.checkpoint import check_writable
+
+    check_writable(args.out)
+    reports = [read_report(f, "polar bench plot") for f in args.results]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for f, rep in zip(args.results, reports):
         rep.setdefault("label", None)
         rep["label"] = rep["label"] or Path(f).stem
