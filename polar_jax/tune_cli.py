@@ -173,6 +173,10 @@ def cmd_tune(args) -> None:
     if args.update and not args.check:
         raise ValueError("--update rewrites the table given to --check; pass --check TABLE")
     if args.check:
+        ignored = [f"--{k.replace('_', '-')}" for k, d in KEY_FLAGS.items() if getattr(args, k) != d]
+        if ignored:
+            raise ValueError(f"--check re-tunes the keys TABLE holds, in TABLE: {', '.join(ignored)} would be "
+                             "ignored; drop them")
         return check_table(Path(args.check), args)
 
     groups = [g.strip() for g in args.kernels.split(",") if g.strip()]
@@ -222,6 +226,11 @@ def cmd_tune(args) -> None:
     print(f"wrote {len(results)} entries for {device!r} to {path}")
 
 
+# The flags that choose the keys to tune and where they go (defaults): --check takes its keys from its table.
+KEY_FLAGS = {"model": "llama-2-7b,llama-3-8b", "batch": "16,48,64", "ctx": 2048, "kernels": ",".join(KERNEL_GROUPS),
+             "mlp_density": "1", "dtype": "bf16", "out": None, "resume": False}
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("tune", help="time kernel configs for this GPU at a model's decode shapes (ahead of time)",
                        description="Time each kernel's candidate block configs at the shapes a model's "
@@ -229,17 +238,18 @@ def add_commands(sub) -> None:
                        "shape class): in the user cache ($POLAR_TUNE_DIR, else ~/.cache/polar-jax/tune), or "
                        "with --out in a file of the shipped-table format. The kernels read these entries in "
                        "place of their heuristics; POLAR_AUTOTUNE=1 tunes a missing key on first use instead.")
-    p.add_argument("--model", default="llama-2-7b,llama-3-8b", help="models, comma-separated: preset names, "
+    p.add_argument("--model", default=KEY_FLAGS["model"], help="models, comma-separated: preset names, "
                    "polar model directories or transformers model directories / config.json files (only the "
                    "shapes are read; default llama-2-7b,llama-3-8b)")
-    p.add_argument("--batch", default="16,48,64", help="batch sizes, comma-separated (default 16,48,64)")
-    p.add_argument("--ctx", type=int, default=2048, help="cache positions per sequence: the context the "
+    p.add_argument("--batch", default=KEY_FLAGS["batch"], help="batch sizes, comma-separated (default 16,48,64)")
+    p.add_argument("--ctx", type=int, default=KEY_FLAGS["ctx"], help="cache positions per sequence: the context the "
                    "contiguous cache holds, the engine's max_model_len for the paged one (default 2048)")
-    p.add_argument("--kernels", default=",".join(KERNEL_GROUPS),
+    p.add_argument("--kernels", default=KEY_FLAGS["kernels"],
                    help=f"kernel groups, comma-separated subset of {','.join(KERNEL_GROUPS)} (default all)")
-    p.add_argument("--mlp-density", default="1", help="MLP neuron densities to tune the MLP GEMMs at, "
-                   "comma-separated (default 1: dense)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation / cache dtype (default bf16)")
+    p.add_argument("--mlp-density", default=KEY_FLAGS["mlp_density"],
+                   help="MLP neuron densities to tune the MLP GEMMs at, comma-separated (default 1: dense)")
+    p.add_argument("--dtype", default=KEY_FLAGS["dtype"], choices=sorted(DTYPES),
+                   help="activation / cache dtype (default bf16)")
     p.add_argument("--out", help="write the entries to this file (shipped-table format, merged into it if it "
                    "exists) instead of the user cache")
     p.add_argument("--check", metavar="TABLE", help="instead: re-tune every key of TABLE (a shipped table of this "

@@ -281,6 +281,19 @@ def test_polar_tune_check_refuses_zero_reps_in_one_line(tmp_path, capsys):
     assert "\n" not in err and "--reps must be >= 1, got 0" in err
 
 
+@pytest.mark.parametrize("flags", [["--batch", "16"], ["--model", "tiny-llama-gqa", "--out", "x.json"],
+                                   ["--resume"]])
+def test_polar_tune_check_refuses_the_flags_it_would_ignore(tmp_path, capsys, flags):
+    """--check tunes the keys of its table: flags that choose other keys or another output are refused by name,
+    in one line, before anything is timed (they used to be ignored without a word)."""
+    table = tmp_path / "t.json"
+    table.write_text("{}")
+    assert polar(["tune", "--allow-cpu", "--check", str(table), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    named = [f for f in flags if f.startswith("--")]
+    assert "\n" not in err and f"{', '.join(named)} would be ignored" in err
+
+
 def test_polar_tune_allow_cpu_end_to_end(dirs, tmp_path, monkeypatch, capsys):
     """Tiny preset in interpret mode: the table printed, --out in the shipped format, and that file used as
     the shipped table gives the kernels its configs."""
