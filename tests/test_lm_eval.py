@@ -451,6 +451,19 @@ def test_cli_checks_sparsity_and_task_flags_before_loading(tmp_path, extra, erro
         args.func(args)
 
 
+def test_cli_checks_every_row_before_loading(tmp_path):
+    """A bad row deep in a task file is named before the weights load (the model path here does not exist);
+    past --limit it is not read."""
+    write_jsonl(tmp_path / "mine.jsonl", [dict(ROW, id=str(i)) for i in range(5)] + [dict(ROW, id="5", gold=7)])
+    args = _tasks_args(tmp_path, "--tasks", "mine")
+    with pytest.raises(data.TaskDataError, match=r"mine\.jsonl:6: gold 7 is not an index"):
+        args.func(args)
+    args = _tasks_args(tmp_path, "--tasks", "mine", "--limit", "5")
+    with pytest.raises(Exception) as e:
+        args.func(args)
+    assert not isinstance(e.value, data.TaskDataError)  # the five rows are fine: on to the (missing) model
+
+
 def test_cli_tasks_all_in_a_folder_without_tasks(tmp_path):
     (tmp_path / "notes.txt").write_text("no task here")
     args = _tasks_args(tmp_path, "--tasks", "all")

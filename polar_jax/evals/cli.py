@@ -26,6 +26,8 @@ def cmd_eval_tasks(args) -> None:
 
     folder = data.data_dir(args.tasks_dir)
     names = _task_names(args.tasks, folder)  # every name checked before the model loads
+    for n in names:  # and every row that will run (a bad row deep in a file would fail after the load)
+        data.read_task(data.task_file(n, folder), args.limit)
     sparsity = _sparsity(args)
     if args.out:
         check_writable(args.out)
