@@ -45,6 +45,10 @@ class GGUFSource:
         if "rope_freqs.weight" in self._tensors:
             raise ValueError(f"{self.path} has rope_freqs (LLaMA-3.1 RoPE scaling): not supported from GGUF; "
                              "convert the HF checkpoint instead")
+        experts = self._field("llama.expert_count")
+        if experts:
+            raise ValueError(f"{self.path} is a mixture-of-experts model (llama.expert_count={experts}): "
+                             "not supported")
         scaling = self._field("llama.rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise ValueError(f"unsupported GGUF RoPE scaling {scaling!r} in {self.path}")
@@ -62,6 +66,11 @@ class GGUFSource:
             vocab = len(tokens.data) if tokens is not None else None
         if vocab is None and "token_embd.weight" in self._tensors:
             vocab = int(self._tensors["token_embd.weight"].shape[-1])  # GGML order: [D, V]
+        head_dim = int(self._field("llama.attention.key_length", dim // heads))
+        rot = self._field("llama.rope.dimension_count")
+        if rot is not None and int(rot) != head_dim:  # llama.cpp refuses it too ("invalid n_rot")
+            raise ValueError(f"{self.path} rotates {int(rot)} of each head's {head_dim} dimensions "
+                             "(llama.rope.dimension_count): partial RoPE is not supported")
         eos = [self._field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         bos = self._field("tokenizer.ggml.bos_token_id")
         return ModelConfig(
@@ -70,7 +79,7 @@ class GGUFSource:
             n_kv_heads=int(self._field("llama.attention.head_count_kv", heads)),
             mlp_dim=int(need("llama.feed_forward_length")),
             max_positions=int(self._field("llama.context_length", 4096)),
-            head_dim=int(self._field("llama.attention.key_length", dim // heads)), norm="rms",
+            head_dim=head_dim, norm="rms",
             norm_eps=_clean_float(self._field("llama.attention.layer_norm_rms_epsilon", 1e-5)), positions="rope",
             rope_theta=_clean_float(self._field("llama.rope.freq_base", 10000.0)), activation="silu",
             gated_mlp=True, tie_embeddings="output.weight" not in self._tensors,
@@ -94,10 +103,17 @@ class GGUFSource:
 
     def write_tokenizer(self, dest: Path) -> None:
         """Rebuild the tokenizer from the file's tokenizer.* metadata and save it, chat template included."""
+        import tempfile
+
         import transformers
 
+        # transformers prefers tokenizer files in the GGUF's folder (tokenizer.json, tokenizer_config.json) to
+        # the file's own metadata: read the file from a folder that holds nothing else (a link to it).
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            with tempfile.TemporaryDirectory() as alone:
+                link = Path(alone) / self.path.name
+                link.symlink_to(self.path.resolve())
+                tok = transformers.AutoTokenizer.from_pretrained(alone, gguf_file=link.name)
         except Exception as e:
             raise ValueError(f"cannot build a tokenizer from {self.path}: {type(e).__name__}: {e}") from e
         template = self._field("tokenizer.chat_template")

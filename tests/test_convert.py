@@ -697,3 +697,118 @@ def test_converting_a_polar_model_directory_says_so(tmp_path, opt_src, capsys):
     assert capsys.readouterr().err == f"polar: error: {out} is already a polar model directory: LLM, polar " \
                                       "generate and polar serve load it as it is\n"
     assert_nothing_left(tmp_path, {"src", "out"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (g) GGUF files other than SmolLM2's: tiny ones written here the way llama.cpp's convert_hf_to_gguf.py does
+
+requires_gguf_package = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs the gguf package")
+
+
+def gguf_vocab(n: int) -> tuple[list[str], list[str]]:
+    """n byte-level BPE tokens (the last three special) and their merges."""
+    merges = ["Ġ t", "h e"]
+    tokens = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ"] + [m.replace(" ", "") for m in merges]
+    tokens = tokens[: n - 3] + [f"<extra_{i}>" for i in range(n - 3 - len(tokens))]
+    return tokens + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], merges
+
+
+def write_gguf(model, path: Path, ftype: str = "F32", rope_dims: int | None = None, experts: int = 0) -> Path:
+    """A llama GGUF of the transformers `model`: llama.* and tokenizer.ggml.* metadata, Q/K rows permuted."""
+    import gguf
+    from gguf.quants import quantize
+
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    head_dim = c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(rope_dims or head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if experts:
+        w.add_expert_count(experts)
+    tokens, merges = gguf_vocab(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 3) + [3] * 3)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    qtype = getattr(gguf.GGMLQuantizationType, ftype)
+
+    def add(name, x):
+        if x.ndim == 1 or ftype == "F32":  # norms stay F32, as llama.cpp keeps them
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, quantize(x, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        add("output.weight", sd["lm_head.weight"])
+    for l in range(c.num_hidden_layers):
+        p = f"model.layers.{l}."
+        add(f"blk.{l}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        add(f"blk.{l}.attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        add(f"blk.{l}.attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        add(f"blk.{l}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        add(f"blk.{l}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        add(f"blk.{l}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{l}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(f"blk.{l}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(f"blk.{l}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@requires_gguf_package
+@pytest.mark.parametrize("kind,ftype", [("llama-gqa-tied", "F32"), ("llama-untied", "F16")])
+def test_gguf_round_trip(tmp_path, kind, ftype):
+    model = hf_model(kind)
+    src = write_gguf(model, tmp_path / "tiny.gguf", ftype)
+    cfg, params, tok = read_model(convert_checkpoint(src, tmp_path / "out", dtype="fp32", progress=False))
+    want = from_hf_config(model.config.to_dict())
+    for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "head_dim", "rope_theta",
+              "tie_embeddings", "norm_eps"):
+        assert getattr(cfg, f) == getattr(want, f), f
+    expected = expected_params(cfg, model)
+    if ftype == "F16":  # the matrices are stored as float16, the norms as float32
+        f16 = lambda tree: {k: v if k.endswith("norm") else f16(v) if isinstance(v, dict)
+                            else v.astype(np.float16).astype(np.float32) for k, v in tree.items()}
+        expected = f16(expected)
+    assert_tree_equal(params, expected, np.float32)
+    assert cfg.eos_token_ids == (cfg.vocab_size - 1,) and tok.decode(tok.encode("the cat")) == "the cat"
+
+
+@requires_gguf_package
+def test_gguf_tokenizer_ignores_tokenizer_files_beside_it(tmp_path):
+    """The tokenizer comes from the file's metadata, not from another model's tokenizer files in its folder."""
+    src = write_gguf(hf_model("llama-gqa-tied"), tmp_path / "tiny.gguf")
+    import tokenizers
+
+    other = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]")))
+    other.save_pretrained(tmp_path)  # tokenizer.json + tokenizer_config.json of a 2-token model
+    _, _, tok = read_model(convert_checkpoint(src, tmp_path / "out", dtype="fp32", progress=False))
+    assert len(tok) == 101 and tok.decode(tok.encode("the cat")) == "the cat"
+
+
+@requires_gguf_package
+@pytest.mark.parametrize("kw,message", [
+    (dict(rope_dims=8), r"rotates 8 of each head's 16 dimensions .*partial RoPE is not supported"),
+    (dict(experts=4), r"mixture-of-experts model \(llama\.expert_count=4\): not supported"),
+])
+def test_gguf_unsupported_variants_are_refused(tmp_path, kw, message):
+    src = write_gguf(hf_model("llama-gqa-tied"), tmp_path / "tiny.gguf", **kw)
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert_nothing_left(tmp_path, {"tiny.gguf"})
