@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from benchmarks.common import metadata
 from polar_jax.argtypes import positive_int
 from polar_jax.evals import data
 from polar_jax.evals.lm import PolarLM
-from polar_jax.evals.run import evaluate, markdown
+from polar_jax.evals.run import evaluate, markdown, write_whole
 from polar_jax.sparsity import SparsityConfig
 
 SOURCES = ("router", "oracle", "random")
@@ -213,14 +212,6 @@ def out_paths(out: Path) -> dict[str, Path]:
     (a prefix with a dot, e.g. eval_0.5, keeps it)."""
     return {kind: out.with_name(f"{out.name}.{suffix}") for kind, suffix in
             (("json", "json"), ("md", "md"), ("png", "png"), ("partial", "partial.json"))}
-
-
-def write_whole(path: Path, text: str) -> None:
-    """Write text to path through a temporary file renamed over it: a run killed mid-write leaves the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from polar_jax.evals import data
 def cmd_eval_tasks(args) -> None:
     try:
         from polar_jax.evals.lm import PolarLM
-        from polar_jax.evals.run import evaluate, markdown
+        from polar_jax.evals.run import evaluate, markdown, write_whole
     except ImportError as e:
         raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
     from polar_jax.checkpoint import check_writable
@@ -38,7 +37,7 @@ def cmd_eval_tasks(args) -> None:
     if args.out:
         meta = {"command": "polar " + " ".join(sys.argv[1:]), "model": str(args.model), "limit": args.limit,
                 "sparsity": None if lm.sparsity is None else repr(lm.sparsity), "tasks_dir": str(folder)}
-        _write_json(Path(args.out), {"meta": meta, "results": results})
+        write_whole(args.out, json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"wrote {args.out}")
 
 
@@ -72,14 +71,6 @@ def _sparsity(args):
                              "source of the kept KV groups); without it the run would be dense")
         return None
     return SparsityConfig(attn=args.attn_source, attn_density=1.0 if args.attn_density is None else args.attn_density)
-
-
-def _write_json(out: Path, obj) -> None:
-    """Write obj to out whole: into a temporary file beside it, then renamed over it (never half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, out)
 
 
 class _PrintIncludePath(argparse.Action):
