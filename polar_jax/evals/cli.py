@@ -17,7 +17,7 @@ from polar_jax.evals import data
 
 def cmd_eval_tasks(args) -> None:
     try:
-        from polar_jax.evals.lm import PolarLM
+        from polar_jax.evals.lm import PolarLM, parse_sparsity
         from polar_jax.evals.run import evaluate, markdown, write_whole
     except ImportError as e:
         raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
@@ -27,7 +27,7 @@ def cmd_eval_tasks(args) -> None:
     names = _task_names(args.tasks, folder)  # every name checked before the model loads
     for n in names:  # and every row that will run (a bad row deep in a file would fail after the load)
         data.read_task(data.task_file(n, folder), args.limit)
-    sparsity = _sparsity(args)
+    sparsity = parse_sparsity(args.sparsity, args.attn_source, args.attn_density, names="flags")
     if args.out:
         check_writable(args.out)
     lm = PolarLM(args.model, sparsity=sparsity, batch_size=args.batch_size, seed=args.seed)
@@ -54,23 +54,6 @@ def _task_names(spec: str, folder: Path) -> list[str]:
     for n in names:
         data.task_file(n, folder)
     return names
-
-
-def _sparsity(args):
-    """The SparsityConfig of --sparsity or --attn-source/--attn-density (None: dense), checked before the
-    model loads."""
-    from polar_jax.sparsity import SparsityConfig
-
-    if args.sparsity and (args.attn_source or args.attn_density is not None):
-        raise ValueError("pass either --sparsity JSON or --attn-source/--attn-density, not both")
-    if args.sparsity:
-        return SparsityConfig.from_json(args.sparsity)
-    if args.attn_source is None:
-        if args.attn_density is not None:
-            raise ValueError(f"--attn-density {args.attn_density} needs --attn-source router|oracle|random (the "
-                             "source of the kept KV groups); without it the run would be dense")
-        return None
-    return SparsityConfig(attn=args.attn_source, attn_density=1.0 if args.attn_density is None else args.attn_density)
 
 
 class _PrintIncludePath(argparse.Action):

@@ -26,17 +26,25 @@ from polar_jax.evals.loglik import loglikelihood
 from polar_jax.sparsity import SparsityConfig, check_routers
 
 
-def _parse_sparsity(sparsity, attn: str | None, attn_density) -> SparsityConfig | None:
+# How the messages of parse_sparsity name its three inputs: lm-eval's model_args, or `polar eval tasks`' flags.
+_SPARSITY_NAMES = {"model_args": ("sparsity=JSON", "attn=SOURCE,attn_density=X", "attn_density={}", "attn="),
+                   "flags": ("--sparsity JSON", "--attn-source/--attn-density", "--attn-density {}", "--attn-source ")}
+
+
+def parse_sparsity(sparsity, attn: str | None, attn_density, names: str = "model_args") -> SparsityConfig | None:
+    """The SparsityConfig of `sparsity` (a config or its JSON path) or of attn + attn_density (None: dense);
+    errors name the inputs as `names` says ("model_args" or "flags")."""
+    whole, pair, density, source = _SPARSITY_NAMES[names]
     if sparsity is not None and (attn is not None or attn_density is not None):
-        raise ValueError("pass either sparsity=JSON or attn=SOURCE,attn_density=X, not both")
+        raise ValueError(f"pass either {whole} or {pair}, not both")
     if isinstance(sparsity, SparsityConfig):
         return sparsity
     if sparsity is not None:
         return SparsityConfig.from_json(sparsity)
     if attn is None:
         if attn_density is not None:
-            raise ValueError(f"attn_density={attn_density} needs attn=router|oracle|random (the source of the kept "
-                             "KV groups); without it the run would be dense")
+            raise ValueError(f"{density.format(attn_density)} needs {source}router|oracle|random (the source of the "
+                             "kept KV groups); without it the run would be dense")
         return None
     return SparsityConfig(attn=attn, attn_density=1.0 if attn_density is None else float(attn_density))
 
@@ -72,7 +80,7 @@ class PolarLM(TemplateLM):
             self.cfg, self.params, self.tokenizer = load(Path(model))
         if self.tokenizer is None:
             raise ValueError(f"{model} has no tokenizer files; lm-eval requests are text")
-        self.sparsity = _parse_sparsity(sparsity, attn, attn_density)
+        self.sparsity = parse_sparsity(sparsity, attn, attn_density)
         if self.sparsity is not None:
             where = "the model" if isinstance(model, tuple) else str(model)
             check_routers(self.cfg, self.params, self.sparsity, where=where)
