@@ -758,12 +758,26 @@ def test_streamed_text_offsets_run_on_across_chunks(client):
     assert offsets == np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
     assert offsets == client.completions.create(**kw).choices[0].logprobs.text_offset
 
+def _offline_tops(offline, loaded, ids, sp: SamplingParams) -> tuple[list, list]:
+    """The offline engine's answer to the same request: its tokens and its most likely tokens, each as
+    (text, logprob, bytes) as the server spells a token."""
+    from polar_jax.server.token_bytes import TokenBytes
+
+    tb = TokenBytes(loaded[2])
+    out = offline_one(offline, ids, sp)
+    spell = lambda t, lp: (tb.token_str(t), lp, list(tb.bytes_of(t)))  # noqa: E731
+    return ([spell(t, lp) for t, lp in zip(out.token_ids, out.logprobs)],
+            [spell(t, lp) for t, lp in out.top_logprobs])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("logprobs", [0, 1])
-def test_logprobs_name_the_most_likely_token_at_every_generated_position(client, logprobs, stream):
+def test_logprobs_name_the_most_likely_token_at_every_generated_position(client, offline, loaded, logprobs, stream):
     """logprobs without echo: top_logprobs holds {the most likely token: its logprob} at each generated token
-    (it was null); greedy, that is the token generated, with the same logprob."""
-    kw = dict(model=MODEL, prompt="the fox", max_tokens=6, logprobs=logprobs, temperature=0,
+    (it was null): the offline engine's top-1 for the same seeded request, sampled at temperature 1 so that it
+    is not always the token generated."""
+    prompt = "the fox"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, logprobs=logprobs, temperature=1.0, seed=3,
               extra_body={"ignore_eos": True})
     if stream:
         chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw) if c.choices]
@@ -772,8 +786,31 @@ def test_logprobs_name_the_most_likely_token_at_every_generated_position(client,
     else:
         got = client.completions.create(**kw).choices[0].logprobs
         tokens, lps, top = got.tokens, got.token_logprobs, got.top_logprobs
-    assert len(tokens) == 6
-    assert top == [{tok: lp} for tok, lp in zip(tokens, lps)]
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=True)
+    want, want_top = _offline_tops(offline, loaded, loaded[2].encode(prompt), sp)
+    assert list(zip(tokens, lps)) == [w[:2] for w in want]
+    assert top == [{t: lp} for t, lp, _ in want_top]
+    assert want != want_top  # some sampled token is not the most likely one
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_top_logprobs_name_the_most_likely_token(client, offline, loaded, stream):
+    """Chat's top_logprobs 1 (refused before): at each generated token the most likely one with its logprob and
+    bytes, the offline engine's top-1 for the same seeded request, sampled at temperature 1 so that it is not
+    always the token itself (top_logprobs without logprobs: the bad-input table)."""
+    messages = [{"role": "user", "content": "Count: one, two"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=4, logprobs=True, top_logprobs=1)
+    if stream:
+        content = [x for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                   for x in c.choices[0].logprobs.content]
+    else:
+        content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    ids = list(loaded[2].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    want, want_top = _offline_tops(offline, loaded, ids, SamplingParams(temperature=1.0, seed=4, max_tokens=5,
+                                                                        logprobs=True))
+    assert [(x.token, x.logprob, x.bytes) for x in content] == want
+    assert [[(t.token, t.logprob, t.bytes) for t in x.top_logprobs] for x in content] == [[w] for w in want_top]
+    assert want != want_top  # some sampled token is not the most likely one
 
 
 def test_token_bytes_and_text_offsets_follow_characters_split_across_tokens():
@@ -872,19 +909,3 @@ def test_sparsity_metrics_describe_the_selecting_layers_and_calibrated_tables():
     assert info == {"{1: [512, 384], 8: [512, 256]}"}
     assert ServerMetrics("m", SparsityConfig(attn="random", attn_density=0.25)).registry.get_sample_value(
         "polar_attn_density") == 0.25
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_chat_top_logprobs_name_the_most_likely_token(client, stream):
-    """Chat's top_logprobs 1 (refused before): at each generated token the most likely one with its logprob and
-    bytes; greedy, that is the token itself (top_logprobs without logprobs: the bad-input table)."""
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count: one, two"}], max_tokens=5, temperature=0,
-              logprobs=True, top_logprobs=1)
-    if stream:
-        content = [x for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
-                   for x in c.choices[0].logprobs.content]
-    else:
-        content = client.chat.completions.create(**kw).choices[0].logprobs.content
-    assert len(content) == 5
-    for x in content:
-        assert [(t.token, t.logprob, t.bytes) for t in x.top_logprobs] == [(x.token, x.logprob, x.bytes)]
