@@ -431,3 +431,15 @@ def test_l2_prefetch_probe_emits_its_prefetches():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"0,False": 0, "2,False": 2, "4,True": 4}
+
+
+def test_sampler_cost_times_the_engines_four_sampler_variants(tmp_path):
+    """benchmarks.sampler_cost calls the engine's own sampler program (its signature is the engine's) in every
+    variant it runs under traffic, and writes one record each."""
+    from benchmarks import sampler_cost
+
+    sampler_cost.main(["--vocab", "50", "--batch", "3", "--allow-cpu", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "sampler_cost.json").read_text())["records"]
+    assert [(r["vocab"], r["batch"], r["filtered"], r["top"]) for r in records] == \
+        [(50, 3, False, 1), (50, 3, False, 20), (50, 3, True, 1), (50, 3, True, 20)]
+    assert all(r["us"] > 0 for r in records)

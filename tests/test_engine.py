@@ -32,12 +32,13 @@ def engine(params, **kw):
 
 
 def run_staggered(eng, prompts, sp, arrive_every=2, sparsity_check=None):
-    """Add prompt i at step i * arrive_every; run to the end; {request id: output}; check pages every step."""
+    """Add prompt i at step i * arrive_every (with sp, or sp[i] for a list); run to the end; {request id:
+    output}; check pages every step."""
     done, step, preempted = {}, 0, 0
     while len(done) < len(prompts):
         if step % arrive_every == 0 and step // arrive_every < len(prompts):
             i = step // arrive_every
-            eng.add_request(f"r{i}", prompts[i], sp)
+            eng.add_request(f"r{i}", prompts[i], sp[i] if isinstance(sp, list) else sp)
         for out in eng.step():
             if out.finished:
                 done[out.request_id] = out
@@ -161,28 +162,46 @@ def test_logprobs_equal_the_models_log_softmax(params, prompts, batch_invariant)
     np.testing.assert_allclose(out.logprobs, want_out, rtol=1e-4, atol=1e-4)
 
 
+def assert_most_likely(tops, logp, n: int, where: str) -> None:
+    """tops ((id, logprob), ...) is the n most likely tokens of the log-softmax logp [V], most likely first (up
+    to near-ties: the engine's logits and the reference's differ in rounding)."""
+    assert len(tops) == n, where
+    ids = [t for t, _ in tops]
+    got = np.array([lp for _, lp in tops])
+    np.testing.assert_allclose(got, logp[ids], rtol=1e-4, atol=1e-4, err_msg=where)
+    assert len(set(ids)) == n and (np.diff(got) <= 1e-6).all(), where
+    rest = np.delete(logp, ids)
+    assert not n or got.min() >= rest.max() - 1e-4, f"{where}: a more likely token was left out"
+
+
 @jax.default_matmul_precision("highest")
-def test_top_logprobs_are_the_models_argmax_when_sampling_and_preempted(params, prompts):
-    """With logprobs and prompt_logprobs the engine reports the most likely token and its logprob at every
-    prompt and output position: the argmax and max of the model's log-softmax there, whatever was sampled,
-    also for sequences preempted and recomputed (the pool of test_preemption_keeps_greedy_outputs)."""
-    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, logprobs=True,
-                        prompt_logprobs=True)
-    done, preempted = run_staggered(engine(params, num_pages=13, max_model_len=96), prompts, sp, arrive_every=1)
+def test_top_logprobs_are_the_models_most_likely_tokens_when_sampling_and_preempted(params, prompts):
+    """With logprobs N and prompt_logprobs M the engine reports the N (M) most likely tokens and their logprobs
+    at every output (prompt) position: the top of the model's log-softmax there, most likely first, whatever
+    was sampled, also for sequences preempted and recomputed (the pool of test_preemption_keeps_greedy_outputs),
+    with requests asking for different counts (0 to 20, or none) sharing steps."""
+    counts = [(5, 3), (1, 1), (0, 20), (20, 0), (3, None)]  # (logprobs, prompt_logprobs) of request i
+    sps = [SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, logprobs=n, prompt_logprobs=m)
+           for n, m in (counts[i % len(counts)] for i in range(len(prompts)))]
+    done, preempted = run_staggered(engine(params, num_pages=13, max_model_len=96), prompts, sps, arrive_every=1)
     assert preempted > 0, "the pool was meant to force preemption"
     sampled_other = 0
     for i, p in enumerate(prompts):
-        out = done[f"r{i}"]
+        out, (n, m) = done[f"r{i}"], counts[i % len(counts)]
         seq = p + out.token_ids
         logits, _, _ = forward(CFG, params, jnp.asarray([seq]), init_cache(CFG, 1, 128, jnp.float32))
-        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
-        assert out.prompt_top_logprobs[0] is None and len(out.prompt_top_logprobs) == len(p)
-        assert len(out.top_logprobs) == len(out.token_ids)
-        tops = out.prompt_top_logprobs[1:] + out.top_logprobs  # at positions 1 .. T - 1
-        want = logp[:len(seq) - 1]  # the distribution each of them was drawn from
-        assert [t for t, _ in tops] == want.argmax(-1).tolist(), f"request {i}"
-        np.testing.assert_allclose([lp for _, lp in tops], want.max(-1), rtol=1e-4, atol=1e-4)
-        sampled_other += sum(t != tok for (t, _), tok in zip(out.top_logprobs, out.token_ids))
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]: row t is position t + 1's
+        if m is None:
+            assert out.prompt_logprobs is None and out.prompt_top_logprobs is None
+        else:
+            assert out.prompt_top_logprobs[0] is None and len(out.prompt_top_logprobs) == len(p)
+            for t in range(1, len(p)):
+                assert_most_likely(out.prompt_top_logprobs[t], logp[t - 1], m, f"request {i} prompt token {t}")
+        assert len(out.top_logprobs) == len(out.logprobs) == len(out.token_ids)
+        for j, tok in enumerate(out.token_ids):
+            assert_most_likely(out.top_logprobs[j], logp[len(p) - 1 + j], n, f"request {i} output {j}")
+            np.testing.assert_allclose(out.logprobs[j], logp[len(p) - 1 + j, tok], rtol=1e-4, atol=1e-4)
+            sampled_other += tok != logp[len(p) - 1 + j].argmax()
     assert sampled_other > 0, "temperature 1 was meant to sample tokens other than the most likely"
 
 
@@ -271,7 +290,7 @@ def test_programs_read_nothing_back_mid_step(params, program):
                                   *r._prefill_args([], S)[0])
     else:
         logits = jnp.zeros((4, CFG.vocab_size), jnp.float32)
-        lowered = mr._SAMPLE.lower(program == "sample_filtered", r.last, logits, *smp)
+        lowered = mr._SAMPLE.lower(program == "sample_filtered", 1, r.last, logits, *smp)
     hlo = lowered.as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
@@ -294,7 +313,7 @@ def test_programs_update_the_page_pool_in_place(params, program, sparse):
     elif program == "mixed":
         compiled = mr._MIXED.lower(CFG, sp, r._max_new(S), params, r.k, r.v, r.last, *decode, *prefill)
     else:
-        compiled = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), params, r.k, r.v, *prefill, r._targets([], S))
+        compiled = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), 1, params, r.k, r.v, *prefill, r._targets([], S))
     pool = "f32[" + ",".join(map(str, r.k.shape)) + "]"
     copies = [line for line in compiled.compile().as_text().splitlines() if f"= {pool}" in line and " copy(" in line]
     assert not copies, copies
@@ -323,7 +342,7 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
         lowered = mr._MIXED.lower(CFG, None, r._max_new(S), params, r.k, r.v, r.last, *decode,
                                   *r._prefill_args([], S)[0])
     elif program == "prefill_logprobs":
-        lowered = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), params, r.k, r.v, *r._prefill_args([], S)[0],
+        lowered = mr._PREFILL_LOGPROBS.lower(CFG, r._max_new(S), 1, params, r.k, r.v, *r._prefill_args([], S)[0],
                                              r._targets([], S))
     else:
         lowered = mr._UNIFIED.lower(CFG, r._max_new(S), params, r.k, r.v, r.last,

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from polar_jax.engine import (BlockManager, Detokenizer, SamplingParams, Scheduler, SchedulerConfig, Sequence,
@@ -34,11 +35,11 @@ def sampled_for(batch, token=fake_token):
     out = {}
     for s in batch.decode:
         tok = token(s.request_id, s.num_computed + 1)
-        out[s.request_id] = (tok, -0.5, tok, -0.5)
+        out[s.request_id] = (tok, -0.5, [tok, tok + 1], [-0.5, -0.75])
     for c in batch.prefill:
         if c.samples:
             tok = token(c.seq.request_id, c.start + c.n)
-            out[c.seq.request_id] = (tok, -0.25, tok, -0.25)
+            out[c.seq.request_id] = (tok, -0.25, [tok, tok + 1], [-0.25, -0.5])
     return out
 
 
@@ -357,20 +358,29 @@ def test_finish_reasons():
 def test_logprobs_recorded_only_when_asked():
     s = run_alone(seq(0, 3, max_tokens=4, logprobs=True, prompt_logprobs=True))
     assert len(s.output_logprobs) == len(s.output_token_ids) and None not in s.output_logprobs
-    assert [top for top, _ in s.output_top_logprobs] == s.output_token_ids  # sampled_for: the top-1 sampled
+    # sampled_for: the top-1 sampled, the second most likely its id + 1; logprobs=True asks for one of them
+    assert s.output_top_logprobs == [((t, lp),) for t, lp in zip(s.output_token_ids, s.output_logprobs)]
+    s = run_alone(seq(0, 3, max_tokens=4, logprobs=2))
+    assert s.output_top_logprobs == [((t, lp), (t + 1, lp - 0.25)) for t, lp in zip(s.output_token_ids,
+                                                                                     s.output_logprobs)]
+    s = run_alone(seq(0, 3, max_tokens=4, logprobs=0))  # each token's own logprob, no alternatives
+    assert None not in s.output_logprobs and s.output_top_logprobs == [()] * len(s.output_token_ids)
     s = run_alone(seq(0, 3, max_tokens=4))
     assert s.output_logprobs == [None] * len(s.output_token_ids) and s.prompt_logprobs is None
     assert s.output_top_logprobs == [None] * len(s.output_token_ids) and s.prompt_top_logprobs is None
 
 
 def test_prompt_logprobs_across_chunks_and_preemption():
-    s = Sequence(0, [5, 6, 7, 8, 9], SamplingParams(prompt_logprobs=True))
-    s.record_prompt_logprobs(0, [-1.0, -2.0], [11, 12], [-0.1, -0.2])  # chunk [0, 2): tokens 1 and 2
-    s.record_prompt_logprobs(0, [-9.0, -9.0], [99, 99], [-9.0, -9.0])  # recomputed after preemption: kept
-    s.record_prompt_logprobs(2, [-3.0, -4.0, -5.0], [13, 14, 15], [-0.3, -0.4, -0.5])  # chunk [2, 5): tokens
-    # 3, 4 (5 is not a prompt token)
+    s = Sequence(0, [5, 6, 7, 8, 9], SamplingParams(prompt_logprobs=2))
+    # The runner reports 3 most likely tokens a position (its program's count); the request asked for 2.
+    s.record_prompt_logprobs(0, [-1.0, -2.0], [[11, 1, 2], [12, 1, 2]], [[-0.1, -1, -2], [-0.2, -1, -2]])  # chunk
+    # [0, 2): tokens 1 and 2
+    s.record_prompt_logprobs(0, [-9.0, -9.0], [[99] * 3] * 2, [[-9.0] * 3] * 2)  # recomputed after preemption: kept
+    s.record_prompt_logprobs(2, [-3.0, -4.0, -5.0], [[13, 3, 4], [14, 3, 4], [15, 3, 4]],
+                             [[-0.3, -3, -4]] * 3)  # chunk [2, 5): tokens 3, 4 (5 is not a prompt token)
     assert s.prompt_logprobs == [None, -1.0, -2.0, -3.0, -4.0]
-    assert s.prompt_top_logprobs == [None, (11, -0.1), (12, -0.2), (13, -0.3), (14, -0.4)]
+    assert s.prompt_top_logprobs == [None, ((11, -0.1), (1, -1.0)), ((12, -0.2), (1, -1.0)), ((13, -0.3), (3, -3.0)),
+                                     ((14, -0.3), (3, -3.0))]
 
 
 def test_add_rejects_requests_that_can_never_run():
@@ -396,7 +406,12 @@ def test_add_rejects_requests_that_can_never_run():
     (dict(top_p=0.0), "SamplingParams.top_p must be in (0, 1]: got 0.0"),
     (dict(top_p=1.5), "SamplingParams.top_p must be in (0, 1]: got 1.5"),
     (dict(top_k=-2), "SamplingParams.top_k must be an int >= 0 (0: off): got -2"),
-    (dict(logprobs=5), "SamplingParams.logprobs must be a bool: got 5"),
+    (dict(logprobs=21), "SamplingParams.logprobs must be None or an int in [0, 20] (how many of the most likely "
+                        "tokens to report beside the chosen one): got 21"),
+    (dict(prompt_logprobs=-1), "SamplingParams.prompt_logprobs must be None or an int in [0, 20] (how many of the "
+                               "most likely tokens to report beside the chosen one): got -1"),
+    (dict(logprobs=1.0), "SamplingParams.logprobs must be None or an int in [0, 20] (how many of the most likely "
+                         "tokens to report beside the chosen one): got 1.0"),
     (dict(top_k=2.0), "SamplingParams.top_k must be an int >= 0 (0: off): got 2.0"),
     (dict(max_tokens=0), "SamplingParams.max_tokens must be None or an int >= 1: got 0"),
     (dict(seed="1"), "SamplingParams.seed must be None or an int: got '1'"),
@@ -418,8 +433,9 @@ def test_sampling_params_normalised():
     vllm = SamplingParams(stop=None, stop_token_ids=None, top_k=-1, logprobs=None, prompt_logprobs=0,
                           max_tokens=None)
     assert (vllm.stop, vllm.stop_token_ids, vllm.top_k, vllm.logprobs, vllm.prompt_logprobs, vllm.max_tokens) == \
-        ((), (), 0, False, False, None)
-    assert SamplingParams(logprobs=1).logprobs is True
+        ((), (), 0, None, 0, None)  # prompt_logprobs 0, as vLLM's: each token's own logprob, no alternatives
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(logprobs=False).logprobs) == (1, None)
+    assert type(SamplingParams(logprobs=np.int64(20)).logprobs) is int
 
 
 def test_max_tokens_none_runs_to_the_end_of_the_context():

@@ -185,7 +185,7 @@ def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, stream):
     """What lm-evaluation-harness's local-completions asks: the prompt's own logprobs (token ids in), and the
-    most likely token at each position."""
+    most likely token at each position beside the token itself."""
     cfg, params, tokenizer = loaded
     rng = np.random.default_rng(max_tokens)
     prompt = rng.integers(3, 60, 37).tolist()  # ordinary characters, two prefill chunks
@@ -210,10 +210,10 @@ def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, 
     np.testing.assert_allclose(got[1:len(prompt)], [logp[t - 1, prompt[t]] for t in range(1, len(prompt))],
                                rtol=1e-4, atol=1e-4)
     assert tokens[:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
-    for t in range(1, len(prompt) + max_tokens):  # the argmax of the position before, with its logprob
-        (best, lp), = top[t].items()
-        assert best == tokenizer.decode([int(logp[t - 1].argmax())])
-        assert lp == pytest.approx(logp[t - 1].max(), abs=1e-4)
+    for t in range(1, len(prompt) + max_tokens):  # the argmax of the position before, and the token itself
+        want = {tokenizer.decode([int(logp[t - 1].argmax())]): logp[t - 1].max(), tokens[t]: got[t]}
+        assert top[t].keys() == want.keys()
+        assert list(top[t].values()) == pytest.approx(list(want.values()), abs=1e-4)
     if max_tokens == 1:  # greedy: the generated token is the argmax of the last position
         assert got[-1] == pytest.approx(logp[-1].max(), abs=1e-4)
         assert text == tokenizer.decode(prompt) + tokenizer.decode([int(logp[-1].argmax())])
@@ -413,7 +413,8 @@ BAD = [
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 1}, 400,
      "top_logprobs", "needs logprobs: true"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
-                          "top_logprobs": 2}, 400, "top_logprobs", "less than or equal to 1"),
+                          "top_logprobs": 21}, 400, "top_logprobs", "less than or equal to 20"),
+    ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages.0.role", "system"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a" * 130}]}, 400, "messages",
@@ -759,23 +760,24 @@ def test_streamed_text_offsets_run_on_across_chunks(client):
     assert offsets == client.completions.create(**kw).choices[0].logprobs.text_offset
 
 def _offline_tops(offline, loaded, ids, sp: SamplingParams) -> tuple[list, list]:
-    """The offline engine's answer to the same request: its tokens and its most likely tokens, each as
-    (text, logprob, bytes) as the server spells a token."""
+    """The offline engine's answer to the same request: its tokens, each as (text, logprob, bytes) as the
+    server spells a token, and at each position the engine's most likely tokens spelled so."""
     from polar_jax.server.token_bytes import TokenBytes
 
     tb = TokenBytes(loaded[2])
     out = offline_one(offline, ids, sp)
     spell = lambda t, lp: (tb.token_str(t), lp, list(tb.bytes_of(t)))  # noqa: E731
     return ([spell(t, lp) for t, lp in zip(out.token_ids, out.logprobs)],
-            [spell(t, lp) for t, lp in out.top_logprobs])
+            [[spell(t, lp) for t, lp in top] for top in out.top_logprobs])
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("logprobs", [0, 1])
-def test_logprobs_name_the_most_likely_token_at_every_generated_position(client, offline, loaded, logprobs, stream):
-    """logprobs without echo: top_logprobs holds {the most likely token: its logprob} at each generated token
-    (it was null): the offline engine's top-1 for the same seeded request, sampled at temperature 1 so that it
-    is not always the token generated."""
+@pytest.mark.parametrize("logprobs", [0, 1, 4])
+def test_logprobs_name_the_most_likely_tokens_at_every_generated_position(client, offline, loaded, logprobs, stream):
+    """logprobs N without echo: top_logprobs holds {token: logprob} of the N most likely tokens and of the
+    token itself at each generated token (OpenAI's "up to logprobs + 1"; it was null, then the top-1 only): the
+    offline engine's for the same seeded request, sampled at temperature 1 so that the token is not always
+    the most likely one."""
     prompt = "the fox"
     kw = dict(model=MODEL, prompt=prompt, max_tokens=6, logprobs=logprobs, temperature=1.0, seed=3,
               extra_body={"ignore_eos": True})
@@ -786,20 +788,23 @@ def test_logprobs_name_the_most_likely_token_at_every_generated_position(client,
     else:
         got = client.completions.create(**kw).choices[0].logprobs
         tokens, lps, top = got.tokens, got.token_logprobs, got.top_logprobs
-    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=True)
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=4)
     want, want_top = _offline_tops(offline, loaded, loaded[2].encode(prompt), sp)
     assert list(zip(tokens, lps)) == [w[:2] for w in want]
-    assert top == [{t: lp} for t, lp, _ in want_top]
-    assert want != want_top  # some sampled token is not the most likely one
+    assert top == [{t: lp for t, lp, _ in [*wt[:logprobs], w]} for w, wt in zip(want, want_top)]
+    assert any(w != wt[0] for w, wt in zip(want, want_top))  # some sampled token is not the most likely one
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_top_logprobs_name_the_most_likely_token(client, offline, loaded, stream):
-    """Chat's top_logprobs 1 (refused before): at each generated token the most likely one with its logprob and
-    bytes, the offline engine's top-1 for the same seeded request, sampled at temperature 1 so that it is not
-    always the token itself (top_logprobs without logprobs: the bad-input table)."""
+@pytest.mark.parametrize("top_logprobs", [None, 1, 5])
+def test_chat_top_logprobs_name_the_most_likely_tokens(client, offline, loaded, top_logprobs, stream):
+    """Chat's top_logprobs N (refused above 1 before): at each generated token the N most likely ones with
+    their logprobs and bytes, most likely first, the offline engine's for the same seeded request, sampled at
+    temperature 1 so that they are not always led by the token itself (top_logprobs without logprobs: the
+    bad-input table)."""
     messages = [{"role": "user", "content": "Count: one, two"}]
-    kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=4, logprobs=True, top_logprobs=1)
+    kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=4, logprobs=True,
+              **({} if top_logprobs is None else {"top_logprobs": top_logprobs}))
     if stream:
         content = [x for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
                    for x in c.choices[0].logprobs.content]
@@ -807,10 +812,11 @@ def test_chat_top_logprobs_name_the_most_likely_token(client, offline, loaded, s
         content = client.chat.completions.create(**kw).choices[0].logprobs.content
     ids = list(loaded[2].apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
     want, want_top = _offline_tops(offline, loaded, ids, SamplingParams(temperature=1.0, seed=4, max_tokens=5,
-                                                                        logprobs=True))
+                                                                        logprobs=5))
     assert [(x.token, x.logprob, x.bytes) for x in content] == want
-    assert [[(t.token, t.logprob, t.bytes) for t in x.top_logprobs] for x in content] == [[w] for w in want_top]
-    assert want != want_top  # some sampled token is not the most likely one
+    n = top_logprobs or 0
+    assert [[(t.token, t.logprob, t.bytes) for t in x.top_logprobs] for x in content] == [wt[:n] for wt in want_top]
+    assert any(w != wt[0] for w, wt in zip(want, want_top))  # some sampled token is not the most likely one
 
 
 def test_token_bytes_and_text_offsets_follow_characters_split_across_tokens():

@@ -58,11 +58,12 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
-    logprobs: list[float] | None  # of each output token (SamplingParams.logprobs)
-    top_logprobs: list[tuple[int, float]] | None  # (the most likely token, its logprob) at each output token
+    logprobs: list[float] | None  # of each output token (SamplingParams.logprobs not None)
+    # At each output token the SamplingParams.logprobs most likely tokens, ((token, logprob), ...) most likely first
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None
     prompt_logprobs: list[float | None] | None  # of each prompt token, None for the first
-    prompt_top_logprobs: list[tuple[int, float] | None] | None  # (the most likely token, its logprob) at each
-    # prompt token, None for the first (SamplingParams.prompt_logprobs)
+    # At each prompt token the SamplingParams.prompt_logprobs most likely tokens as above, None for the first
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
@@ -280,8 +281,8 @@ class LLMEngine:
             token_ids=seq.output_token_ids[: i + 1], text=detok.text if detok is not None else "",
             new_token_ids=[seq.output_token_ids[i]], new_text=delta, finished=finished,
             finish_reason=seq.finish_reason if finished else None,
-            logprobs=seq.output_logprobs[: i + 1] if seq.params.logprobs else None,
-            top_logprobs=seq.output_top_logprobs[: i + 1] if seq.params.logprobs else None,
+            logprobs=seq.output_logprobs[: i + 1] if seq.params.logprobs is not None else None,
+            top_logprobs=seq.output_top_logprobs[: i + 1] if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
             prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.prompt_top_logprobs is not None else None,
             arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish if finished else None,

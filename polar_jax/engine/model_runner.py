@@ -27,7 +27,7 @@ have n_new = 0 (they write nothing, take no part in the MLP union) and point at 
 never hands out.
 
 The boundary to the host-side scheduler is `launch` (ScheduledBatch -> Launched, returns at once) and
-`collect` (Launched -> {request_id: (token, logprob, top token, top logprob)}, waits): the engine launches
+`collect` (Launched -> {request_id: (token, logprob, top tokens, top logprobs)}, waits): the engine launches
 step n+1 before it collects step n, so the host's work of one step overlaps the device's of the other.
 Sampled tokens also stay on the device ([S] `last`, one slot per running sequence) for the next decode step
 to read.
@@ -46,7 +46,8 @@ import numpy as np
 from pallas_kernels.common import from_raw_bits, raw_bits
 from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
-from polar_jax.engine.sampler import needs_filter, sample_rows
+from polar_jax.engine.sampler import most_likely, needs_filter, sample_rows
+from polar_jax.engine.sampling_params import MAX_LOGPROBS
 from polar_jax.engine.scheduler import PrefillChunk, ScheduledBatch
 from polar_jax.engine.sequence import PENDING
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, Riders, forward, forward_packed
@@ -184,26 +185,27 @@ def _unified_program(cfg: ModelConfig, max_new: int, params, k, v, last, tokens,
     return raw_bits(k), raw_bits(v), logits
 
 
-def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, params, k, v, tokens, table, starts, offsets, n_new,
-                              targets):
+def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, top: int, params, k, v, tokens, table, starts,
+                              offsets, n_new, targets):
     """The packed prefill that also returns [S] log-probabilities of targets[s] (the token after packed
-    token s) and [S] most likely next tokens with theirs: all S logits are kept, so it runs only for chunks
-    whose requests ask for prompt logprobs. Returns the pools, logits [C, V] at each chunk's last token, the
-    targets' [S] log-probabilities, and the [S] argmax ids and [S] log-probabilities of the next token."""
+    token s) and the `top` most likely next tokens with theirs: all S logits are kept, so it runs only for
+    chunks whose requests ask for prompt logprobs. Returns the pools, logits [C, V] at each chunk's last token,
+    the targets' [S] log-probabilities, and the [S, top] ids and [S, top] log-probabilities of the most likely
+    next tokens (sampler.most_likely)."""
     logits, _, k, v = forward_packed(cfg, params, tokens, KVCache(*_pools(params, k, v), table, starts), offsets,
                                      n_new, max_new=max_new, all_logits=True)  # [S, V]
     final = logits[jnp.clip(offsets + n_new - 1, 0, tokens.shape[0] - 1)]  # [C, V]
     logp = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
     target_lp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-    return (raw_bits(k), raw_bits(v), final, target_lp, jnp.argmax(logp, axis=-1).astype(jnp.int32),
-            jnp.max(logp, axis=-1))
+    return raw_bits(k), raw_bits(v), final, target_lp, *most_likely(logp, top)
 
 
-def _sample_program(filtered: bool, last, logits, slots, temps, top_k, top_p, seeds, steps):
+def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k, top_p, seeds, steps):
     """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
-    tokens [B], logprobs [B], top_tokens [B], top_logprobs [B]) (see sample_rows). Its own program, so the
-    model programs need no variant per `filtered`."""
-    tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered)
+    tokens [B], logprobs [B], top_tokens [B, top], top_logprobs [B, top]) (see sample_rows). Its own program,
+    so the model programs need no variant per `filtered` or `top`."""
+    tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered,
+                                                     k=top)
     return _keep(last, slots, tok), tok, logprob, top_tok, top_logprob
 
 
@@ -219,14 +221,14 @@ _DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4),
                   compiler_options=ENGINE_COMPILER_OPTIONS)
 _MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
                  compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1), donate_argnums=(3, 4),
+_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
                             compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
 # Batch-invariant mode compiles without autotuning: each GEMM then takes the algorithm cuBLAS's heuristics pick
 # for its shape, the same in every engine of the process (timing noise could make two engines' autotuners
 # choose differently, and algorithms differ in their rounding).
 _UNIFIED = jax.jit(_unified_program, static_argnums=(0, 1), donate_argnums=(3, 4),
                    compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
-_SAMPLE = jax.jit(_sample_program, static_argnums=(0,), donate_argnums=(1,))
+_SAMPLE = jax.jit(_sample_program, static_argnums=(0, 1), donate_argnums=(2,))
 
 
 @dataclasses.dataclass
@@ -243,9 +245,9 @@ class StepRecord:
 
 @dataclasses.dataclass
 class Launched:
-    """A dispatched step: its batch, device results per program ([rows] tokens, logprobs, top tokens and top
-    logprobs, the sequence of each row or None), prompt logprobs and top-1s per prefill group that asked, and
-    its StepRecord when recording."""
+    """A dispatched step: its batch, device results per program (the sequence of each row or None; [rows]
+    tokens and logprobs, [rows, top] most likely tokens and their logprobs), prompt logprobs and most likely
+    tokens per prefill group that asked, and its StepRecord when recording."""
 
     batch: ScheduledBatch
     results: list = dataclasses.field(default_factory=list)
@@ -349,11 +351,17 @@ class ModelRunner:
     def _max_new(self, S: int) -> int:
         return min(self.buckets.max_new, S)
 
-    def _sample(self, logits, sample_args):
-        """Dispatch the sampler over logits [B, V]; sorts for top-k / top-p only when a row asks for it.
-        Returns (tokens, logprobs, top tokens, top logprobs), [B] each."""
+    def _top(self, seqs, field: str = "logprobs") -> int:
+        """How many most likely tokens a program reports for seqs (None: padding): 1 (an argmax) unless a
+        request asks for more, then the most any may ask (one more compiled variant, not one per count)."""
+        asked = max((getattr(s.params, field) or 0 for s in seqs if s is not None), default=0)
+        return 1 if asked <= 1 else min(MAX_LOGPROBS, self.cfg.vocab_size)
+
+    def _sample(self, logits, sample_args, seqs):
+        """Dispatch the sampler over logits [B, V] for rows seqs; sorts for top-k / top-p only when a row
+        asks for it. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
         filtered = needs_filter(*sample_args[1:4])  # temps, top_k, top_p
-        self.last, *sampled = _SAMPLE(filtered, self.last, logits, *sample_args)
+        self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args)
         return sampled
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
@@ -379,8 +387,8 @@ class ModelRunner:
             else:
                 logits = jnp.zeros((shape, self.cfg.vocab_size), jnp.float32)
                 _, smp = self._decode_args([], shape)
-                for filtered in (False, True):
-                    self.last, *_ = _SAMPLE(filtered, self.last, logits, *smp)
+                for filtered in (False, True):  # a request asking for top logprobs above 1 compiles its own
+                    self.last, *_ = _SAMPLE(filtered, 1, self.last, logits, *smp)
             jax.block_until_ready((self.k, self.v, self.last))
             if progress:
                 progress(i + 1, len(shapes))
@@ -394,8 +402,8 @@ class ModelRunner:
             self._busy_since = t0
         out = Launched(batch)
         groups = self._prefill_groups(batch.prefill)
-        with_logprobs = [g for g in groups
-                         if any(c.seq.params.prompt_logprobs and c.start < c.seq.num_prompt_tokens for c in g)]
+        with_logprobs = [g for g in groups if any(c.seq.params.prompt_logprobs is not None
+                                                  and c.start < c.seq.num_prompt_tokens for c in g)]
         plain = [g for g in groups if g not in with_logprobs]
         riders = batch.decode
         if self.batch_invariant:  # one unified call: decode rows as one-token chunks, then the chunks
@@ -405,12 +413,13 @@ class ModelRunner:
                 fwd, smp = self._prefill_args(units, S, n_decode=len(riders))
                 self.k, self.v, logits = _UNIFIED(self.cfg, self._max_new(S), self.params, self.k, self.v,
                                                   self.last, *fwd)
-                out.results.append(([u.seq if u.samples else None for u in units], *self._sample(logits, smp)))
+                rows = [u.seq if u.samples else None for u in units]
+                out.results.append((rows, *self._sample(logits, smp, rows)))
             riders, plain = [], []
         if riders and not plain:  # nothing to ride on: the decode program
             fwd, smp = self._decode_args(riders, self.buckets.decode_size(len(riders)))
             self.k, self.v, logits = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
-            out.results.append((riders, *self._sample(logits, smp)))
+            out.results.append((riders, *self._sample(logits, smp, riders)))
             riders = []
         for group in plain:
             d_fwd, d_smp = self._decode_args(riders, self.num_slots)
@@ -420,15 +429,17 @@ class ModelRunner:
                                             self.v, self.last, *d_fwd, *p_fwd)
             rows = (list(riders) + [None] * (self.num_slots - len(riders))
                     + [c.seq if c.samples else None for c in group])  # as the logits' rows: riders, then chunks
-            out.results.append((rows, *self._sample(logits, [np.concatenate(a) for a in zip(d_smp, p_smp)])))
+            out.results.append((rows, *self._sample(logits, [np.concatenate(a) for a in zip(d_smp, p_smp)], rows)))
             riders = []
         for group in with_logprobs:
             S = self.buckets.prefill_size(sum(c.n for c in group))
             p_fwd, p_smp = self._prefill_args(group, S)
-            self.k, self.v, logits, *prompt = _PREFILL_LOGPROBS(self.cfg, self._max_new(S), self.params, self.k,
-                                                                self.v, *p_fwd, self._targets(group, S))
-            out.prompt.append((group, *prompt))  # target logprobs, top ids, top logprobs: [S] each
-            out.results.append(([c.seq if c.samples else None for c in group], *self._sample(logits, p_smp)))
+            top = self._top([c.seq for c in group], "prompt_logprobs")
+            self.k, self.v, logits, *prompt = _PREFILL_LOGPROBS(self.cfg, self._max_new(S), top, self.params,
+                                                                self.k, self.v, *p_fwd, self._targets(group, S))
+            out.prompt.append((group, *prompt))  # target logprobs [S], top ids and their logprobs [S, top]
+            rows = [c.seq if c.samples else None for c in group]
+            out.results.append((rows, *self._sample(logits, p_smp, rows)))
         if self.record:
             out.record = StepRecord(
                 decode_rows=len(batch.decode),
@@ -439,26 +450,27 @@ class ModelRunner:
         self._in_flight += 1
         return out
 
-    def collect(self, launched: Launched) -> tuple[dict[str, tuple[int, float, int, float]],
+    def collect(self, launched: Launched) -> tuple[dict[str, tuple[int, float, np.ndarray, np.ndarray]],
                                                    dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         """Wait for a launched step. Returns (sampled, prompt_logprobs): sampled {request_id: (token, logprob,
-        top token, top logprob)} for every decode row and every chunk that samples (the most likely token and
-        its logprob beside the sampled one's); prompt_logprobs {request_id: ([n] logprobs of the chunk's tokens
-        after its first position, [n] most likely tokens there, [n] their logprobs)} for chunks of requests
-        that asked for them (Sequence.record_prompt_logprobs)."""
+        [top] most likely tokens, [top] their logprobs)} for every decode row and every chunk that samples;
+        prompt_logprobs {request_id: ([n] logprobs of the chunk's tokens after its first position, [n, top]
+        most likely tokens there, [n, top] their logprobs)} for chunks of requests that asked for them
+        (Sequence.record_prompt_logprobs)."""
         t_wait = time.perf_counter()
-        results = [(seqs, *map(np.asarray, arrays)) for seqs, *arrays in launched.results]
-        prompt = [(group, *map(np.asarray, arrays)) for group, *arrays in launched.prompt]
+        # One device_get: the copies of every program's results start together.
+        results, prompt = jax.device_get(([arrays for _, *arrays in launched.results],
+                                          [arrays for _, *arrays in launched.prompt]))
         now = time.perf_counter()
         sampled, prompt_lp = {}, {}
-        for seqs, tok, lp, top_tok, top_lp in results:
+        for (seqs, *_), (tok, lp, top_tok, top_lp) in zip(launched.results, results):
             for i, s in enumerate(seqs):
                 if s is not None:
-                    sampled[s.request_id] = (int(tok[i]), float(lp[i]), int(top_tok[i]), float(top_lp[i]))
-        for group, *arrays in prompt:  # target logprobs, top ids, top logprobs: [S] each
+                    sampled[s.request_id] = (int(tok[i]), float(lp[i]), top_tok[i], top_lp[i])
+        for (group, *_), arrays in zip(launched.prompt, prompt):  # target logprobs, top ids, top logprobs
             at = 0
             for c in group:  # packed back to back, as _prefill_args laid them out
-                if c.seq.params.prompt_logprobs:
+                if c.seq.params.prompt_logprobs is not None:
                     prompt_lp[c.seq.request_id] = tuple(a[at: at + c.n] for a in arrays)
                 at += c.n
         if launched.record is not None:  # the time since the step before it completed: device throughput

@@ -2,8 +2,8 @@
 
 A request's n-th token is drawn with the key fold_in(key(seed), n), so a seeded request reproduces its
 tokens whatever else shares its batch. Temperature 0 is greedy. logprob: the model's log-probability of
-the chosen token (log-softmax of the raw logits, before temperature and filtering); beside it the most likely
-token of that distribution and its logprob (OpenAI's top_logprobs of one).
+the chosen token (log-softmax of the raw logits, before temperature and filtering); beside it the k most likely
+tokens of that distribution and their logprobs (OpenAI's top_logprobs).
 """
 
 from __future__ import annotations
@@ -34,18 +34,29 @@ def needs_filter(temps, top_k, top_p) -> bool:
     return bool(((temps > 0) & ((top_k > 0) | (top_p < 1))).any())
 
 
+def most_likely(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k most likely tokens of each row of logp [N, V] and their values, most likely first (lowest id
+    first among equals): ids [N, k] int32, values [N, k]. k = 1 is an argmax, not a top-k: the common case,
+    and cheaper."""
+    if k == 1:
+        return jnp.argmax(logp, axis=-1).astype(jnp.int32)[:, None], jnp.max(logp, axis=-1)[:, None]
+    values, ids = jax.lax.top_k(logp, k)
+    return ids.astype(jnp.int32), values
+
+
 def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                steps: jax.Array, *, filtered: bool = True
+                steps: jax.Array, *, filtered: bool = True, k: int = 1
                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [B, V] f32; temps, top_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B] int32.
 
     filtered (static): apply top-k / top-p; False skips the [B, V] sort, valid when no row needs it
     (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
     the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
-    Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B] int32, top_logprobs [B] f32): the sampled
-    tokens and their log-probabilities, and each row's most likely token (the argmax of the raw logits, the
-    greedy choice) and its log-probability; logprobs and top_logprobs come from one log-softmax of the raw
-    logits, so they are equal where the sampled token is the most likely.
+    k (static): how many of the most likely tokens to report.
+    Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B, k] int32, top_logprobs [B, k] f32): the
+    sampled tokens and their log-probabilities, and each row's k most likely tokens (the first is the argmax
+    of the raw logits, the greedy choice) and their log-probabilities; logprobs and top_logprobs come from one
+    log-softmax of the raw logits, so they are equal where the sampled token is one of the most likely.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -57,4 +68,4 @@ def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: ja
     tokens = jnp.where(temps > 0, drawn, greedy)
     logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs, greedy, jnp.max(logp, axis=-1)
+    return tokens, logprobs, *most_likely(logp, k)

@@ -6,6 +6,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for at each position (vLLM's default max_logprobs)
+
 
 def _bad(field: str, rule: str, value) -> ValueError:
     return ValueError(f"SamplingParams.{field} {rule}: got {value!r}")
@@ -24,11 +26,12 @@ class SamplingParams:
     keeps every token); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
     shares its batch (not its heads under random head selection, which follow the engine's step). `stop` strings end the text (the stop string is not part of
     it); `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept.
-    `logprobs`: the log-probability of each sampled token; `prompt_logprobs`: of each prompt token after the
-    first. `max_tokens` None: until the context (max_model_len) ends.
+    `logprobs` N (as vLLM's): the log-probability of each sampled token and the N most likely tokens at its
+    position with theirs (0 <= N <= MAX_LOGPROBS; None: off); `prompt_logprobs` N: the same for each prompt
+    token after the first. `max_tokens` None: until the context (max_model_len) ends.
 
-    vLLM's spellings of "off" are taken as well: None for stop, stop_token_ids, logprobs and prompt_logprobs
-    (and 0 for the two logprobs fields), top_k -1.
+    vLLM's spellings of "off" are taken as well: None for stop and stop_token_ids, top_k -1. True for either
+    logprobs field means 1, False None.
     """
 
     temperature: float = 1.0
@@ -39,16 +42,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
-    prompt_logprobs: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        for name, off in (("stop", ()), ("stop_token_ids", ()), ("logprobs", False), ("prompt_logprobs", False)):
+        for name in ("stop", "stop_token_ids"):
             if getattr(self, name) is None:
-                object.__setattr__(self, name, off)
-        for name in ("logprobs", "prompt_logprobs"):  # vLLM's counts of top log-probs: 0 is the chosen token
-            if _is_int(getattr(self, name)) and getattr(self, name) in (0, 1):
-                object.__setattr__(self, name, bool(getattr(self, name)))
+                object.__setattr__(self, name, ())
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                object.__setattr__(self, name, 1 if value else None)
+            elif value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise _bad(name, f"must be None or an int in [0, {MAX_LOGPROBS}] (how many of the most likely "
+                                 "tokens to report beside the chosen one)", value)
+            elif value is not None:
+                object.__setattr__(self, name, int(value))
         if _is_int(self.top_k) and self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         # A single string is one stop string, not a sequence of one-character ones.
@@ -78,7 +87,6 @@ class SamplingParams:
             if not _is_int(i) or i < 0:
                 raise _bad("stop_token_ids", "must hold ints >= 0", i)
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
-        for name in ("ignore_eos", "logprobs", "prompt_logprobs"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, "must be a bool", getattr(self, name))
+        if not isinstance(self.ignore_eos, bool):
+            raise _bad("ignore_eos", "must be a bool", self.ignore_eos)
 

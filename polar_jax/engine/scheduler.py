@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polar_jax.engine.block_manager import BlockManager
-from polar_jax.engine.sequence import PENDING, Sequence, SequenceStatus
+from polar_jax.engine.sequence import PENDING, Sequence, SequenceStatus, top_pairs
 
 
 @dataclass(frozen=True)
@@ -258,12 +258,12 @@ class Scheduler:
         return finished
 
     def apply(self, batch: ScheduledBatch, sampled: dict, prompt_logprobs: dict | None = None) -> list[Sequence]:
-        """Fill in the tokens of an advanced step. sampled: request_id -> (token_id, logprob or None, the most
-        likely token id, its logprob or None) for every entry of batch.sampling; prompt_logprobs (optional):
-        request_id -> (logprobs, most likely ids, their logprobs) of the chunk's prompt tokens after its first
-        position (see Sequence.record_prompt_logprobs). A token in a sequence's EOS or stop ids ends it with
-        "stop" and drops any output after it (a step already in flight). Returns the sequences that finished
-        in this step (now, or by length in advance)."""
+        """Fill in the tokens of an advanced step. sampled: request_id -> (token_id, logprob, the most likely
+        token ids, their logprobs: most likely first, at least as many as the request asks) for every entry of
+        batch.sampling; prompt_logprobs (optional): request_id -> (logprobs, most likely ids, their logprobs) of
+        the chunk's prompt tokens after its first position (see Sequence.record_prompt_logprobs). A token in a
+        sequence's EOS or stop ids ends it with "stop" and drops any output after it (a step already in
+        flight). Returns the sequences that finished in this step (now, or by length in advance)."""
         if prompt_logprobs:
             for c in batch.prefill:
                 if c.seq.request_id in prompt_logprobs and c.seq.finish_reason != "abort":
@@ -274,10 +274,11 @@ class Scheduler:
                 continue  # aborted, or past an EOS found in the step before
             if seq.request_id not in sampled:
                 raise KeyError(f"apply(): no sampled token for request {seq.request_id!r}")
-            token, logprob, top_token, top_logprob = sampled[seq.request_id]
+            token, logprob, top_ids, top_logprobs = sampled[seq.request_id]
             seq.output_token_ids[i] = int(token)
-            seq.output_logprobs[i] = logprob if seq.params.logprobs else None
-            seq.output_top_logprobs[i] = (top_token, top_logprob) if seq.params.logprobs else None
+            if seq.params.logprobs is not None:
+                seq.output_logprobs[i] = float(logprob)
+                seq.output_top_logprobs[i] = top_pairs(top_ids, top_logprobs, seq.params.logprobs)
             if seq.timings.first_token is None:
                 seq.timings.first_token = time.monotonic()
             p = seq.params

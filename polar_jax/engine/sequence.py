@@ -18,6 +18,12 @@ from polar_jax.engine.sampling_params import SamplingParams
 PENDING = -1  # an output token sampled by a launched step whose value has not reached the host yet
 
 
+def top_pairs(ids, logprobs, n: int) -> tuple[tuple[int, float], ...]:
+    """The first n of a position's most likely tokens (ids, logprobs: most likely first) as ((id, logprob),
+    ...)."""
+    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n], logprobs[:n]))
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -50,13 +56,14 @@ class Sequence:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float | None] = []  # one per output token (None unless params.logprobs)
-        # One per output token: (the most likely token there, its logprob); None unless params.logprobs.
-        self.output_top_logprobs: list[tuple[int, float] | None] = []
-        # Entry i is the logprob of prompt token i, and the most likely token at i with its logprob; entry 0
-        # (no context) is None.
-        self.prompt_logprobs: list[float | None] | None = [None] if self.params.prompt_logprobs else None
-        self.prompt_top_logprobs: list[tuple[int, float] | None] | None = \
-            [None] if self.params.prompt_logprobs else None
+        # One per output token: the params.logprobs most likely tokens there, ((token, logprob), ...) most likely
+        # first; None unless params.logprobs.
+        self.output_top_logprobs: list[tuple[tuple[int, float], ...] | None] = []
+        # Entry i is the logprob of prompt token i, and the params.prompt_logprobs most likely tokens at i with
+        # theirs; entry 0 (no context) is None.
+        asked = self.params.prompt_logprobs is not None
+        self.prompt_logprobs: list[float | None] | None = [None] if asked else None
+        self.prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None = [None] if asked else None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.pages: list[int] = []  # page ids in order: position s lives in pages[s // Z] at s % Z
@@ -100,8 +107,9 @@ class Sequence:
 
     def record_prompt_logprobs(self, start: int, logprobs, top_ids, top_logprobs) -> None:
         """logprobs[i]: of prompt token start + 1 + i, from a prefill chunk starting at `start`; top_ids[i],
-        top_logprobs[i]: the most likely token at that position and its logprob. Positions already recorded
-        (a preempted sequence's prompt computed again) are kept as they were."""
+        top_logprobs[i]: the most likely tokens at that position and their logprobs, most likely first (at
+        least params.prompt_logprobs of them). Positions already recorded (a preempted sequence's prompt
+        computed again) are kept as they were."""
         if self.prompt_logprobs is None:
             return
         for i, (lp, top_id, top_lp) in enumerate(zip(logprobs, top_ids, top_logprobs)):
@@ -110,4 +118,4 @@ class Sequence:
                 break
             if pos == len(self.prompt_logprobs):
                 self.prompt_logprobs.append(None if lp is None else float(lp))
-                self.prompt_top_logprobs.append((int(top_id), float(top_lp)))
+                self.prompt_top_logprobs.append(top_pairs(top_id, top_lp, self.params.prompt_logprobs))

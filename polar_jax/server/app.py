@@ -193,7 +193,7 @@ class _API:
                        f"{self.max_model_len}", "max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def _params(self, body: P._Sampling, max_tokens: int, logprobs: bool, prompt_logprobs: bool,
+    def _params(self, body: P._Sampling, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                 sample: int = 0) -> SamplingParams:
         """sample: which of a prompt's n choices; with a seed, choice j samples with seed + j (as vLLM's)."""
         seed = None if body.seed is None else body.seed + sample
@@ -244,7 +244,8 @@ class _API:
         n = body.n
         ids_per_choice = [ids for ids in ids_per_prompt for _ in range(n)]
         budgets = [b for b in budgets for _ in range(n)]
-        engine_reqs = [(f"{req_id}-{k}", ids, self._params(body, b, want_lp, want_lp and body.echo, k % n), extra)
+        prompt_lp = body.logprobs if body.echo else None
+        engine_reqs = [(f"{req_id}-{k}", ids, self._params(body, b, body.logprobs, prompt_lp, k % n), extra)
                        for k, (ids, b) in enumerate(zip(ids_per_choice, budgets))]
         echo_only = [b == 0 for b in budgets]  # max_tokens 0: the prompt (echo) and nothing generated
         index = {r[0]: k for k, r in enumerate(engine_reqs)}
@@ -287,12 +288,14 @@ class _API:
 
     def _completion_logprobs(self, token_ids, logprobs, tops, where: TextOffsets) -> P.CompletionLogprobs:
         """OpenAI's legacy logprobs: each token's text, its logprob, where it starts in the choice's text
-        (`where` carries the position across a stream's chunks) and the most likely token at each position,
-        {its text: its logprob} from the engine's (token id, logprob) in tops (None at an echoed prompt's
-        first token). The engine takes both logprobs from one log-softmax, so where the most likely token is
-        the one there, a client comparing the two (lm-eval's is_greedy) sees them equal."""
+        (`where` carries the position across a stream's chunks) and at each position {text: logprob} of the
+        engine's most likely tokens there (tops: ((token id, logprob), ...), None at an echoed prompt's first
+        token) and of the token itself (OpenAI's "up to logprobs + 1" entries). The engine takes every logprob
+        from one log-softmax, so where the token is the most likely, a client comparing the two (lm-eval's
+        is_greedy) sees them equal."""
         offsets = where.offsets(token_ids)
-        top_logprobs = [None if top is None else {self._token_str(top[0]): top[1]} for top in tops]
+        top_logprobs = [None if top is None else {self._token_str(t): lp for t, lp in (*top, (tok, tok_lp))}
+                        for tok, tok_lp, top in zip(token_ids, logprobs, tops)]
         return P.CompletionLogprobs(tokens=[self._token_str(t) for t in token_ids], token_logprobs=list(logprobs),
                                     top_logprobs=top_logprobs, text_offset=offsets)
 
@@ -356,8 +359,8 @@ class _API:
             raise _bad(f"the messages fill the context length {self.max_model_len}", "messages",
                        code="context_length_exceeded")
         req_id = P.new_id("chatcmpl")
-        engine_reqs = [(f"{req_id}-{j}", ids, self._params(body, budget, body.logprobs, False, j), extra)
-                       for j in range(body.n)]
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        engine_reqs = [(f"{req_id}-{j}", ids, self._params(body, budget, top, None, j), extra) for j in range(body.n)]
         index = {r[0]: j for j, r in enumerate(engine_reqs)}
         sub = await self._submit(engine_reqs)
         if body.stream:
@@ -383,11 +386,12 @@ class _API:
         return P.ChatCompletionResponse(id=req_id, model=self.model_name, choices=choices, usage=usage)
 
     def _chat_logprobs(self, body, token_ids, logprobs, tops) -> P.ChatChoiceLogprobs:
-        """Each token's logprob; with top_logprobs 1 also the most likely token there (tops: (id, logprob))."""
+        """Each token's logprob and the body.top_logprobs most likely tokens there (tops: ((id, logprob), ...),
+        as many as the request asked)."""
         def entry(t, lp) -> dict:
             return dict(token=self._token_str(t), logprob=lp, bytes=list(self.token_bytes.bytes_of(t)))
 
-        content = [P.ChatLogprob(**entry(t, lp), top_logprobs=[entry(*top)] if body.top_logprobs else [])
+        content = [P.ChatLogprob(**entry(t, lp), top_logprobs=[entry(*pair) for pair in top])
                    for t, lp, top in zip(token_ids, logprobs, tops)]
         return P.ChatChoiceLogprobs(content=content)
 

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from polar_jax.engine.sampling_params import MAX_LOGPROBS
+
 # Requests accepted beyond the engine's max_num_seqs before the server answers 429.
 from polar_jax.server.cli import DEFAULT_MAX_QUEUE  # noqa: E402,F401  (the CLI owns it: no pydantic there)
 # OpenAI's own upper bound on temperature; larger values are almost surely mistakes.
@@ -112,8 +114,8 @@ class CompletionRequest(_Sampling):
     # A string, a list of token ids, or a list of either (one choice per prompt).
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: true / 1.0 are not token ids
     max_tokens: int | None = Field(16, ge=0, strict=True)  # strict: true is not 1
-    # The engine reports the chosen token's logprob and the most likely token's (top_logprobs): 0 or 1.
-    logprobs: int | None = Field(None, ge=0, le=1, strict=True)
+    # The chosen token's logprob and the `logprobs` most likely tokens' (OpenAI caps it at 5, vLLM at 20).
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
@@ -141,7 +143,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=1)  # the engine reports the most likely token (1) only
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the most likely tokens at each position
 
     @field_validator("top_logprobs")
     @classmethod

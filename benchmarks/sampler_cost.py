@@ -1,0 +1,75 @@
+"""What the engine's sampler program costs a step, by vocabulary, batch and variant.
+
+    python -m benchmarks.sampler_cost [--vocab 32000,49152,128256] [--batch 16,64,256] [--out DIR]
+
+Times the program every engine step runs on its logits (`polar_jax.engine.model_runner._sample_program`: a
+token per row with the row's own temperature, top-k, top-p and seed, its logprob, and the most likely tokens
+with theirs) on f32 logits [B, V], wall clock of calls back to back, in its four variants: without and with
+the top-k / top-p sort (`filtered`, chosen on the host when some row asks for it) and reporting the most
+likely token (top 1, an argmax) or the 20 most likely (a step in which some request asks for `logprobs` or
+`top_logprobs` above 1). The rows sample at temperature 0.7, top-p 0.9. Writes sampler_cost.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from polar_jax.engine.model_runner import _sample_program
+from polar_jax.engine.sampling_params import MAX_LOGPROBS
+
+# The engine's program without its donation of `last`, so that one `last` serves every timed call.
+_SAMPLE = jax.jit(_sample_program, static_argnums=(0, 1))
+
+
+def time_variants(V: int, B: int) -> list[dict]:
+    logit_sets = [(jax.random.normal(jax.random.key(i), (B, V), jnp.float32) * 3,) for i in range(2)]
+    last = jnp.zeros(B, jnp.int32)
+    slots = jnp.arange(B, dtype=jnp.int32)
+    temps, top_p = jnp.full(B, 0.7, jnp.float32), jnp.full(B, 0.9, jnp.float32)
+    top_k, seeds, steps = jnp.zeros(B, jnp.int32), jnp.arange(B, dtype=jnp.uint32), jnp.zeros(B, jnp.int32)
+    records = []
+    for filtered in (False, True):
+        for top in (1, min(MAX_LOGPROBS, V)):
+            def call(logits, filtered=filtered, top=top):
+                return _SAMPLE(filtered, top, last, logits, slots, temps, top_k, top_p, seeds, steps)
+            ms = common.time_fn(call, logit_sets, inner=20, reps=15)
+            records.append({"vocab": V, "batch": B, "filtered": filtered, "top": top, "us": ms * 1e3})
+    base = {r["filtered"]: r["us"] for r in records if r["top"] == 1}
+    for r in records:
+        r["vs_top1"] = r["us"] / base[r["filtered"]]
+    return records
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", default="32000,49152,128256", help="vocabulary sizes (comma-separated)")
+    ap.add_argument("--batch", default="16,64,256", help="rows per call (comma-separated)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for sampler_cost.json / .md")
+    common.add_device_args(ap)
+    args = ap.parse_args(argv)
+    common.require_gpu("benchmarks.sampler_cost", args.allow_cpu)
+    common.check_out_dir(args.out)
+    vocabs, batches = ([int(x) for x in s.split(",")] for s in (args.vocab, args.batch))
+    if min(vocabs + batches) < 1:
+        sys.exit("error: --vocab and --batch take positive integers")
+    records = []
+    for V in vocabs:
+        for B in batches:
+            records += time_variants(V, B)
+            print(f"V={V} B={B}: " + ", ".join(f"{'filtered' if r['filtered'] else 'plain'} top {r['top']} "
+                                              f"{r['us']:.1f} us" for r in records[-4:]), flush=True)
+    meta = common.metadata("python -m benchmarks.sampler_cost " + " ".join(argv if argv is not None else sys.argv[1:]))
+    meta["median_us_top20_over_top1"] = float(np.median([r["vs_top1"] for r in records if r["top"] > 1]))
+    common.write_results("sampler_cost", meta, records, ["vocab", "batch", "filtered", "top", "us", "vs_top1"],
+                         args.out)
+
+
+if __name__ == "__main__":
+    main()
