@@ -41,8 +41,8 @@ def _load_sparsity(path: str):
 
 
 def check_flags(args, prompts: list[str]):
-    """(sampling, sparsity) from the flags; a one-line ValueError for any bad one. Runs before the model loads."""
-    from polar_jax.generate import SamplingConfig
+    """The sparsity config from the flags (None: dense); a one-line ValueError naming any bad flag. Runs before
+    the model loads."""
     from polar_jax.sparsity import SparsityConfig
 
     if args.max_new_tokens < 1:
@@ -52,14 +52,18 @@ def check_flags(args, prompts: list[str]):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i} is empty or only whitespace")
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    try:
+        engine_sampling(args)
+    except ValueError as e:  # "SamplingParams.min_p must be ...": name the flag
+        field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
+        raise ValueError(str(e).replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"), 1)) from None
     if args.sparsity:
         if args.attn_density < 1:
             raise ValueError("give either --sparsity or --attn-density, not both")
-        return sampling, _load_sparsity(args.sparsity)
+        return _load_sparsity(args.sparsity)
     if args.attn_density < 1:
-        return sampling, SparsityConfig(attn=args.attn_source, attn_density=args.attn_density)
-    return sampling, None
+        return SparsityConfig(attn=args.attn_source, attn_density=args.attn_density)
+    return None
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
@@ -86,17 +90,25 @@ def _weights_bytes(cfg, dtype) -> int:
     return sum(math.prod(s) for s in shapes) * dtype.itemsize
 
 
+def engine_sampling(args, **kw):
+    """The engine's SamplingParams for the sampling flags (and kw)."""
+    from polar_jax.engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty, **kw)
+
+
 def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     """Check everything that can be checked from the config and tokenizer, then load the weights and run the
     prompts through the serving engine (polar_jax.llm.LLM), printing as tokens come."""
     from polar_jax import checkpoint
     from polar_jax.cache import pages_for
     from polar_jax.config import load_config
-    from polar_jax.engine import SamplingParams
     from polar_jax.generate import bucket, check_memory, prepare
     from polar_jax.llm import LLM
 
-    sampling, sparsity = check_flags(args, prompts)
+    sparsity = check_flags(args, prompts)
     checkpoint.check_model_dir(model_dir)
     cfg = load_config(model_dir / checkpoint.CONFIG_FILE)
     tokenizer = checkpoint.load_tokenizer(model_dir)
@@ -116,8 +128,7 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
               num_pages=len(ids) * pages_for(need) + 1, prefill_chunk=chunk,
               max_num_batched_tokens=max(chunk, len(ids)), progress=False)  # selection: the sparsity's seed
     llm.engine.runner.record = True
-    per_prompt = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                 seed=args.seed + i, max_tokens=args.max_new_tokens) for i in range(len(ids))]
+    per_prompt = [engine_sampling(args, seed=args.seed + i, max_tokens=args.max_new_tokens) for i in range(len(ids))]
     print_outputs(llm.stream(ids, per_prompt), prompts, llm.engine)
 
 
@@ -227,6 +238,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this times the most likely one, in [0, 1] (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages every token of the prompt and the output so far (vLLM's; 1 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted from a token's logit per time it appears in the output (0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted once from the logit of every token already in the output (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0); random head or "
                    "neuron selection takes the sparsity config's seed")
     p.add_argument("--no-chat-template", action="store_true",

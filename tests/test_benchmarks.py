@@ -433,13 +433,14 @@ def test_l2_prefetch_probe_emits_its_prefetches():
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"0,False": 0, "2,False": 2, "4,True": 4}
 
 
-def test_sampler_cost_times_the_engines_four_sampler_variants(tmp_path):
-    """benchmarks.sampler_cost calls the engine's own sampler program (its signature is the engine's) in every
-    variant it runs under traffic, and writes one record each."""
+def test_sampler_cost_times_the_engines_sampler_variants(tmp_path):
+    """benchmarks.sampler_cost calls the engine's own sampler program (its signature is the engine's) in the
+    variants it runs under traffic, and writes one record each."""
     from benchmarks import sampler_cost
 
     sampler_cost.main(["--vocab", "50", "--batch", "3", "--allow-cpu", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "sampler_cost.json").read_text())["records"]
-    assert [(r["vocab"], r["batch"], r["filtered"], r["top"]) for r in records] == \
-        [(50, 3, False, 1), (50, 3, False, 20), (50, 3, True, 1), (50, 3, True, 20)]
+    assert [(r["vocab"], r["batch"], r["filtered"], r["top"], r["penalty_tokens"]) for r in records] == \
+        [(50, 3, False, 1, 0), (50, 3, False, 20, 0), (50, 3, True, 1, 0), (50, 3, True, 20, 0),
+         (50, 3, False, 1, sampler_cost.PENALTY_TOKENS)]
     assert all(r["us"] > 0 for r in records)

@@ -106,9 +106,14 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--attn-density", "1.5"], "--attn-density must lie in (0, 1], got 1.5"),
     (["--attn-density", "nan"], "--attn-density must lie in (0, 1], got nan"),
-    (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
-    (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
-    (["--top-p", "0"], "top_p must lie in (0, 1]"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0: got nan"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0: got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]: got 0.0"),
+    (["--top-k", "-3"], "--top-k must be an int >= 0 (0: off): got -3"),
+    (["--min-p", "2"], "--min-p must be in [0, 1] (0: off): got 2.0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0 (1: off): got 0.0"),
+    (["--presence-penalty", "-3"], "--presence-penalty must be in [-2, 2] (0: off): got -3.0"),
+    (["--frequency-penalty", "inf"], "--frequency-penalty must be in [-2, 2] (0: off): got inf"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--prompt", " \t "], "prompt 1 is empty or only whitespace"),
     (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with max_new_tokens=20000 it needs 20002 positions, "

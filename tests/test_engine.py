@@ -205,6 +205,48 @@ def test_top_logprobs_are_the_models_most_likely_tokens_when_sampling_and_preemp
     assert sampled_other > 0, "temperature 1 was meant to sample tokens other than the most likely"
 
 
+def _penalized_reference(logits: np.ndarray, prompt: list[int], output: list[int], sp: SamplingParams) -> np.ndarray:
+    """vLLM's penalties over one row of logits [V], written out token by token (not the engine's code)."""
+    out = logits.astype(np.float64).copy()
+    for t in set(prompt) | set(output):
+        out[t] = out[t] / sp.repetition_penalty if out[t] > 0 else out[t] * sp.repetition_penalty
+    for t in set(output):
+        out[t] -= sp.frequency_penalty * output.count(t) + sp.presence_penalty
+    return out
+
+
+@jax.default_matmul_precision("highest")
+def test_penalties_and_min_p_shape_each_requests_choice(params, prompts):
+    """Greedy requests with repetition / frequency / presence penalties pick, at every output position, the
+    argmax of the model's logits penalized for that request's own prompt and output so far (vLLM's rules),
+    while a request without them stays plain greedy in the same steps, also through preemption and with the
+    last token still on the device at each launch; min-p at temperature 1 only ever samples tokens at least
+    min_p times as likely as the most likely one."""
+    sps = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, repetition_penalty=1.8),
+           SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.7),
+           SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, repetition_penalty=0.8,
+                          presence_penalty=-0.5),
+           SamplingParams(temperature=1.0, seed=5, max_tokens=14, ignore_eos=True, min_p=0.5)]
+    sps = [sps[i % len(sps)] for i in range(len(prompts))]
+    done, preempted = run_staggered(engine(params, num_pages=13, max_model_len=96), prompts, sps, arrive_every=1)
+    assert preempted > 0, "the pool was meant to force preemption"
+    changed = 0
+    for i, (p, sp) in enumerate(zip(prompts, sps)):
+        out = done[f"r{i}"].token_ids
+        logits, _, _ = forward(CFG, params, jnp.asarray([p + out]), init_cache(CFG, 1, 128, jnp.float32))
+        rows = np.asarray(logits[0, len(p) - 1: len(p) - 1 + len(out)], np.float64)  # [n, V]: output j's
+        for j, tok in enumerate(out):
+            if sp.temperature > 0:  # min-p
+                prob = np.exp(rows[j] - rows[j].max())
+                assert prob[tok] >= sp.min_p - 1e-6, f"request {i} output {j}: p = {prob[tok]:.3f} of the top"
+                continue
+            want = _penalized_reference(rows[j], p, out[:j], sp)
+            assert want[tok] >= want.max() - 1e-4, f"request {i} output {j}: {tok}, not {want.argmax()}"
+            changed += sp.penalized and tok != rows[j].argmax()
+    assert changed > 0, "the penalties were meant to change some choices"
+
+
 def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     eng = engine(params, max_model_len=64)
     eng.add_request("good", prompts[0], GREEDY)
@@ -290,7 +332,7 @@ def test_programs_read_nothing_back_mid_step(params, program):
                                   *r._prefill_args([], S)[0])
     else:
         logits = jnp.zeros((4, CFG.vocab_size), jnp.float32)
-        lowered = mr._SAMPLE.lower(program == "sample_filtered", 1, r.last, logits, *smp)
+        lowered = mr._SAMPLE.lower(program == "sample_filtered", 1, r.last, logits, *smp, None)
     hlo = lowered.as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
@@ -354,18 +396,23 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
 
 
 def test_sampler_filters_only_the_rows_that_ask():
-    """Top-k / top-p cut each asking row to its own set; a row that asks for neither keeps every logit
+    """Top-k / top-p / min-p cut each asking row to its own set; a row that asks for none keeps every logit
     exactly (top_k 0, or the whole vocabulary), even where the nucleus sum rounds to 1 after one token (so
     its samples do not depend on whether its batch needed the sort)."""
     from polar_jax.engine.sampler import _filtered
 
     V = 1000
-    z = np.full((4, V), -30.0, np.float32)
+    z = np.full((5, V), -30.0, np.float32)
     z[:, 7] = 0.0  # the other 999 tokens hold ~1e-10 of the mass: the cumulative sum is 1.0 at the top token
     z[2] = np.random.default_rng(0).normal(size=V)
-    top_k = jnp.asarray([0, 0, 5, V], jnp.int32)  # row 3: a top_k of the whole vocabulary filters nothing
-    top_p = jnp.asarray([1.0, 0.5, 1.0, 1.0], jnp.float32)
-    out = np.asarray(_filtered(jnp.asarray(z), top_k, top_p))
+    z[4] = np.random.default_rng(1).normal(size=V) * 0.5
+    top_k = jnp.asarray([0, 0, 5, V, 0], jnp.int32)  # row 3: a top_k of the whole vocabulary filters nothing
+    top_p = jnp.asarray([1.0, 0.5, 1.0, 1.0, 1.0], jnp.float32)
+    min_p = jnp.asarray([0.0, 0.0, 0.0, 0.0, 0.3], jnp.float32)
+    out = np.asarray(_filtered(jnp.asarray(z), top_k, top_p, min_p))
+    p4 = np.exp(z[4] - z[4].max())  # row 4's probabilities over the most likely one's
+    assert np.flatnonzero(np.isfinite(out[4])).tolist() == np.flatnonzero(p4 >= 0.3).tolist()
+    assert 1 < np.isfinite(out[4]).sum() < V // 2  # a cut that keeps some tokens and drops most
     np.testing.assert_array_equal(out[0], z[0])
     np.testing.assert_array_equal(out[3], z[3])
     assert np.flatnonzero(np.isfinite(out[1])).tolist() == [7]

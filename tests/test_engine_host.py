@@ -413,6 +413,11 @@ def test_add_rejects_requests_that_can_never_run():
     (dict(logprobs=1.0), "SamplingParams.logprobs must be None or an int in [0, 20] (how many of the most likely "
                          "tokens to report beside the chosen one): got 1.0"),
     (dict(top_k=2.0), "SamplingParams.top_k must be an int >= 0 (0: off): got 2.0"),
+    (dict(min_p=-0.1), "SamplingParams.min_p must be in [0, 1] (0: off): got -0.1"),
+    (dict(min_p=True), "SamplingParams.min_p must be in [0, 1] (0: off): got True"),
+    (dict(repetition_penalty=0), "SamplingParams.repetition_penalty must be a finite number > 0 (1: off): got 0"),
+    (dict(frequency_penalty=2.5), "SamplingParams.frequency_penalty must be in [-2, 2] (0: off): got 2.5"),
+    (dict(presence_penalty=float("nan")), "SamplingParams.presence_penalty must be in [-2, 2] (0: off): got nan"),
     (dict(max_tokens=0), "SamplingParams.max_tokens must be None or an int >= 1: got 0"),
     (dict(seed="1"), "SamplingParams.seed must be None or an int: got '1'"),
     (dict(stop=["ok", ""]), "SamplingParams.stop must hold non-empty strings: got ''"),

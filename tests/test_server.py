@@ -400,10 +400,12 @@ BAD = [
      "stream_options.include_usage", "valid boolean"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop", "valid string"),
     ("completions", {"model": None, "prompt": "x"}, 400, "model", "valid string"),  # null is no default here
-    ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
-     "not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
+     "less than or equal to 2"),
+    ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty",
+     "greater than 0"),
     ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
-    ("completions", {"model": MODEL, "prompt": "x", "min_p": 0.1}, 400, "min_p", "not supported"),  # vLLM's
+    ("completions", {"model": MODEL, "prompt": "x", "min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
     ("completions", {"model": MODEL, "prompt": "x", "use_beam_search": True}, 400, "use_beam_search",
      "not supported"),
     ("completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [5, 10**6]}, 400, None, "outside the vocab"),
@@ -887,6 +889,30 @@ def test_stop_token_ids_end_generation_over_http(client, loaded):
     stop = loaded[2].encode(toks[j], add_special_tokens=False)  # one id: a character tokenizer
     got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": stop}})
     assert got.choices[0].finish_reason == "stop" and got.choices[0].text == "".join(toks[:j + 1])
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_penalties_and_min_p_reach_the_engine(client, offline, loaded, endpoint):
+    """OpenAI's presence / frequency penalties and vLLM's repetition_penalty and min_p (refused before) give
+    what the offline engine gives for the same request, and change the greedy answer."""
+    pen = dict(presence_penalty=0.6, frequency_penalty=1.2, repetition_penalty=1.5)
+    kw = dict(model=MODEL, max_tokens=10, temperature=0)
+    if endpoint == "chat":
+        messages = [{"role": "user", "content": "Count: one, two"}]
+        ids = list(loaded[2].apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+        ask = lambda **k: client.chat.completions.create(messages=messages, **k).choices[0].message.content  # noqa: E731
+    else:
+        ids = loaded[2].encode("the fox the fox the fox")
+        ask = lambda **k: client.completions.create(prompt=ids, **k).choices[0].text  # noqa: E731
+    got = ask(**kw, presence_penalty=pen["presence_penalty"], frequency_penalty=pen["frequency_penalty"],
+              extra_body={"repetition_penalty": pen["repetition_penalty"], "ignore_eos": True})
+    want = offline_one(offline, ids, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, **pen))
+    plain = offline_one(offline, ids, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert got == want.text and want.token_ids != plain.token_ids
+    sampled = ask(**{**kw, "temperature": 1.0}, seed=3, extra_body={"min_p": 0.4, "ignore_eos": True})
+    assert sampled == offline_one(offline, ids, SamplingParams(temperature=1.0, seed=3, min_p=0.4, max_tokens=10,
+                                                               ignore_eos=True)).text
 
 
 def test_preemptions_are_counted_in_metrics():

@@ -200,12 +200,18 @@ def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, top: int, params, 
     return raw_bits(k), raw_bits(v), final, target_lp, *most_likely(logp, top)
 
 
-def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k, top_p, seeds, steps):
+def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k, top_p, min_p, seeds, steps,
+                    penalties):
     """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
-    tokens [B], logprobs [B], top_tokens [B, top], top_logprobs [B, top]) (see sample_rows). Its own program,
-    so the model programs need no variant per `filtered` or `top`."""
-    tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, seeds, steps, filtered=filtered,
-                                                     k=top)
+    tokens [B], logprobs [B], top_tokens [B, top], top_logprobs [B, top]) (see sample_rows). penalties: None,
+    or ModelRunner._penalties' arrays, whose PENDING tokens are read here from last at the row's slot. Its own
+    program, so the model programs need no variant per `filtered`, `top` or penalties."""
+    if penalties is not None:
+        history, *rest = penalties
+        pending = last[jnp.clip(slots, 0, last.shape[0] - 1)][:, None]  # [B, 1]
+        penalties = (jnp.where(history == PENDING, pending, history), *rest)
+    tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, min_p, seeds, steps,
+                                                     filtered=filtered, k=top, penalties=penalties)
     return _keep(last, slots, tok), tok, logprob, top_tok, top_logprob
 
 
@@ -291,15 +297,40 @@ class ModelRunner:
         temps = np.zeros(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
         top_p = np.ones(rows, np.float32)
+        min_p = np.zeros(rows, np.float32)
         seeds = np.zeros(rows, np.uint32)
         steps = np.zeros(rows, np.int32)
         for i, s in enumerate(seqs):
             p = s.params
             # A top_k past the vocabulary keeps every token, as past int32 (which it must fit) it would too.
             temps[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, np.iinfo(np.int32).max), p.top_p
+            min_p[i] = p.min_p
             seeds[i] = s.seed & 0xFFFFFFFF  # the seed mod 2**32 keys the samples (negative seeds too)
             steps[i] = len(s.output_token_ids)  # the key of a request's n-th token depends on (seed, n) only
-        return temps, top_k, top_p, seeds, steps
+        return temps, top_k, top_p, min_p, seeds, steps
+
+    @staticmethod
+    def _penalties(seqs, rows: int):
+        """The sampler's penalty arrays for rows seqs (None: padding), or None when no request has a penalty:
+        history [rows, T] (each penalized row's prompt and output tokens so far, PENDING where the last one is
+        still on the device, -2 past them and in other rows; T a power of two, so that few programs compile),
+        out_start [rows] (where its output begins), presence, frequency, repetition [rows]."""
+        pen = [i for i, s in enumerate(seqs) if s is not None and s.params.penalized]
+        if not pen:
+            return None
+        T = max(16, 1 << (max(seqs[i].num_tokens for i in pen) - 1).bit_length())
+        history = np.full((rows, T), -2, np.int32)
+        out_start = np.zeros(rows, np.int32)
+        presence, frequency, repetition = np.zeros(rows, np.float32), np.zeros(rows, np.float32), np.ones(rows,
+                                                                                                       np.float32)
+        for i in pen:
+            s, p = seqs[i], seqs[i].params
+            ids = s.all_token_ids
+            if PENDING in ids[:-1]:
+                raise RuntimeError(f"request {s.request_id!r}: more than its last token not yet sampled")
+            history[i, : len(ids)], out_start[i] = ids, s.num_prompt_tokens
+            presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        return history, out_start, presence, frequency, repetition
 
     # -- programs -------------------------------------------------------------------------------------
     def _slots(self, seqs, rows: int) -> np.ndarray:
@@ -360,8 +391,9 @@ class ModelRunner:
     def _sample(self, logits, sample_args, seqs):
         """Dispatch the sampler over logits [B, V] for rows seqs; sorts for top-k / top-p only when a row
         asks for it. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
-        filtered = needs_filter(*sample_args[1:4])  # temps, top_k, top_p
-        self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args)
+        filtered = needs_filter(*sample_args[1:5])  # temps, top_k, top_p, min_p
+        self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,
+                                      self._penalties(seqs, logits.shape[0]))
         return sampled
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
@@ -387,8 +419,8 @@ class ModelRunner:
             else:
                 logits = jnp.zeros((shape, self.cfg.vocab_size), jnp.float32)
                 _, smp = self._decode_args([], shape)
-                for filtered in (False, True):  # a request asking for top logprobs above 1 compiles its own
-                    self.last, *_ = _SAMPLE(filtered, 1, self.last, logits, *smp)
+                for filtered in (False, True):  # top logprobs above 1 and penalties compile their own
+                    self.last, *_ = _SAMPLE(filtered, 1, self.last, logits, *smp, None)
             jax.block_until_ready((self.k, self.v, self.last))
             if progress:
                 progress(i + 1, len(shapes))

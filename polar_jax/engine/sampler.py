@@ -1,8 +1,11 @@
-"""Per-row sampling inside one batch: each row has its own temperature, top-k, top-p and seed.
+"""Per-row sampling inside one batch: each row has its own temperature, top-k, top-p, min-p, penalties and seed.
 
 A request's n-th token is drawn with the key fold_in(key(seed), n), so a seeded request reproduces its
-tokens whatever else shares its batch. Temperature 0 is greedy. logprob: the model's log-probability of
-the chosen token (log-softmax of the raw logits, before temperature and filtering); beside it the k most likely
+tokens whatever else shares its batch. Temperature 0 is greedy. The penalties (as vLLM's) change the logits
+before anything else, greedy choice included: repetition divides a positive logit (multiplies a negative one)
+of every token in the prompt or the output so far; frequency and presence subtract, per token of the output
+so far, its count times the one and the other once. logprob: the model's log-probability of the chosen token
+(log-softmax of the raw logits, before penalties, temperature and filtering); beside it the k most likely
 tokens of that distribution and their logprobs (OpenAI's top_logprobs).
 """
 
@@ -12,9 +15,10 @@ import jax
 import jax.numpy as jnp
 
 
-def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """z [B, V] with everything outside each row's top-k and nucleus set to -inf; rows with neither
-    (top_k 0, top_p 1) exactly as they were, so a row samples the same whatever shares its batch."""
+def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """z [B, V] with everything outside each row's top-k and nucleus, and every token less likely than min_p
+    times the most likely one, set to -inf; rows with none of them (top_k 0, top_p 1, min_p 0) exactly as
+    they were, so a row samples the same whatever shares its batch."""
     V = z.shape[-1]
     desc = -jnp.sort(-z, axis=-1)  # [B, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B]
@@ -24,14 +28,33 @@ def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
     cut = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1), V - 1)  # [B]
     cutoff = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)  # [B, 1]
-    keep = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1)  # [B] rows that filter nothing (a cumsum rounding
-    # to 1 early would)
+    # min-p: p >= min_p * p_max, that is z >= z_max + log(min_p) (-inf for min_p 0: no cut)
+    cutoff = jnp.maximum(cutoff, desc[:, :1] + jnp.log(min_p)[:, None])
+    keep = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1) & (min_p <= 0)  # [B] rows that filter nothing (a
+    # cumsum rounding to 1 early would)
     return jnp.where((z < cutoff) & ~keep[:, None], -jnp.inf, z)
 
 
-def needs_filter(temps, top_k, top_p) -> bool:
-    """Whether any row samples with top-k or top-p (host arrays): only then must the program sort."""
-    return bool(((temps > 0) & ((top_k > 0) | (top_p < 1))).any())
+def needs_filter(temps, top_k, top_p, min_p) -> bool:
+    """Whether any row samples with top-k, top-p or min-p (host arrays): only then must the program sort."""
+    return bool(((temps > 0) & ((top_k > 0) | (top_p < 1) | (min_p > 0))).any())
+
+
+def penalized(logits: jax.Array, history: jax.Array, out_start: jax.Array, presence: jax.Array,
+              frequency: jax.Array, repetition: jax.Array) -> jax.Array:
+    """logits [B, V] f32 with each row's penalties applied (vLLM's order: repetition, then frequency and
+    presence). history [B, T] int32: the row's prompt and output tokens so far, -1 past them; out_start [B]:
+    where its output begins in history; presence, frequency, repetition [B] f32 (0, 0, 1: no change, exactly)."""
+    B, V = logits.shape
+    rows = jnp.arange(B)[:, None]
+    known = history >= 0
+    ids = jnp.where(known, history, 0)
+    is_output = known & (jnp.arange(history.shape[1])[None, :] >= out_start[:, None])
+    counts = jnp.zeros((B, V), jnp.float32).at[rows, ids].add(is_output.astype(jnp.float32))  # output counts
+    seen = jnp.zeros((B, V), jnp.int32).at[rows, ids].add(known.astype(jnp.int32)) > 0  # prompt or output
+    rep = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 def most_likely(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -44,25 +67,27 @@ def most_likely(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return ids.astype(jnp.int32), values
 
 
-def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                steps: jax.Array, *, filtered: bool = True, k: int = 1
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """logits [B, V] f32; temps, top_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B] int32.
+def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                seeds: jax.Array, steps: jax.Array, *, filtered: bool = True, k: int = 1,
+                penalties: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] f32; temps, top_p, min_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B]
+    int32; penalties: None, or `penalized`'s (history, out_start, presence, frequency, repetition).
 
-    filtered (static): apply top-k / top-p; False skips the [B, V] sort, valid when no row needs it
+    filtered (static): apply top-k / top-p / min-p; False skips the [B, V] sort, valid when no row needs it
     (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
     the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
     k (static): how many of the most likely tokens to report.
     Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B, k] int32, top_logprobs [B, k] f32): the
     sampled tokens and their log-probabilities, and each row's k most likely tokens (the first is the argmax
-    of the raw logits, the greedy choice) and their log-probabilities; logprobs and top_logprobs come from one
+    of the raw logits, the greedy choice where no penalty applies) and their log-probabilities; logprobs and top_logprobs come from one
     log-softmax of the raw logits, so they are equal where the sampled token is one of the most likely.
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    z = logits / jnp.where(temps > 0, temps, 1.0)[:, None]
+    chosen_from = logits if penalties is None else penalized(logits, *penalties)
+    greedy = jnp.argmax(chosen_from, axis=-1).astype(jnp.int32)
+    z = chosen_from / jnp.where(temps > 0, temps, 1.0)[:, None]
     if filtered:
-        z = _filtered(z, top_k, top_p)
+        z = _filtered(z, top_k, top_p, min_p)
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
     drawn = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
     tokens = jnp.where(temps > 0, drawn, greedy)

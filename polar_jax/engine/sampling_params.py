@@ -22,8 +22,10 @@ def _is_int(x) -> bool:
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off (a top_k at or past the vocabulary
-    keeps every token); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
+    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off (a top_k at or past the
+    vocabulary keeps every token; min_p drops tokens less likely than min_p times the most likely one);
+    repetition_penalty (> 0; 1: off), frequency_penalty and presence_penalty (in [-2, 2]; 0: off) change the
+    logits before sampling, greedy included, as vLLM's (engine.sampler.penalized); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
     shares its batch (not its heads under random head selection, which follow the engine's step). `stop` strings end the text (the stop string is not part of
     it); `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept.
     `logprobs` N (as vLLM's): the log-probability of each sampled token and the N most likely tokens at its
@@ -37,6 +39,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
     stop: tuple[str, ...] = ()
@@ -76,6 +82,13 @@ class SamplingParams:
             raise _bad("top_p", "must be in (0, 1]", p)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise _bad("top_k", "must be an int >= 0 (0: off)", self.top_k)
+        for name, rule, ok in (("min_p", "must be in [0, 1] (0: off)", lambda v: 0 <= v <= 1),
+                               ("repetition_penalty", "must be a finite number > 0 (1: off)", lambda v: v > 0),
+                               ("frequency_penalty", "must be in [-2, 2] (0: off)", lambda v: -2 <= v <= 2),
+                               ("presence_penalty", "must be in [-2, 2] (0: off)", lambda v: -2 <= v <= 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+                raise _bad(name, rule, v)
         if self.seed is not None and not _is_int(self.seed):
             raise _bad("seed", "must be None or an int", self.seed)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -90,3 +103,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise _bad("ignore_eos", "must be a bool", self.ignore_eos)
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes this request's logits (its steps then send its tokens so far)."""
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0

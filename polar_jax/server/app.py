@@ -200,6 +200,9 @@ class _API:
         try:
             # max_tokens 0 (echo only): the engine generates one token, which is dropped.
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                                  min_p=body.min_p, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty,
+                                  repetition_penalty=body.repetition_penalty,
                                   seed=seed, max_tokens=max(max_tokens, 1), stop=body.stops,
                                   stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)

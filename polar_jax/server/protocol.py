@@ -2,8 +2,8 @@
 
 Requests are validated here (types and ranges) so that a bad field becomes HTTP 400 naming it; what needs the
 model (prompt length against the context, token ids against the vocabulary) is checked in app.py.
-Extensions beyond OpenAI's fields: top_k, ignore_eos (as in vLLM), and polar_attn_density (the fraction of
-attention KV heads a sparse engine keeps for this request).
+Extensions beyond OpenAI's fields: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids (as in
+vLLM), and polar_attn_density (the fraction of attention KV heads a sparse engine keeps for this request).
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ class StreamOptions(BaseModel):
 # OpenAI fields this server does not implement, with the values that mean "not used" (besides null, and
 # what SDKs send by default: an empty logit_bias, a text response_format): a request that sets one otherwise
 # gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
-UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-               "logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+UNSUPPORTED = {"logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,),
                # vLLM's sampling extensions this server does not implement either
-               "min_p": (0,), "include_stop_str_in_output": (False,), "use_beam_search": (False,),
+               "include_stop_str_in_output": (False,), "use_beam_search": (False,),
                "length_penalty": (1,), "skip_special_tokens": (True,)}
 
 
@@ -63,6 +62,11 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1, strict=True)  # 0 or -1: off (vLLM uses -1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # vLLM's; 0: off
+    # OpenAI's penalties, and vLLM's repetition_penalty (polar_jax.engine.sampler.penalized)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)  # any 64-bit seed, as OpenAI's; taken mod 2**32
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, strict=True)  # choices per prompt: n engine requests (at most the server's queue)
