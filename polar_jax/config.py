@@ -13,6 +13,7 @@ import dataclasses
 import json
 import operator
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,8 @@ def token_ids(seq) -> list[int]:
     not an integer (a float, a bool, a string): int() would run [1.7, "8"] as [1, 8], a prompt nobody wrote."""
     if hasattr(seq, "tolist"):  # one transfer for an array, not one per element
         seq = seq.tolist()
+    if isinstance(seq, (bytes, bytearray, Mapping)):  # iterating them gives byte values or keys, not a prompt
+        raise ValueError(f"a prompt is text (str) or token ids (a list of ints), not a {type(seq).__name__}")
     out = []
     for t in seq:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -46,12 +47,17 @@ class LLM:
         self.engine = LLMEngine(cfg, params, tokenizer, sparsity=sparsity, **engine_kwargs)
         self.tokenizer = tokenizer
         self._ids = itertools.count()
+        # Outputs an engine step made for another call's requests (streams used side by side) until that call
+        # takes them, and the requests of calls still running.
+        self._unclaimed: list[RequestOutput] = []
+        self._live: set[str] = set()
 
     def _submit(self, prompts: Prompt | Sequence[Prompt], params) -> list[str]:
         if hasattr(prompts, "tolist"):  # a numpy / jax array of token ids: [T] one prompt, [N, T] N prompts
             prompts = prompts.tolist()
-        # a flat list of numbers is one prompt (floats too: the engine refuses them by name)
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Number)):
+        # a flat list of numbers is one prompt (floats too: the engine refuses them by name, as bytes and dicts)
+        one = isinstance(prompts, (str, bytes, bytearray, Mapping))
+        if one or (prompts and isinstance(prompts[0], numbers.Number)):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
@@ -74,22 +80,44 @@ class LLM:
             for rid in added:  # all or nothing: the valid prompts of a rejected call do not linger
                 self.engine.abort_request(rid)
             raise
+        self._live.update(ids)
         return ids
+
+    def _outputs(self, ids) -> list[RequestOutput]:
+        """The next outputs of the requests `ids`: those another call's step made for them, else one step's
+        (whose outputs for other calls' requests wait in _unclaimed)."""
+        mine = [out for out in self._unclaimed if out.request_id in ids]
+        if mine:
+            self._unclaimed = [out for out in self._unclaimed if out.request_id not in ids]
+            return mine
+        outs = self.engine.step()
+        if not outs and not self.engine.has_unfinished():
+            raise RuntimeError(f"the engine has nothing left to run but {len(ids)} request(s) of this call did "
+                               "not finish (aborted through the engine?)")
+        self._unclaimed += [out for out in outs if out.request_id in self._live and out.request_id not in ids]
+        return [out for out in outs if out.request_id in ids]
+
+    def _end(self, ids) -> None:
+        """A call is over: cancel its requests that are left and forget them."""
+        for rid in ids:
+            self.engine.abort_request(rid)
+        self._live.difference_update(ids)
+        self._unclaimed = [out for out in self._unclaimed if out.request_id not in ids]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
-        """Yield RequestOutputs step by step until every prompt has finished (request_id "req-N")."""
+        """Yield RequestOutputs step by step until every prompt has finished (request_id "req-N"). Streams may be
+        read side by side (and generate called between reads): each gets every output of its own requests."""
         ids = set(self._submit(prompts, sampling_params))
+        left = set(ids)
         try:
-            while ids:
-                for out in self.engine.step():
-                    if out.request_id in ids:
-                        yield out
-                        if out.finished:
-                            ids.discard(out.request_id)
+            while left:
+                for out in self._outputs(left):
+                    yield out
+                    if out.finished:
+                        left.discard(out.request_id)
         finally:  # a consumer that stops early cancels what is left
-            for rid in ids:
-                self.engine.abort_request(rid)
+            self._end(ids)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -105,15 +133,13 @@ class LLM:
             bar = tqdm(total=len(ids), desc="requests", unit="req")
         try:
             while any(r is None for r in results):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in order:
+                for out in self._outputs(order):
+                    if out.finished:
                         results[order[out.request_id]] = out
                         if bar is not None:
                             bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-            for rid, r in zip(ids, results):
-                if r is None:
-                    self.engine.abort_request(rid)
+            self._end(ids)
         return results

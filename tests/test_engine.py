@@ -109,6 +109,36 @@ def test_llm_generate_in_order_and_stream_matches(params, prompts):
     assert [o.token_ids for o in llm.generate(mixed, GREEDY, use_tqdm=False)] == want[1:3]
 
 
+def test_streams_used_side_by_side_each_get_all_their_outputs(params, prompts, monkeypatch):
+    # One stream's engine steps make the other's outputs too: they must reach that stream, not be dropped
+    # (a stream whose last output another consumed waited forever on an idle engine).
+    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False)
+    short, long = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 9))
+    want = static_tokens(params, prompts[:2], 9)
+    steps, step = [0], llm.engine.step
+
+    def counted():
+        steps[0] += 1
+        assert steps[0] < 200, "a stream never ended"
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", counted)
+    streams = {0: llm.stream(prompts[1], long), 1: llm.stream(prompts[0], short)}
+    got = {0: [], 1: []}
+    while streams:  # one output from each in turn, as zip() or two consumers would take them
+        for i, s in list(streams.items()):
+            out = next(s, None)
+            if out is None:
+                del streams[i]
+            else:
+                got[i] += out.new_token_ids
+    assert got == {0: want[1], 1: want[0][:4]}
+    s = llm.stream(prompts[0], short)
+    llm.engine.abort_request(next(s).request_id)  # behind the stream's back: an error, not a wait forever
+    with pytest.raises(RuntimeError, match="nothing left to run"):
+        next(s)
+
+
 def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prompts):
     llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False)
     p = prompts[1]
@@ -291,6 +321,20 @@ def test_token_ids_that_are_not_integers_are_refused_not_truncated(params, promp
     want = static_tokens(params, [prompts[0]], GREEDY.max_tokens)[0]
     for ok in (np.array(prompts[0], np.int64), [jnp.array(prompts[0])], [np.array(prompts[0], np.int32)]):
         assert llm.generate(ok, GREEDY, use_tqdm=False)[0].token_ids == want
+
+
+def test_prompts_that_are_neither_text_nor_token_ids_are_refused_by_name(params, prompts):
+    # bytes ran as the token ids of their byte values, and a dict (vLLM's {"prompt": ...} form) failed
+    # with KeyError: 0 or ran its keys as token ids.
+    llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False,
+              max_model_len=64)
+    for bad, kind in ((b"abc", "bytes"), ({"prompt_token_ids": prompts[0]}, "dict"), ({0: 5, 1: 6}, "dict"),
+                      ([prompts[0], {"prompt": "hi"}], "dict")):
+        with pytest.raises(ValueError, match=f"prompt {1 if isinstance(bad, list) else 0}: .*{kind}"):
+            llm.generate(bad, GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match="request 'r': .*bytearray"):
+        engine(params, max_model_len=64).add_request("r", bytearray(b"ab"), GREEDY)
 
 
 def test_per_request_density_serves_dense_and_sparse_side_by_side(params, prompts):

@@ -518,6 +518,20 @@ def test_detokenizer_stop_inside_multibyte_and_special_tokens():
     assert "".join(deltas) == "1€" and d.stopped == "2€"
 
 
+def test_detokenizer_stop_found_while_a_split_character_is_pending():
+    # Each "\x82\x86\xe3" token completes a "ゆ" and starts the next one, so the decoded text always ends
+    # in U+FFFD: the stop string is complete at the fourth token and must end the text there, not only at
+    # flush() (where the engine no longer cuts the tokens or says "stop").
+    tok = ByteTokenizer([b"\xe3", b"\x82\x86\xe3"])
+    d, deltas = detok_all(tok, [ord("x"), 257, 258, 258, 258, 258], stop=["ゆゆ"])
+    assert d.stopped == "ゆゆ" and d.text == "x" and "".join(deltas) == "x"
+    d = Detokenizer(tok, stop=["ゆゆ"])
+    assert [d.add_token(i) for i in (ord("x"), 257, 258)] == ["x", "", ""] and d.stopped is None
+    assert d.add_token(258) == "" and d.stopped == "ゆゆ"
+    d, deltas = detok_all(tok, [ord("x"), 257, 258, 258], stop=["ゆゆゆ"])  # no stop yet: held, then flushed
+    assert d.stopped is None and "".join(deltas) + d.flush() == "xゆゆ\ufffd"
+
+
 def test_block_manager_pages_and_invariants():
     bm = BlockManager(8, 4)
     a, b = Sequence(0, [5] * 9), Sequence(1, [5])

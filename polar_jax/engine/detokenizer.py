@@ -48,6 +48,12 @@ class Detokenizer:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._text += full[len(prefix):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        elif self.stop:
+            # Text waiting on a split character may already hold a stop string (a run of tokens that each
+            # complete one character and start the next): it ends the text at this token, not at flush().
+            held = self._text + full[len(prefix):].rstrip("\ufffd")
+            if any(s in held[self._released:] for s in self.stop):
+                self._text = held
         return self._release(final=False)
 
     def flush(self) -> str:
