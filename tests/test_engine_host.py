@@ -423,6 +423,8 @@ def test_add_rejects_requests_that_can_never_run():
     (dict(stop=["ok", ""]), "SamplingParams.stop must hold non-empty strings: got ''"),
     (dict(stop_token_ids=[3, -2]), "SamplingParams.stop_token_ids must hold ints >= 0: got -2"),
     (dict(ignore_eos=1), "SamplingParams.ignore_eos must be a bool: got 1"),
+    (dict(include_stop_str_in_output="yes"), "SamplingParams.include_stop_str_in_output must be a bool: got 'yes'"),
+    (dict(skip_special_tokens=None), "SamplingParams.skip_special_tokens must be a bool: got None"),
 ])
 def test_sampling_params_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -530,6 +532,19 @@ def test_detokenizer_stop_found_while_a_split_character_is_pending():
     assert d.add_token(258) == "" and d.stopped == "ゆゆ"
     d, deltas = detok_all(tok, [ord("x"), 257, 258, 258], stop=["ゆゆゆ"])  # no stop yet: held, then flushed
     assert d.stopped is None and "".join(deltas) + d.flush() == "xゆゆ\ufffd"
+
+
+def test_detokenizer_keeps_the_stop_string_and_special_tokens_when_asked():
+    """include_stop_str_in_output: the text ends after the stop string, not before it (text after it is still
+    dropped); skip_special_tokens False: special tokens' text stays (vLLM's two options)."""
+    tok = ByteTokenizer(["Hel", "lo ", "wo", "rld!"])
+    d = Detokenizer(tok, stop=["o wor"], include_stop=True)
+    deltas = [d.add_token(i) for i in [257, 258, 259, 260]]
+    assert "".join(deltas) == "Hello wor" == d.text and d.stopped == "o wor" and d.flush() == ""
+    ids = [ByteTokenizer.SPECIAL] + tok.encode("ab")
+    assert Detokenizer(tok).add_token(ids[0]) == ""
+    d = Detokenizer(tok, skip_special_tokens=False)
+    assert "".join(d.add_token(i) for i in ids) + d.flush() == "<s>ab"
 
 
 def test_block_manager_pages_and_invariants():

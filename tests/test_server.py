@@ -915,6 +915,17 @@ def test_penalties_and_min_p_reach_the_engine(client, offline, loaded, endpoint)
                                                                ignore_eos=True)).text
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    """vLLM's include_stop_str_in_output (refused before): the text ends with the stop string that ended it."""
+    kw = dict(model=MODEL, prompt="the fox", max_tokens=12, temperature=0)
+    free = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    assert len(free) >= 6
+    stop = free[4:6]
+    got = client.completions.create(**kw, stop=[stop], extra_body={"ignore_eos": True,
+                                                                   "include_stop_str_in_output": True}).choices[0]
+    assert got.text == free[:free.index(stop) + len(stop)] and got.finish_reason == "stop"
+
+
 def test_preemptions_are_counted_in_metrics():
     """polar_preemptions_total follows the scheduler's count (a pool that thrashes shows in /metrics)."""
     from polar_jax.server.metrics import ServerMetrics

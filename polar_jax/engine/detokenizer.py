@@ -12,16 +12,19 @@ class Detokenizer:
 
     Only complete text is released: text ending in U+FFFD (a multi-byte character split across tokens) waits
     for the next token, and an end of the text that could be the start of a stop string waits until it is
-    resolved. When a stop string appears (also across token boundaries) the text is cut before it, the stop
-    string is not emitted and `stopped` names it; the caller then finishes the sequence with "stop".
+    resolved. When a stop string appears (also across token boundaries) the text is cut before it (after it
+    with include_stop), the stop string is not emitted (is, with include_stop) and `stopped` names it; the
+    caller then finishes the sequence with "stop".
 
     tokenizer: anything with decode(ids, skip_special_tokens=...) -> str.
     """
 
-    def __init__(self, tokenizer, prompt_token_ids=(), stop=(), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_token_ids=(), stop=(), skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop
         context = list(prompt_token_ids)[-_CONTEXT_TOKENS:]
         self._ids = context
         self._prefix_offset = 0  # ids[prefix_offset:read_offset] is context decoded with the new tokens
@@ -72,6 +75,7 @@ class Detokenizer:
         hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
         if hits:
             cut, self.stopped = min(hits)
+            cut += len(self.stopped) if self.include_stop else 0
             self._text = text[:cut]
             self._released = cut
             return text[start:cut]

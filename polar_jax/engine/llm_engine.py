@@ -223,7 +223,8 @@ class LLMEngine:
                        attn_density=None if attn_density is None else float(attn_density))
         self.scheduler.add(seq)  # raises ValueError naming the request
         if self.tokenizer is not None:
-            self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop)
+            self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                                  params.include_stop_str_in_output)
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request in any state; its pages are free at once. False if unknown or finished."""

@@ -26,8 +26,10 @@ class SamplingParams:
     vocabulary keeps every token; min_p drops tokens less likely than min_p times the most likely one);
     repetition_penalty (> 0; 1: off), frequency_penalty and presence_penalty (in [-2, 2]; 0: off) change the
     logits before sampling, greedy included, as vLLM's (engine.sampler.penalized); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
-    shares its batch (not its heads under random head selection, which follow the engine's step). `stop` strings end the text (the stop string is not part of
-    it); `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept.
+    shares its batch (not its heads under random head selection, which follow the engine's step). `stop`
+    strings end the text (the stop string is not part of it, unless `include_stop_str_in_output`);
+    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept in
+    token_ids. `skip_special_tokens` False keeps special tokens' text in the output text.
     `logprobs` N (as vLLM's): the log-probability of each sampled token and the N most likely tokens at its
     position with theirs (0 <= N <= MAX_LOGPROBS; None: off); `prompt_logprobs` N: the same for each prompt
     token after the first. `max_tokens` None: until the context (max_model_len) ends.
@@ -48,6 +50,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -100,8 +104,9 @@ class SamplingParams:
             if not _is_int(i) or i < 0:
                 raise _bad("stop_token_ids", "must hold ints >= 0", i)
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise _bad("ignore_eos", "must be a bool", self.ignore_eos)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "must be a bool", getattr(self, name))
 
     @property
     def penalized(self) -> bool:

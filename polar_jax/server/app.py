@@ -205,6 +205,8 @@ class _API:
                                   repetition_penalty=body.repetition_penalty,
                                   seed=seed, max_tokens=max(max_tokens, 1), stop=body.stops,
                                   stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+                                  include_stop_str_in_output=body.include_stop_str_in_output,
+                                  skip_special_tokens=body.skip_special_tokens,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:  # "SamplingParams.top_p must be ...": name the field
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
@@ -220,8 +222,8 @@ class _API:
         except EngineError as e:
             raise APIError(503, str(e), type="server_error") from None
 
-    def _text(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def _text(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def _token_str(self, token_id: int) -> str:
         return self.token_bytes.token_str(token_id)
@@ -282,7 +284,7 @@ class _API:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
                     tops = list(out.prompt_top_logprobs) + tops
                 logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo))
-            choices.append(P.CompletionChoice(index=i, text=(self._text(ids) if body.echo else "") + text,
+            choices.append(P.CompletionChoice(index=i, text=(self._text(ids, body.skip_special_tokens) if body.echo else "") + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
         return P.CompletionResponse(id=req_id, model=self.model_name, choices=choices,
@@ -318,7 +320,7 @@ class _API:
                 text, toks, lps, tops = "", [], [], []
                 if body.echo and i not in sent_echo:
                     sent_echo.add(i)
-                    text, toks = self._text(ids_per_prompt[i]), list(ids_per_prompt[i])
+                    text, toks = self._text(ids_per_prompt[i], body.skip_special_tokens), list(ids_per_prompt[i])
                     lps, tops = list(out.prompt_logprobs or []), list(out.prompt_top_logprobs or [])
                 if not echo_only[i]:
                     text += out.new_text

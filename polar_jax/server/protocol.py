@@ -2,8 +2,8 @@
 
 Requests are validated here (types and ranges) so that a bad field becomes HTTP 400 naming it; what needs the
 model (prompt length against the context, token ids against the vocabulary) is checked in app.py.
-Extensions beyond OpenAI's fields: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids (as in
-vLLM), and polar_attn_density (the fraction of attention KV heads a sparse engine keeps for this request).
+Extensions beyond OpenAI's fields: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens (as in vLLM), and polar_attn_density (the fraction of attention KV heads a sparse engine keeps for this request).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ class StreamOptions(BaseModel):
 UNSUPPORTED = {"logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,),
                # vLLM's sampling extensions this server does not implement either
-               "include_stop_str_in_output": (False,), "use_beam_search": (False,),
-               "length_penalty": (1,), "skip_special_tokens": (True,)}
+               "use_beam_search": (False,), "length_penalty": (1,)}
 
 
 def _null_is_default(field) -> bool:
@@ -73,6 +72,8 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' text
     stop_token_ids: list[int] | None = None  # vLLM's extension: generation also ends at any of these ids
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
 
