@@ -47,7 +47,7 @@ def time_variants(V: int, B: int) -> list[dict]:
     for filtered, top, pen in [(f, t, None) for f in (False, True) for t in (1, min(MAX_LOGPROBS, V))] + \
             [(False, 1, penalties)]:
         def call(logits, filtered=filtered, top=top, pen=pen):
-            return _SAMPLE(filtered, top, last, logits, slots, temps, top_k, top_p, min_p, seeds, steps, pen)
+            return _SAMPLE(filtered, top, last, logits, slots, temps, top_k, top_p, min_p, seeds, steps, pen, None)
         ms = common.time_fn(call, logit_sets, inner=20, reps=15)
         records.append({"vocab": V, "batch": B, "filtered": filtered, "top": top,
                         "penalty_tokens": 0 if pen is None else T, "us": ms * 1e3})

@@ -277,6 +277,35 @@ def test_penalties_and_min_p_shape_each_requests_choice(params, prompts):
     assert changed > 0, "the penalties were meant to change some choices"
 
 
+@jax.default_matmul_precision("highest")
+def test_logit_bias_and_min_tokens(params, prompts):
+    """A greedy request with logit_bias picks the argmax of the logits plus its biases at every position;
+    min_tokens keeps EOS and stop token ids from ending a request early however likely they are: with EOS
+    pushed up by 100, a request stops at once without min_tokens, and on its (min_tokens + 1)-th token with
+    it; the same for a stop token id. Requests without either stay plain greedy in the same steps."""
+    eos = CFG.eos_token_ids[0]
+    greedy = dict(temperature=0, max_tokens=12)
+    bias = ((5, 3.0), (17, 4.5), (40, -100.0))
+    sps = [SamplingParams(**greedy, ignore_eos=True, logit_bias=dict(bias)),
+           SamplingParams(**greedy, logit_bias={eos: 100.0}),
+           SamplingParams(**greedy, logit_bias={eos: 100.0}, min_tokens=4),
+           SamplingParams(**greedy, ignore_eos=True, logit_bias={9: 100.0}, stop_token_ids=[9], min_tokens=6),
+           SamplingParams(**greedy, ignore_eos=True)]
+    done, _ = run_staggered(engine(params), prompts[:5], sps, arrive_every=1)
+    outs = [done[f"r{i}"] for i in range(5)]
+    assert (outs[1].token_ids, outs[1].finish_reason) == ([eos], "stop")
+    assert (outs[2].token_ids[4:], outs[2].finish_reason) == ([eos], "stop") and eos not in outs[2].token_ids[:4]
+    assert (outs[3].token_ids[6:], outs[3].finish_reason) == ([9], "stop") and 9 not in outs[3].token_ids[:6]
+    for i in (0, 4):
+        p, out = prompts[i], outs[i].token_ids
+        logits, _, _ = forward(CFG, params, jnp.asarray([p + out]), init_cache(CFG, 1, 128, jnp.float32))
+        rows = np.asarray(logits[0, len(p) - 1: len(p) - 1 + len(out)], np.float64)
+        for t, b in (bias if i == 0 else ()):
+            rows[:, t] += b
+        np.testing.assert_array_equal(rows.argmax(-1), out, err_msg=f"request {i}")
+    assert 40 not in outs[0].token_ids and {5, 17} & set(outs[0].token_ids)
+
+
 def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     eng = engine(params, max_model_len=64)
     eng.add_request("good", prompts[0], GREEDY)
@@ -358,7 +387,7 @@ def test_per_request_density_serves_dense_and_sparse_side_by_side(params, prompt
     assert any(dense[i] != sparse[i] for i in range(len(picks)))
 
 
-@pytest.mark.parametrize("program", ["decode", "mixed", "sample", "sample_filtered"])
+@pytest.mark.parametrize("program", ["decode", "mixed", "sample", "sample_filtered", "sample_penalized_biased"])
 def test_programs_read_nothing_back_mid_step(params, program):
     """The dense decode, mixed and sampler programs hold no conditional: XLA on a GPU copies a conditional's
     predicate to the host, which blocks the dispatch until the step is done and so the overlap of host and
@@ -376,7 +405,13 @@ def test_programs_read_nothing_back_mid_step(params, program):
                                   *r._prefill_args([], S)[0])
     else:
         logits = jnp.zeros((4, CFG.vocab_size), jnp.float32)
-        lowered = mr._SAMPLE.lower(program == "sample_filtered", 1, r.last, logits, *smp, None)
+        penalties = bias = None
+        if program == "sample_penalized_biased":  # and the top-20 variant
+            penalties = (np.full((4, 16), -2, np.int32), np.zeros(4, np.int32), np.zeros(4, np.float32),
+                         np.zeros(4, np.float32), np.ones(4, np.float32))
+            bias = (np.full((4, 8), -1, np.int32), np.zeros((4, 8), np.float32))
+        top = 20 if penalties else 1
+        lowered = mr._SAMPLE.lower(program == "sample_filtered", top, r.last, logits, *smp, penalties, bias)
     hlo = lowered.as_text()
     assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 

@@ -414,6 +414,10 @@ def test_add_rejects_requests_that_can_never_run():
                          "tokens to report beside the chosen one): got 1.0"),
     (dict(top_k=2.0), "SamplingParams.top_k must be an int >= 0 (0: off): got 2.0"),
     (dict(min_p=-0.1), "SamplingParams.min_p must be in [0, 1] (0: off): got -0.1"),
+    (dict(logit_bias={3: 101}), "SamplingParams.logit_bias must have biases in [-100, 100] (token 3): got 101"),
+    (dict(logit_bias={-1: 1}), "SamplingParams.logit_bias must have int token ids >= 0: got -1"),
+    (dict(logit_bias=[3, 4]), "SamplingParams.logit_bias must be a {token id: bias} mapping: got [3, 4]"),
+    (dict(min_tokens=-1), "SamplingParams.min_tokens must be an int >= 0: got -1"),
     (dict(min_p=True), "SamplingParams.min_p must be in [0, 1] (0: off): got True"),
     (dict(repetition_penalty=0), "SamplingParams.repetition_penalty must be a finite number > 0 (1: off): got 0"),
     (dict(frequency_penalty=2.5), "SamplingParams.frequency_penalty must be in [-2, 2] (0: off): got 2.5"),
@@ -545,6 +549,15 @@ def test_detokenizer_keeps_the_stop_string_and_special_tokens_when_asked():
     assert Detokenizer(tok).add_token(ids[0]) == ""
     d = Detokenizer(tok, skip_special_tokens=False)
     assert "".join(d.add_token(i) for i in ids) + d.flush() == "<s>ab"
+
+
+def test_detokenizer_stop_strings_count_only_from_min_tokens():
+    """min_tokens (vLLM's): a stop string in the first min_tokens - 1 tokens' text does not end it; one that
+    the min_tokens-th token completes does, even when it began before."""
+    tok = ByteTokenizer()
+    d = Detokenizer(tok, stop=["ab"], min_tokens=4)
+    assert "".join(d.add_token(i) for i in tok.encode("ab")) == "ab" and d.stopped is None
+    assert d.add_token(ord("a")) == "" and d.add_token(ord("b")) == "" and d.stopped == "ab" and d.text == "ab"
 
 
 def test_block_manager_pages_and_invariants():

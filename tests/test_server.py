@@ -404,7 +404,10 @@ BAD = [
      "less than or equal to 2"),
     ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty",
      "greater than 0"),
-    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias", "[-100, 100]"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"1000000": 1}}, 400, None, "outside the vocab"),
+    ("completions", {"model": MODEL, "prompt": "x", "min_tokens": -1}, 400, "min_tokens", "greater than or equal"),
     ("completions", {"model": MODEL, "prompt": "x", "min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
     ("completions", {"model": MODEL, "prompt": "x", "use_beam_search": True}, 400, "use_beam_search",
      "not supported"),
@@ -924,6 +927,23 @@ def test_include_stop_str_in_output_keeps_the_stop_string(client):
     got = client.completions.create(**kw, stop=[stop], extra_body={"ignore_eos": True,
                                                                    "include_stop_str_in_output": True}).choices[0]
     assert got.text == free[:free.index(stop) + len(stop)] and got.finish_reason == "stop"
+
+
+def test_logit_bias_and_min_tokens_reach_the_engine(client, offline, loaded):
+    """OpenAI's logit_bias (string token ids) and vLLM's min_tokens (refused before) give what the offline
+    engine gives for the same request: a token pushed up by 100 is chosen at every step; with EOS pushed up,
+    min_tokens keeps the request going until it has that many tokens."""
+    ids = loaded[2].encode("the fox")
+    t = loaded[2].encode("x", add_special_tokens=False)[0]
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, logit_bias={str(t): 100},
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert got.text == "x" * 5
+    eos = loaded[0].eos_token_ids[0]
+    kw = dict(model=MODEL, prompt=ids, max_tokens=8, temperature=0, logit_bias={str(eos): 100})
+    assert client.completions.create(**kw).choices[0].finish_reason == "stop"
+    got = client.completions.create(**kw, extra_body={"min_tokens": 3}).choices[0]
+    want = offline_one(offline, ids, SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100}, min_tokens=3))
+    assert (got.text, got.finish_reason) == (want.text, "stop") and len(want.token_ids) == 4
 
 
 def test_preemptions_are_counted_in_metrics():

@@ -20,9 +20,11 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, prompt_token_ids=(), stop=(), skip_special_tokens: bool = True,
-                 include_stop: bool = False):
+                 include_stop: bool = False, min_tokens: int = 0):
+        """min_tokens: stop strings count only from the token that makes the output that long (vLLM's)."""
         self.tokenizer = tokenizer
-        self.stop = tuple(stop)
+        self._stop = tuple(stop)
+        self.min_tokens = min_tokens
         self.skip_special_tokens = skip_special_tokens
         self.include_stop = include_stop
         context = list(prompt_token_ids)[-_CONTEXT_TOKENS:]
@@ -31,7 +33,13 @@ class Detokenizer:
         self._read_offset = len(context)  # ids from here on are not yet in _text
         self._text = ""  # decoded output text (complete characters), released or held back
         self._released = 0  # len of _text handed out as deltas
+        self._count = 0  # output tokens added
         self.stopped: str | None = None
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """The stop strings in force: none before min_tokens output tokens."""
+        return self._stop if self._count >= self.min_tokens else ()
 
     @property
     def text(self) -> str:
@@ -46,6 +54,7 @@ class Detokenizer:
         if self.stopped is not None:
             return ""
         self._ids.append(int(token_id))
+        self._count += 1
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -79,7 +88,7 @@ class Detokenizer:
             self._text = text[:cut]
             self._released = cut
             return text[start:cut]
-        end = len(text) if final else len(text) - _partial_stop(text[start:], self.stop)
+        end = len(text) if final else len(text) - _partial_stop(text[start:], self._stop)
         self._released = end
         return text[start:end]
 

@@ -217,6 +217,10 @@ class LLMEngine:
         if bad:  # the model can never sample it: the request would run to max_tokens where it meant to stop
             raise ValueError(f"request {request_id!r}: stop token id {bad[0]} is outside the vocabulary "
                              f"[0, {self.cfg.vocab_size})")
+        bad = [t for t, _ in params.logit_bias if t >= self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.cfg.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time,
@@ -224,7 +228,7 @@ class LLMEngine:
         self.scheduler.add(seq)  # raises ValueError naming the request
         if self.tokenizer is not None:
             self._detok[request_id] = Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
-                                                  params.include_stop_str_in_output)
+                                                  params.include_stop_str_in_output, params.min_tokens)
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request in any state; its pages are free at once. False if unknown or finished."""

@@ -201,17 +201,18 @@ def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, top: int, params, 
 
 
 def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k, top_p, min_p, seeds, steps,
-                    penalties):
+                    penalties, bias):
     """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
     tokens [B], logprobs [B], top_tokens [B, top], top_logprobs [B, top]) (see sample_rows). penalties: None,
-    or ModelRunner._penalties' arrays, whose PENDING tokens are read here from last at the row's slot. Its own
-    program, so the model programs need no variant per `filtered`, `top` or penalties."""
+    or ModelRunner._penalties' arrays, whose PENDING tokens are read here from last at the row's slot; bias:
+    None, or ModelRunner._bias' arrays. Its own program, so the model programs need no variant per
+    `filtered`, `top`, penalties or bias."""
     if penalties is not None:
         history, *rest = penalties
         pending = last[jnp.clip(slots, 0, last.shape[0] - 1)][:, None]  # [B, 1]
         penalties = (jnp.where(history == PENDING, pending, history), *rest)
     tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, min_p, seeds, steps,
-                                                     filtered=filtered, k=top, penalties=penalties)
+                                                     filtered=filtered, k=top, penalties=penalties, bias=bias)
     return _keep(last, slots, tok), tok, logprob, top_tok, top_logprob
 
 
@@ -388,12 +389,37 @@ class ModelRunner:
         asked = max((getattr(s.params, field) or 0 for s in seqs if s is not None), default=0)
         return 1 if asked <= 1 else min(MAX_LOGPROBS, self.cfg.vocab_size)
 
+    @staticmethod
+    def _bias(seqs, rows: int):
+        """The sampler's logit bias arrays for rows seqs (None: padding), or None when no row has one: ids
+        [rows, K] and values [rows, K] (K a power of two; id -1: no entry): each request's logit_bias, and
+        -inf on its EOS (unless ignore_eos) and stop_token_ids while its output is shorter than min_tokens."""
+        entries = {}
+        for i, s in enumerate(seqs):
+            if s is None:
+                continue
+            p = s.params
+            short = len(s.output_token_ids) < p.min_tokens  # the token sampled now would be output number len()
+            if not (p.logit_bias or short):
+                continue
+            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids)) if short else ()
+            if e := list(p.logit_bias) + [(t, -np.inf) for t in sorted(ends)]:
+                entries[i] = e
+        if not entries:
+            return None
+        K = max(8, 1 << (max(map(len, entries.values())) - 1).bit_length())
+        ids, values = np.full((rows, K), -1, np.int32), np.zeros((rows, K), np.float32)
+        for i, e in entries.items():
+            ids[i, : len(e)], values[i, : len(e)] = [t for t, _ in e], [b for _, b in e]
+        return ids, values
+
     def _sample(self, logits, sample_args, seqs):
         """Dispatch the sampler over logits [B, V] for rows seqs; sorts for top-k / top-p only when a row
         asks for it. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
         filtered = needs_filter(*sample_args[1:5])  # temps, top_k, top_p, min_p
+        rows = logits.shape[0]
         self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,
-                                      self._penalties(seqs, logits.shape[0]))
+                                      self._penalties(seqs, rows), self._bias(seqs, rows))
         return sampled
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
@@ -419,8 +445,8 @@ class ModelRunner:
             else:
                 logits = jnp.zeros((shape, self.cfg.vocab_size), jnp.float32)
                 _, smp = self._decode_args([], shape)
-                for filtered in (False, True):  # top logprobs above 1 and penalties compile their own
-                    self.last, *_ = _SAMPLE(filtered, 1, self.last, logits, *smp, None)
+                for filtered in (False, True):  # top logprobs above 1, penalties and biases compile their own
+                    self.last, *_ = _SAMPLE(filtered, 1, self.last, logits, *smp, None, None)
             jax.block_until_ready((self.k, self.v, self.last))
             if progress:
                 progress(i + 1, len(shapes))

@@ -1,8 +1,9 @@
 """Per-row sampling inside one batch: each row has its own temperature, top-k, top-p, min-p, penalties and seed.
 
 A request's n-th token is drawn with the key fold_in(key(seed), n), so a seeded request reproduces its
-tokens whatever else shares its batch. Temperature 0 is greedy. The penalties (as vLLM's) change the logits
-before anything else, greedy choice included: repetition divides a positive logit (multiplies a negative one)
+tokens whatever else shares its batch. Temperature 0 is greedy. Logit biases (OpenAI's logit_bias, and
+-inf on the tokens that would end a request before its min_tokens) and then the penalties (as vLLM's) change
+the logits before anything else, greedy choice included: repetition divides a positive logit (multiplies a negative one)
 of every token in the prompt or the output so far; frequency and presence subtract, per token of the output
 so far, its count times the one and the other once. logprob: the model's log-probability of the chosen token
 (log-softmax of the raw logits, before penalties, temperature and filtering); beside it the k most likely
@@ -40,6 +41,12 @@ def needs_filter(temps, top_k, top_p, min_p) -> bool:
     return bool(((temps > 0) & ((top_k > 0) | (top_p < 1) | (min_p > 0))).any())
 
 
+def biased(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """logits [B, V] f32 plus values [B, K] f32 at token ids [B, K] int32 of each row (-1: no entry)."""
+    B, V = logits.shape
+    return logits.at[jnp.arange(B)[:, None], jnp.where(ids >= 0, ids, V)].add(values, mode="drop")
+
+
 def penalized(logits: jax.Array, history: jax.Array, out_start: jax.Array, presence: jax.Array,
               frequency: jax.Array, repetition: jax.Array) -> jax.Array:
     """logits [B, V] f32 with each row's penalties applied (vLLM's order: repetition, then frequency and
@@ -69,9 +76,11 @@ def most_likely(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
                 seeds: jax.Array, steps: jax.Array, *, filtered: bool = True, k: int = 1,
-                penalties: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                penalties: tuple | None = None, bias: tuple | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [B, V] f32; temps, top_p, min_p [B] f32; top_k [B] int32 (0: off); seeds [B] uint32; steps [B]
-    int32; penalties: None, or `penalized`'s (history, out_start, presence, frequency, repetition).
+    int32; penalties: None, or `penalized`'s (history, out_start, presence, frequency, repetition); bias: None,
+    or `biased`'s (ids, values).
 
     filtered (static): apply top-k / top-p / min-p; False skips the [B, V] sort, valid when no row needs it
     (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
@@ -79,11 +88,14 @@ def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: ja
     k (static): how many of the most likely tokens to report.
     Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B, k] int32, top_logprobs [B, k] f32): the
     sampled tokens and their log-probabilities, and each row's k most likely tokens (the first is the argmax
-    of the raw logits, the greedy choice where no penalty applies) and their log-probabilities; logprobs and top_logprobs come from one
-    log-softmax of the raw logits, so they are equal where the sampled token is one of the most likely.
+    of the raw logits, the greedy choice where no bias or penalty applies) and their log-probabilities;
+    logprobs and top_logprobs come from one log-softmax of the raw logits, so they are equal where the
+    sampled token is one of the most likely.
     """
     logits = logits.astype(jnp.float32)
-    chosen_from = logits if penalties is None else penalized(logits, *penalties)
+    chosen_from = logits if bias is None else biased(logits, *bias)
+    if penalties is not None:
+        chosen_from = penalized(chosen_from, *penalties)
     greedy = jnp.argmax(chosen_from, axis=-1).astype(jnp.int32)
     z = chosen_from / jnp.where(temps > 0, temps, 1.0)[:, None]
     if filtered:

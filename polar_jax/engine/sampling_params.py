@@ -20,22 +20,26 @@ def _is_int(x) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples and when it stops.
+    """How one request samples and when it stops (vLLM's fields and meanings).
 
-    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off (a top_k at or past the
-    vocabulary keeps every token; min_p drops tokens less likely than min_p times the most likely one);
-    repetition_penalty (> 0; 1: off), frequency_penalty and presence_penalty (in [-2, 2]; 0: off) change the
-    logits before sampling, greedy included, as vLLM's (engine.sampler.penalized); seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else
-    shares its batch (not its heads under random head selection, which follow the engine's step). `stop`
-    strings end the text (the stop string is not part of it, unless `include_stop_str_in_output`);
-    `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept in
-    token_ids. `skip_special_tokens` False keeps special tokens' text in the output text.
-    `logprobs` N (as vLLM's): the log-probability of each sampled token and the N most likely tokens at its
-    position with theirs (0 <= N <= MAX_LOGPROBS; None: off); `prompt_logprobs` N: the same for each prompt
-    token after the first. `max_tokens` None: until the context (max_model_len) ends.
+    - temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off (a top_k at or past the
+      vocabulary keeps every token; min_p drops tokens less likely than min_p times the most likely one).
+    - logit_bias ({token id: bias in [-100, 100]}, OpenAI's; kept as sorted (id, bias) pairs), then
+      repetition_penalty (> 0; 1: off), frequency_penalty and presence_penalty (in [-2, 2]; 0: off) change
+      the logits before sampling, greedy included (engine.sampler.biased, penalized).
+    - seed (any int, taken mod 2**32) makes the request's samples reproducible whatever else shares its batch
+      (not its heads under random head selection, which follow the engine's step).
+    - `stop` strings end the text (the stop string is not part of it, unless `include_stop_str_in_output`);
+      `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept in
+      token_ids; none of them ends it before `min_tokens` tokens. `skip_special_tokens` False keeps special
+      tokens' text in the output text.
+    - `logprobs` N: the log-probability of each sampled token and the N most likely tokens at its position
+      with theirs (0 <= N <= MAX_LOGPROBS; None: off); `prompt_logprobs` N: the same for each prompt token
+      after the first.
+    - `max_tokens` None: until the context (max_model_len) ends.
 
-    vLLM's spellings of "off" are taken as well: None for stop and stop_token_ids, top_k -1. True for either
-    logprobs field means 1, False None.
+    vLLM's spellings of "off" are taken as well: None for stop, stop_token_ids and logit_bias, top_k -1. True
+    for either logprobs field means 1, False None.
     """
 
     temperature: float = 1.0
@@ -45,6 +49,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
     seed: int | None = None
     max_tokens: int | None = 16
     stop: tuple[str, ...] = ()
@@ -56,7 +62,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "logit_bias"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, ())
         for name in ("logprobs", "prompt_logprobs"):
@@ -93,6 +99,22 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
                 raise _bad(name, rule, v)
+        bias = self.logit_bias
+        try:
+            pairs = list(bias.items() if hasattr(bias, "items") else bias)
+        except TypeError:
+            raise _bad("logit_bias", "must be a {token id: bias} mapping", bias) from None
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise _bad("logit_bias", "must be a {token id: bias} mapping", bias)
+            t, b = pair
+            if not _is_int(t) or t < 0:
+                raise _bad("logit_bias", "must have int token ids >= 0", t)
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not -100 <= b <= 100:
+                raise _bad("logit_bias", f"must have biases in [-100, 100] (token {t})", b)
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise _bad("min_tokens", "must be an int >= 0", self.min_tokens)
         if self.seed is not None and not _is_int(self.seed):
             raise _bad("seed", "must be None or an int", self.seed)
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):

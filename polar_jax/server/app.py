@@ -202,7 +202,8 @@ class _API:
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                                   min_p=body.min_p, presence_penalty=body.presence_penalty,
                                   frequency_penalty=body.frequency_penalty,
-                                  repetition_penalty=body.repetition_penalty,
+                                  repetition_penalty=body.repetition_penalty, logit_bias=body.token_bias,
+                                  min_tokens=body.min_tokens,
                                   seed=seed, max_tokens=max(max_tokens, 1), stop=body.stops,
                                   stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                                   include_stop_str_in_output=body.include_stop_str_in_output,
@@ -284,7 +285,8 @@ class _API:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
                     tops = list(out.prompt_top_logprobs) + tops
                 logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo))
-            choices.append(P.CompletionChoice(index=i, text=(self._text(ids, body.skip_special_tokens) if body.echo else "") + text,
+            echoed = self._text(ids, body.skip_special_tokens) if body.echo else ""
+            choices.append(P.CompletionChoice(index=i, text=echoed + text,
                                               logprobs=logprobs,
                                               finish_reason="length" if echo_only[i] else out.finish_reason))
         return P.CompletionResponse(id=req_id, model=self.model_name, choices=choices,

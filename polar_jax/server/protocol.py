@@ -2,8 +2,9 @@
 
 Requests are validated here (types and ranges) so that a bad field becomes HTTP 400 naming it; what needs the
 model (prompt length against the context, token ids against the vocabulary) is checked in app.py.
-Extensions beyond OpenAI's fields: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-include_stop_str_in_output, skip_special_tokens (as in vLLM), and polar_attn_density (the fraction of attention KV heads a sparse engine keeps for this request).
+Extensions beyond OpenAI's fields: top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens (as in vLLM), and polar_attn_density (the fraction of attention
+KV heads a sparse engine keeps for this request).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class StreamOptions(BaseModel):
 # OpenAI fields this server does not implement, with the values that mean "not used" (besides null, and
 # what SDKs send by default: an empty logit_bias, a text response_format): a request that sets one otherwise
 # gets 400 rather than an answer that silently ignores it. Other unknown fields are ignored.
-UNSUPPORTED = {"logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-               "functions": ([],), "response_format": ({"type": "text"},), "min_tokens": (0,),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+               "functions": ([],), "response_format": ({"type": "text"},),
                # vLLM's sampling extensions this server does not implement either
                "use_beam_search": (False,), "length_penalty": (1,)}
 
@@ -66,6 +67,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None  # OpenAI's {token id: bias in [-100, 100]}
+    min_tokens: int = Field(0, ge=0, strict=True)  # vLLM's: no EOS, stop token or stop string before this many
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)  # any 64-bit seed, as OpenAI's; taken mod 2**32
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, strict=True)  # choices per prompt: n engine requests (at most the server's queue)
@@ -95,6 +98,18 @@ class _Sampling(BaseModel):
                     raise PydanticCustomError("unsupported", "{name} is not supported by this server",
                                               {"name": name})
         return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias):
+        for key in bias or {}:
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        return bias
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return None if self.logit_bias is None else {int(k): v for k, v in self.logit_bias.items()}
 
     @field_validator("stop")
     @classmethod
