@@ -40,6 +40,14 @@ def _load_sparsity(path: str):
     return SparsityConfig.from_json(path)  # its errors name the file
 
 
+def check_sparsity_fits(sparsity, path: str, cfg) -> None:
+    """The sparsity file's per-layer fields against the model's layers, before the weights load."""
+    try:
+        sparsity.check_layers(cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def check_flags(args, prompts: list[str]):
     """The sparsity config from the flags (None: dense); a one-line ValueError naming any bad flag. Runs before
     the model loads."""
@@ -57,12 +65,14 @@ def check_flags(args, prompts: list[str]):
     except ValueError as e:  # "SamplingParams.min_p must be ...": name the flag
         field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
         raise ValueError(str(e).replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"), 1)) from None
+    if args.attn_source is not None and (args.sparsity or args.attn_density == 1):  # it would be ignored
+        raise ValueError("--attn-source needs --attn-density below 1 (a --sparsity file names its own source)")
     if args.sparsity:
         if args.attn_density < 1:
             raise ValueError("give either --sparsity or --attn-density, not both")
         return _load_sparsity(args.sparsity)
     if args.attn_density < 1:
-        return SparsityConfig(attn=args.attn_source, attn_density=args.attn_density)
+        return SparsityConfig(attn=args.attn_source or "router", attn_density=args.attn_density)
     return None
 
 
@@ -111,6 +121,8 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     sparsity = check_flags(args, prompts)
     checkpoint.check_model_dir(model_dir)
     cfg = load_config(model_dir / checkpoint.CONFIG_FILE)
+    if args.sparsity:
+        check_sparsity_fits(sparsity, args.sparsity, cfg)
     tokenizer = checkpoint.load_tokenizer(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; convert the model with its tokenizer")
@@ -253,7 +265,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`) for the decode steps")
     p.add_argument("--attn-density", type=float, default=1.0,
                    help="fraction of KV heads (groups) each sequence attends with at decode (default 1 = dense)")
-    p.add_argument("--attn-source", default="router", choices=["router", "oracle", "random"],
+    p.add_argument("--attn-source", choices=["router", "oracle", "random"],
                    help="where the heads come from when --attn-density < 1 (default: learned router)")
 
 

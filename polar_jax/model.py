@@ -317,7 +317,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: KVCache, 
     # about twice as long to start (benchmarks/NOTES.md). Prefill steps, whose layers are few large GEMMs,
     # keep the loop.
     if decode or riders is not None:
-        segments = plan(sp, cfg, Bd, row_density is not None)
+        segments = plan(sp, cfg, Bd, row_density is not None, count_table)
     else:
         segments = [Segment(0, cfg.n_layers, None, None)]
     neurons = sp.neuron_counts(cfg)

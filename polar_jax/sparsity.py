@@ -28,6 +28,12 @@ from polar_jax.config import ModelConfig
 SOURCES = ("all", "oracle", "random", "router")
 
 
+def _check_whole_neurons(name: str, ks) -> None:
+    k = np.atleast_1d(np.asarray(ks))
+    if k.dtype.kind not in "iu" or np.any(k < 1):
+        raise ValueError(f"{name} must be whole neurons, >= 1 per layer, got {ks}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     attn: str = "all"
@@ -48,9 +54,11 @@ class SparsityConfig:
             if getattr(self, field) not in SOURCES:
                 raise ValueError(f"sparsity {field}={getattr(self, field)!r}; choose one of {SOURCES}")
         dens = np.atleast_1d(np.asarray(self.attn_density, dtype=np.float64))
-        if np.any(dens <= 0) or np.any(dens > 1):
+        if not np.all((dens > 0) & (dens <= 1)):  # NaN too
             raise ValueError(f"attention density must lie in (0, 1], got {self.attn_density}")
         if self.mlp_k_table is not None:
+            for b, ks in self.mlp_k_table:
+                _check_whole_neurons(f"mlp_k_table[{b}]", ks)
             table = tuple((int(b), tuple(int(k) for k in np.atleast_1d(ks))) for b, ks in self.mlp_k_table)
             batches = [b for b, _ in table]
             if not table or batches != sorted(set(batches)) or batches[0] < 1:
@@ -59,9 +67,7 @@ class SparsityConfig:
         if self.mlp in ("random", "router") and self.mlp_k is None and self.mlp_k_table is None:
             raise ValueError(f"mlp={self.mlp!r} needs mlp_k (neurons per layer) or mlp_k_table")
         if self.mlp_k is not None:
-            k = np.atleast_1d(np.asarray(self.mlp_k))
-            if k.dtype.kind not in "iu" or np.any(k < 1):
-                raise ValueError(f"mlp_k must be whole neurons, >= 1 per layer, got {self.mlp_k}")
+            _check_whole_neurons("mlp_k", self.mlp_k)
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             raise ValueError(f"sparsity seed must be an integer, got {self.seed!r}")
         if not isinstance(self.dense_layers, (tuple, list)) or not all(
@@ -71,6 +77,8 @@ class SparsityConfig:
         if self.attn == "all" and np.any(dens < 1):
             raise ValueError(f"attn_density {self.attn_density} needs attn = router, oracle or random (with attn "
                              "'all' every head runs)")
+        if self.mlp_k is not None and self.mlp_k_table is not None:
+            raise ValueError("pass either mlp_k or mlp_k_table, not both (the table's k would replace mlp_k)")
         if self.mlp == "all" and (self.mlp_k is not None or self.mlp_k_table is not None):
             raise ValueError("mlp_k / mlp_k_table need mlp = router or random (with mlp 'all' every neuron runs)")
 
@@ -91,6 +99,9 @@ class SparsityConfig:
             n = np.size(v) if v is not None else 1
             if n != 1 and n != L:
                 raise ValueError(f"sparsity {name} has {n} per-layer values; {cfg.name} has {L} layers")
+            if name != "attn_density" and v is not None and np.max(v) > cfg.mlp_dim:
+                raise ValueError(f"sparsity {name} keeps up to {int(np.max(v))} neurons a layer; {cfg.name}'s MLP "
+                                 f"has {cfg.mlp_dim} (a config made for another model?)")
 
     def for_batch(self, batch: int) -> SparsityConfig:
         """This config with mlp_k taken from mlp_k_table for a batch of `batch` real sequences.
@@ -189,21 +200,25 @@ class Segment:
     neuron_capacity: int | None
 
 
-def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int, per_row_heads: bool = False) -> list[Segment]:
+def plan(sp: SparsityConfig, cfg: ModelConfig, batch: int, per_row_heads: bool = False,
+         count_table: np.ndarray | None = None) -> list[Segment]:
     """Split the layers into segments of equal capacities (typically: dense layer 0, then the rest).
 
     Sparse layers share the largest count among them as capacity, so the kernels' grids follow the work
     (a dense layer in the same scan would force the capacity of every layer up to all heads / neurons).
     per_row_heads: each sequence may ask for its own head count (up to all K), so sparse layers get
     capacity K; slots past a row's count are empty and cost an early exit.
+    count_table: [batch + 1, L] a calibrated table's neuron counts by real rows (SparsityConfig.
+    neuron_count_table), sp's mlp_k their largest: a layer selects neurons where any row count keeps fewer than F.
     """
     K, F = cfg.n_kv_heads, cfg.mlp_dim
     heads, neurons = sp.head_counts(cfg), sp.neuron_counts(cfg, batch)
+    fewest = neurons if count_table is None else np.min(count_table, axis=0)
     dense = np.zeros(cfg.n_layers, bool)
     dense[list(sp.dense_layers)] = True
     sparse_heads = ~dense & (sp.attn != "all") & ((heads < K) | per_row_heads)
     head_cap = [(K if per_row_heads else int(heads[sparse_heads].max())) if s else None for s in sparse_heads]
-    sparse_mlp = ~dense & (sp.mlp != "all") & ((neurons < F) | (sp.mlp == "oracle"))
+    sparse_mlp = ~dense & (sp.mlp != "all") & ((fewest < F) | (sp.mlp == "oracle"))
     if sp.mlp == "router":  # the union of each token's top-k over the batch
         cap = int(min(F, batch * neurons[sparse_mlp].max())) if sparse_mlp.any() else None
     elif sp.mlp == "random":

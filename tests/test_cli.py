@@ -119,6 +119,7 @@ def no_weights(monkeypatch):
     (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with max_new_tokens=20000 it needs 20002 positions, "
                                     "more than the model's context length of 64"),
     (["--max-new-tokens", "1000000000"], "model's context length of 64"),
+    (["--attn-source", "oracle"], "--attn-source needs --attn-density below 1"),  # it ran dense without a word
 ])
 def test_bad_flags_fail_before_the_model_loads(model_dir, capsys, no_weights, flags, message):
     rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", *flags)
@@ -163,6 +164,16 @@ def test_broken_sparsity_json_names_the_file(model_dir, tmp_path, capsys, no_wei
     rc, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", "--sparsity", bad)
     assert rc == 2 and f"bad sparsity config {bad}" in err and "sideways" in err, err
 
+
+def test_a_sparsity_json_for_another_model_is_named_before_the_weights_load(model_dir, tmp_path, capsys, no_weights):
+    """A config of another model's layer count (or layers past this one's) was noticed only once the weights had
+    loaded, and the message did not say which file."""
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"attn": "oracle", "attn_density": [1.0] + [0.5] * CFG.n_layers}))
+    rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "4",
+                       "--sparsity", other)
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{other}: sparsity attn_density has {CFG.n_layers + 1} per-layer values" in err, err
 
 def test_cache_too_big_for_memory(model_dir, tmp_path, capsys, no_weights):
     """A model with a huge context: 5e8 new tokens pass the context check but not the memory check."""
@@ -231,6 +242,16 @@ def test_serve_on_a_busy_port_fails_before_loading(tmp_path, capsys):
         rc, _, err = run(capsys, "serve", "--model", tmp_path / "not-loaded", "--port", port)
     assert rc == 2 and err.startswith(f"polar: error: cannot listen on 127.0.0.1:{port}: "), err
 
+
+def test_serve_reads_its_sparsity_file_before_the_weights_load(model_dir, tmp_path, capsys, no_weights):
+    """A broken or mismatched --sparsity file was read only once the weights had loaded."""
+    bad = tmp_path / "sp.json"
+    bad.write_text('{"attn": "sideways"}')
+    rc, _, err = run(capsys, "serve", "--model", model_dir, "--sparsity", bad, "--port", "0")
+    assert rc == 2 and f"bad sparsity config {bad}" in err, err
+    bad.write_text(json.dumps({"attn": "oracle", "attn_density": [1.0] + [0.5] * CFG.n_layers}))
+    rc, _, err = run(capsys, "serve", "--model", model_dir, "--sparsity", bad, "--port", "0")
+    assert rc == 2 and f"{bad}: sparsity attn_density has {CFG.n_layers + 1} per-layer values" in err, err
 
 def test_serve_warns_when_the_tokenizer_outgrows_the_vocabulary(tmp_path, monkeypatch):
     """--random-weights with another model's tokenizer: its ids past the vocabulary decoded to ''."""

@@ -409,3 +409,24 @@ def test_a_calibrated_k_table_follows_the_real_rows_not_the_padding(monkeypatch)
         jax.block_until_ready(step(cache, jnp.asarray(n_new, jnp.int32)))
         jax.effects_barrier()
         assert (counts[1], counts[2]) == want, (n_new, counts)
+
+
+def test_a_table_layer_that_keeps_every_neuron_at_one_row_is_still_sparse_at_more():
+    """calibrate writes F where no k < F reaches the recall (typically at batch 1, where a token's top-k must
+    cover all its active neurons); a larger batch's smaller k must still apply in that layer: it ran dense at
+    every batch size. Four real rows: the same logits as the batch-4 entry given as mlp_k."""
+    from training import routers as rt
+
+    cfg = preset("tiny-opt")
+    F = cfg.mlp_dim
+    params = init_params(cfg, jax.random.key(5))
+    params["routers"] = {"mlp": rt.init_mlp(cfg, jax.random.key(6), hidden=16)}
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (4, 3)))
+    _, cache, _ = forward(cfg, params, tokens, init_cache(cfg, 4, 16, jnp.float32))
+    table = SparsityConfig(mlp="router", mlp_k_table=((1, (F, F, F)), (4, (F, 8, 8))))
+    fixed = SparsityConfig(mlp="router", mlp_k=(F, 8, 8))
+    dense = forward(cfg, params, tokens[:, :1], cache)[0]
+    want = forward(cfg, params, tokens[:, :1], cache, sparsity=fixed)[0]
+    got = forward(cfg, params, tokens[:, :1], cache, sparsity=table)[0]
+    assert not np.allclose(want, dense, atol=1e-4)  # 8 of F neurons per token change the output
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,8 @@ training fits (numpy, no activation between its two layers).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,6 +180,7 @@ def test_mlp_oracle_union_is_the_active_neurons():
     (dict(attn_density=0.25), "needs attn = router, oracle or random"),  # attn stays "all": silently dense
     (dict(mlp_k=64), "mlp_k / mlp_k_table need mlp = router or random"),
     (dict(mlp="random", mlp_k=2.5), "mlp_k must be whole neurons"),
+    (dict(mlp="router", mlp_k=64, mlp_k_table=((1, (128,)),)), "either mlp_k or mlp_k_table, not both"),
     (dict(seed="abc"), "seed must be an integer"),
     (dict(dense_layers=None), "dense_layers must be a list of layer indices"),
 ])
@@ -205,3 +208,39 @@ def test_a_density_rounds_to_a_head_count_half_up():
         assert rt.topk_count(density, K) == want
         per_row = row_head_counts(cfg, 0, jnp.asarray([density, np.nan], jnp.float32))
         assert per_row[:, 0].tolist() == [want, 0]
+
+
+def test_a_nan_density_is_refused(tmp_path):
+    """NaN passes both `<= 0` and `> 1`: it was accepted and ran every sparse layer with no heads at all (its
+    head count cast to -2**31); a JSON file may hold one (json reads NaN)."""
+    with pytest.raises(ValueError, match=r"attention density must lie in \(0, 1\]"):
+        SparsityConfig(attn="oracle", attn_density=float("nan"))
+    path = tmp_path / "sp.json"
+    path.write_text('{"attn": "oracle", "attn_density": [1.0, NaN, 0.5]}')
+    with pytest.raises(ValueError, match=f"bad sparsity config {path}: attention density must lie in"):
+        SparsityConfig.from_json(path)
+
+
+@pytest.mark.parametrize("table", [((1, (300, 0, 256)),), ((1, (300, 1.5, 256)),), ((1, (8, -2)), (4, (8, 8)))])
+def test_mlp_k_table_entries_must_be_whole_neurons(tmp_path, table):
+    """A calibrated table's k are checked as mlp_k is: a 0 failed only at the first decode step with a message
+    about mlp_k, which the file does not hold; 1.5 ran as 1 neuron per token."""
+    with pytest.raises(ValueError, match=r"mlp_k_table\[1\] must be whole neurons, >= 1 per layer"):
+        SparsityConfig(mlp="router", mlp_k_table=table)
+    path = tmp_path / "sp.json"
+    path.write_text(json.dumps({"mlp": "router", "mlp_k_table": {str(b): list(ks) for b, ks in table}}))
+    with pytest.raises(ValueError, match=rf"bad sparsity config {path}: mlp_k_table\[1\] must be whole neurons"):
+        SparsityConfig.from_json(path)
+
+
+def test_more_neurons_than_the_model_has_is_refused():
+    """A table calibrated on a wider MLP (another model of the same depth) ran clipped to F without a word: the
+    layers it names sparse ran dense."""
+    cfg = preset("tiny-opt")
+    F = cfg.mlp_dim
+    SparsityConfig(mlp="router", mlp_k_table=((1, (F, F, 8)),)).check_layers(cfg)  # F itself: every neuron
+    with pytest.raises(ValueError, match=rf"mlp_k_table\[4\] keeps up to {F + 128} neurons a layer; tiny-opt's MLP "
+                                         rf"has {F}"):
+        SparsityConfig(mlp="router", mlp_k_table=((1, (F, F, 8)), (4, (F, F + 128, 8)))).check_layers(cfg)
+    with pytest.raises(ValueError, match=rf"mlp_k keeps up to {2 * F} neurons"):
+        SparsityConfig(mlp="random", mlp_k=2 * F).check_layers(cfg)

@@ -153,6 +153,21 @@ def test_sparse_decode_changes_ppl(tiny):
     assert dense["ppl"] != sparse["ppl"] and np.isfinite(sparse["ppl"])
 
 
+
+def test_decode_ppl_takes_the_table_entry_of_the_real_windows(tiny):
+    """5 windows in batches of 4: the last batch holds one real window beside 3 padding copies, and must run with
+    the batch-1 entry of a calibrated table (as a decode step takes the entry of its real rows), not batch 4's."""
+    cfg, params = tiny
+    F = cfg.mlp_dim
+    params = {**params, "routers": {"mlp": rt.init_mlp(cfg, jax.random.key(5), hidden=16)}}
+    windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (5, 14)).astype(np.int32)
+    sp = SparsityConfig(mlp="router", mlp_k_table=((1, (F, F // 2, F // 2)), (4, (F, 4, 4))))
+    got = ev.perplexity(cfg, params, windows, 4, sp, batch=4, progress=False)
+    first = ev.perplexity(cfg, params, windows[:4], 4, sp.for_batch(4), batch=4, progress=False)
+    last = ev.perplexity(cfg, params, windows[4:], 4, sp.for_batch(1), batch=1, progress=False)
+    assert got["tokens"] == first["tokens"] + last["tokens"]
+    assert got["nll"] == pytest.approx((first["nll"] * 4 + last["nll"]) / 5, rel=1e-5)
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoints and bad input
 
@@ -280,6 +295,29 @@ def test_collect_states_the_size_and_refuses_a_full_disk(tmp_path, tiny, monkeyp
     size = sum(f.stat().st_size for f in (tmp_path / "d").rglob("*.npy"))
     assert 256 * per_token <= size <= 256 * per_token + 8 * 1024  # + .npy headers
 
+
+
+def test_a_sweep_without_matplotlib_fails_before_the_work(tmp_path, tiny_dir, capsys, monkeypatch):
+    """matplotlib is an optional extra (`bench`): without it the sweep ran to the end, wrote OUT.json and OUT.md,
+    and only then failed on OUT.png."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(ev, "sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    text = tmp_path / "t.txt"
+    text.write_text("Hi there. " * 200)
+    out = tmp_path / "sweep"
+    assert polar(["eval", "ppl", "--model", str(tiny_dir), "--sweep", "--text", str(text), "--prefix", "8",
+                  "--decode-len", "8", "--max-tokens", "16", "--out", str(out), "--quiet"]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not list(tmp_path.glob("sweep*"))
+
+
+@pytest.mark.parametrize("extra", [[], ["--sparsity", "sp.json"], ["--sweep"]])
+def test_eval_ppl_refuses_a_source_it_would_ignore(tiny_dir, capsys, extra):
+    """`--source oracle` without --attn-density measured the dense model under the sparse run's name."""
+    assert polar(["eval", "ppl", "--model", str(tiny_dir), "--source", "oracle", *extra]) == 2
+    assert "--source needs --attn-density or --attn-groups" in capsys.readouterr().err
 
 # ---------------------------------------------------------------------------------------------------
 # the whole pipeline through the CLI

@@ -109,6 +109,9 @@ def cmd_eval_ppl(args) -> None:
         raise ValueError("pass either --sparsity or --attn-density / --attn-groups, not both")
     if args.sweep and (args.sparsity or heads_given):
         raise ValueError("--sweep sets the head densities itself (--densities); drop --sparsity / --attn-density")
+    if args.source is not None and not heads_given:  # it would be ignored
+        raise ValueError("--source needs --attn-density or --attn-groups (a --sparsity file names its own source, "
+                         "--sweep takes --sources)")
     cfg, params, tokenizer = _load_model(args.model)
     tokens, source = load_tokens(tokenizer, cfg.vocab_size, args.text, args.dataset, args.split, args.heldout_frac)
     windows = ev.eval_windows(cfg, tokens, args.prefix, args.decode_len, args.max_tokens)
@@ -124,6 +127,7 @@ def cmd_eval_ppl(args) -> None:
             ev.head_sparsity("oracle", d, cfg)  # validates the density before hours of work
         for suffix in (".json", ".md", ".png"):  # and the output files
             check_writable(Path(args.out).with_suffix(suffix))
+        ev.pyplot()  # and the plotter (an optional extra)
         result = ev.sweep(cfg, params, windows, args.prefix, densities, args.batch, sources, args.seed, progress)
         print(ev.format_sweep(result, cfg.n_kv_heads))
         metrics_path = Path(args.model) / METRICS_FILE
@@ -138,8 +142,9 @@ def cmd_eval_ppl(args) -> None:
         what = f"sparsity {args.sparsity}"
     elif heads_given:
         k = attn_group_count(cfg.n_kv_heads, args.attn_density, args.attn_groups)
-        sp = ev.head_sparsity(args.source, k / cfg.n_kv_heads, cfg)
-        what = f"{args.source} top-{int(sp.head_counts(cfg)[-1])}/{cfg.n_kv_heads} KV groups"
+        source = args.source or "router"
+        sp = ev.head_sparsity(source, k / cfg.n_kv_heads, cfg)
+        what = f"{source} top-{int(sp.head_counts(cfg)[-1])}/{cfg.n_kv_heads} KV groups"
     else:
         sp, what = None, "dense"
     r = ev.perplexity(cfg, params, windows, args.prefix, sp, args.batch, args.seed, progress)
@@ -203,7 +208,7 @@ model with params["routers"] to --out, a model directory that generate / eval / 
                        formatter_class=_FMT, description="""\
 Write the SparsityConfig JSON that generate / eval / benchmarks read (--sparsity). Attention: a uniform
 --attn-density of KV groups per sequence (layer 0 dense) from the attention router. MLP (models with an
-MLP router): for each layer and batch size, the smallest router top-k (a multiple of 128) whose union over
+MLP router): for each layer and batch size, the smallest router top-k (a multiple of 128, or all F) whose union over
 a batch recalls --recall of the truly active neurons, over random batches of the collected tokens' test split
 (about the last 10%, in whole windows, which the router neither trained nor stopped early on).""")
     p.add_argument("--model", required=True, help="model directory with routers (from `polar train-routers`)")
@@ -233,7 +238,7 @@ density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--model", required=True, help="model directory (with routers for --source router)")
     p.add_argument("--sparsity", help="sparsity config JSON (from `polar calibrate`)")
     _attn_flags(p, "kept per sequence in layers > 0")
-    p.add_argument("--source", default="router", choices=["router", "oracle", "random"],
+    p.add_argument("--source", choices=["router", "oracle", "random"],
                    help="where the kept groups come from (default router)")
     p.add_argument("--prefix", type=int, default=64, help="dense prefill tokens per window (default 64)")
     p.add_argument("--decode-len", type=positive_int, default=192, help="decode steps per window (default 192)")

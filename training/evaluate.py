@@ -79,7 +79,8 @@ def perplexity(cfg: ModelConfig, params: dict, windows: np.ndarray, prefix: int,
         real = len(w)
         if real < batch:  # pad with copies to the compiled batch shape; their NLL is dropped
             w = np.concatenate([w, np.repeat(w[-1:], batch - real, 0)])
-        nll = np.asarray(_decode_nll_jit(cfg, params, jnp.asarray(w), prefix, sparsity, jax.random.fold_in(key, i)))
+        sp = None if sparsity is None else sparsity.for_batch(real)  # a calibrated table: the real windows' k
+        nll = np.asarray(_decode_nll_jit(cfg, params, jnp.asarray(w), prefix, sp, jax.random.fold_in(key, i)))
         total += float(nll[:real].astype(np.float64).sum())
         count += nll[:real].size
     mean = total / count
@@ -146,13 +147,20 @@ def format_sweep(result: dict, n_kv: int) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(result: dict, cfg: ModelConfig, path) -> None:
+def pyplot():
+    """matplotlib.pyplot (Agg backend); ValueError when matplotlib, an optional extra, is not installed. The sweep
+    calls it before its work too, so a missing plotter does not fail it at the end."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("the --sweep plot needs matplotlib (pip install matplotlib)") from None
+    return plt
+
+
+def plot_sweep(result: dict, cfg: ModelConfig, path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for s, style in (("router", "o-"), ("oracle", "s--"), ("random", "^:")):
         pts = sorted((r["groups"] / cfg.n_kv_heads, r["ppl"]) for r in result["rows"] if r["source"] == s)

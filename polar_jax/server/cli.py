@@ -49,17 +49,32 @@ def _model(args):
     return cfg, params, tokenizer or own_tokenizer, model_dir.name
 
 
+def _sparsity(args):
+    """The --sparsity config (None: dense), read and fitted to the model's layers before its weights load."""
+    from polar_jax.checkpoint import CONFIG_FILE
+    from polar_jax.cli import check_sparsity_fits
+    from polar_jax.config import load_config
+    from polar_jax.sparsity import SparsityConfig
+
+    if not args.sparsity:
+        return None
+    sparsity = SparsityConfig.from_json(args.sparsity)
+    config = Path(args.model) / CONFIG_FILE
+    if not args.random_weights and config.is_file():
+        check_sparsity_fits(sparsity, args.sparsity, load_config(config))
+    return sparsity
+
+
 def build_engine(args):
     """(engine, sparsity, served name) for `polar serve`'s flags."""
     from polar_jax.engine.llm_engine import LLMEngine
-    from polar_jax.sparsity import SparsityConfig
 
+    sparsity = _sparsity(args)
     cfg, params, tokenizer, default_name = _model(args)
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         warnings.warn(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
                       f"{cfg.vocab_size}: prompts holding the others are refused, and they are never generated",
                       stacklevel=2)
-    sparsity = SparsityConfig.from_json(args.sparsity) if args.sparsity else None
     kw = {k: getattr(args, k) for k in ("num_pages", "page_size", "prefill_chunk", "max_num_batched_tokens")
           if getattr(args, k) is not None}
     # With heads selected by the sparsity config, each request may ask for its own density (polar_attn_density).
