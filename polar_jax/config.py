@@ -69,6 +69,10 @@ class ModelConfig:
             (self.norm in ("rms", "layer"), f"{self.norm=} must be 'rms' or 'layer'"),
             (self.positions in ("rope", "learned"), f"{self.positions=} must be 'rope' or 'learned'"),
             (self.activation in ("relu", "gelu", "silu"), f"{self.activation=} must be relu, gelu or silu"),
+            # Decode runs the MLP through pallas_kernels.selective_gemm: a silu gate, else relu or gelu.
+            (self.activation == "silu" if self.gated_mlp else self.activation != "silu",
+             f"a {'gated' if self.gated_mlp else 'ungated'} MLP with {self.activation=} is not supported (gated "
+             "MLPs take silu, ungated ones relu or gelu: what the decode kernels compute)"),
             (not (self.post_norm and self.norm != "layer"), "post_norm is only defined for LayerNorm models"),
         ]
         for ok, msg in checks:

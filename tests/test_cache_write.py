@@ -98,6 +98,19 @@ def test_auto_takes_the_kernel_for_decode_rows_only(monkeypatch, T, order):
     assert tried == order and q.shape == (2, T, N, H)
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_no_tokens(interpret, impl):
+    """No tokens (B = 0) gives an empty q and the pools unchanged on both backends (the kernel crashed
+    inside JAX)."""
+    qkv, k_pages, v_pages, page, off = _case(2, 1, F32)
+    q, k2, v2 = rope_and_cache_write(qkv[:0], k_pages, v_pages, page[:0], off[:0], _tables(0, 1, H), n_heads=N,
+                                     layer=1, impl=impl, interpret=interpret)
+    assert q.shape == (0, 1, N, H)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(k_pages))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(v_pages))
+
+
 def test_reference_rope_is_hf_rotate_half():
     x = normal((2, 3, 4, H), F32)
     cos, sin = _tables(2, 3, H)

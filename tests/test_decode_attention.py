@@ -213,6 +213,16 @@ def test_reference_against_numpy():
     np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_empty_batch(interpret, impl):
+    """No sequences (B = 0) gives an empty result on both backends (the kernel crashed inside JAX)."""
+    N, K, S, H = 4, 2, 16, 64
+    o = decode_attention(_normal((0, N, H), F32), _normal((0, K, S, H), F32), _normal((0, K, S, H), F32),
+                         jnp.zeros(0, jnp.int32), impl=impl, interpret=interpret)
+    assert o.shape == (0, N, H)
+
+
 def test_config_heuristic():
     for B, N, K, S, H, C in [(64, 32, 32, 2048, 128, 32), (16, 32, 32, 2048, 128, 10), (64, 32, 8, 2048, 128, 2),
                              (1, 32, 8, 8192, 80, 1), (128, 64, 64, 8192, 96, 64), (4, 9, 3, 64, 64, 3)]:

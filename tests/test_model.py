@@ -337,6 +337,15 @@ def test_bad_inputs_are_named():
         SamplingConfig(top_p=0.0)
 
 
+@pytest.mark.parametrize("activation,gated", [("relu", True), ("gelu", True), ("silu", False)])
+def test_mlp_activations_decode_cannot_compute_are_refused(activation, gated):
+    """Decode steps run the MLP through the selective GEMM, whose gate is silu and whose ungated activations
+    are relu and gelu: a config asking for another was accepted, and its decode steps silently computed a
+    different MLP than its prefill (a gated relu model's logits 0.8 apart)."""
+    with pytest.raises(ValueError, match="MLP"):
+        preset("tiny-llama").replace(activation=activation, gated_mlp=gated)
+
+
 def test_flax_module_applies_forward():
     from polar_jax.model import PolarLM
 

@@ -190,6 +190,22 @@ def test_page_ids_clamped(interpret):
     _check(o, q, kp, vp, np.clip(np.asarray(table), 0, NP - 1), np.asarray(lengths), None)
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_empty_batch_and_empty_page_table(interpret, impl):
+    """No sequences (B = 0) gives an empty result and a page table of no columns (M = 0) zeros, on both
+    backends (the kernel crashed inside JAX on B = 0, the reference on M = 0)."""
+    N, K, H, Z = 4, 2, 64, 8
+    kp, vp = _normal((3, K, Z, H), F32), _normal((3, K, Z, H), F32)
+    o = paged_decode_attention(_normal((0, N, H), F32), kp, vp, jnp.zeros(0, jnp.int32), jnp.zeros((0, 2), jnp.int32),
+                               impl=impl, interpret=interpret)
+    assert o.shape == (0, N, H)
+    q = _normal((2, N, H), F32)
+    o = paged_decode_attention(q, kp, vp, jnp.array([3, 0], jnp.int32), jnp.zeros((2, 0), jnp.int32), impl=impl,
+                               interpret=interpret)
+    assert o.shape == q.shape and np.all(np.asarray(o) == 0)
+
+
 def test_config_heuristic():
     for B, N, K, S, H, C, Z in [(64, 32, 32, 2048, 128, 32, 16), (16, 32, 32, 2048, 128, 10, 64),
                                 (64, 32, 8, 2048, 128, 2, 32), (1, 32, 8, 8192, 80, 1, 128), (4, 9, 3, 64, 64, 3, 8)]:

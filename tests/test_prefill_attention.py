@@ -336,6 +336,22 @@ def test_reference_is_blockwise(packed):
     assert biggest < B * N * T * M * Z // 4, f"an intermediate of {biggest} elements: scores of the whole context?"
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_empty_page_table(interpret, impl):
+    """A page table of no columns (M = 0: no position to attend to) gives zeros on both backends, padded and
+    packed (the reference crashed inside JAX)."""
+    N, K, H, Z = 4, 2, 64, 8
+    kp, vp, table = _normal((3, K, Z, H), F32), _normal((3, K, Z, H), F32), jnp.zeros((2, 0), jnp.int32)
+    starts, n_new = jnp.array([0, 2], jnp.int32), jnp.array([3, 1], jnp.int32)
+    o = paged_prefill_attention(_normal((2, 3, N, H), F32), kp, vp, table, starts, n_new, impl=impl,
+                                interpret=interpret)
+    assert o.shape == (2, 3, N, H) and np.all(np.asarray(o) == 0)
+    o = paged_prefill_attention(_normal((5, N, H), F32), kp, vp, table, starts, n_new, q_offsets=jnp.array([0, 3]),
+                                impl=impl, interpret=interpret)
+    assert o.shape == (5, N, H) and np.all(np.asarray(o) == 0)
+
+
 def test_config_heuristic():
     for B, T, N, K, H, Z in [(1, 512, 32, 32, 128, 16), (8, 512, 32, 32, 128, 64), (4, 512, 32, 8, 128, 16),
                              (1, 1, 32, 8, 128, 16), (3, 5, 6, 2, 64, 32), (2, 9, 64, 8, 80, 8)]:

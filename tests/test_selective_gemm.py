@@ -333,6 +333,28 @@ def test_traced_count_decides_on_device(monkeypatch, op):
 # ---------------------------------------------------------------------------------------------------
 # contract violations
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("impl", ["triton", "fused", "xla"])
+def test_empty_batch_and_capacity(interpret, impl):
+    """No rows (B = 0) or no neuron slots (C = 0) give empty results, and y the bias alone, on both backends
+    (the kernels failed on their empty grids)."""
+    B, D, F = 3, 64, 96
+    p = _make(B, D, F, 5, F32, gated=True, bias=True)
+    kw = dict(impl=impl, interpret=interpret)
+    none = jnp.zeros((0,), jnp.int32)
+    h = selective_up(p["x"], p["w_up"], none, 0, b_up=p["b_up"], w_gate=p["w_gate"], **kw)
+    assert h.shape == (B, 0)
+    y = selective_down(h, p["w_down"], none, 0, b_down=p["b_down"], **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(p["b_down"]), (B, D)))
+    y = selective_mlp(p["x"], p["w_up"], p["w_down"], none, 0, b_up=p["b_up"], b_down=p["b_down"],
+                      w_gate=p["w_gate"], **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(p["b_down"]), (B, D)))
+    x0 = p["x"][:0]
+    assert selective_up(x0, p["w_up"], p["idx"], 5, w_gate=p["w_gate"], **kw).shape == (0, 5)
+    assert selective_down(_normal((0, 5), F32), p["w_down"], p["idx"], 5, **kw).shape == (0, D)
+    assert selective_mlp(x0, p["w_up"], p["w_down"], p["idx"], 5, b_down=p["b_down"], **kw).shape == (0, D)
+
+
 def test_invalid_contracts():
     B, D, F, C = 2, 32, 64, 16
     p = _make(B, D, F, C, F16, bias=True, L=2)

@@ -66,6 +66,8 @@ def rope_and_cache_write(qkv, k_pages, v_pages, write_page, write_off, rope=None
     if H & (H - 1):
         raise NotImplementedError(f"head_dim={H}: the Triton kernel loads half heads as power-of-two vectors")
     N, R = n_heads, B * T
+    if R == 0:  # no tokens: nothing to rotate or write (an empty grid)
+        return jnp.zeros((B, T, N, H), qkv.dtype), k_pages, v_pages
     flat = lambda a: a.reshape(R, *a.shape[2:])
     args = [flat(write_page).astype(jnp.int32), flat(write_off).astype(jnp.int32),
             jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1), flat(qkv)]

@@ -311,7 +311,7 @@ def decode_attention(q, k_cache, v_cache, lengths, head_idx=None, *, layer=None,
     if not config.use_dot and G != 1:
         raise ValueError(f"use_dot=False handles G == 1 (MHA) only; got G={G}")
     P = config.splits
-    if C == 0:
+    if B == 0 or C == 0:
         return jnp.zeros_like(q)
     hidx = jnp.zeros((B, 1), jnp.int32) if dense else head_idx.astype(jnp.int32)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)

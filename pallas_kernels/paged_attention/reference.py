@@ -33,6 +33,8 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, head_idx=No
                            sm_scale=None, impl=None, interpret=None):
     del impl, interpret
     M, Z = page_table.shape[1], k_pages.shape[-2]
+    if M == 0:  # no positions to attend to (a [B, 0] gather would leave nothing to take a max over)
+        return jnp.zeros_like(q)
     k = gather_pages(k_pages, page_table, layer)                                    # [B, K, S, H]
     v = gather_pages(v_pages, page_table, layer)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, M * Z)

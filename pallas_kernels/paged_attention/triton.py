@@ -246,7 +246,7 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_table, head_idx=No
     if config is None:
         config = paged_attention_config(B, N, K, M * Z, H, C, Z, q.dtype)
     P = config.splits
-    if C == 0 or M == 0:
+    if B == 0 or C == 0 or M == 0:
         return jnp.zeros_like(q)
     hidx = jnp.zeros((B, 1), jnp.int32) if dense else head_idx.astype(jnp.int32)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)

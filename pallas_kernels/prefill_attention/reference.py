@@ -34,7 +34,7 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table, starts, n_new, *, l
     G = N // K
     if sm_scale is None:
         sm_scale = H ** -0.5
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or M == 0:
         return jnp.zeros_like(q)
     upcast = jax.default_backend() == "cpu" or q.dtype == jnp.float32
     cdt = jnp.float32 if upcast else q.dtype

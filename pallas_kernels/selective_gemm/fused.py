@@ -189,6 +189,11 @@ def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=Non
     B, D = x.shape
     C = idx.shape[0]
     gated = w_gate is not None
+    if B == 0 or C == 0:  # an empty grid (no rows) or an empty sum (no slots): the bias alone
+        y = jnp.zeros((B, D), jnp.float32)
+        if b_down is not None:
+            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
+        return y.astype(x.dtype)
     if config is None:
         config = fused_config(B, D, _static_count(count, C), gated=gated, dtype=x.dtype)
     if interpret:

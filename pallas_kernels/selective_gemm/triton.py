@@ -347,6 +347,8 @@ def selective_up(x, w_up, idx, count, *, b_up=None, w_gate=None, activation="rel
     interpret = check_backend(interpret)
     B, D = x.shape
     C = idx.shape[0]
+    if B == 0 or C == 0:  # an empty grid: no rows or columns to compute (and no config to look up)
+        return jnp.zeros((B, C), x.dtype)
     if config is None:
         config = up_config(B, D, _static_count(count, C), gated=w_gate is not None, dtype=x.dtype)
     has_gate, has_bias = w_gate is not None, b_up is not None
@@ -386,9 +388,14 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
     interpret = check_backend(interpret)
     B, C = h.shape
     D = w_down.shape[-1]
+    has_bias = b_down is not None
+    if B == 0 or C == 0:  # an empty grid (no rows) or an empty sum (no slots): the bias alone
+        y = jnp.zeros((B, D), jnp.float32)
+        if has_bias:
+            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
+        return y.astype(h.dtype)
     if config is None:
         config = down_config(B, D, _static_count(count, C), dtype=h.dtype)
-    has_bias = b_down is not None
     S = config.split
     kernel = functools.partial(_down_kernel, cfg=config, B=B, D=D, C=C, has_bias=has_bias and S == 1)
     grid = (pl.cdiv(D, config.block_d), S, pl.cdiv(B, config.block_b))

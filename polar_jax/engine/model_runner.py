@@ -236,6 +236,7 @@ _PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1, 2),
 _UNIFIED = jax.jit(_unified_program, static_argnums=(0, 1), donate_argnums=(3, 4),
                    compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
 _SAMPLE = jax.jit(_sample_program, static_argnums=(0, 1), donate_argnums=(2,))
+PENALTY_TOKENS = 1024  # the shortest history a penalized step sends (ModelRunner._penalties)
 
 
 @dataclasses.dataclass
@@ -310,16 +311,17 @@ class ModelRunner:
             steps[i] = len(s.output_token_ids)  # the key of a request's n-th token depends on (seed, n) only
         return temps, top_k, top_p, min_p, seeds, steps
 
-    @staticmethod
-    def _penalties(seqs, rows: int):
+    def _penalties(self, seqs, rows: int):
         """The sampler's penalty arrays for rows seqs (None: padding), or None when no request has a penalty:
         history [rows, T] (each penalized row's prompt and output tokens so far, PENDING where the last one is
-        still on the device, -2 past them and in other rows; T a power of two, so that few programs compile),
-        out_start [rows] (where its output begins), presence, frequency, repetition [rows]."""
+        still on the device, -2 past them and in other rows), out_start [rows] (where its output begins),
+        presence, frequency, repetition [rows]. T: a power of two of at least PENALTY_TOKENS (or the context
+        length, if shorter), so that few programs compile (one per batch shape for sequences that short)."""
         pen = [i for i, s in enumerate(seqs) if s is not None and s.params.penalized]
         if not pen:
             return None
-        T = max(16, 1 << (max(seqs[i].num_tokens for i in pen) - 1).bit_length())
+        longest = max(seqs[i].num_tokens for i in pen)
+        T = 1 << (max(longest, min(PENALTY_TOKENS, self.M * self.page_size)) - 1).bit_length()
         history = np.full((rows, T), -2, np.int32)
         out_start = np.zeros(rows, np.int32)
         presence, frequency, repetition = np.zeros(rows, np.float32), np.zeros(rows, np.float32), np.ones(rows,
