@@ -474,6 +474,24 @@ def test_programs_touch_only_the_pages_they_use(params, program, dtype):
     assert any(" scatter(" in line and dims in line for line in hlo.splitlines())  # the checker saw the writes
 
 
+@pytest.mark.parametrize("V", [300, 4097, 49152])
+@pytest.mark.parametrize("k", [2, 20])
+def test_most_likely_equals_a_full_top_k(V, k):
+    """The sampler's two-pass top-k (group maxima, then the best groups' tokens) gives lax.top_k's ids and
+    values exactly, order among equal values included, for vocabularies that are not whole groups."""
+    from polar_jax.engine.sampler import most_likely
+
+    rng = np.random.default_rng(V + k)
+    x = rng.normal(size=(5, V)).astype(np.float32)
+    x[:, rng.integers(0, V, 40)] = x[:, :1]  # ties across groups
+    x[1] = np.round(x[1], 1)  # many ties
+    x[2, -1] = 10.0  # the last, partial group holds the most likely token
+    ids, values = most_likely(jnp.asarray(x), k)
+    want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+
+
 def test_sampler_filters_only_the_rows_that_ask():
     """Top-k / top-p / min-p cut each asking row to its own set; a row that asks for none keeps every logit
     exactly (top_k 0, or the whole vocabulary), even where the nucleus sum rounds to 1 after one token (so
