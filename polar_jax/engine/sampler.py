@@ -74,8 +74,8 @@ def most_likely(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
     For k > 1, in two passes: the k groups of GROUP consecutive tokens with the largest maxima hold the k
     largest values (a group without any of them has a maximum no larger than the k-th), so one max-reduction
-    over [N, V] and a top-k over [N, k * GROUP] candidates replace a top-k over [N, V], which XLA's GPU
-    backend sorts whole above k = 16 (benchmarks/results/sampler_cost.md)."""
+    over [N, V] and a top-k over [N, k * GROUP] candidates replace a top-k over [N, V], which ran 8x slower
+    on an H100 at k = 20 (benchmarks/NOTES.md, fifteenth session)."""
     if k == 1:
         return jnp.argmax(logp, axis=-1).astype(jnp.int32)[:, None], jnp.max(logp, axis=-1)[:, None]
     N, V = logp.shape
