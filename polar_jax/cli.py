@@ -51,6 +51,7 @@ def check_sparsity_fits(sparsity, path: str, cfg) -> None:
 def check_flags(args, prompts: list[str]):
     """The sparsity config from the flags (None: dense); a one-line ValueError naming any bad flag. Runs before
     the model loads."""
+    from polar_jax.engine.sampling_params import SamplingParamsError
     from polar_jax.sparsity import SparsityConfig
 
     if args.max_new_tokens < 1:
@@ -62,9 +63,8 @@ def check_flags(args, prompts: list[str]):
             raise ValueError(f"prompt {i} is empty or only whitespace")
     try:
         engine_sampling(args)
-    except ValueError as e:  # "SamplingParams.min_p must be ...": name the flag
-        field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
-        raise ValueError(str(e).replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"), 1)) from None
+    except SamplingParamsError as e:  # "SamplingParams.min_p must be ...": name the flag
+        raise ValueError(str(e).replace(f"SamplingParams.{e.field}", "--" + e.field.replace("_", "-"), 1)) from None
     if args.attn_source is not None and (args.sparsity or args.attn_density == 1):  # it would be ignored
         raise ValueError("--attn-source needs --attn-density below 1 (a --sparsity file names its own source)")
     if args.sparsity:

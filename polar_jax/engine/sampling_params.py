@@ -9,8 +9,16 @@ from dataclasses import dataclass
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for at each position (vLLM's default max_logprobs)
 
 
-def _bad(field: str, rule: str, value) -> ValueError:
-    return ValueError(f"SamplingParams.{field} {rule}: got {value!r}")
+class SamplingParamsError(ValueError):
+    """A bad SamplingParams field; `field` names it (for front ends that spell it their own way)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _bad(field: str, rule: str, value) -> SamplingParamsError:
+    return SamplingParamsError(field, f"SamplingParams.{field} {rule}: got {value!r}")
 
 
 def _is_int(x) -> bool:

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polar_jax.engine.llm_engine import LLMEngine, RequestOutput
-from polar_jax.engine.sampling_params import SamplingParams
+from polar_jax.engine.sampling_params import SamplingParams, SamplingParamsError
 from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
 from polar_jax.server.metrics import ServerMetrics
@@ -209,9 +209,8 @@ class _API:
                                   include_stop_str_in_output=body.include_stop_str_in_output,
                                   skip_special_tokens=body.skip_special_tokens,
                                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-        except ValueError as e:  # "SamplingParams.top_p must be ...": name the field
-            field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
-            raise _bad(str(e), field) from None
+        except SamplingParamsError as e:  # "SamplingParams.top_p must be ...": name the field
+            raise _bad(str(e), e.field) from None
 
     async def _submit(self, requests) -> Submission:
         try:
