@@ -49,6 +49,7 @@ from pallas_kernels.selective_gemm.triton import (
     down_candidates,
     down_config,
     down_tile,
+    plus_bias,
     up_candidates,
     up_config,
     up_tile,
@@ -190,10 +191,7 @@ def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=Non
     C = idx.shape[0]
     gated = w_gate is not None
     if B == 0 or C == 0:  # an empty grid (no rows) or an empty sum (no slots): the bias alone
-        y = jnp.zeros((B, D), jnp.float32)
-        if b_down is not None:
-            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
-        return y.astype(x.dtype)
+        return plus_bias(jnp.zeros((B, D), jnp.float32), b_down, layer, x.dtype)
     if config is None:
         config = fused_config(B, D, _static_count(count, C), gated=gated, dtype=x.dtype)
     if interpret:
@@ -231,10 +229,8 @@ def fused_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=Non
         y = call("down", out_shape=y_shape)
     if S == 1:
         return y
-    y = y.sum(axis=0)  # [B, D]; XLA fuses this with the bias, the cast and the consumer of y
-    if b_down is not None:
-        y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
-    return y.astype(x.dtype)
+    return plus_bias(y.sum(axis=0), b_down, layer, x.dtype)  # [B, D]; XLA fuses the sum with the bias, the
+    # cast and the consumer of y
 
 
 # ---------------------------------------------------------------------------------------------------

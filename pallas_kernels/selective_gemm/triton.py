@@ -390,10 +390,7 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
     D = w_down.shape[-1]
     has_bias = b_down is not None
     if B == 0 or C == 0:  # an empty grid (no rows) or an empty sum (no slots): the bias alone
-        y = jnp.zeros((B, D), jnp.float32)
-        if has_bias:
-            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
-        return y.astype(h.dtype)
+        return plus_bias(jnp.zeros((B, D), jnp.float32), b_down, layer, h.dtype)
     if config is None:
         config = down_config(B, D, _static_count(count, C), dtype=h.dtype)
     S = config.split
@@ -411,12 +408,16 @@ def selective_down(h, w_down, idx, count, *, b_down=None, layer=None, impl=None,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="selective_down",
     )(*args)
-    if S > 1:
-        y = y.sum(axis=0)  # [B, D]; XLA fuses this with the bias, the cast and the consumer of y
-        if has_bias:
-            y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
-        y = y.astype(h.dtype)
+    if S > 1:  # [B, D]; XLA fuses the sum with the bias, the cast and the consumer of y
+        y = plus_bias(y.sum(axis=0), b_down, layer, h.dtype)
     return y
+
+
+def plus_bias(y, b_down, layer, dtype):
+    """y [B, D] f32 plus the down projection's bias of `layer` (b_down [L, D], or None), cast to dtype."""
+    if b_down is not None:
+        y = y + lax.dynamic_index_in_dim(b_down, layer, 0, keepdims=False).astype(jnp.float32)
+    return y.astype(dtype)
 
 
 def selective_mlp(x, w_up, w_down, idx, count, *, b_up=None, b_down=None, w_gate=None, activation="relu",

@@ -50,7 +50,7 @@ def biased(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
 def penalized(logits: jax.Array, history: jax.Array, out_start: jax.Array, presence: jax.Array,
               frequency: jax.Array, repetition: jax.Array) -> jax.Array:
     """logits [B, V] f32 with each row's penalties applied (vLLM's order: repetition, then frequency and
-    presence). history [B, T] int32: the row's prompt and output tokens so far, -1 past them; out_start [B]:
+    presence). history [B, T] int32: the row's prompt and output tokens so far, negative past them; out_start [B]:
     where its output begins in history; presence, frequency, repetition [B] f32 (0, 0, 1: no change, exactly)."""
     B, V = logits.shape
     rows = jnp.arange(B)[:, None]
