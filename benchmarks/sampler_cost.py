@@ -5,11 +5,11 @@
 Times the program every engine step runs on its logits (`polar_jax.engine.model_runner._sample_program`: a
 token per row with the row's own temperature, top-k, top-p and seed, its logprob, and the most likely tokens
 with theirs) on f32 logits [B, V], wall clock of calls back to back, in its four variants: without and with
-the top-k / top-p / min-p sort (`filtered`, chosen on the host when some row asks for it) and reporting the
+the top-k / top-p / min-p cut-offs (`filtered`, chosen on the host when some row asks for it) and reporting the
 most likely token (top 1, an argmax) or the 20 most likely (a step in which some request asks for `logprobs`
 or `top_logprobs` above 1); and one with every row penalized (repetition, frequency and presence penalties
 over 2,048 tokens so far each). The rows sample at temperature 0.7, top-p 0.9. Writes sampler_cost.json and
-.md; vs_plain divides by the variant without sort, top-20 or penalties (or by the sorted one, for sorted
+.md; vs_plain divides by the variant without cut-offs, top-20 or penalties (or by the filtered one, for filtered
 variants).
 """
 

@@ -7,7 +7,7 @@ and a sampler.
            logits for each decode row and at each chunk's last token. A step that prefills runs it (with
            no real decode rows if it has none), so it reads the weights once, not once per program.
   sample   a token per row of a model program's logits, with each row's own sampling parameters; it
-           writes them to `last`. Two variants (with and without the top-k / top-p sort, chosen on the
+           writes them to `last`. Two variants (with and without the top-k / top-p / min-p cut-offs, chosen on the
            host), so the model programs, the costly ones to compile, need only one each.
 
 Batch-invariant mode (`batch_invariant`) replaces decode and mixed by one program of one shape, `unified`:
@@ -416,8 +416,8 @@ class ModelRunner:
         return ids, values
 
     def _sample(self, logits, sample_args, seqs):
-        """Dispatch the sampler over logits [B, V] for rows seqs; sorts for top-k / top-p only when a row
-        asks for it. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
+        """Dispatch the sampler over logits [B, V] for rows seqs; searches for top-k / top-p cut-offs only
+        when a row asks for them. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
         filtered = needs_filter(*sample_args[1:5])  # temps, top_k, top_p, min_p
         rows = logits.shape[0]
         self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,

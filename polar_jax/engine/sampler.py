@@ -15,29 +15,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.threshold_search import largest_threshold
+
 
 def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
     """z [B, V] with everything outside each row's top-k and nucleus, and every token less likely than min_p
     times the most likely one, set to -inf; rows with none of them (top_k 0, top_p 1, min_p 0) exactly as
-    they were, so a row samples the same whatever shares its batch."""
+    they were, so a row samples the same whatever shares its batch.
+
+    As vLLM: the top-k cut keeps every token at least as likely as the k-th; the nucleus is the smallest set of
+    the most likely of those whose renormalised mass reaches top_p (all tokens tied with its least likely
+    included). Both cuts are found by threshold searches (pallas_kernels.threshold_search), in place of a
+    [B, V] sort and cumulative sum (benchmarks/probe_sampler_filter.md)."""
     V = z.shape[-1]
-    desc = -jnp.sort(-z, axis=-1)  # [B, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B]
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
-    desc = jnp.where(jnp.arange(V)[None, :] < k[:, None], desc, -jnp.inf)
-    cum = jnp.cumsum(jax.nn.softmax(desc, axis=-1), axis=-1)  # [B, V]
-    # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
-    cut = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1), V - 1)  # [B]
-    cutoff = jnp.maximum(jnp.take_along_axis(desc, cut[:, None], axis=-1), kth)  # [B, 1]
+    z_max, z_min = jnp.max(z, axis=-1), jnp.min(z, axis=-1)  # [B]
+    has_k = (top_k > 0) & (top_k < V)  # [B] (the other rows are not searched: lo = hi)
+    kth = largest_threshold(z, top_k.astype(jnp.float32), z_min, jnp.where(has_k, z_max, z_min))  # [B] k-th value
+    need = top_p * jnp.sum(jnp.where(z >= kth[:, None], jnp.exp(z - z_max[:, None]), 0.0), axis=-1)  # [B] top_p
+    # of the top-k tokens' mass
+    nucleus = largest_threshold(z, need, kth, jnp.where(top_p < 1, z_max, kth), shift=z_max)  # [B] (top_p 1: no
+    # cut, whatever the rounding)
+    cutoff = jnp.maximum(nucleus, kth)  # [B]
     # min-p: p >= min_p * p_max, that is z >= z_max + log(min_p) (-inf for min_p 0: no cut)
-    cutoff = jnp.maximum(cutoff, desc[:, :1] + jnp.log(min_p)[:, None])
-    keep = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1) & (min_p <= 0)  # [B] rows that filter nothing (a
-    # cumsum rounding to 1 early would)
-    return jnp.where((z < cutoff) & ~keep[:, None], -jnp.inf, z)
+    cutoff = jnp.maximum(cutoff, z_max + jnp.log(min_p))
+    keep = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1) & (min_p <= 0)  # [B] rows that filter nothing
+    return jnp.where((z < cutoff[:, None]) & ~keep[:, None], -jnp.inf, z)
 
 
 def needs_filter(temps, top_k, top_p, min_p) -> bool:
-    """Whether any row samples with top-k, top-p or min-p (host arrays): only then must the program sort."""
+    """Whether any row samples with top-k, top-p or min-p (host arrays): only then must the program search for cut-offs."""
     return bool(((temps > 0) & ((top_k > 0) | (top_p < 1) | (min_p > 0))).any())
 
 
