@@ -30,9 +30,10 @@ import numpy as np
 
 from benchmarks.common import metadata
 from polar_jax.argtypes import positive_int
+from polar_jax.checkpoint import write_whole
 from polar_jax.evals import data
 from polar_jax.evals.lm import PolarLM
-from polar_jax.evals.run import evaluate, markdown, write_whole
+from polar_jax.evals.run import evaluate, markdown
 from polar_jax.sparsity import SparsityConfig
 
 SOURCES = ("router", "oracle", "random")

@@ -129,6 +129,22 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
                           stacklevel=3)
 
 
+def write_whole(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text (or bytes) to path through a temporary file beside it renamed over it (its folder made if
+    missing): a run killed mid-write leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open "x", not tempfile.mkstemp (which makes the file 0600), so the file gets the user's umask.
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb" if isinstance(data, bytes) else "x") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove the folders atomic_directory created (deepest first) where they are still empty."""
     for p in folders:

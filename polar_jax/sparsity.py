@@ -23,15 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polar_jax.checkpoint import write_whole
 from polar_jax.config import ModelConfig
 
 SOURCES = ("all", "oracle", "random", "router")
 
 
+def _numbers(v, kinds: tuple[type, ...]) -> bool:
+    """v is a number of `kinds` or a list of them. numpy alone would take "0.5" for 0.5 and True for 1 (bool is an
+    int subclass), so a quoted density or a stray boolean in a config file would run as that number."""
+    return all(isinstance(x, kinds) and not isinstance(x, bool) for x in (v if isinstance(v, (tuple, list)) else [v]))
+
+
 def _check_whole_neurons(name: str, ks) -> None:
     k = np.atleast_1d(np.asarray(ks))
-    if k.dtype.kind not in "iu" or np.any(k < 1):
-        raise ValueError(f"{name} must be whole neurons, >= 1 per layer, got {ks}")
+    if k.dtype.kind not in "iu" or not _numbers(ks, (int, np.integer)) or np.any(k < 1):
+        raise ValueError(f"{name} must be whole neurons, >= 1 per layer, got {ks!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,8 @@ class SparsityConfig:
         for field in ("attn", "mlp"):
             if getattr(self, field) not in SOURCES:
                 raise ValueError(f"sparsity {field}={getattr(self, field)!r}; choose one of {SOURCES}")
+        if not _numbers(self.attn_density, (int, float, np.integer, np.floating)):
+            raise ValueError(f"attn_density must be a number or a list of them, got {self.attn_density!r}")
         dens = np.atleast_1d(np.asarray(self.attn_density, dtype=np.float64))
         if not np.all((dens > 0) & (dens <= 1)):  # NaN too
             raise ValueError(f"attention density must lie in (0, 1], got {self.attn_density}")
@@ -157,7 +166,7 @@ class SparsityConfig:
             d["mlp_k_table"] = {str(b): list(ks) for b, ks in self.mlp_k_table}
         if meta:
             d["meta"] = meta
-        Path(path).write_text(json.dumps(d, indent=1))
+        write_whole(path, json.dumps(d, indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> SparsityConfig:

@@ -221,6 +221,41 @@ def test_a_nan_density_is_refused(tmp_path):
         SparsityConfig.from_json(path)
 
 
+
+@pytest.mark.parametrize("field,value,message", [
+    ("attn_density", "0.5", "attn_density must be a number or a list of them, got '0.5'"),
+    ("attn_density", True, "attn_density must be a number or a list of them, got True"),
+    ("attn_density", [1.0, "0.5", 0.5], r"attn_density must be a number or a list of them, got \(1.0, '0.5', 0.5\)"),
+    ("mlp_k", "8", "mlp_k must be whole neurons, >= 1 per layer, got '8'"),
+    ("mlp_k", [4, True, 4], r"mlp_k must be whole neurons, >= 1 per layer, got \(4, True, 4\)"),
+    ("mlp_k_table", {"4": [8, True, 8]}, r"mlp_k_table\[4\] must be whole neurons, >= 1 per layer, got \(8, True, 8\)"),
+])
+def test_numbers_given_as_strings_or_booleans_are_refused(tmp_path, field, value, message):
+    """numpy reads "0.5" as 0.5 and true as 1 (bool is an int subclass): a quoted density or a stray boolean in a
+    config file ran as that number, and the config kept the string. The error names the field and the file."""
+    source = {"attn_density": {"attn": "random"}, "mlp_k": {"mlp": "random"}, "mlp_k_table": {"mlp": "router"}}
+    path = tmp_path / "sp.json"
+    path.write_text(json.dumps({**source[field], field: value}))
+    with pytest.raises(ValueError, match=f"bad sparsity config {path}: {message}"):
+        SparsityConfig.from_json(path)
+
+
+def test_to_json_failing_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails once the file is open (a full disk, Ctrl-C) left the config half written: now the old
+    file stays whole, no temporary file is left beside it, and a new file gets the mode a plain write gives."""
+    path = tmp_path / "sp.json"
+    old = SparsityConfig(attn="random", attn_density=0.5, seed=3)
+    old.to_json(path)
+    text = path.read_text()
+    dumps = json.dumps
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: dumps(*a, **k) + "\ud800")  # the encoder fails on it
+    with pytest.raises(UnicodeEncodeError):
+        SparsityConfig(attn="random", attn_density=0.25).to_json(path)
+    assert path.read_text() == text and SparsityConfig.from_json(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["sp.json"]
+    (tmp_path / "plain").write_text("")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the umask's, not mkstemp's 0600
+
 @pytest.mark.parametrize("table", [((1, (300, 0, 256)),), ((1, (300, 1.5, 256)),), ((1, (8, -2)), (4, (8, 8)))])
 def test_mlp_k_table_entries_must_be_whole_neurons(tmp_path, table):
     """A calibrated table's k are checked as mlp_k is: a 0 failed only at the first decode step with a message

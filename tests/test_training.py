@@ -319,6 +319,32 @@ def test_eval_ppl_refuses_a_source_it_would_ignore(tiny_dir, capsys, extra):
     assert polar(["eval", "ppl", "--model", str(tiny_dir), "--source", "oracle", *extra]) == 2
     assert "--source needs --attn-density or --attn-groups" in capsys.readouterr().err
 
+
+def test_eval_ppl_takes_the_sparsity_files_seed_unless_told(tmp_path, tiny_dir, capsys):
+    """Random heads drew from --seed (default 0) whatever the file's seed, which generate and serve use: the same
+    file measured one draw here and ran another there. --seed still overrides it."""
+    text = tmp_path / "t.txt"
+    text.write_text("Hi there, how are you. " * 200)
+
+    def ppl(file_seed, *flags):
+        sp = tmp_path / f"sp{file_seed}.json"
+        SparsityConfig(attn="random", attn_density=0.5, seed=file_seed).to_json(sp)
+        assert polar(["eval", "ppl", "--model", str(tiny_dir), "--sparsity", str(sp), "--text", str(text), "--prefix",
+                      "8", "--decode-len", "16", "--max-tokens", "64", "--batch", "4", "--quiet", *flags]) == 0
+        return capsys.readouterr().out.split("decode-mode perplexity ")[1].split()[0]
+
+    assert ppl(7) == ppl(0, "--seed", "7") != ppl(0) == ppl(7, "--seed", "0")
+
+
+def test_eval_ppl_refuses_a_bad_sparsity_file_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from training import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda path: pytest.fail("the model loaded"))
+    sp = tmp_path / "sp.json"
+    sp.write_text('{"attn": "random", "attn_density": "0.5"}')
+    assert polar(["eval", "ppl", "--model", str(tmp_path / "m"), "--sparsity", str(sp)]) == 2
+    assert f"bad sparsity config {sp}: attn_density must be a number" in capsys.readouterr().err
+
 # ---------------------------------------------------------------------------------------------------
 # the whole pipeline through the CLI
 

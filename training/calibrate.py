@@ -138,9 +138,6 @@ def calibrate(model_dir, data_dir, out_path, *, batch_sizes=(1, 8, 32, 64, 128),
         report |= {"calibration_tokens": [t0, t1], "mlp_k": {str(b): table[b] for b in batch_sizes},
                    "union_recall": {str(b): achieved[b] for b in batch_sizes}}
         print(format_k_table(table, F))
-    out_path = Path(out_path)
-    if out_path.parent and not out_path.parent.exists():
-        out_path.parent.mkdir(parents=True)
     sp.to_json(out_path, meta={"made_by": "polar calibrate", **report})
     print(f"wrote {out_path}")
     return sp, report

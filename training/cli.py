@@ -112,6 +112,7 @@ def cmd_eval_ppl(args) -> None:
     if args.source is not None and not heads_given:  # it would be ignored
         raise ValueError("--source needs --attn-density or --attn-groups (a --sparsity file names its own source, "
                          "--sweep takes --sources)")
+    sp = SparsityConfig.from_json(args.sparsity) if args.sparsity else None  # a bad file fails before the load
     cfg, params, tokenizer = _load_model(args.model)
     tokens, source = load_tokens(tokenizer, cfg.vocab_size, args.text, args.dataset, args.split, args.heldout_frac)
     windows = ev.eval_windows(cfg, tokens, args.prefix, args.decode_len, args.max_tokens)
@@ -138,7 +139,6 @@ def cmd_eval_ppl(args) -> None:
         print("wrote " + ", ".join(map(str, paths)))
         return
     if args.sparsity:
-        sp = SparsityConfig.from_json(args.sparsity)
         what = f"sparsity {args.sparsity}"
     elif heads_given:
         k = attn_group_count(cfg.n_kv_heads, args.attn_density, args.attn_groups)
@@ -146,7 +146,7 @@ def cmd_eval_ppl(args) -> None:
         sp = ev.head_sparsity(source, k / cfg.n_kv_heads, cfg)
         what = f"{source} top-{int(sp.head_counts(cfg)[-1])}/{cfg.n_kv_heads} KV groups"
     else:
-        sp, what = None, "dense"
+        what = "dense"
     r = ev.perplexity(cfg, params, windows, args.prefix, sp, args.batch, args.seed, progress)
     print(f"{what}: decode-mode perplexity {r['ppl']:.4f} (mean NLL {r['nll']:.4f} over {r['tokens']} tokens)")
 
@@ -249,7 +249,8 @@ density, a table, and OUT.json / OUT.md / OUT.png (perplexity vs density).""")
     p.add_argument("--densities", help="comma-separated densities for --sweep (default k/K for every k)")
     p.add_argument("--sources", default="router,oracle", help="sources for --sweep (default router,oracle)")
     p.add_argument("--out", default="runs/ppl_sweep", help="output prefix for --sweep files (default runs/ppl_sweep)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random source (default 0)")
+    p.add_argument("--seed", type=int, help="seed of random head / neuron selection (default: the --sparsity file's "
+                   "seed, as generate and serve use it; else 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _text_flags(p, "heldout")
     p.set_defaults(func=cmd_eval_ppl)

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from polar_jax.cache import init_cache
+from polar_jax.checkpoint import write_whole
 from polar_jax.config import ModelConfig
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from training import data as data_lib
@@ -111,12 +112,6 @@ def read_manifest(data_dir) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt manifest {path}: {e}") from e
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new manifest, never half of one
 
 
 def make_collect_fn(cfg: ModelConfig, mlp: bool):
@@ -224,7 +219,7 @@ def collect(cfg: ModelConfig, params: dict, tokens: np.ndarray, source: str, out
         done_win += len(chunk)
         manifest["shards"].append({"name": name, "windows": len(chunk), "tokens": len(chunk) * seq_len})
         manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-        _write_json(out_dir / MANIFEST, manifest)
+        write_whole(out_dir / MANIFEST, json.dumps(manifest, indent=1))  # the old manifest or the new, never half
     bar.close()
     return CollectResult(out_dir, manifest["tokens"], manifest["tokens"] - start_tokens, len(manifest["shards"]))
 

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from polar_jax.cache import init_cache
+from polar_jax.checkpoint import write_whole
 from polar_jax.config import ModelConfig
 from polar_jax.model import PREFILL_COMPILER_OPTIONS, forward
 from polar_jax.sparsity import SparsityConfig
@@ -64,13 +65,16 @@ _decode_nll_jit = jax.jit(decode_nll, static_argnames=("cfg", "prefix", "sparsit
 
 
 def perplexity(cfg: ModelConfig, params: dict, windows: np.ndarray, prefix: int, sparsity: SparsityConfig | None,
-               batch: int = 16, seed: int = 0, progress: bool = True, desc: str = "eval") -> dict:
-    """Decode-mode perplexity over windows [n, W]: {"ppl", "nll", "tokens"}."""
+               batch: int = 16, seed: int | None = None, progress: bool = True, desc: str = "eval") -> dict:
+    """Decode-mode perplexity over windows [n, W]: {"ppl", "nll", "tokens"}. seed keys random head / neuron
+    selection (default: the sparsity config's seed, as the engine's)."""
     n, W = windows.shape
     if not 1 <= prefix <= W - 2:
         raise ValueError(f"prefix {prefix} must leave at least one decode step in windows of {W} tokens")
     if sparsity is not None:
         check_routers(cfg, params, sparsity)
+    if seed is None:
+        seed = sparsity.seed if sparsity is not None else 0
     key = jax.random.key(seed)
     batch = min(batch, n)
     total, count = 0.0, 0
@@ -116,7 +120,7 @@ def default_densities(cfg: ModelConfig) -> list[float]:
 
 
 def sweep(cfg: ModelConfig, params: dict, windows: np.ndarray, prefix: int, densities: list[float], batch: int = 16,
-          sources=SWEEP_SOURCES, seed: int = 0, progress: bool = True) -> dict:
+          sources=SWEEP_SOURCES, seed: int | None = None, progress: bool = True) -> dict:
     """Perplexity for dense and for each source at each head density: {"dense": {...}, "rows": [...]}."""
     have_router = "attn" in (params.get("routers") or {})
     sources = [s for s in sources if s != "router" or have_router]
@@ -197,7 +201,7 @@ def write_sweep(result: dict, cfg: ModelConfig, prefix_path, meta: dict, router_
                for l in range(len(m["loss"]))]
         md += ["| mean | " + " | ".join(f"{np.mean(m[c]):.3f}" for c in ("topk_recall", "recall", "precision")) + " |"]
     paths = [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
-    paths[0].write_text(json.dumps(out, indent=1))
-    paths[1].write_text("\n".join(md) + "\n")
+    write_whole(paths[0], json.dumps(out, indent=1))
+    write_whole(paths[1], "\n".join(md) + "\n")
     plot_sweep(result, cfg, paths[2])
     return paths

@@ -57,7 +57,7 @@ def _nest(flat: dict[str, np.ndarray], prefix: str) -> dict:
 
 def export_routers(model_dir: str | Path, out: str | Path, sparsity: str | Path | None = None) -> Path:
     """Write the routers of a model directory (and the sparsity config JSON `sparsity`) to the .npz `out`."""
-    from polar_jax.checkpoint import load_params
+    from polar_jax.checkpoint import load_params, write_whole
     from polar_jax.config import load_config
 
     model_dir = Path(model_dir)
@@ -73,12 +73,10 @@ def export_routers(model_dir: str | Path, out: str | Path, sparsity: str | Path 
         sp = SparsityConfig.from_json(sparsity)  # refuse a broken config here, not on the other machine
         check_routers(cfg, {"routers": routers}, sp, where=str(model_dir))
         arrays["sparsity.json"] = np.array(Path(sparsity).read_text())
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()  # written whole, so a reader never sees half a file
+    buf = io.BytesIO()
     np.savez(buf, **arrays)
-    out.write_bytes(buf.getvalue())
-    return out
+    write_whole(out, buf.getvalue())  # a reader never sees half a file
+    return Path(out)
 
 
 def read_routers(path: str | Path) -> tuple[ModelConfig, dict, np.ndarray, str | None]:

@@ -217,7 +217,7 @@ def train_routers(model_dir, data_dir, out_dir, *, attn_density: float | None = 
 
     The attention labels are the top-k KV groups by output norm, k = attn_groups, or else the attn_density
     fraction of the groups (the density the router will run at)."""
-    from polar_jax.checkpoint import load, save
+    from polar_jax.checkpoint import load, save, write_whole
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg, params, tokenizer = load(model_dir)
@@ -263,6 +263,6 @@ def train_routers(model_dir, data_dir, out_dir, *, attn_density: float | None = 
     params = {**params, "routers": cast(routers, params["embed"].dtype)}
     # Atomic: out_dir (even when it is model_dir) is replaced only once the new directory is complete.
     save(out_dir, cfg, params, tokenizer_dir=model_dir if tokenizer is not None else None, overwrite=overwrite)
-    (out_dir / METRICS_FILE).write_text(json.dumps(report, indent=1))
+    write_whole(out_dir / METRICS_FILE, json.dumps(report, indent=1))
     print(f"wrote {out_dir} (model with routers) and {out_dir / METRICS_FILE}")
     return report

@@ -18,10 +18,10 @@ from polar_jax.evals import data
 def cmd_eval_tasks(args) -> None:
     try:
         from polar_jax.evals.lm import PolarLM, parse_sparsity
-        from polar_jax.evals.run import evaluate, markdown, write_whole
+        from polar_jax.evals.run import evaluate, markdown
     except ImportError as e:
         raise ValueError(f"`polar eval tasks` needs lm-eval: pip install 'polar-jax[eval]' ({e})") from None
-    from polar_jax.checkpoint import check_writable
+    from polar_jax.checkpoint import check_writable, write_whole
 
     folder = data.data_dir(args.tasks_dir)
     names = _task_names(args.tasks, folder)  # every name checked before the model loads

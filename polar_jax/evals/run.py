@@ -8,28 +8,11 @@ from __future__ import annotations
 
 import gc
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from polar_jax.evals import data
-
-
-def write_whole(path: str | os.PathLike, text: str) -> None:
-    """Write text to path through a temporary file beside it renamed over it (its folder made if missing): a run
-    killed mid-write leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_tasks(names: list[str], folder: str | os.PathLike | None = None) -> list:
