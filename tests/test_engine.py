@@ -109,6 +109,36 @@ def test_llm_generate_in_order_and_stream_matches(params, prompts):
     assert [o.token_ids for o in llm.generate(mixed, GREEDY, use_tqdm=False)] == want[1:3]
 
 
+class CharTokenizer:
+    """Token t is the character chr(48 + t); the EOS is special (no text unless skip_special_tokens False)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("" if t in CFG.eos_token_ids and skip_special_tokens else chr(48 + t) for t in ids)
+
+
+def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, prompts):
+    """A stop token id or EOS that ends a request stays in token_ids; its text was kept in the text too, and
+    (as vLLM's) is not unless include_stop_str_in_output. Streamed deltas never carry it and add up to the text."""
+    llm = LLM((CFG, params, CharTokenizer()), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40,
+              progress=False)
+    free = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].token_ids
+    j = max(i for i in range(len(free) - 1) if free[i] not in free[:i] and free[i] not in CFG.eos_token_ids)
+    assert j > 0
+    eos = CFG.eos_token_ids[0]
+    stop = dict(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[free[j]])
+    on_eos = dict(temperature=0, max_tokens=12, logit_bias={eos: 100.0}, skip_special_tokens=False)
+    sps = [SamplingParams(**kw, include_stop_str_in_output=keep) for kw in (stop, on_eos) for keep in (False, True)]
+    text = "".join(chr(48 + t) for t in free[:j + 1])
+    want = [(free[:j + 1], text[:-1]), (free[:j + 1], text), ([eos], ""), ([eos], chr(48 + eos))]
+    outs = llm.generate([prompts[0]] * 4, sps, use_tqdm=False)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == [(*w, "stop") for w in want]
+    streamed = {}
+    for out in llm.stream([prompts[0]] * 4, sps):
+        streamed[out.request_id] = streamed.get(out.request_id, "") + out.new_text
+        assert out.text == streamed[out.request_id]
+    assert [streamed[r] for r in sorted(streamed, key=lambda r: int(r.split("-")[1]))] == [t for _, t in want]
+
+
 def test_streams_used_side_by_side_each_get_all_their_outputs(params, prompts, monkeypatch):
     # One stream's engine steps make the other's outputs too: they must reach that stream, not be dropped
     # (a stream whose last output another consumed waited forever on an idle engine).

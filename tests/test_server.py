@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -882,16 +883,31 @@ def test_sentencepiece_tokens_keep_their_space_and_special_tokens_take_no_room()
     assert TextOffsets(tb).offsets([4, 5]) == [0, 4]
 
 
-def test_stop_token_ids_end_generation_over_http(client, loaded):
-    """vLLM's stop_token_ids was accepted and silently ignored (the offline API honours it)."""
-    kw = dict(model=MODEL, prompt="the fox", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
-    free = client.completions.create(logprobs=1, **kw).choices[0]
-    toks = free.logprobs.tokens
-    j = max(i for i in range(len(toks)) if toks[i] not in toks[:i])  # a token that first appears at j
-    assert j > 0
-    stop = loaded[2].encode(toks[j], add_special_tokens=False)  # one id: a character tokenizer
-    got = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "stop_token_ids": stop}})
-    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == "".join(toks[:j + 1])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stop_token_ids_end_generation_over_http(client, offline, loaded, endpoint):
+    """vLLM's stop_token_ids was accepted and silently ignored (the offline API honours it). The stop token's
+    text was then kept in the text: as vLLM's, it is not, unless include_stop_str_in_output (whole or streamed)."""
+    tok = loaded[2]
+    if endpoint == "chat":
+        messages = [{"role": "user", "content": "the fox"}]
+        ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        create = partial(client.chat.completions.create, messages=messages)
+        text, delta = lambda c: c.message.content, lambda c: c.delta.content or ""
+    else:
+        ids = tok.encode("the fox")
+        create, text, delta = partial(client.completions.create, prompt=ids), lambda c: c.text, lambda c: c.text
+    free = offline_one(offline, ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)).token_ids
+    has_text = [bool(tok.decode([t], skip_special_tokens=True)) for t in free]
+    j = max(i for i in range(len(free) - 1) if free[i] not in free[:i] and has_text[i])
+    assert j > 0  # free[j] has text and first appears at j, before the last token
+    for keep in (False, True):
+        want = tok.decode(free[:j + keep], skip_special_tokens=True)
+        kw = dict(model=MODEL, max_tokens=8, temperature=0,
+                  extra_body={"ignore_eos": True, "stop_token_ids": [free[j]], "include_stop_str_in_output": keep})
+        whole = create(**kw).choices[0]
+        assert (text(whole), whole.finish_reason) == (want, "stop")
+        chunks = [c.choices[0] for c in create(stream=True, **kw)]
+        assert ("".join(map(delta, chunks)), chunks[-1].finish_reason) == (want, "stop")
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -966,9 +982,21 @@ def test_sparsity_metrics_describe_the_selecting_layers_and_calibrated_tables():
 
     sp = SparsityConfig(attn="router", attn_density=(1.0, 0.5, 0.5, 0.5), mlp="router",
                         mlp_k_table=((1, (512, 384)), (8, (512, 256))))
-    m = ServerMetrics("m", sp)
+    m = ServerMetrics("m", sp, CFG.replace(n_layers=4))
     assert m.registry.get_sample_value("polar_attn_density") == 0.5
     info = {s.labels["mlp_k"] for s in m.registry.collect() for s in s.samples if s.name == "polar_sparsity_info"}
     assert info == {"{1: [512, 384], 8: [512, 256]}"}
-    assert ServerMetrics("m", SparsityConfig(attn="random", attn_density=0.25)).registry.get_sample_value(
-        "polar_attn_density") == 0.25
+
+
+def test_attn_density_metric_is_the_fraction_of_whole_heads_kept(loaded):
+    """polar_attn_density showed the requested density, but a layer keeps whole KV heads (rounded half up):
+    0.3 of 2 heads keeps 1, half of them; per layer (layer 0 dense), 1 and 2 of 2 heads average 0.75."""
+    from fastapi.testclient import TestClient
+
+    cfg, params, tokenizer = loaded
+    engine = LLMEngine(cfg, params, tokenizer, compile=False, progress=False, **ENGINE_KW)
+    assert cfg.n_kv_heads == 2
+    for density, kept in ((0.3, 0.5), ((1.0, 0.3, 0.8), 0.75)):
+        app = build_app(engine, MODEL, sparsity=SparsityConfig(attn="random", attn_density=density))
+        lines = TestClient(app).get("/metrics").text.splitlines()  # no lifespan: the engine thread stays off
+        assert [float(l.split()[1]) for l in lines if l.startswith("polar_attn_density ")] == [kept], density

@@ -265,7 +265,10 @@ class LLMEngine:
             token = seq.output_token_ids[i]
             detok = self._detok.get(seq.request_id)
             delta = ""
-            if detok is not None:
+            # An EOS or stop token id that ended seq (scheduler.apply) adds no text unless the request keeps its
+            # stop strings (vLLM's): its text is never emitted, so a stream never has to take it back.
+            on_stop_token = seq.finish_reason == "stop" and i == len(seq.output_token_ids) - 1
+            if detok is not None and (not on_stop_token or seq.params.include_stop_str_in_output):
                 delta = detok.add_token(token)
                 if detok.stopped is not None and seq.finish_reason != "stop":
                     self.scheduler.stop_at(seq, i)

@@ -39,8 +39,8 @@ class SamplingParams:
       (not its heads under random head selection, which follow the engine's step).
     - `stop` strings end the text (the stop string is not part of it, unless `include_stop_str_in_output`);
       `stop_token_ids` and the model's EOS (unless `ignore_eos`) end it on a token, which is kept in
-      token_ids; none of them ends it before `min_tokens` tokens. `skip_special_tokens` False keeps special
-      tokens' text in the output text.
+      token_ids but not its text in text (unless `include_stop_str_in_output`); none of them ends it before
+      `min_tokens` tokens. `skip_special_tokens` False keeps special tokens' text in the output text.
     - `logprobs` N: the log-probability of each sampled token and the N most likely tokens at its position
       with theirs (0 <= N <= MAX_LOGPROBS; None: off); `prompt_logprobs` N: the same for each prompt token
       after the first.

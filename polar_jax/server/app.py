@@ -55,7 +55,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     sparsity = sparsity if sparsity is not None else getattr(engine.runner, "sparsity", None)
-    metrics = ServerMetrics(model_name, sparsity)
+    metrics = ServerMetrics(model_name, sparsity, engine.cfg)
     async_engine = AsyncEngine(engine, metrics, max_in_flight=engine.config.max_num_seqs + max_queue)
     api = _API(async_engine, engine, model_name)
 

@@ -5,6 +5,7 @@ The engine thread sets the gauges after every step and counts tokens; /metrics r
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # Seconds; from a few ms (a decode step on a GPU) to a minute (a long queue).
@@ -14,7 +15,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, sparsity=None):
+    def __init__(self, model_name: str, sparsity=None, cfg=None):
+        """cfg: the model's ModelConfig (needed with a sparsity config: it gives the KV heads per layer)."""
         self.registry = r = CollectorRegistry()
         self.running = Gauge("polar_requests_running", "Requests being decoded or prefilled", registry=r)
         self.waiting = Gauge("polar_requests_waiting", "Requests queued in the engine", registry=r)
@@ -35,17 +37,17 @@ class ServerMetrics:
         self.preemptions = Counter("polar_preemptions", "Requests preempted (their KV pages freed, their tokens "
                                    "recomputed later) because the KV pool ran out", registry=r)
         self._preemptions_seen = 0
-        self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode, "
+        self.attn_density = Gauge("polar_attn_density", "Default fraction of attention KV heads kept in decode: "
+                                  "the whole heads a layer keeps (its density rounded) over its KV heads, averaged "
                                   "over the layers that select heads (1: dense)", registry=r)
         self.sparsity = Info("polar_sparsity", "The engine's sparsity configuration", registry=r)
         attn = "all" if sparsity is None else sparsity.attn
         density = 1.0 if sparsity is None else sparsity.attn_density
-        if isinstance(density, tuple):  # per layer: the layers kept dense are not what the config selects
-            sparse = [d for l, d in enumerate(density) if l not in sparsity.dense_layers] or list(density)
-            mean = sum(sparse) / len(sparse)
-        else:
-            mean = float(density)
-        self.attn_density.set(mean if attn != "all" else 1.0)
+        kept = 1.0
+        if sparsity is not None:  # the layers kept dense are not what the config selects
+            counts = np.delete(sparsity.head_counts(cfg), list(sparsity.dense_layers))
+            kept = float(counts.mean()) / cfg.n_kv_heads if counts.size else 1.0
+        self.attn_density.set(kept)
         mlp_k = None if sparsity is None else sparsity.mlp_k
         if sparsity is not None and sparsity.mlp_k_table is not None:  # calibrated: {batch: k per layer}
             mlp_k = {b: list(ks) for b, ks in sparsity.mlp_k_table}

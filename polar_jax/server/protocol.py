@@ -75,7 +75,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string or stop token's text that ended it stays
     skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' text
     stop_token_ids: list[int] | None = None  # vLLM's extension: generation also ends at any of these ids
     polar_attn_density: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
