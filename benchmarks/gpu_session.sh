@@ -118,7 +118,7 @@ case "$phase" in
     # ran out on 2026-11-27, once the engine tests covered the sampler's variants).
     wheels jt jax_triton  # the jax-triton fused MLP's compiled test (carry .whl/jt; it skips without the package)
     XLA_PYTHON_CLIENT_PREALLOCATE=false step 330 python3 -m pytest -n 4 tests/test_decode_attention.py \
-      tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_fused_jax_triton.py tests/test_paged_attention.py \
+      tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_threshold_search.py tests/test_fused_jax_triton.py tests/test_paged_attention.py \
       tests/test_prefill_attention.py tests/test_paged_cache.py tests/test_engine.py tests/test_cache_write.py -x -q --durations=8 \
       -p no:cacheprovider
     sources_hash > "$stamp"
