@@ -114,10 +114,10 @@ case "$phase" in
     rm -f "$stamp"
     step 300 python3 -m pytest tests/test_gpu.py -m gpu -x -q -p no:cacheprovider
     # The kernel and engine tests compile one program per case: in serial they overran 150 s on an H100
-    # (2026-11-25), so 4 pytest-xdist workers share the GPU, each allocating only what it uses (a limit of 270 s
-    # ran out on 2026-11-27, once the engine tests covered the sampler's variants).
+    # (2026-11-25), so pytest-xdist workers share the GPU, each allocating only what it uses (4 workers ran past
+    # 270 s, then past 330 s on a cold machine, as the engine tests grew: 6 now, on the machine's 16 cores).
     wheels jt jax_triton  # the jax-triton fused MLP's compiled test (carry .whl/jt; it skips without the package)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false step 330 python3 -m pytest -n 4 tests/test_decode_attention.py \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false step 360 python3 -m pytest -n 6 tests/test_decode_attention.py \
       tests/test_selective_gemm.py tests/test_fused_mlp.py tests/test_threshold_search.py tests/test_fused_jax_triton.py tests/test_paged_attention.py \
       tests/test_prefill_attention.py tests/test_paged_cache.py tests/test_engine.py tests/test_cache_write.py -x -q --durations=8 \
       -p no:cacheprovider
