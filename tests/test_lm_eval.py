@@ -384,6 +384,23 @@ def test_model_args_reach_polar(tmp_path):
     assert PolarLM(tiny, attn="random", attn_density=0.5).sparsity == SparsityConfig(attn="random", attn_density=0.5)
 
 
+def test_the_random_head_source_takes_the_sparsity_configs_seed_unless_told():
+    """As the engine (generate, serve): a sparsity config's seed keys the random head draws, unless a seed is
+    passed; the same file then scores the same here as there."""
+    from polar_jax.evals.lm import PolarLM
+
+    cfg = preset("tiny-llama-gqa")
+    tiny = (cfg, init_params(cfg, jax.random.key(0)), object())
+    reqs = [(None, (1, 2, 3, 4, 5, 6, 7, 8), (9, 10, 11)), (None, (12, 13, 14), (15, 16))]
+
+    def scores(**kw):
+        return [ll for ll, _ in PolarLM(tiny, batch_size=4, **kw)._loglikelihood_tokens(reqs, disable_tqdm=True)]
+
+    file = {s: SparsityConfig(attn="random", attn_density=0.5, seed=s) for s in (0, 7)}
+    assert scores(sparsity=file[7]) == scores(sparsity=file[0], seed=7) != scores(sparsity=file[0])
+    assert scores(sparsity=file[7], seed=0) == scores(sparsity=file[0])
+
+
 def test_cli_refuses_bad_numbers_and_unwritable_out_before_loading(tmp_path, capsys):
     write_jsonl(tmp_path / "mine.jsonl", [ROW])
     parser = argparse.ArgumentParser()

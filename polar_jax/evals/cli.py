@@ -88,7 +88,9 @@ fed one token per step through the sparse decode kernels. Tasks are NAME.jsonl f
     p.add_argument("--limit", type=positive_int, help="first N items of each task (a quick run)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="continuation rows per device call (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random head source (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random head source and of sampled generations (default: the --sparsity file's "
+                        "seed, as generate and serve use it; else 0)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--print-include-path", action=_PrintIncludePath,
                    help="print the folder of the task YAMLs for lm-eval's --include_path (then exit)")

@@ -55,13 +55,14 @@ class PolarLM(TemplateLM):
 
     sparsity: a SparsityConfig or the path of its JSON; or attn=router|oracle|random with attn_density=X.
     None: dense. batch_size: continuation rows per device call. max_length: context window (default: the
-    model's positions). seed: the random head source's draws.
+    model's positions). seed: the random head source's draws and sampling's (default: the sparsity config's
+    seed, as the serving engine's, else 0).
     """
 
     backend = "causal"
 
     def __init__(self, model: str | os.PathLike | tuple = None, sparsity=None, batch_size: int | str = 32,
-                 max_length: int | None = None, seed: int = 0, attn: str | None = None,
+                 max_length: int | None = None, seed: int | None = None, attn: str | None = None,
                  attn_density: float | None = None, max_batch_size=None, device=None, **kwargs):
         # max_batch_size and device come from lm-eval's CLI; the device is JAX's default one.
         super().__init__()
@@ -86,7 +87,7 @@ class PolarLM(TemplateLM):
             check_routers(self.cfg, self.params, self.sparsity, where=where)
         self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.cfg.max_positions)
-        self.seed = int(seed)
+        self.seed = int(seed if seed is not None else self.sparsity.seed if self.sparsity is not None else 0)
         self._llm = None
 
     @classmethod
