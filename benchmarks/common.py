@@ -36,6 +36,23 @@ def add_device_args(ap: argparse.ArgumentParser) -> None:
                          "results are written only with --out)")
 
 
+def add_sampler_sizes_args(ap: argparse.ArgumentParser, vocab: str) -> None:
+    """--vocab and --batch of the sampler benchmarks (`sampler_sizes` reads them)."""
+    ap.add_argument("--vocab", default=vocab, help=f"vocabulary sizes (comma-separated; default {vocab})")
+    ap.add_argument("--batch", default="16,64,256", help="rows per call (comma-separated; default 16,64,256)")
+
+
+def sampler_sizes(args) -> tuple[list[int], list[int]]:
+    """(vocabulary sizes, batches) from --vocab and --batch; exits naming them unless positive integers."""
+    try:
+        vocabs, batches = ([int(x) for x in s.split(",")] for s in (args.vocab, args.batch))
+    except ValueError:
+        vocabs = batches = [0]
+    if min(vocabs + batches) < 1:
+        sys.exit("error: --vocab and --batch take comma-separated positive integers")
+    return vocabs, batches
+
+
 def require_gpu(what: str, allow_cpu: bool) -> None:
     """Say at once that `what` is meant for a GPU; exit with one line unless allow_cpu."""
     backend = jax.default_backend()

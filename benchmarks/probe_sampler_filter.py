@@ -86,16 +86,16 @@ def inputs(V: int, B: int, seed: int):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", default="49152,128256", help="vocabulary sizes (comma-separated)")
-    ap.add_argument("--batch", default="16,64,256", help="rows per call (comma-separated)")
+    common.add_sampler_sizes_args(ap, vocab="49152,128256")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for probe_sampler_filter.json / .md")
     common.add_device_args(ap)
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.probe_sampler_filter", args.allow_cpu)
     common.check_out_dir(args.out)
+    vocabs, batches = common.sampler_sizes(args)
     records = []
-    for V in (int(v) for v in args.vocab.split(",")):
-        for B in (int(b) for b in args.batch.split(",")):
+    for V in vocabs:
+        for B in batches:
             sets = [inputs(V, B, s) for s in range(2)]
             a, *others = (np.isfinite(np.asarray(VARIANTS[n](*sets[0])))
                        for n in ("search", "sort + cumsum", "key sort + cumsum", "search, XLA"))

@@ -59,16 +59,13 @@ def time_variants(V: int, B: int) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", default="32000,49152,128256", help="vocabulary sizes (comma-separated)")
-    ap.add_argument("--batch", default="16,64,256", help="rows per call (comma-separated)")
+    common.add_sampler_sizes_args(ap, vocab="32000,49152,128256")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for sampler_cost.json / .md")
     common.add_device_args(ap)
     args = ap.parse_args(argv)
     common.require_gpu("benchmarks.sampler_cost", args.allow_cpu)
     common.check_out_dir(args.out)
-    vocabs, batches = ([int(x) for x in s.split(",")] for s in (args.vocab, args.batch))
-    if min(vocabs + batches) < 1:
-        sys.exit("error: --vocab and --batch take positive integers")
+    vocabs, batches = common.sampler_sizes(args)
     records = []
     for V in vocabs:
         for B in batches:

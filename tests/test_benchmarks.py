@@ -444,3 +444,17 @@ def test_sampler_cost_times_the_engines_sampler_variants(tmp_path):
         [(50, 3, False, 1, 0), (50, 3, False, 20, 0), (50, 3, True, 1, 0), (50, 3, True, 20, 0),
          (50, 3, False, 1, sampler_cost.PENALTY_TOKENS)]
     assert all(r["us"] > 0 for r in records)
+
+
+def test_probe_sampler_filter_times_each_filter_after_checking_they_agree(tmp_path, monkeypatch):
+    """benchmarks.probe_sampler_filter writes one record per variant and size; it refuses to time filters that
+    keep different tokens (here: a search that keeps every token)."""
+    from benchmarks import probe_sampler_filter as probe
+
+    probe.main(["--vocab", "300", "--batch", "3", "--allow-cpu", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "probe_sampler_filter.json").read_text())["records"]
+    assert [r["variant"] for r in records] == list(probe.VARIANTS)
+    assert all(r["us"] > 0 and r["vocab"] == 300 and r["batch"] == 3 for r in records)
+    monkeypatch.setitem(probe.VARIANTS, "search", lambda z, *_: z)
+    with pytest.raises(SystemExit, match="the filters keep different tokens"):
+        probe.main(["--vocab", "300", "--batch", "3", "--allow-cpu", "--out", str(tmp_path)])
