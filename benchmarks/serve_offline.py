@@ -14,7 +14,8 @@ the unconstrained run's (`compare_outputs`: identical requests, shared prefixes,
 In bf16, which rows share a step moves results in the last bits, and near-tied greedy choices flip.
 `--batch-invariant` runs every engine of the benchmark in the engine's batch-invariant mode (dense only),
 where outputs must be identical; `--dtype float32` makes the rounding smaller instead.
-`--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
+`--top-p 0.9` also runs dense W sampled (temperature 0.7, that top-p): what the sampler's cut-offs cost end
+to end. `--step-check B,CTX` also times pure decode steps inside the engine against the static step benchmark
 (benchmarks/generate.py's make_step) at batch B and context CTX.
 
     python -m benchmarks.serve_offline --out benchmarks/results
@@ -43,6 +44,7 @@ from polar_jax.engine.llm_engine import PREFILL_CHUNK, LLMEngine
 from polar_jax.model import PREFILL_COMPILER_OPTIONS
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+SAMPLED_TEMPERATURE = 0.7  # of --top-p's run
 MODES = {"dense": None, "random-0.5": SparsityConfig(attn="random", attn_density=0.5),
          "router-0.5": SparsityConfig(attn="router", attn_density=0.5)}
 
@@ -138,14 +140,18 @@ def _count_compiles(name: str, secs: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 
-def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **engine_kw) -> tuple[dict, list, list]:
-    """W through an LLMEngine(cfg, params, sparsity=sp, **engine_kw), greedy, ignore_eos (logprobs: record each
+def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, top_p: float | None = None,
+                 **engine_kw) -> tuple[dict, list, list]:
+    """W through an LLMEngine(cfg, params, sparsity=sp, **engine_kw), greedy (or, with top_p, sampled at
+    temperature SAMPLED_TEMPERATURE with that top-p, seeded by request), ignore_eos (logprobs: record each
     output token's, for compare_outputs): (record with the outputs under "tokens", series per step, step log)."""
     eng = LLMEngine(cfg, params, None, sparsity=sp, progress=True, **engine_kw)
     eng.runner.record = True
     bm = eng.scheduler.block_manager
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        eng.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, logprobs=logprobs))
+        sampling = {} if top_p is None else {"temperature": SAMPLED_TEMPERATURE, "top_p": top_p, "seed": i}
+        eng.add_request(f"w{i}", p, SamplingParams(**({"temperature": 0} | sampling), max_tokens=o, ignore_eos=True,
+                                                   logprobs=logprobs))
     results, peak_pages, preempt = {}, 0, 0
     before = dict(COMPILES)
     t0 = time.perf_counter()
@@ -173,10 +179,11 @@ def run_workload(cfg, params, sp, prompts, outs, *, logprobs: bool = False, **en
     return rec | {"tokens": {k: (v.token_ids, v.logprobs) for k, v in results.items()}}, series, log
 
 
-def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, num_pages=None, chunk=None):
-    """run_workload with the engine settings of args (chunk: another prefill chunk; num_pages: another pool)
-    plus W's roofline and where the time went: (record, tokens per request, series)."""
-    rec, ser, log = run_workload(cfg, params, sp, prompts, outs, logprobs=bool(args.pool_fraction),
+def measured_run(cfg, params, sp, prompts, outs, args, read_bw: float, mm_rate: float, num_pages=None, chunk=None,
+                 top_p=None):
+    """run_workload with the engine settings of args (chunk: another prefill chunk; num_pages: another pool;
+    top_p: sampled) plus W's roofline and where the time went: (record, tokens per request, series)."""
+    rec, ser, log = run_workload(cfg, params, sp, prompts, outs, logprobs=bool(args.pool_fraction), top_p=top_p,
                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  batch_invariant=args.batch_invariant, prefill_chunk=chunk or args.prefill_chunk,
@@ -284,6 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-invariant", action="store_true",
                     help="engines in batch-invariant mode (LLMEngine(batch_invariant=True): one dense program "
                          "for every step, outputs independent of the batch; default budget 512 tokens)")
+    ap.add_argument("--top-p", type=float, default=None,
+                    help=f"also run dense W sampled at temperature {SAMPLED_TEMPERATURE} with this top-p (each request "
+                         "seeded): the sampler's top-p cut-off in every step; speedup: greedy dense wall / its wall")
     ap.add_argument("--step-check", default=None, help="B,CTX: engine decode step vs the static step")
     ap.add_argument("--prompt-len", default="128,2048", help="LO,HI: prompt lengths uniform in [LO, HI]")
     ap.add_argument("--output-len", default="64,512", help="LO,HI: output lengths uniform in [LO, HI]")
@@ -292,6 +302,8 @@ def main(argv=None) -> int:
                     help="result files' stem: OUT/NAME.{json,md,png}, OUT/NAME_steps.* (default serve_offline)")
     add_device_args(ap)
     args = ap.parse_args(argv)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.step_check and args.dtype != "bfloat16":
         ap.error("--step-check compares with the static step benchmark, which runs bf16 only")
     if args.batch_invariant and (set(args.modes.split(",")) != {"dense"} or args.step_check):
@@ -341,6 +353,15 @@ def main(argv=None) -> int:
                                        chunk=chunk)
             records.append({"model": name, "mode": f"dense, chunk {chunk}{tag}", **rec})
             series[f"{name} dense chunk {chunk}"] = ser
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
+        if args.top_p is not None:
+            print(f"== {name} dense, temperature {SAMPLED_TEMPERATURE}, top-p {args.top_p}", flush=True)
+            rec, _, ser = measured_run(cfg, params, None, prompts, outs, args, ceiling["read_bw"], mm_rate,
+                                       top_p=args.top_p)
+            if dense_rec is not None:
+                rec["speedup"] = dense_rec["wall_s"] / rec["wall_s"]  # under 1: what sampling costs
+            records.append({"model": name, "mode": f"dense, top-p {args.top_p}{tag}", **rec})
+            series[f"{name} dense top-p"] = ser
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in records[-1].items()}, flush=True)
         if args.pool_fraction and dense_tokens is not None:
             pages = max(2, int(args.pool_fraction * peak)) + 1

@@ -306,8 +306,8 @@ def test_compare_outputs_finds_where_runs_fork():
 
 
 def test_serve_offline_and_http_engine_reference_run_on_cpu(monkeypatch, tmp_path):
-    """The offline benchmark in batch-invariant mode with a small pool (outputs identical to the unconstrained
-    run) and the HTTP benchmark's engine reference, at tiny shapes on CPU (measured ceilings stubbed)."""
+    """The offline benchmark in batch-invariant mode with a sampled run (top-p) and a small pool (outputs
+    identical to the unconstrained run) and the HTTP benchmark's engine reference, at tiny shapes on CPU (measured ceilings stubbed)."""
     import json
 
     import benchmarks.serve_http_engine as she
@@ -317,12 +317,14 @@ def test_serve_offline_and_http_engine_reference_run_on_cpu(monkeypatch, tmp_pat
     monkeypatch.setattr(so, "measure_ceiling", lambda: {"read_bw": 1e11, "copy_bw": 1e11, "read_variants": {}})
     assert so.main(["--allow-cpu", "--models", "tiny-llama-gqa", "--modes", "dense", "--requests", "12",
                     "--prompt-len", "8,40", "--output-len", "4,16", "--max-model-len", "64", "--max-num-seqs", "4",
-                    "--prefill-chunk", "16", "--pool-fraction", "0.25", "--batch-invariant", "--out", str(tmp_path),
-                    "--name", "inv"]) == 0
+                    "--prefill-chunk", "16", "--pool-fraction", "0.25", "--batch-invariant", "--top-p", "0.9",
+                    "--out", str(tmp_path), "--name", "inv"]) == 0
     records = json.loads((tmp_path / "inv.json").read_text())["records"]
     # The engine's warm-up compiled every program the run met: nothing was traced or compiled while timed.
     assert all(r["timed_backend_compiles"] == 0 and r["timed_traces"] == 0 for r in records)
-    pool = records[1]
+    sampled, pool = records[1:]
+    assert sampled["mode"] == "dense, top-p 0.9, batch-invariant" and sampled["speedup"] > 0
+    assert sampled["output_tokens"] == records[0]["output_tokens"]
     assert pool["mode"] == "dense, pool 25%, batch-invariant" and pool["preemptions"] > 0
     assert pool["identical_requests"] == 12 and pool["prefix_logprob_diff_max"] == 0
     w = tmp_path / "w.json"
