@@ -106,7 +106,7 @@ def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: ja
     int32; penalties: None, or `penalized`'s (history, out_start, presence, frequency, repetition); bias: None,
     or `biased`'s (ids, values).
 
-    filtered (static): apply top-k / top-p / min-p; False skips the [B, V] sort, valid when no row needs it
+    filtered (static): apply top-k / top-p / min-p; False skips the cut-off searches, valid when no row needs them
     (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
     the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
     k (static): how many of the most likely tokens to report.
