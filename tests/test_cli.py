@@ -243,6 +243,13 @@ def test_serve_on_a_busy_port_fails_before_loading(tmp_path, capsys):
     assert rc == 2 and err.startswith(f"polar: error: cannot listen on 127.0.0.1:{port}: "), err
 
 
+@pytest.mark.parametrize("port", [99999, -1])
+def test_serve_on_a_port_out_of_range_is_named(tmp_path, capsys, port):
+    """A port past 65535 raised an OverflowError traceback from socket.bind."""
+    rc, _, err = run(capsys, "serve", "--model", tmp_path / "not-loaded", "--port", port)
+    assert rc == 2 and err == f"polar: error: --port must lie in 0..65535, got {port}\n", err
+
+
 def test_serve_reads_its_sparsity_file_before_the_weights_load(model_dir, tmp_path, capsys, no_weights):
     """A broken or mismatched --sparsity file was read only once the weights had loaded."""
     bad = tmp_path / "sp.json"
@@ -288,3 +295,22 @@ def test_sigterm_in_a_forked_worker_ends_it_quietly(capfd):
         worker.join(20)
     assert worker.exitcode == 128 + signal.SIGTERM
     assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+def test_every_flag_of_every_command_has_a_help_string():
+    """`polar serve --help` listed --log-level and `polar bench serve --help` --seed with no word on them."""
+    import argparse
+
+    from polar_jax.cli import build_parser
+
+    def parsers(p, name):
+        yield name, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    bare = [f"{name} {a.option_strings[-1] if a.option_strings else a.dest}"
+            for name, p in parsers(build_parser(), "polar") for a in p._actions
+            if not isinstance(a, argparse._SubParsersAction) and not a.help]
+    assert not bare, bare

@@ -87,6 +87,8 @@ def build_engine(args):
 
 def check_port_free(host: str, port: int) -> None:
     """OSError naming the address if nothing can listen there now (uvicorn binds as this does)."""
+    if not 0 <= port <= 65535:  # socket.bind raises OverflowError, which would show as a traceback
+        raise ValueError(f"--port must lie in 0..65535, got {port}")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -164,7 +166,8 @@ def add_commands(sub) -> None:
     p.add_argument("--kv-memory-fraction", type=float, default=0.9, help="device memory for KV pages (default 0.9)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")
     p.add_argument("--quiet", action="store_true", help="no compile progress bar")
     p.set_defaults(func=cmd_serve)
 
@@ -189,7 +192,8 @@ def add_commands(sub) -> None:
     p.add_argument("--output-len", default="128", help="output tokens per request, N or LO:HI (random) (default "
                    "128; EOS ignored)")
     p.add_argument("--vocab-size", type=int, help="--dataset random: token ids are drawn from [3, this)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts (synthetic, random datasets) and of the arrival times (default 0)")
     p.add_argument("--label", help="curve name in plots (e.g. dense, sparse-50%%)")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--plot", metavar="PNG", help="draw latency vs throughput of this run (and --compare) here")
