@@ -34,6 +34,7 @@ from polar_jax.engine.llm_engine import LLMEngine
 
 COLUMNS = ["mode", "model", "batch", "ctx", "steps", "ms_per_step", "host_ms", "schedule_ms", "launch_ms",
            "wait_ms", "finish_ms"]
+WARM_STEPS = 8  # decode steps before the timed ones
 
 
 def _stub_programs(vocab: int, seed: int = 0):
@@ -48,8 +49,9 @@ def _stub_programs(vocab: int, seed: int = 0):
 
     def sample(filtered, top, last, logits, *rest):
         n = logits.shape[0]
-        return (last, rng.integers(3, vocab, n).astype(np.int32), np.zeros(n, np.float32),
-                np.zeros((n, top), np.int32), np.zeros((n, top), np.float32))
+        sampled = np.zeros((n, 2 + 2 * top), np.int32)  # model_runner.unpack_sampled's layout
+        sampled[:, 0] = rng.integers(3, vocab, n)
+        return last, sampled
 
     return {"_DECODE": decode, "_MIXED": mixed, "_SAMPLE": sample}
 
@@ -75,15 +77,16 @@ def measure(cfg, params, B: int, ctx: int, steps: int, stub: bool) -> dict:
         for name, fn in _stub_programs(cfg.vocab_size).items():
             setattr(model_runner, name, fn)
     try:
-        eng = LLMEngine(cfg, params, None, max_num_seqs=B, max_model_len=ctx + steps + 64, progress=not stub,
-                        compile=not stub)
+        # Room for the prompt, its first token, WARM_STEPS and the timed steps, so no request ends while timed.
+        eng = LLMEngine(cfg, params, None, max_num_seqs=B, max_model_len=ctx + steps + WARM_STEPS + 8,
+                        progress=not stub, compile=not stub)
         rng = np.random.default_rng(0)
         for i in range(B):
             eng.add_request(f"h{i}", rng.integers(3, cfg.vocab_size, ctx).tolist(),
-                            SamplingParams(temperature=0, max_tokens=steps + 32, ignore_eos=True))
+                            SamplingParams(temperature=0, max_tokens=steps + WARM_STEPS + 4, ignore_eos=True))
         while eng.scheduler.waiting or any(s.needs_prefill for s in eng.scheduler.running):
             eng.step()
-        for _ in range(8):  # decode only from here; the step in flight and warm caches settle
+        for _ in range(WARM_STEPS):  # decode only from here; the step in flight and warm caches settle
             eng.step()
         totals = defaultdict(float)
         _timed(eng.scheduler, "schedule", "schedule", totals)

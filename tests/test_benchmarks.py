@@ -460,3 +460,18 @@ def test_probe_sampler_filter_times_each_filter_after_checking_they_agree(tmp_pa
     monkeypatch.setitem(probe.VARIANTS, "search", lambda z, *_: z)
     with pytest.raises(SystemExit, match="the filters keep different tokens"):
         probe.main(["--vocab", "300", "--batch", "3", "--allow-cpu", "--out", str(tmp_path)])
+
+
+def test_host_step_splits_each_step_into_its_parts(tmp_path):
+    """benchmarks.host_step writes a device and a stub row per batch; the parts add up to the step (host_ms is
+    the wall time less the wait), and the stub row launched no program (no wait to speak of)."""
+    from benchmarks import host_step
+
+    host_step.main(["--model", "tiny-llama", "--batch", "3", "--ctx", "9", "--steps", "6", "--dtype", "float32",
+                    "--allow-cpu", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "host_step.json").read_text())["records"]
+    assert [(r["mode"], r["batch"], r["ctx"], r["steps"]) for r in records] == [("device", 3, 9, 6), ("stub", 3, 9, 6)]
+    for r in records:
+        assert r["schedule_ms"] > 0 and r["launch_ms"] > 0 and r["finish_ms"] > 0 and r["wait_ms"] >= 0
+        assert r["host_ms"] == pytest.approx(r["ms_per_step"] - r["wait_ms"])
+        assert r["schedule_ms"] + r["launch_ms"] + r["finish_ms"] <= r["host_ms"] * 1.05

@@ -139,6 +139,30 @@ def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, pr
     assert [streamed[r] for r in sorted(streamed, key=lambda r: int(r.split("-")[1]))] == [t for _, t in want]
 
 
+def test_outputs_read_after_the_run_say_what_they_said_at_their_step(params, prompts):
+    """RequestOutput copies token_ids, logprobs and top_logprobs when they are read: outputs kept and read after
+    the run must each still hold their own step's tokens, one more than the output before, the new one last;
+    also for a request cut by a stop string, which drops the token the step already in flight sampled."""
+    llm = LLM((CFG, params, CharTokenizer()), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40,
+              progress=False)
+    free = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].token_ids
+    j = max(i for i in range(len(free) - 1) if free[i] not in free[:i] and free[i] not in CFG.eos_token_ids)
+    assert j > 0
+    sps = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, stop=[chr(48 + free[j])])]
+    kept: dict[str, list] = {}
+    for out in llm.stream([prompts[0]] * 2, sps):
+        kept.setdefault(out.request_id, []).append(out)
+    finals = [outs[-1] for _, outs in sorted(kept.items(), key=lambda kv: int(kv[0].split("-")[1]))]
+    assert [f.token_ids for f in finals] == [free, free[:j + 1]]
+    for outs in kept.values():
+        final = outs[-1]
+        for k, out in enumerate(outs, 1):
+            assert out.token_ids == final.token_ids[:k] and out.new_token_ids == [final.token_ids[k - 1]]
+            assert out.logprobs == final.logprobs[:k] and out.top_logprobs == final.top_logprobs[:k]
+            assert len(out.top_logprobs[-1]) == 2
+
+
 def test_streams_used_side_by_side_each_get_all_their_outputs(params, prompts, monkeypatch):
     # One stream's engine steps make the other's outputs too: they must reach that stream, not be dropped
     # (a stream whose last output another consumed waited forever on an idle engine).

@@ -43,14 +43,20 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, n_tokens: int) -> None:
         """Grow seq.pages to hold num_computed + n_tokens positions."""
+        if not self.try_allocate(seq, n_tokens):
+            raise RuntimeError(f"request {seq.request_id!r} needs {self._new_pages(seq, n_tokens)} pages, "
+                               f"{len(self._free)} free (check can_allocate first)")
+
+    def try_allocate(self, seq: Sequence, n_tokens: int) -> bool:
+        """allocate(seq, n_tokens) if enough pages are free; whether it did (nothing changes if not)."""
         need = self._new_pages(seq, n_tokens)
         if need > len(self._free):
-            raise RuntimeError(f"request {seq.request_id!r} needs {need} pages, {len(self._free)} free "
-                               f"(check can_allocate first)")
+            return False
         for _ in range(need):
             page = self._free.pop()
             self._owner[page] = seq.request_id
             seq.pages.append(page)
+        return True
 
     def free(self, seq: Sequence) -> None:
         """All of seq's pages back to the free list; seq.pages = []."""

@@ -48,19 +48,19 @@ def default_compile_cache() -> Path:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's state after a step. new_token_ids / new_text: what this step added (for streaming)."""
+    """A request's state after a step. new_token_ids / new_text: what this step added (for streaming).
+    token_ids, logprobs and top_logprobs are the first num_output_tokens of the request's, copied when read:
+    the outputs an engine step reports never change after, so an output costs the same however long its
+    request has run."""
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    num_output_tokens: int
     text: str
     new_token_ids: list[int]
     new_text: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
-    logprobs: list[float] | None  # of each output token (SamplingParams.logprobs not None)
-    # At each output token the SamplingParams.logprobs most likely tokens, ((token, logprob), ...) most likely first
-    top_logprobs: list[tuple[tuple[int, float], ...]] | None
     prompt_logprobs: list[float | None] | None  # of each prompt token, None for the first
     # At each prompt token the SamplingParams.prompt_logprobs most likely tokens as above, None for the first
     prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None
@@ -68,6 +68,24 @@ class RequestOutput:
     first_token_time: float | None
     finish_time: float | None
     num_preemptions: int
+    _seq: Sequence = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._seq.output_token_ids[: self.num_output_tokens]
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        """Of each output token (SamplingParams.logprobs not None)."""
+        lps = self._seq.output_logprobs
+        return lps[: self.num_output_tokens] if self._seq.params.logprobs is not None else None
+
+    @property
+    def top_logprobs(self) -> list[tuple[tuple[int, float], ...]] | None:
+        """At each output token the SamplingParams.logprobs most likely tokens, ((token, logprob), ...) most
+        likely first (SamplingParams.logprobs not None)."""
+        tops = self._seq.output_top_logprobs
+        return tops[: self.num_output_tokens] if self._seq.params.logprobs is not None else None
 
     @property
     def ttft(self) -> float | None:
@@ -286,15 +304,13 @@ class LLMEngine:
         t = seq.timings
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids[: i + 1], text=detok.text if detok is not None else "",
+            num_output_tokens=i + 1, text=detok.text if detok is not None else "",
             new_token_ids=[seq.output_token_ids[i]], new_text=delta, finished=finished,
             finish_reason=seq.finish_reason if finished else None,
-            logprobs=seq.output_logprobs[: i + 1] if seq.params.logprobs is not None else None,
-            top_logprobs=seq.output_top_logprobs[: i + 1] if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
             prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.prompt_top_logprobs is not None else None,
             arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish if finished else None,
-            num_preemptions=seq.num_preemptions)
+            num_preemptions=seq.num_preemptions, _seq=seq)
 
 
 def _progress_bar(desc: str, enabled: bool):

@@ -36,6 +36,7 @@ to read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -46,7 +47,8 @@ import numpy as np
 from pallas_kernels.common import from_raw_bits, raw_bits
 from polar_jax.cache import KVCache, init_pool, pages_for
 from polar_jax.config import ModelConfig
-from polar_jax.engine.sampler import most_likely, needs_filter, sample_rows
+from polar_jax.engine.host_args import HostPacked
+from polar_jax.engine.sampler import most_likely, sample_rows
 from polar_jax.engine.sampling_params import MAX_LOGPROBS
 from polar_jax.engine.scheduler import PrefillChunk, ScheduledBatch
 from polar_jax.engine.sequence import PENDING
@@ -202,8 +204,9 @@ def _prefill_logprobs_program(cfg: ModelConfig, max_new: int, top: int, params, 
 
 def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k, top_p, min_p, seeds, steps,
                     penalties, bias):
-    """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last,
-    tokens [B], logprobs [B], top_tokens [B, top], top_logprobs [B, top]) (see sample_rows). penalties: None,
+    """Sample a token per row of logits [B, V] and keep it in last at the row's slot: returns (last, sampled
+    [B, 2 + 2 top] int32: per row its token, its logprob's bits, the top most likely tokens and their logprobs'
+    bits (sample_rows' results, in one array: one device-to-host copy; `unpack_sampled`). penalties: None,
     or ModelRunner._penalties' arrays, whose PENDING tokens are read here from last at the row's slot; bias:
     None, or ModelRunner._bias' arrays. Its own program, so the model programs need no variant per
     `filtered`, `top`, penalties or bias."""
@@ -213,7 +216,17 @@ def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k,
         penalties = (jnp.where(history == PENDING, pending, history), *rest)
     tok, logprob, top_tok, top_logprob = sample_rows(logits, temps, top_k, top_p, min_p, seeds, steps,
                                                      filtered=filtered, k=top, penalties=penalties, bias=bias)
-    return _keep(last, slots, tok), tok, logprob, top_tok, top_logprob
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return _keep(last, slots, tok), jnp.concatenate([tok[:, None], bits(logprob)[:, None], top_tok,
+                                                     bits(top_logprob)], axis=1)
+
+
+def unpack_sampled(sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sampler program's [B, 2 + 2 top] int32 results as (tokens [B], logprobs [B], top tokens [B, top],
+    top logprobs [B, top]) (views, no copies)."""
+    top = (sampled.shape[1] - 2) // 2
+    return (sampled[:, 0], sampled[:, 1].view(np.float32), sampled[:, 2: 2 + top],
+            sampled[:, 2 + top:].view(np.float32))
 
 
 # No HLO rematerialization in the engine's model programs. XLA's GPU compiler sets its memory limit from what
@@ -224,18 +237,19 @@ def _sample_program(filtered: bool, top: int, last, logits, slots, temps, top_k,
 # sparsity mode with it (benchmarks/results/logs/probe_mixed_modes.log). The engine sizes its pool to leave the
 # programs' temporaries room, which is what rematerialization would have had to find.
 ENGINE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
-_DECODE = jax.jit(_decode_program, static_argnums=(0, 1), donate_argnums=(3, 4),
-                  compiler_options=ENGINE_COMPILER_OPTIONS)
-_MIXED = jax.jit(_mixed_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
-                 compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
-_PREFILL_LOGPROBS = jax.jit(_prefill_logprobs_program, static_argnums=(0, 1, 2), donate_argnums=(4, 5),
-                            compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
+# Each takes its per-step host arrays in one host-to-device copy (host_args.HostPacked); arguments: (static ones,
+# device ones, host ones).
+_DECODE = HostPacked(_decode_program, 2, 4, donate=(3, 4), compiler_options=ENGINE_COMPILER_OPTIONS)
+_MIXED = HostPacked(_mixed_program, 3, 4, donate=(4, 5),
+                    compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
+_PREFILL_LOGPROBS = HostPacked(_prefill_logprobs_program, 3, 3, donate=(4, 5),
+                               compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS)
 # Batch-invariant mode compiles without autotuning: each GEMM then takes the algorithm cuBLAS's heuristics pick
 # for its shape, the same in every engine of the process (timing noise could make two engines' autotuners
 # choose differently, and algorithms differ in their rounding).
-_UNIFIED = jax.jit(_unified_program, static_argnums=(0, 1), donate_argnums=(3, 4),
-                   compiler_options=PREFILL_COMPILER_OPTIONS | ENGINE_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
-_SAMPLE = jax.jit(_sample_program, static_argnums=(0, 1), donate_argnums=(2,))
+_UNIFIED = HostPacked(_unified_program, 2, 4, donate=(3, 4), compiler_options=PREFILL_COMPILER_OPTIONS
+                      | ENGINE_COMPILER_OPTIONS | {"xla_gpu_autotune_level": 0})
+_SAMPLE = HostPacked(_sample_program, 2, 2, donate=(2,))
 PENALTY_TOKENS = 1024  # the shortest history a penalized step sends (ModelRunner._penalties)
 
 
@@ -253,9 +267,9 @@ class StepRecord:
 
 @dataclasses.dataclass
 class Launched:
-    """A dispatched step: its batch, device results per program (the sequence of each row or None; [rows]
-    tokens and logprobs, [rows, top] most likely tokens and their logprobs), prompt logprobs and most likely
-    tokens per prefill group that asked, and its StepRecord when recording."""
+    """A dispatched step: its batch, device results per program (the sequence of each row or None; the
+    sampler's [rows, 2 + 2 top], `unpack_sampled`), prompt logprobs and most likely tokens per prefill group
+    that asked, and its StepRecord when recording."""
 
     batch: ScheduledBatch
     results: list = dataclasses.field(default_factory=list)
@@ -282,6 +296,12 @@ class ModelRunner:
         self.k, self.v = (raw_bits(a) for a in init_pool(cfg, num_pages, page_size, params["embed"].dtype))
         self.num_slots = buckets.decode[-1]  # max_num_seqs: one slot per running sequence
         self.last = jnp.zeros(self.num_slots, jnp.int32)  # [S] each slot's last sampled token, on the device
+        # [S, M] the page table of the sequence in each slot, kept between steps (_table): the pages list each row
+        # copies (a sequence's list only grows, by BlockManager.allocate; freeing gives it a new one) and how many
+        # of its pages the row holds.
+        self._slot_table = np.zeros((self.num_slots, self.M), np.int32)
+        self._slot_pages: list[list[int] | None] = [None] * self.num_slots
+        self._slot_len = [0] * self.num_slots
         self.seed, self.num_decode_steps = seed & 0xFFFFFFFF, 0
         self.log: list[StepRecord] = []
         self.record = False
@@ -289,9 +309,18 @@ class ModelRunner:
 
     # -- host arrays ------------------------------------------------------------------------------------
     def _table(self, seqs, rows: int) -> np.ndarray:
-        table = np.zeros((rows, self.M), np.int32)  # page 0: the scratch page of padded rows
-        for i, s in enumerate(seqs):
-            table[i, : len(s.pages)] = s.pages
+        """[rows, M] page tables of running seqs (page 0, the scratch page, past their pages and in padded rows),
+        gathered from the rows kept per slot: a step copies only the pages a sequence got since the one before."""
+        for s in seqs:
+            held, n = self._slot_len[s.slot], len(s.pages)
+            if self._slot_pages[s.slot] is not s.pages:  # a new sequence in the slot, or a new list (preempted)
+                self._slot_table[s.slot] = 0
+                self._slot_pages[s.slot], held = s.pages, 0
+            if held != n:
+                self._slot_table[s.slot, held:n] = s.pages[held:]
+                self._slot_len[s.slot] = n
+        table = np.zeros((rows, self.M), np.int32)
+        table[: len(seqs)] = self._slot_table[[s.slot for s in seqs]]
         return table
 
     @staticmethod
@@ -302,13 +331,10 @@ class ModelRunner:
         min_p = np.zeros(rows, np.float32)
         seeds = np.zeros(rows, np.uint32)
         steps = np.zeros(rows, np.int32)
-        for i, s in enumerate(seqs):
-            p = s.params
-            # A top_k past the vocabulary keeps every token, as past int32 (which it must fit) it would too.
-            temps[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, np.iinfo(np.int32).max), p.top_p
-            min_p[i] = p.min_p
-            seeds[i] = s.seed & 0xFFFFFFFF  # the seed mod 2**32 keys the samples (negative seeds too)
-            steps[i] = len(s.output_token_ids)  # the key of a request's n-th token depends on (seed, n) only
+        if seqs:
+            n = len(seqs)
+            temps[:n], top_k[:n], top_p[:n], min_p[:n], seeds[:n] = zip(*(s.sampling_row for s in seqs))
+            steps[:n] = [len(s.output_token_ids) for s in seqs]  # a request's n-th token's key: (seed, n) only
         return temps, top_k, top_p, min_p, seeds, steps
 
     def _penalties(self, seqs, rows: int):
@@ -338,21 +364,20 @@ class ModelRunner:
     # -- programs -------------------------------------------------------------------------------------
     def _slots(self, seqs, rows: int) -> np.ndarray:
         slots = np.full(rows, self.num_slots, np.int32)  # num_slots: padding, writes nothing
-        for i, s in enumerate(seqs):
-            if s is not None:
-                slots[i] = s.slot
+        slots[: len(seqs)] = [self.num_slots if s is None else s.slot for s in seqs]
         return slots
 
     def _decode_args(self, seqs, rows: int):
         """(the decode program's per-step arguments, the sampler's) for seqs padded to rows."""
+        n = len(seqs)
         tokens = np.zeros(rows, np.int32)  # PENDING: the device's last sampled token at the row's slot
+        tokens[:n] = [s.last_token_id for s in seqs]
         lengths = np.zeros(rows, np.int32)
-        valid = np.zeros(rows, bool)
+        lengths[:n] = [s.num_computed for s in seqs]
+        valid = np.arange(rows) < n
         density = np.full(rows, np.nan, np.float32)  # NaN: the sparsity config's own density
-        for i, s in enumerate(seqs):
-            tokens[i], lengths[i], valid[i] = s.last_token_id, s.num_computed, True
-            if s.attn_density is not None:
-                density[i] = s.attn_density
+        if self.per_request_density:
+            density[:n] = [np.nan if s.attn_density is None else s.attn_density for s in seqs]
         self.num_decode_steps += bool(seqs)
         slots = self._slots(seqs, rows)
         return ((tokens, slots, self._table(seqs, rows), lengths, valid,
@@ -417,10 +442,10 @@ class ModelRunner:
 
     def _sample(self, logits, sample_args, seqs):
         """Dispatch the sampler over logits [B, V] for rows seqs; searches for top-k / top-p cut-offs only
-        when a row asks for them. Returns (tokens [B], logprobs [B], top tokens [B, top], top logprobs [B, top])."""
-        filtered = needs_filter(*sample_args[1:5])  # temps, top_k, top_p, min_p
+        when a row asks for them. Returns its results [B, 2 + 2 top] on the device (`unpack_sampled`)."""
+        filtered = any(s.params.filters for s in seqs if s is not None)
         rows = logits.shape[0]
-        self.last, *sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,
+        self.last, sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,
                                       self._penalties(seqs, rows), self._bias(seqs, rows))
         return sampled
 
@@ -474,12 +499,12 @@ class ModelRunner:
                 self.k, self.v, logits = _UNIFIED(self.cfg, self._max_new(S), self.params, self.k, self.v,
                                                   self.last, *fwd)
                 rows = [u.seq if u.samples else None for u in units]
-                out.results.append((rows, *self._sample(logits, smp, rows)))
+                out.results.append((rows, self._sample(logits, smp, rows)))
             riders, plain = [], []
         if riders and not plain:  # nothing to ride on: the decode program
             fwd, smp = self._decode_args(riders, self.buckets.decode_size(len(riders)))
             self.k, self.v, logits = _DECODE(self.cfg, self.sparsity, self.params, self.k, self.v, self.last, *fwd)
-            out.results.append((riders, *self._sample(logits, smp, riders)))
+            out.results.append((riders, self._sample(logits, smp, riders)))
             riders = []
         for group in plain:
             d_fwd, d_smp = self._decode_args(riders, self.num_slots)
@@ -489,7 +514,7 @@ class ModelRunner:
                                             self.v, self.last, *d_fwd, *p_fwd)
             rows = (list(riders) + [None] * (self.num_slots - len(riders))
                     + [c.seq if c.samples else None for c in group])  # as the logits' rows: riders, then chunks
-            out.results.append((rows, *self._sample(logits, [np.concatenate(a) for a in zip(d_smp, p_smp)], rows)))
+            out.results.append((rows, self._sample(logits, [np.concatenate(a) for a in zip(d_smp, p_smp)], rows)))
             riders = []
         for group in with_logprobs:
             S = self.buckets.prefill_size(sum(c.n for c in group))
@@ -499,7 +524,7 @@ class ModelRunner:
                                                                 self.k, self.v, *p_fwd, self._targets(group, S))
             out.prompt.append((group, *prompt))  # target logprobs [S], top ids and their logprobs [S, top]
             rows = [c.seq if c.samples else None for c in group]
-            out.results.append((rows, *self._sample(logits, p_smp, rows)))
+            out.results.append((rows, self._sample(logits, p_smp, rows)))
         if self.record:
             out.record = StepRecord(
                 decode_rows=len(batch.decode),
@@ -519,14 +544,16 @@ class ModelRunner:
         (Sequence.record_prompt_logprobs)."""
         t_wait = time.perf_counter()
         # One device_get: the copies of every program's results start together.
-        results, prompt = jax.device_get(([arrays for _, *arrays in launched.results],
+        results, prompt = jax.device_get(([sampled for _, sampled in launched.results],
                                           [arrays for _, *arrays in launched.prompt]))
         now = time.perf_counter()
         sampled, prompt_lp = {}, {}
-        for (seqs, *_), (tok, lp, top_tok, top_lp) in zip(launched.results, results):
+        for (seqs, _), sampled_rows in zip(launched.results, results):
+            tok, lp, top_tok, top_lp = unpack_sampled(sampled_rows)
+            tok, lp = tok.tolist(), lp.tolist()  # Python ints and floats, in one call each
             for i, s in enumerate(seqs):
                 if s is not None:
-                    sampled[s.request_id] = (int(tok[i]), float(lp[i]), top_tok[i], top_lp[i])
+                    sampled[s.request_id] = (tok[i], lp[i], top_tok[i], top_lp[i])
         for (group, *_), arrays in zip(launched.prompt, prompt):  # target logprobs, top ids, top logprobs
             at = 0
             for c in group:  # packed back to back, as _prefill_args laid them out

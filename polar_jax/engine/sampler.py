@@ -42,11 +42,6 @@ def _filtered(z: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
     return jnp.where((z < cutoff[:, None]) & ~keep[:, None], -jnp.inf, z)
 
 
-def needs_filter(temps, top_k, top_p, min_p) -> bool:
-    """Whether any row samples with top-k, top-p or min-p (host arrays): only then must the program search for cut-offs."""
-    return bool(((temps > 0) & ((top_k > 0) | (top_p < 1) | (min_p > 0))).any())
-
-
 def biased(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
     """logits [B, V] f32 plus values [B, K] f32 at token ids [B, K] int32 of each row (-1: no entry)."""
     B, V = logits.shape
@@ -107,8 +102,8 @@ def sample_rows(logits: jax.Array, temps: jax.Array, top_k: jax.Array, top_p: ja
     or `biased`'s (ids, values).
 
     filtered (static): apply top-k / top-p / min-p; False skips the cut-off searches, valid when no row needs them
-    (`needs_filter`). The choice is the caller's, made on the host: a device-side `lax.cond` would make
-    the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
+    (`SamplingParams.filters` of no row). The choice is the caller's, made on the host: a device-side `lax.cond`
+    would make the GPU program wait for the host to read its predicate, and the dispatch of the whole step block.
     k (static): how many of the most likely tokens to report.
     Returns (tokens [B] int32, logprobs [B] f32, top_tokens [B, k] int32, top_logprobs [B, k] f32): the
     sampled tokens and their log-probabilities, and each row's k most likely tokens (the first is the argmax

@@ -139,6 +139,11 @@ class SamplingParams:
                 raise _bad(name, "must be a bool", getattr(self, name))
 
     @property
+    def filters(self) -> bool:
+        """Whether this request samples with top-k, top-p or min-p (its steps then search for cut-offs)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
+
+    @property
     def penalized(self) -> bool:
         """Whether any penalty changes this request's logits (its steps then send its tokens so far)."""
         return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0

@@ -185,14 +185,13 @@ class Scheduler:
             if seq.needs_prefill:
                 i += 1
                 continue
-            while not bm.can_allocate(seq, 1):
+            while not bm.try_allocate(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, 1)
                 batch.decode.append(seq)
                 i += 1
 

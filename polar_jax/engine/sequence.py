@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from polar_jax.engine.sampling_params import SamplingParams
 
 
+INT32_MAX = 2**31 - 1
 PENDING = -1  # an output token sampled by a launched step whose value has not reached the host yet
 
 
@@ -51,6 +52,11 @@ class Sequence:
         # The sampling seed: the request's own, else drawn once, so every token of the request (also after a
         # preemption) comes from one key stream.
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(32)
+        p = self.params
+        # The sampler's fixed per-row arguments (ModelRunner._sampling): temperature, top_k, top_p, min_p, seed.
+        # A top_k past the vocabulary keeps every token, as past int32 (which it must fit) it would too; the
+        # seed mod 2**32 keys the samples (negative seeds too).
+        self.sampling_row = (p.temperature, min(p.top_k, INT32_MAX), p.top_p, p.min_p, self.seed & 0xFFFFFFFF)
         self.attn_density = attn_density  # fraction of KV heads in sparse layers; None: the engine's config
         self.num_preemptions = 0
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
