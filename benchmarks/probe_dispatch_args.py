@@ -2,9 +2,11 @@
 
     python -m benchmarks.probe_dispatch_args [--model smollm2-135m] [--batch 64] [--ctx 1024]
 
-Runs the engine in pure decode (as benchmarks.host_step), then times, per step: the decode program's call
-and the sampler program's call as the engine makes them (numpy arguments), and, on the same arguments,
-jax.device_put of all of them at once and one by one. Prints one line per part (ms a step, median).
+Runs the engine in pure decode (as benchmarks.host_step), then times, per step, the decode program's and the
+sampler program's calls as the engine makes them (host_args.HostPacked): packing the host arguments into one
+buffer, and the jitted call (its one host-to-device copy and XLA's enqueue of the program). Prints one line per
+part (ms a step, median). (Before HostPacked, git 249382b's version timed each numpy argument's own copy:
+logs/probe_dispatch_args_465a168.log.)
 """
 from __future__ import annotations
 
@@ -43,38 +45,42 @@ def main(argv=None) -> None:
     for _ in range(8):
         eng.step()
     t = defaultdict(list)
-    real = {n: getattr(model_runner, n) for n in ("_DECODE", "_SAMPLE")}
 
-    def timed(name):
-        fn = real[name]
+    def timed(name, program):
+        """Time program's calls: packing its host arguments, and the jitted call (XLA's enqueue of the step)."""
+        pack_args, jitted = program._packed_args, program._jit
 
-        def wrapper(*a):
-            host = [x for x in a if isinstance(x, np.ndarray | np.generic)]
+        def timed_pack(args):
             t0 = time.perf_counter()
-            out = fn(*a)
-            t1 = time.perf_counter()
-            t[name].append(t1 - t0)
-            t0 = time.perf_counter()
-            jax.block_until_ready(jax.device_put(host))
-            t[name + " device_put(all) blocked"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            jax.device_put(host)
-            t[name + " device_put(all) async"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for x in host:
-                jax.device_put(x)
-            t[name + " device_put(each) async"].append(time.perf_counter() - t0)
-            t[name + " numpy args"].append(len(host))
+            out = pack_args(args)
+            t[name + " pack"].append(time.perf_counter() - t0)
             return out
 
-        return wrapper
+        def timed_jit(*args):
+            t0 = time.perf_counter()
+            out = jitted(*args)
+            t[name + " jitted call"].append(time.perf_counter() - t0)
+            return out
 
-    for n in real:
-        setattr(model_runner, n, timed(n))
+        program._packed_args, program._jit = timed_pack, timed_jit
+
+    for name in ("_DECODE", "_SAMPLE"):
+        timed(name, getattr(model_runner, name))
+    t0 = time.perf_counter()
     for _ in range(steps):
         eng.step()
+    print(f"{'engine step (wall)':40s} {(time.perf_counter() - t0) / steps * 1e3:.3f} ms")
+    # The same device arguments (weights, pools, last tokens, a buffer) into a program of one tiny kernel: what a
+    # jitted call costs before any of the model's kernels is enqueued.
+    tiny = jax.jit(lambda params, k, v, last, buf: buf[0] + last[0])
+    r, buf = eng.runner, jnp.zeros(1024, jnp.int32)
+    jax.block_until_ready(tiny(r.params, r.k, r.v, r.last, buf))
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tiny(r.params, r.k, r.v, r.last, buf)
+        t["tiny program, the step's arguments"].append(time.perf_counter() - t0)
     for k, v in t.items():
-        print(f"{k:40s} {statistics.median(v) * (1 if 'args' in k else 1e3):.3f}{'' if 'args' in k else ' ms'}")
+        print(f"{k:40s} {statistics.median(v) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":
