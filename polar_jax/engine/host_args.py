@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,7 +28,7 @@ def pack(host) -> tuple[np.ndarray, tuple]:
             raise TypeError(f"pack: host arguments must have 4-byte dtypes or bool, got {a.dtype} {a.shape}")
         parts.append(np.ascontiguousarray(a).reshape(-1).view(np.int32))
     buf = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return buf, (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
+    return buf, (treedef, tuple((a.shape, a.dtype) for a in arrays))  # (dtype.name costs 6 µs a call)
 
 
 def unpack(buf: jax.Array, layout: tuple):
@@ -40,10 +39,10 @@ def unpack(buf: jax.Array, layout: tuple):
         n = math.prod(shape)
         x = buf[at: at + n].reshape(shape)
         at += n
-        if dtype == "bool":
+        if dtype == np.bool_:
             x = x != 0
-        elif dtype != "int32":
-            x = jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        elif dtype != np.int32:
+            x = jax.lax.bitcast_convert_type(x, dtype)
         leaves.append(x)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
