@@ -127,7 +127,10 @@ def run_generate(model_dir: Path, prompts: list[str], args) -> None:
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; convert the model with its tokenizer")
     ids = encode_prompts(tokenizer, prompts, not args.no_chat_template)
-    prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
+    try:
+        prepare(cfg, ids, args.max_new_tokens, None)  # context length, vocabulary
+    except ValueError as e:  # "with max_new_tokens=N it needs ...": name the flag
+        raise ValueError(str(e).replace("max_new_tokens=", "--max-new-tokens ", 1)) from None
     need = max(map(len, ids)) + args.max_new_tokens  # positions the longest request can reach
     dtype = checkpoint.stored_dtype(model_dir)
     if dtype is not None:

@@ -116,7 +116,7 @@ def no_weights(monkeypatch):
     (["--frequency-penalty", "inf"], "--frequency-penalty must be in [-2, 2] (0: off): got inf"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--prompt", " \t "], "prompt 1 is empty or only whitespace"),
-    (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with max_new_tokens=20000 it needs 20002 positions, "
+    (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with --max-new-tokens 20000 it needs 20002 positions, "
                                     "more than the model's context length of 64"),
     (["--max-new-tokens", "1000000000"], "model's context length of 64"),
     (["--attn-source", "oracle"], "--attn-source needs --attn-density below 1"),  # it ran dense without a word

@@ -717,6 +717,7 @@ def test_bench_serve_writes_out_into_a_new_folder_and_checks_outputs_first(tmp_p
     for extra, error, message in [
         (["--out", str(tmp_path / "afile" / "r.json")], NotADirectoryError, "afile is a file"),
         (["--plot", str(tmp_path / "new")], IsADirectoryError, "it is a directory"),
+        (["--plot", str(tmp_path / "lat.xyz")], ValueError, "matplotlib cannot write .xyz plots"),
         (["--plot", str(png), "--compare", str(tmp_path / "missing.json")], FileNotFoundError,
          "--compare: no report .*missing.json"),
     ]:
@@ -732,6 +733,40 @@ def test_bench_serve_writes_out_into_a_new_folder_and_checks_outputs_first(tmp_p
     plot_args.results = [str(tmp_path / "afile")]
     with pytest.raises(ValueError, match="afile is not a report of `polar bench serve`"):
         bench.bench_plot(plot_args)
+
+
+def test_bench_serve_that_fails_writing_keeps_the_old_report_and_plot(tmp_path, monkeypatch):
+    """A report or plot whose writing fails halfway (a full disk, an interrupt) leaves the files of the run
+    before whole, not half of a new one."""
+    import matplotlib.figure
+
+    from polar_jax.server import bench
+
+    async def fake_run(url, items, rate, *args):
+        return [bench.Result(ok=True, prompt_tokens=4, output_tokens=2, ttft=0.1, e2e=0.2, itl=[0.1])], 0.5
+
+    def savefig_half(self, fname, **kw):
+        with open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else contextlib.nullcontext(fname) as f:
+            f.write(b"half a plot")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    out, png = tmp_path / "dense.json", tmp_path / "lat.png"
+    out.write_text('{"runs": []}')
+    png.write_bytes(b"the old plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_half)
+    with pytest.raises(OSError, match="No space left"):
+        bench.bench_serve(_bench_args("--out", str(out), "--plot", str(png)))
+    assert png.read_bytes() == b"the old plot" and json.loads(out.read_text())["runs"][0]["completed"] == 1
+
+    def interrupted(*a, **kw):  # the moment between writing the new report and putting it in place
+        raise KeyboardInterrupt
+
+    out.write_text('{"runs": []}')
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_serve(_bench_args("--out", str(out)))
+    assert out.read_text() == '{"runs": []}' and sorted(p.name for p in tmp_path.iterdir()) == ["dense.json", "lat.png"]
 
 
 def test_serve_flags_reach_the_engine(model_dir, tmp_path):

@@ -250,11 +250,11 @@ def bench_serve(args) -> dict:
     report = {"label": args.label, "url": args.url, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "runs": runs}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        from polar_jax.checkpoint import write_whole
+
+        write_whole(args.out, json.dumps(report, indent=2))  # an interrupted write leaves the old report whole
         print(f"wrote {args.out}")
     if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot([report] + compare, args.plot)
         print(f"wrote {args.plot}")
     return report
@@ -267,6 +267,8 @@ def _check_outputs(args) -> list[dict]:
     for path in (args.out, args.plot):
         if path:
             check_writable(path)
+    if args.plot:
+        check_plot_format(args.plot)
     return [read_report(f, "--compare") for f in args.compare or []]
 
 
@@ -283,8 +285,24 @@ def read_report(path: str, flag: str) -> dict:
     return rep
 
 
+def check_plot_format(path: str) -> None:
+    """Refuse a plot path whose suffix matplotlib cannot write (no suffix: png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix[1:].lower()
+    if suffix and suffix not in kinds:
+        raise ValueError(f"{path}: matplotlib cannot write .{suffix} plots (it writes {', '.join(sorted(kinds))})")
+
+
 def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one point per request rate)") -> None:
-    """Median TTFT and median TPOT against output throughput, one line per report (its label)."""
+    """Median TTFT and median TPOT against output throughput, one line per report (its label), written to `out`
+    whole (the format from its suffix, png without one)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,16 +321,20 @@ def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(out).suffix[1:].lower() or "png")
     plt.close(fig)
+    from polar_jax.checkpoint import write_whole
+
+    write_whole(out, buf.getvalue())
 
 
 def bench_plot(args) -> None:
     from polar_jax.checkpoint import check_writable
 
     check_writable(args.out)
+    check_plot_format(args.out)
     reports = [read_report(f, "polar bench plot") for f in args.results]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for f, rep in zip(args.results, reports):
         rep.setdefault("label", None)
         rep["label"] = rep["label"] or Path(f).stem
