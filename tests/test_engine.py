@@ -118,7 +118,7 @@ class CharTokenizer:
 
 def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, prompts):
     """A stop token id or EOS that ends a request stays in token_ids; its text was kept in the text too, and
-    (as vLLM's) is not unless include_stop_str_in_output. Streamed deltas never carry it and add up to the text."""
+    (as vLLM's) is not unless include_stop_str_in_output; stop_reason names the stop token, None for the EOS. Streamed deltas never carry it and add up to the text."""
     llm = LLM((CFG, params, CharTokenizer()), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40,
               progress=False)
     free = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].token_ids
@@ -132,6 +132,7 @@ def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, pr
     want = [(free[:j + 1], text[:-1]), (free[:j + 1], text), ([eos], ""), ([eos], chr(48 + eos))]
     outs = llm.generate([prompts[0]] * 4, sps, use_tqdm=False)
     assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == [(*w, "stop") for w in want]
+    assert [o.stop_reason for o in outs] == [free[j], free[j], None, None]  # vLLM's: the stop token, None at EOS
     streamed = {}
     for out in llm.stream([prompts[0]] * 4, sps):
         streamed[out.request_id] = streamed.get(out.request_id, "") + out.new_text
@@ -142,7 +143,8 @@ def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, pr
 def test_outputs_read_after_the_run_say_what_they_said_at_their_step(params, prompts):
     """RequestOutput copies token_ids, logprobs and top_logprobs when they are read: outputs kept and read after
     the run must each still hold their own step's tokens, one more than the output before, the new one last;
-    also for a request cut by a stop string, which drops the token the step already in flight sampled."""
+    also for a request cut by a stop string, which drops the token the step already in flight sampled (its
+    stop_reason: the string)."""
     llm = LLM((CFG, params, CharTokenizer()), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40,
               progress=False)
     free = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].token_ids
@@ -155,6 +157,8 @@ def test_outputs_read_after_the_run_say_what_they_said_at_their_step(params, pro
         kept.setdefault(out.request_id, []).append(out)
     finals = [outs[-1] for _, outs in sorted(kept.items(), key=lambda kv: int(kv[0].split("-")[1]))]
     assert [f.token_ids for f in finals] == [free, free[:j + 1]]
+    assert [(f.finish_reason, f.stop_reason) for f in finals] == [("length", None), ("stop", chr(48 + free[j]))]
+    assert all(out.stop_reason is None for outs in kept.values() for out in outs[:-1])
     for outs in kept.values():
         final = outs[-1]
         for k, out in enumerate(outs, 1):

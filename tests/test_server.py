@@ -921,7 +921,8 @@ def test_sentencepiece_tokens_keep_their_space_and_special_tokens_take_no_room()
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_stop_token_ids_end_generation_over_http(client, offline, loaded, endpoint):
     """vLLM's stop_token_ids was accepted and silently ignored (the offline API honours it). The stop token's
-    text was then kept in the text: as vLLM's, it is not, unless include_stop_str_in_output (whole or streamed)."""
+    text was then kept in the text: as vLLM's, it is not, unless include_stop_str_in_output (whole or streamed).
+    The choice's stop_reason (vLLM's) names the stop token, in the last chunk of a stream."""
     tok = loaded[2]
     if endpoint == "chat":
         messages = [{"role": "user", "content": "the fox"}]
@@ -940,9 +941,10 @@ def test_stop_token_ids_end_generation_over_http(client, offline, loaded, endpoi
         kw = dict(model=MODEL, max_tokens=8, temperature=0,
                   extra_body={"ignore_eos": True, "stop_token_ids": [free[j]], "include_stop_str_in_output": keep})
         whole = create(**kw).choices[0]
-        assert (text(whole), whole.finish_reason) == (want, "stop")
+        assert (text(whole), whole.finish_reason, whole.stop_reason) == (want, "stop", free[j])
         chunks = [c.choices[0] for c in create(stream=True, **kw)]
         assert ("".join(map(delta, chunks)), chunks[-1].finish_reason) == (want, "stop")
+        assert [c.stop_reason for c in chunks] == [None] * (len(chunks) - 1) + [free[j]]
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -970,14 +972,15 @@ def test_penalties_and_min_p_reach_the_engine(client, offline, loaded, endpoint)
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(client):
-    """vLLM's include_stop_str_in_output (refused before): the text ends with the stop string that ended it."""
+    """vLLM's include_stop_str_in_output (refused before): the text ends with the stop string that ended it,
+    which the choice's stop_reason names."""
     kw = dict(model=MODEL, prompt="the fox", max_tokens=12, temperature=0)
     free = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     assert len(free) >= 6
     stop = free[4:6]
     got = client.completions.create(**kw, stop=[stop], extra_body={"ignore_eos": True,
                                                                    "include_stop_str_in_output": True}).choices[0]
-    assert got.text == free[:free.index(stop) + len(stop)] and got.finish_reason == "stop"
+    assert got.text == free[:free.index(stop) + len(stop)] and (got.finish_reason, got.stop_reason) == ("stop", stop)
 
 
 def test_logit_bias_and_min_tokens_reach_the_engine(client, offline, loaded):
@@ -991,7 +994,8 @@ def test_logit_bias_and_min_tokens_reach_the_engine(client, offline, loaded):
     assert got.text == "x" * 5
     eos = loaded[0].eos_token_ids[0]
     kw = dict(model=MODEL, prompt=ids, max_tokens=8, temperature=0, logit_bias={str(eos): 100})
-    assert client.completions.create(**kw).choices[0].finish_reason == "stop"
+    on_eos = client.completions.create(**kw).choices[0]
+    assert (on_eos.finish_reason, on_eos.stop_reason) == ("stop", None)  # vLLM's: None for the model's EOS
     got = client.completions.create(**kw, extra_body={"min_tokens": 3}).choices[0]
     want = offline_one(offline, ids, SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100}, min_tokens=3))
     assert (got.text, got.finish_reason) == (want.text, "stop") and len(want.token_ids) == 4

@@ -61,6 +61,9 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
+    # What ended a "stop": the stop string matched, or the token id of SamplingParams.stop_token_ids; None for the
+    # model's EOS, for any other finish_reason and before the end (vLLM's stop_reason)
+    stop_reason: int | str | None
     prompt_logprobs: list[float | None] | None  # of each prompt token, None for the first
     # At each prompt token the SamplingParams.prompt_logprobs most likely tokens as above, None for the first
     prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None
@@ -307,6 +310,7 @@ class LLMEngine:
             num_output_tokens=i + 1, text=detok.text if detok is not None else "",
             new_token_ids=[seq.output_token_ids[i]], new_text=delta, finished=finished,
             finish_reason=seq.finish_reason if finished else None,
+            stop_reason=_stop_reason(seq, detok) if finished else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
             prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.prompt_top_logprobs is not None else None,
             arrival_time=t.arrival, first_token_time=t.first_token, finish_time=t.finish if finished else None,
@@ -329,3 +333,16 @@ def _progress_bar(desc: str, enabled: bool):
             bar.close()
 
     return update
+
+
+def _stop_reason(seq: Sequence, detok) -> int | str | None:
+    """What ended a finished seq, checked in the scheduler's order: the model's EOS (None), a stop token id, a
+    stop string."""
+    if seq.finish_reason != "stop":
+        return None
+    last, p = seq.output_token_ids[-1], seq.params
+    if last in seq.eos_token_ids and not p.ignore_eos:
+        return None
+    if last in p.stop_token_ids:
+        return last
+    return detok.stopped if detok is not None else None

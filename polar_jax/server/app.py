@@ -287,7 +287,8 @@ class _API:
             echoed = self._text(ids, body.skip_special_tokens) if body.echo else ""
             choices.append(P.CompletionChoice(index=i, text=echoed + text,
                                               logprobs=logprobs,
-                                              finish_reason="length" if echo_only[i] else out.finish_reason))
+                                              finish_reason="length" if echo_only[i] else out.finish_reason,
+                                              stop_reason=None if echo_only[i] else out.stop_reason))
         return P.CompletionResponse(id=req_id, model=self.model_name, choices=choices,
                                     usage=P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
@@ -332,10 +333,12 @@ class _API:
                         tops += out.top_logprobs[new]
                     completion_tokens += len(out.new_token_ids)
                 finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
+                stop_reason = None if echo_only[i] else out.stop_reason
                 logprobs = self._completion_logprobs(
                     toks, lps, tops, where.setdefault(i, TextOffsets(self.token_bytes, body.echo))) \
                     if want_lp else None
-                choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)
+                choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, stop_reason=stop_reason,
+                                            logprobs=logprobs)
                 yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
             if body.include_usage:
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -385,7 +388,8 @@ class _API:
         choices = [P.ChatChoice(index=j, message=P.ChatResponseMessage(content=out.text),
                                 logprobs=self._chat_logprobs(body, out.token_ids, out.logprobs, out.top_logprobs)
                                 if body.logprobs else None,
-                                finish_reason=out.finish_reason) for j, out in sorted(final.items())]
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                   for j, out in sorted(final.items())]
         completion_tokens = sum(len(out.token_ids) for out in final.values())
         usage = P.Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                         total_tokens=len(ids) + completion_tokens)
@@ -403,8 +407,9 @@ class _API:
 
     async def _chat_stream(self, body, req_id, sub, prompt_tokens: int, index: dict[str, int]
                            ) -> AsyncIterator[str]:
-        def chunk(j: int, delta: P.ChatDelta, finish=None, logprobs=None) -> str:
-            choice = P.ChatChunkChoice(index=j, delta=delta, finish_reason=finish, logprobs=logprobs)
+        def chunk(j: int, delta: P.ChatDelta, finish=None, logprobs=None, stop_reason=None) -> str:
+            choice = P.ChatChunkChoice(index=j, delta=delta, finish_reason=finish, stop_reason=stop_reason,
+                                       logprobs=logprobs)
             return P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
 
         tokens = [0] * len(index)  # per choice
@@ -418,7 +423,8 @@ class _API:
                 if body.logprobs:
                     new = len(out.new_token_ids)
                     lp = self._chat_logprobs(body, out.new_token_ids, out.logprobs[-new:], out.top_logprobs[-new:])
-                yield chunk(j, P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp)
+                yield chunk(j, P.ChatDelta(content=out.new_text), out.finish_reason if out.finished else None, lp,
+                            out.stop_reason)
             if body.include_usage:
                 completion_tokens = sum(tokens)
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
