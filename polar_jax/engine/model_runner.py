@@ -446,7 +446,7 @@ class ModelRunner:
         filtered = any(s.params.filters for s in seqs if s is not None)
         rows = logits.shape[0]
         self.last, sampled = _SAMPLE(filtered, self._top(seqs), self.last, logits, *sample_args,
-                                      self._penalties(seqs, rows), self._bias(seqs, rows))
+                                     self._penalties(seqs, rows), self._bias(seqs, rows))
         return sampled
 
     def compile_all(self, progress: Callable[[int, int], None] | None = None) -> float:
