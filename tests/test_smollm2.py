@@ -6,9 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from convert import convert_checkpoint
 from polar_jax import generate, init_cache, load
 from polar_jax.cli import default_gguf, encode_prompts
 from polar_jax.model import forward
@@ -18,13 +16,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    gguf = default_gguf()
-    out = convert_checkpoint(gguf, tmp_path_factory.mktemp("smollm2") / "model", dtype="fp32", progress=False)
-    cfg, params, tokenizer = load(out)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                            torch_dtype=torch.float32).eval()
-    return cfg, params, tokenizer, ref
+def smollm2(smollm2_dir, smollm2_hf):
+    cfg, params, tokenizer = load(smollm2_dir)
+    return cfg, params, tokenizer, smollm2_hf
 
 
 def test_logits_match_transformers_gguf(smollm2):
