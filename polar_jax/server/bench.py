@@ -305,6 +305,8 @@ def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one
 
     import matplotlib
 
+    from polar_jax.checkpoint import write_whole
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -324,8 +326,6 @@ def plot(reports: list[dict], out: str, title: str = "latency vs throughput (one
     buf = io.BytesIO()
     fig.savefig(buf, dpi=120, format=Path(out).suffix[1:].lower() or "png")
     plt.close(fig)
-    from polar_jax.checkpoint import write_whole
-
     write_whole(out, buf.getvalue())
 
 
