@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polar_jax import LLM, SamplingParams, SparsityConfig, forward, generate, init_cache, init_params, preset
+from polar_jax import LLM, SamplingParams, SparsityConfig, generate, init_params, preset
 from polar_jax.engine.llm_engine import LLMEngine
+from tests.reference import dense_logits
 
 CFG = preset("tiny-llama-gqa").replace(max_positions=128)
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -213,8 +214,8 @@ def test_per_request_sampling_differs_within_a_batch_and_reproduces(params, prom
     assert alone.token_ids == outs[2].token_ids
     # top_k = 3: every sampled token is among the 3 most likely at its position.
     seq = p + outs[3].token_ids
-    logits, _, _ = forward(CFG, params, jnp.asarray([seq]), init_cache(CFG, 1, 128, jnp.float32))
-    top3 = np.argsort(-np.asarray(logits[0]), axis=-1)[:, :3]
+    logits = dense_logits(CFG, params, seq, width=128)
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
     for j, tok in enumerate(outs[3].token_ids):
         assert tok in top3[len(p) - 1 + j], f"token {j} outside the top 3"
 
@@ -241,8 +242,7 @@ def test_logprobs_equal_the_models_log_softmax(params, prompts, batch_invariant)
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, logprobs=True, prompt_logprobs=True,
                                            ignore_eos=True), use_tqdm=False)[0]
     seq = p + out.token_ids
-    logits, _, _ = forward(CFG, params, jnp.asarray([seq]), init_cache(CFG, 1, 128, jnp.float32))
-    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]
+    logp = np.asarray(jax.nn.log_softmax(dense_logits(CFG, params, seq, width=128), axis=-1))  # [T, V]
     want_prompt = [logp[t - 1, seq[t]] for t in range(1, len(p))]
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
     np.testing.assert_allclose(out.prompt_logprobs[1:], want_prompt, rtol=1e-4, atol=1e-4)
@@ -277,8 +277,8 @@ def test_top_logprobs_are_the_models_most_likely_tokens_when_sampling_and_preemp
     for i, p in enumerate(prompts):
         out, (n, m) = done[f"r{i}"], counts[i % len(counts)]
         seq = p + out.token_ids
-        logits, _, _ = forward(CFG, params, jnp.asarray([seq]), init_cache(CFG, 1, 128, jnp.float32))
-        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))  # [T, V]: row t is position t + 1's
+        logits = dense_logits(CFG, params, seq, width=128)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))  # [T, V]: row t is position t + 1's
         if m is None:
             assert out.prompt_logprobs is None and out.prompt_top_logprobs is None
         else:
@@ -322,8 +322,8 @@ def test_penalties_and_min_p_shape_each_requests_choice(params, prompts):
     changed = 0
     for i, (p, sp) in enumerate(zip(prompts, sps)):
         out = done[f"r{i}"].token_ids
-        logits, _, _ = forward(CFG, params, jnp.asarray([p + out]), init_cache(CFG, 1, 128, jnp.float32))
-        rows = np.asarray(logits[0, len(p) - 1: len(p) - 1 + len(out)], np.float64)  # [n, V]: output j's
+        logits = dense_logits(CFG, params, p + out, width=128)
+        rows = np.asarray(logits[len(p) - 1: len(p) - 1 + len(out)], np.float64)  # [n, V]: output j's
         for j, tok in enumerate(out):
             if sp.temperature > 0:  # min-p
                 prob = np.exp(rows[j] - rows[j].max())
@@ -356,8 +356,8 @@ def test_logit_bias_and_min_tokens(params, prompts):
     assert (outs[3].token_ids[6:], outs[3].finish_reason) == ([9], "stop") and 9 not in outs[3].token_ids[:6]
     for i in (0, 4):
         p, out = prompts[i], outs[i].token_ids
-        logits, _, _ = forward(CFG, params, jnp.asarray([p + out]), init_cache(CFG, 1, 128, jnp.float32))
-        rows = np.asarray(logits[0, len(p) - 1: len(p) - 1 + len(out)], np.float64)
+        logits = dense_logits(CFG, params, p + out, width=128)
+        rows = np.asarray(logits[len(p) - 1: len(p) - 1 + len(out)], np.float64)
         for t, b in (bias if i == 0 else ()):
             rows[:, t] += b
         np.testing.assert_array_equal(rows.argmax(-1), out, err_msg=f"request {i}")

@@ -2,7 +2,6 @@
 `polar` against lm-eval's own `hf` on the real SmolLM2 GGUF, task definitions and bad task data."""
 
 import argparse
-import functools
 import json
 import os
 from pathlib import Path
@@ -16,11 +15,12 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from polar_jax import SparsityConfig, forward, init_cache, init_params, preset  # noqa: E402
+from polar_jax import SparsityConfig, init_params, preset  # noqa: E402
 from polar_jax.evals import data  # noqa: E402
 from polar_jax.evals.cli import add_tasks_command  # noqa: E402
 from polar_jax.evals.loglik import _pack, loglikelihood  # noqa: E402
 from polar_jax.evals.run import build_tasks  # noqa: E402
+from tests.reference import dense_logits  # noqa: E402
 
 TASKS_YAML = Path(data.__file__).parent / "tasks"
 
@@ -33,20 +33,9 @@ def shared_evals() -> Path:
     return path
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _dense_log_probs(cfg, params, seq):
-    """[W, V] log-softmax of one dense forward over seq [1, W]."""
-    logits, _, _ = forward(cfg, params, seq, init_cache(cfg, 1, seq.shape[1], jnp.float32))
-    return jax.nn.log_softmax(logits[0], axis=-1)
-
-
-def dense_log_probs(cfg, params, tokens, width: int = 64):
-    """[len(tokens), V]: each position's next-token log-probabilities from one dense forward over tokens,
-    padded on the right to `width` (causal: the padding changes no earlier position) so that every length
-    runs one compiled program."""
-    assert len(tokens) <= width
-    seq = jnp.asarray([list(tokens) + [0] * (width - len(tokens))], jnp.int32)
-    return _dense_log_probs(cfg, params, seq)[: len(tokens)]
+def dense_log_probs(cfg, params, tokens):
+    """[len(tokens), V]: each position's next-token log-probabilities from the dense forward."""
+    return jax.nn.log_softmax(dense_logits(cfg, params, tokens, width=64), axis=-1)
 
 
 def full_forward_ll(cfg, params, ctx, cont):
@@ -370,7 +359,7 @@ def test_generate_until_through_the_engine(smollm2):
     from polar_jax.evals.lm import PolarLM
 
     _, (cfg, params, tok), _, _ = smollm2
-    lm = PolarLM((cfg, params, tok), batch_size=2, max_length=256)  # a short window: few engine programs
+    lm = PolarLM((cfg, params, tok), batch_size=2, max_length=64)  # a short window: few engine programs
     prompts = ["The capital of France is", "Water boils at"]
     reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 8}), 0) for p in prompts]
     texts = lm.generate_until(reqs, disable_tqdm=True)
