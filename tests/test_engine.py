@@ -119,7 +119,8 @@ class CharTokenizer:
 
 def test_stop_token_text_is_dropped_unless_include_stop_str_in_output(params, prompts):
     """A stop token id or EOS that ends a request stays in token_ids; its text was kept in the text too, and
-    (as vLLM's) is not unless include_stop_str_in_output; stop_reason names the stop token, None for the EOS. Streamed deltas never carry it and add up to the text."""
+    (as vLLM's) is not unless include_stop_str_in_output; stop_reason names the stop token, None for the EOS.
+    Streamed deltas never carry it and add up to the text."""
     llm = LLM((CFG, params, CharTokenizer()), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40,
               progress=False)
     free = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].token_ids
