@@ -916,6 +916,10 @@ def test_sentencepiece_tokens_keep_their_space_and_special_tokens_take_no_room()
         assert text[at:].startswith(tb.token_str(i).lstrip(" ") if at == 0 else tb.token_str(i))
     # Generated text (no echo) keeps the first token's space: only an echoed prompt's start is decoded alone.
     assert TextOffsets(tb).offsets([4, 5]) == [0, 4]
+    # skip_special_tokens False: the text keeps the BOS, and the offsets count it.
+    kept = hf.decode(ids, skip_special_tokens=False)
+    offsets = TextOffsets(tb, decoded_start=True, skip_special_tokens=False).offsets(ids)
+    assert kept == "<s> the fox! world" and offsets == [0, 3, 7, 11, 12]
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

@@ -283,7 +283,7 @@ class _API:
                 if body.echo:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
                     tops = list(out.prompt_top_logprobs) + tops
-                logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo))
+                logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens))
             echoed = self._text(ids, body.skip_special_tokens) if body.echo else ""
             choices.append(P.CompletionChoice(index=i, text=echoed + text,
                                               logprobs=logprobs,
@@ -335,7 +335,7 @@ class _API:
                 finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
                 stop_reason = None if echo_only[i] else out.stop_reason
                 logprobs = self._completion_logprobs(
-                    toks, lps, tops, where.setdefault(i, TextOffsets(self.token_bytes, body.echo))) \
+                    toks, lps, tops, where.setdefault(i, TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens))) \
                     if want_lp else None
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, stop_reason=stop_reason,
                                             logprobs=logprobs)

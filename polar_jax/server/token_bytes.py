@@ -64,9 +64,9 @@ class TokenBytes:
         the token alone drops it), U+FFFD for part of a character."""
         return self.bytes_of(token_id).decode("utf-8", "replace")
 
-    def text_bytes_of(self, token_id: int) -> bytes:
-        """What the token adds to decoded text: nothing for a special token (decoding skips them)."""
-        return b"" if int(token_id) in self.special else self.bytes_of(token_id)
+    def text_bytes_of(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        """What the token adds to decoded text: nothing for a special token where decoding skips them."""
+        return b"" if skip_special_tokens and int(token_id) in self.special else self.bytes_of(token_id)
 
     def _strips_first_space(self) -> bool:
         """SentencePiece decoders drop the leading space of a text's first word piece; byte-level ones keep it."""
@@ -79,11 +79,13 @@ class TokenBytes:
 class TextOffsets:
     """Where each token starts in the decoded text, in characters, over a stream of token ids: a token that
     ends inside a character counts from that character's start, a special token takes no room (calls
-    continue where the last one ended). `decoded_start`: the text begins with a decoding of these tokens
-    (an echoed prompt), which drops a SentencePiece tokenizer's first leading space."""
+    continue where the last one ended), unless the text keeps them (`skip_special_tokens` False).
+    `decoded_start`: the text begins with a decoding of these tokens (an echoed prompt), which drops a
+    SentencePiece tokenizer's first leading space."""
 
-    def __init__(self, token_bytes: TokenBytes, decoded_start: bool = False):
+    def __init__(self, token_bytes: TokenBytes, decoded_start: bool = False, skip_special_tokens: bool = True):
         self.token_bytes = token_bytes
+        self.skip_special_tokens = skip_special_tokens
         self.strip = decoded_start and token_bytes.strips_first_space
         self.pos = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -91,7 +93,7 @@ class TextOffsets:
     def offsets(self, token_ids: list[int]) -> list[int]:
         out = []
         for t in token_ids:
-            b = self.token_bytes.text_bytes_of(t)
+            b = self.token_bytes.text_bytes_of(t, self.skip_special_tokens)
             if self.strip and b:
                 b, self.strip = (b[1:] if b[:1] == b" " else b), False
             out.append(self.pos)
