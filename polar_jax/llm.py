@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 
 from polar_jax.engine.llm_engine import LLMEngine, RequestOutput
 from polar_jax.engine.sampling_params import SamplingParams
+from polar_jax.engine.sequence import RequestError
 from polar_jax.sparsity import SparsityConfig
 
 Prompt = str | Sequence[int]
@@ -73,6 +74,8 @@ class LLM:
             for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
                 try:
                     self.engine.add_request(rid, prompt, p)
+                except RequestError as e:  # the prompt's number, not the engine's request id
+                    raise RequestError(rid, e.reason, e.field, name=f"prompt {i}") from None
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"prompt {i}: {e}") from None
                 added.append(rid)

@@ -389,8 +389,9 @@ def test_bad_requests_are_named_and_leave_others_unharmed(params, prompts):
     assert done["good"].token_ids == static_tokens(params, [prompts[0]], GREEDY.max_tokens)[0]
     llm = LLM((CFG, params, None), max_num_seqs=4, prefill_chunk=16, page_size=8, num_pages=40, progress=False,
               max_model_len=64)
-    with pytest.raises(ValueError, match="prompt 1"):
+    with pytest.raises(ValueError, match="^prompt 1: prompt has 70 tokens, more than max_model_len 64$") as e:
         llm.generate([prompts[0], [5] * 70], GREEDY, use_tqdm=False)
+    assert e.value.field == "prompt"  # LLM names the prompt by its number, not by the engine's request id
     assert not llm.engine.has_unfinished(), "the valid prompt of a rejected call was left queued"
 
 

@@ -28,7 +28,7 @@ from polar_jax.engine.detokenizer import Detokenizer
 from polar_jax.engine.model_runner import Buckets, ModelRunner
 from polar_jax.engine.sampling_params import SamplingParams
 from polar_jax.engine.scheduler import Scheduler, SchedulerConfig
-from polar_jax.engine.sequence import Sequence
+from polar_jax.engine.sequence import RequestError, Sequence
 from polar_jax.sparsity import SparsityConfig, check_routers
 
 # Prompt tokens of one sequence per step. A step that prefills runs a second program beside the decode
@@ -213,37 +213,38 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, attn_density: float | None = None) -> None:
-        """Queue a request; ValueError naming it (and nothing queued) when it cannot run.
+        """Queue a request; RequestError (a ValueError) naming it and its field (and nothing queued) when it
+        cannot run.
 
         attn_density: this request's fraction of KV heads in sparse layers (engine built with
         per_request_density); None: the sparsity config's."""
         if attn_density is not None:
             if not self.per_request_density:
-                raise ValueError(f"request {request_id!r}: attn_density needs an engine built with "
-                                 "per_request_density=True and a sparsity config")
+                raise RequestError(request_id, "attn_density needs an engine built with per_request_density=True "
+                                   "and a sparsity config", "attn_density")
             if not (isinstance(attn_density, (int, float)) and 0 < attn_density <= 1):
-                raise ValueError(f"request {request_id!r}: attn_density must lie in (0, 1], got {attn_density!r}")
+                raise RequestError(request_id, f"attn_density must lie in (0, 1], got {attn_density!r}", "attn_density")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}")
         try:
             ids = self.encode(prompt)
         except ValueError as e:
-            raise ValueError(f"request {request_id!r}: {e}") from None
+            raise RequestError(request_id, str(e), "prompt") from None
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.cfg.vocab_size})")
+            raise RequestError(request_id, f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})",
+                               "prompt")
         bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
         if bad:  # the model can never sample it: the request would run to max_tokens where it meant to stop
-            raise ValueError(f"request {request_id!r}: stop token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.cfg.vocab_size})")
+            raise RequestError(request_id, f"stop token id {bad[0]} is outside the vocabulary "
+                               f"[0, {self.cfg.vocab_size})", "stop_token_ids")
         bad = [t for t, _ in params.logit_bias if t >= self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"request {request_id!r}: logit_bias token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.cfg.vocab_size})")
+            raise RequestError(request_id, f"logit_bias token id {bad[0]} is outside the vocabulary "
+                               f"[0, {self.cfg.vocab_size})", "logit_bias")
         if params.stop and self.tokenizer is None:
-            raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
+            raise RequestError(request_id, "stop strings need a tokenizer", "stop")
         seq = Sequence(request_id, ids, params, eos_token_ids=self.cfg.eos_token_ids, arrival_time=arrival_time,
                        attn_density=None if attn_density is None else float(attn_density))
         self.scheduler.add(seq)  # raises ValueError naming the request

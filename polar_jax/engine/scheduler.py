@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polar_jax.engine.block_manager import BlockManager
-from polar_jax.engine.sequence import PENDING, Sequence, SequenceStatus, top_pairs
+from polar_jax.engine.sequence import PENDING, RequestError, Sequence, SequenceStatus, top_pairs
 
 
 @dataclass(frozen=True)
@@ -108,24 +108,24 @@ class Scheduler:
         return bool(self._live)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new request; ValueError naming it if it can never run."""
+        """Queue a new request; RequestError (a ValueError) naming it if it can never run."""
         cfg, rid = self.config, seq.request_id
         if rid in self._live:
-            raise ValueError(f"request {rid!r}: request_id already in use")
+            raise RequestError(rid, "request_id already in use")
         if seq.status is not SequenceStatus.WAITING or seq.output_token_ids or seq.pages:
-            raise ValueError(f"request {rid!r}: only a new sequence can be added")
+            raise RequestError(rid, "only a new sequence can be added")
         if seq.num_prompt_tokens == 0:
-            raise ValueError(f"request {rid!r}: empty prompt")
+            raise RequestError(rid, "empty prompt", "prompt")
         if seq.num_prompt_tokens > cfg.max_model_len:
-            raise ValueError(f"request {rid!r}: prompt has {seq.num_prompt_tokens} tokens, more than "
-                             f"max_model_len {cfg.max_model_len}")
+            raise RequestError(rid, f"prompt has {seq.num_prompt_tokens} tokens, more than max_model_len "
+                               f"{cfg.max_model_len}", "prompt")
         # Positions whose KV is ever stored: the last sampled token is never fed.
         stored = max(seq.num_prompt_tokens,
                      min(seq.num_prompt_tokens + (seq.params.max_tokens or cfg.max_model_len), cfg.max_model_len) - 1)
         need = self.block_manager.pages_for(stored)
         if need > self.block_manager.num_usable_pages:
-            raise ValueError(f"request {rid!r}: needs {need} KV pages of {cfg.page_size} tokens, the pool has "
-                             f"{self.block_manager.num_usable_pages}")
+            raise RequestError(rid, f"needs {need} KV pages of {cfg.page_size} tokens, the pool has "
+                               f"{self.block_manager.num_usable_pages}")
         self._live[rid] = seq
         self.waiting.append(seq)
 

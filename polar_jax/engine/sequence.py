@@ -19,6 +19,16 @@ INT32_MAX = 2**31 - 1
 PENDING = -1  # an output token sampled by a launched step whose value has not reached the host yet
 
 
+class RequestError(ValueError):
+    """A request that cannot run. Its text names the request (by its id, or by `name`: "prompt 2"); `reason` is
+    the problem alone and `field` the request's field at fault (None: the request as a whole), for front ends
+    that spell fields their own way."""
+
+    def __init__(self, request_id: str, reason: str, field: str | None = None, name: str | None = None):
+        super().__init__(f"{name or f'request {request_id!r}'}: {reason}")
+        self.request_id, self.reason, self.field = request_id, reason, field
+
+
 def top_pairs(ids, logprobs, n: int) -> tuple[tuple[int, float], ...]:
     """The first n of a position's most likely tokens (ids, logprobs: most likely first) as ((id, logprob),
     ...)."""

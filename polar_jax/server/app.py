@@ -20,8 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polar_jax.engine.llm_engine import LLMEngine, RequestOutput
 from polar_jax.engine.sampling_params import SamplingParams, SamplingParamsError
+from polar_jax.engine.sequence import RequestError
 from polar_jax.server import protocol as P
-from polar_jax.server.async_engine import AsyncEngine, ClientGone, EngineError, QueueFull, Submission
+from polar_jax.server.async_engine import (AsyncEngine, ClientGone, EngineError, QueueFull, Submission,
+                                           TooManySequences)
 from polar_jax.server.metrics import ServerMetrics
 from polar_jax.server.token_bytes import TextOffsets, TokenBytes
 
@@ -217,6 +219,10 @@ class _API:
             return await self.async_engine.submit(requests)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+        except TooManySequences as e:
+            raise _bad(str(e), "n") from None
+        except RequestError as e:  # the field at fault, without the engine's request id
+            raise _bad(e.reason, e.field) from None
         except (ValueError, TypeError) as e:
             raise _bad(str(e), None) from None
         except EngineError as e:

@@ -40,6 +40,10 @@ class QueueFull(RuntimeError):
     """More requests in flight than the server accepts."""
 
 
+class TooManySequences(ValueError):
+    """One submission of more sequences than the server ever has in flight."""
+
+
 class ClientGone(RuntimeError):
     """The client disconnected before its request finished."""
 
@@ -132,13 +136,14 @@ class AsyncEngine:
     async def submit(self, requests: list[tuple[str, list[int], SamplingParams, dict]]) -> Submission:
         """Queue (request_id, prompt ids, params, add_request keywords) for each; all or none.
 
-        Raises QueueFull when the server is full, ValueError (from add_request) when a request cannot run.
+        Raises QueueFull when the server is full, TooManySequences when it never could take them all at once,
+        RequestError (from add_request) when a request cannot run.
         """
         if not self.alive:
             raise EngineError("the engine is not running")
         if len(requests) > self.max_in_flight:
-            raise ValueError(f"{len(requests)} sequences (prompts times n) in one request; this server takes at "
-                             f"most {self.max_in_flight}")
+            raise TooManySequences(f"{len(requests)} sequences (prompts times n) in one request; this server takes "
+                                   f"at most {self.max_in_flight}")
         if self._in_flight + len(requests) > self.max_in_flight:
             raise QueueFull(f"the server is full ({self._in_flight} requests in flight, at most "
                             f"{self.max_in_flight}); retry later")
