@@ -182,6 +182,28 @@ def test_chat_stream_equals_whole_and_offline(client, offline, loaded):
     assert stream[-1].usage == whole.usage and not stream[-1].choices
 
 
+@pytest.mark.parametrize("path,prompt", [("completions", {"prompt": "the fox"}),
+                                         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_stream_chunks_share_one_created_time_and_deltas_leave_out_the_role(server, monkeypatch, path, prompt):
+    """OpenAI's stream: every chunk of a response has the response's `created`, and a chat delta after the
+    first leaves its role out (not null). The clock the response models read runs on a second a call here."""
+    from polar_jax.server import protocol
+
+    ticks = iter(range(10**9, 10**9 + 10**4))
+    monkeypatch.setattr(protocol, "time", types.SimpleNamespace(time=lambda: next(ticks)))
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}} | prompt
+    with httpx.stream("POST", f"{server}/v1/{path}", json=body, timeout=60) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    assert len(chunks) >= 6 and len({c["created"] for c in chunks}) == 1
+    if path == "chat/completions":
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert all("role" not in d and set(d) == {"content"} for d in deltas[1:]), deltas
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_logprobs_equal_the_models_log_softmax(client, loaded, max_tokens, stream):
@@ -400,6 +422,8 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400,
      "stream_options.include_usage", "valid boolean"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop", "valid string"),
+    ("completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "needs stream: true"),
     ("completions", {"model": None, "prompt": "x"}, 400, "model", "valid string"),  # null is no default here
     ("completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
      "less than or equal to 2"),
@@ -440,6 +464,7 @@ def test_bad_input_gets_4xx_naming_the_field(server, path, body, status, param, 
     assert err["param"] == param and message in err["message"], err
     assert err["type"] == "invalid_request_error"
     assert "Traceback" not in err["message"] and "request '" not in err["message"] and len(err["message"]) < 300
+    assert err["message"].count(", got ") <= 1, err  # the value named once
 
 
 def test_attn_density_field(server, loaded):

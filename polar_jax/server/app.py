@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -146,7 +147,7 @@ def _validation_response(errors) -> JSONResponse:
     msg = err.get("msg", "invalid value")
     if err.get("type") == "value_error":  # our own validators' messages, without pydantic's "Value error, "
         msg = msg.removeprefix("Value error, ")
-    if "input" in err and err.get("type") != "missing":
+    if "input" in err and err.get("type") != "missing" and ", got " not in msg:  # (ours may name it already)
         got = repr(err["input"])
         msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
     return _bad(f"{param}: {msg}" if param else msg, param).response()
@@ -320,6 +321,7 @@ class _API:
         sent_echo: set[int] = set()
         where: dict[int, TextOffsets] = {}  # per choice: text_offset runs on across the stream's chunks
         completion_tokens = 0
+        created = int(time.time())  # one time for every chunk of the response, as OpenAI's
         try:
             async for out in sub.outputs():
                 i = index[out.request_id]
@@ -345,11 +347,12 @@ class _API:
                     if want_lp else None
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, stop_reason=stop_reason,
                                             logprobs=logprobs)
-                yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
+                yield P.CompletionResponse(id=req_id, created=created, model=self.model_name,
+                                           choices=[choice]).model_dump_json()
             if body.include_usage:
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 total_tokens=prompt_tokens + completion_tokens)
-                yield P.CompletionResponse(id=req_id, model=self.model_name, choices=[],
+                yield P.CompletionResponse(id=req_id, created=created, model=self.model_name, choices=[],
                                            usage=usage).model_dump_json()
         except EngineError as e:
             yield _error_event(e)
@@ -416,8 +419,10 @@ class _API:
         def chunk(j: int, delta: P.ChatDelta, finish=None, logprobs=None, stop_reason=None) -> str:
             choice = P.ChatChunkChoice(index=j, delta=delta, finish_reason=finish, stop_reason=stop_reason,
                                        logprobs=logprobs)
-            return P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[choice]).model_dump_json()
+            return P.ChatCompletionChunk(id=req_id, created=created, model=self.model_name,
+                                         choices=[choice]).model_dump_json()
 
+        created = int(time.time())  # one time for every chunk of the response, as OpenAI's
         tokens = [0] * len(index)  # per choice
         try:
             for j in range(len(index)):
@@ -435,7 +440,7 @@ class _API:
                 completion_tokens = sum(tokens)
                 usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 total_tokens=prompt_tokens + completion_tokens)
-                yield P.ChatCompletionChunk(id=req_id, model=self.model_name, choices=[],
+                yield P.ChatCompletionChunk(id=req_id, created=created, model=self.model_name, choices=[],
                                             usage=usage).model_dump_json()
         except EngineError as e:
             yield _error_event(e)

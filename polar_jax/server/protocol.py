@@ -13,7 +13,8 @@ import time
 import uuid
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from polar_jax.engine.sampling_params import MAX_LOGPROBS
@@ -106,6 +107,13 @@ class _Sampling(BaseModel):
             if not key.strip().isdigit():
                 raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
         return bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options, info: ValidationInfo):
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options needs stream: true")  # as vLLM's server
+        return options
 
     @property
     def token_bias(self) -> dict[int, float] | None:
@@ -243,6 +251,11 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer
+    def _only_what_it_carries(self) -> dict:
+        """OpenAI's deltas leave out what they do not carry (the role after the first chunk), not null it."""
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
