@@ -31,7 +31,8 @@ class ServerMetrics:
         # _sum / _count between two scrapes is the mean decode batch over that interval.
         self.decode_batch = Histogram("polar_decode_batch", "Requests decoded together in one engine step (steps "
                                       "that decoded at least one)", buckets=_BATCH_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.prompt_tokens = Counter("polar_prompt_tokens", "Prompt tokens of admitted requests (a prompt once per "
+                                     "choice: each choice prefills it)", registry=r)
         self.generation_tokens = Counter("polar_generation_tokens", "Output tokens generated", registry=r)
         self.finished = Counter("polar_requests_finished", "Finished requests by reason", ["reason"], registry=r)
         self.preemptions = Counter("polar_preemptions", "Requests preempted (their KV pages freed, their tokens "
