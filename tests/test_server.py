@@ -32,7 +32,7 @@ from polar_jax import (LLM, SamplingParams, SparsityConfig, forward, init_cache,
                        preset)
 from polar_jax.checkpoint import load, save  # noqa: E402
 from polar_jax.engine.llm_engine import LLMEngine  # noqa: E402
-from polar_jax.server.app import build_app  # noqa: E402
+from polar_jax.server.app import DrainingServer, build_app  # noqa: E402
 from polar_jax.server.cli import main as server_cli  # noqa: E402
 
 CFG = preset("tiny-llama-gqa").replace(max_positions=128)
@@ -99,6 +99,9 @@ def loaded(model_dir):
     return load(model_dir)
 
 
+APPS = {}  # base URL -> the app that `serving` runs there
+
+
 @contextlib.contextmanager
 def serving(engine):
     """uvicorn in a thread on a free port serving `engine`; yields the base URL."""
@@ -106,10 +109,11 @@ def serving(engine):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    srv = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 60, "the test server to start")
+    APPS[url] = app
     try:
         yield url
     finally:
@@ -537,6 +541,51 @@ def test_null_fields_take_their_defaults(server):
             if name != "temperature":  # greedy, so the answer is the one without the field
                 got = r.json()["choices"][0]
                 assert got.get("text", got.get("message")) == want.get("text", want.get("message")), (path, name)
+
+
+def test_requests_ended_by_shutdown_get_an_error_event_or_503_and_the_engine_goes_on(served):
+    """What a shutdown ends before it finished (AsyncEngine.end_all, which DrainingServer calls before uvicorn
+    would cancel the request's task): a stream gets an error event, then [DONE]; a whole request a 503."""
+    url, _ = served
+    async_engine = APPS[url].state.async_engine
+    long = {"model": MODEL, "prompt": "x", "max_tokens": 100, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{url}/v1/completions", json=long | {"stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(x for x in lines if x.startswith("data: ")).startswith('data: {"id"')
+            async_engine.end_all()
+            rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and len(rest) < 99, rest[-3:]
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "shutting down" in error["message"]
+        whole = {}
+        thread = threading.Thread(target=lambda: whole.update(r=c.post(f"{url}/v1/completions", json=long)))
+        thread.start()
+        wait_until(lambda: metrics(url)["polar_requests_running"] == 1, 30, "the request to run")
+        async_engine.end_all()
+        thread.join(60)
+        assert whole["r"].status_code == 503 and "shutting down" in whole["r"].json()["error"]["message"]
+        assert c.post(f"{url}/v1/completions", json=long | {"max_tokens": 3}).json()["usage"]["completion_tokens"] == 3
+    assert metrics(url)["polar_kv_pages_free"] == USABLE_PAGES
+
+
+def test_draining_server_ends_requests_just_before_uvicorn_would_cancel_them(monkeypatch):
+    ended = []
+    app = types.SimpleNamespace(state=types.SimpleNamespace(
+        async_engine=types.SimpleNamespace(end_all=lambda: ended.append(time.monotonic()))))
+    for timeout, delay in ((3.0, 2.0), (0.4, 0.2), (0.0, 0.0)):
+        ended.clear()
+        srv = DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=timeout))
+        t0 = time.monotonic()
+        srv.handle_exit(signal.SIGTERM, None)
+        srv.handle_exit(signal.SIGTERM, None)  # a second signal schedules nothing more
+        wait_until(lambda: ended, 10, "end_all")
+        time.sleep(0.1)
+        assert srv.should_exit and len(ended) == 1 and delay <= ended[0] - t0 < delay + 0.5, (timeout, ended[0] - t0)
+    srv = DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=None))  # uvicorn waits for all: so do we
+    srv.handle_exit(signal.SIGTERM, None)
+    time.sleep(0.2)
+    assert not ended[1:] and srv._drain is None
 
 
 def test_engine_failure_fails_its_requests_not_the_server(served, client, monkeypatch):

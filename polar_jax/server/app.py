@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from typing import AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +27,8 @@ from polar_jax.engine.sequence import RequestError
 from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import (AsyncEngine, ClientGone, EngineError, QueueFull, Submission,
                                            TooManySequences)
+
+DRAIN_MARGIN_S = 1.0  # DrainingServer ends what is still running this long before uvicorn would cancel it
 from polar_jax.server.metrics import ServerMetrics
 from polar_jax.server.token_bytes import TextOffsets, TokenBytes
 
@@ -273,7 +277,7 @@ class _API:
         except ClientGone:
             return Response(status_code=499)
         except EngineError as e:
-            raise APIError(500, str(e), type="server_error") from None
+            raise APIError(e.status, str(e), type="server_error") from None
         finally:
             sub.close()
         choices, completion_tokens = [], 0
@@ -391,7 +395,7 @@ class _API:
         except ClientGone:
             return Response(status_code=499)
         except EngineError as e:
-            raise APIError(500, str(e), type="server_error") from None
+            raise APIError(e.status, str(e), type="server_error") from None
         finally:
             sub.close()
         choices = [P.ChatChoice(index=j, message=P.ChatResponseMessage(content=out.text),
@@ -478,3 +482,24 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.sub.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server for `app` (from build_app). On SIGTERM or SIGINT uvicorn stops accepting, lets in-flight
+    requests finish for `timeout_graceful_shutdown` seconds and then cancels their tasks, which cuts a stream
+    off mid-way with no final event (and logs the CancelledError). This server ends what is still running
+    DRAIN_MARGIN_S before that (half the timeout where it is shorter): a stream gets an error event and
+    [DONE], a whole request a 503, and every connection closes cleanly."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self._drain: threading.Timer | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        timeout = self.config.timeout_graceful_shutdown
+        if self._drain is None and timeout is not None:  # None: uvicorn waits for every request
+            self._drain = threading.Timer(max(timeout - min(DRAIN_MARGIN_S, timeout / 2), 0.0),
+                                          self.config.app.state.async_engine.end_all)
+            self._drain.daemon = True
+            self._drain.start()

@@ -35,6 +35,14 @@ _DISCONNECT_POLL_S = 0.5
 class EngineError(RuntimeError):
     """The engine failed (or shut down) while running this request."""
 
+    status = 500
+
+
+class ShuttingDown(EngineError):
+    """The server is shutting down and ended this request before it finished."""
+
+    status = 503
+
 
 class QueueFull(RuntimeError):
     """More requests in flight than the server accepts."""
@@ -165,6 +173,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def end_all(self) -> None:
+        """End every request in the engine now (the server is shutting down): their consumers get ShuttingDown
+        (a stream its error event and [DONE]); the engine goes on taking requests."""
+        self._commands.put(("end_all",))
+
     def release(self, n: int) -> None:
         """n requests left the server (finished, refused or abandoned): room for n more."""
         self._in_flight -= n
@@ -183,7 +196,7 @@ class AsyncEngine:
                     break
             for cmd in commands:
                 if cmd[0] == "stop":
-                    self._fail_all(EngineError("the server is shutting down"))
+                    self._end_all()
                     return
                 try:
                     getattr(self, f"_{cmd[0]}")(*cmd[1:])
@@ -207,6 +220,9 @@ class AsyncEngine:
             return
         self.metrics.prompt_tokens.inc(sum(len(r[1]) for r in requests))
         _call_in(stream.loop, _settle, done, None)
+
+    def _end_all(self) -> None:
+        self._fail_all(ShuttingDown("the server is shutting down"))
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:

@@ -100,7 +100,7 @@ def check_port_free(host: str, port: int) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from polar_jax.server.app import build_app
+    from polar_jax.server.app import DrainingServer, build_app
 
     check_port_free(args.host, args.port)  # before minutes of loading and compiling, not after
     engine, sparsity, name = build_engine(args)
@@ -110,12 +110,12 @@ def cmd_serve(args) -> None:
           f"{', batch-invariant' if args.batch_invariant else ''}) on "
           f"http://{args.host}:{args.port}", flush=True)
     # uvicorn handles SIGTERM / SIGINT: it stops accepting, lets in-flight requests finish for up to
-    # --shutdown-timeout seconds (then cancels them, which aborts their sequences) and runs the app's
-    # lifespan exit, which stops the engine thread. Then it raises the signal again for the handler it found:
-    # this one, so that a clean shutdown exits with status 0.
+    # --shutdown-timeout seconds (DrainingServer ends those still running just before, each with an error
+    # event or a 503) and runs the app's lifespan exit, which stops the engine thread. Then it raises the
+    # signal again for the handler it found: this one, so that a clean shutdown exits with status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                  timeout_graceful_shutdown=args.shutdown_timeout)).run()
 
 
 def cmd_bench_serve(args) -> None:
@@ -165,7 +165,8 @@ def add_commands(sub) -> None:
                         "program for every step: slower decode, no sparsity; see the README)")
     p.add_argument("--kv-memory-fraction", type=float, default=0.9, help="device memory for KV pages (default 0.9)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+                   help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C; those still running "
+                   "then end with an error (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     p.add_argument("--quiet", action="store_true", help="no compile progress bar")
