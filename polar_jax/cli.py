@@ -17,6 +17,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from polar_jax.argtypes import INT32_MAX
 from polar_jax.server.cli import add_commands as add_server_commands
 from polar_jax.tune_cli import add_commands as add_tune_commands
 from training.cli import add_commands as add_training_commands
@@ -54,8 +55,8 @@ def check_flags(args, prompts: list[str]):
     from polar_jax.engine.sampling_params import SamplingParamsError
     from polar_jax.sparsity import SparsityConfig
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 1 <= args.max_new_tokens <= INT32_MAX:
+        raise ValueError(f"--max-new-tokens must lie in [1, {INT32_MAX}], got {args.max_new_tokens}")
     if not 0 < args.attn_density <= 1:  # also false for nan
         raise ValueError(f"--attn-density must lie in (0, 1], got {args.attn_density}")
     for i, p in enumerate(prompts):

@@ -114,7 +114,8 @@ def no_weights(monkeypatch):
     (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0 (1: off): got 0.0"),
     (["--presence-penalty", "-3"], "--presence-penalty must be in [-2, 2] (0: off): got -3.0"),
     (["--frequency-penalty", "inf"], "--frequency-penalty must be in [-2, 2] (0: off): got inf"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must lie in [1, 2147483647], got 0"),
+    (["--max-new-tokens", "99999999999999999999"], "--max-new-tokens must lie in [1, 2147483647]"),  # OverflowError
     (["--prompt", " \t "], "prompt 1 is empty or only whitespace"),
     (["--max-new-tokens", "20000"], "prompt 0 has 2 tokens; with --max-new-tokens 20000 it needs 20002 positions, "
                                     "more than the model's context length of 64"),

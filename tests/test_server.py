@@ -746,6 +746,20 @@ def test_real_server_key_queue_bench_and_sigterm(model_dir, tmp_path):
             proc.wait(10)
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-queue", "-1", "must be an integer >= 0, got -1"),
+    ("--max-num-seqs", "0", "must be a positive integer, got 0"),
+    ("--num-pages", "99999999999999999999", "must be at most 2147483647"),  # was an OverflowError traceback
+    ("--kv-memory-fraction", "2", "must lie in (0, 1], got 2"),
+    ("--shutdown-timeout", "-5", "must be a number >= 0, got -5"),
+])
+def test_bad_serve_flags_are_refused_before_the_model_loads(tmp_path, capsys, flag, value, message):
+    """At parse time, naming the flag: --max-queue -1 was refused only after every program had compiled."""
+    with pytest.raises(SystemExit) as e:
+        server_cli(["serve", "--model", str(tmp_path / "not-loaded"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_bench_random_dataset_draws_like_the_engine_benchmarks_workload():
     """`--dataset random` draws what benchmarks/serve_offline.py's workload() draws (its three lines, here)."""
     from polar_jax.server.bench import parse_range, random_tokens

@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from polar_jax.argtypes import fraction, nonnegative_float, nonnegative_int, positive_int
+
 # Kept here, not imported from protocol.py: the `polar` command must start without pydantic / FastAPI.
 DEFAULT_MAX_QUEUE = 256
 
@@ -150,21 +152,21 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("POLAR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $POLAR_API_KEY, else open)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
-    p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the model's "
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the model's "
                    "context length)")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    p.add_argument("--max-queue", type=nonnegative_int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests accepted beyond --max-num-seqs before answering 429 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--num-pages", type=int, help="KV pool size in pages (default: what --kv-memory-fraction holds)")
-    p.add_argument("--page-size", type=int, help="tokens per KV page (default: the engine's)")
-    p.add_argument("--prefill-chunk", type=int, help="prompt tokens per sequence per step (default: the engine's)")
-    p.add_argument("--max-num-batched-tokens", type=int,
+    p.add_argument("--num-pages", type=positive_int, help="KV pool size in pages (default: what --kv-memory-fraction holds)")
+    p.add_argument("--page-size", type=positive_int, help="tokens per KV page (default: the engine's)")
+    p.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per sequence per step (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int,
                    help="tokens per step, decode and prefill together (default: the engine's)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="each request's tokens and logprobs independent of what shares its steps (one dense "
                         "program for every step: slower decode, no sparsity; see the README)")
-    p.add_argument("--kv-memory-fraction", type=float, default=0.9, help="device memory for KV pages (default 0.9)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--kv-memory-fraction", type=fraction, default=0.9, help="device memory for KV pages (default 0.9)")
+    p.add_argument("--shutdown-timeout", type=nonnegative_float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C; those still running "
                    "then end with an error (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -181,10 +183,10 @@ def add_commands(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--model", help="model name to send (default: the server's first /v1/models entry)")
     p.add_argument("--api-key", default=os.environ.get("POLAR_API_KEY"), help="bearer key (default $POLAR_API_KEY)")
-    p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
+    p.add_argument("--num-prompts", type=positive_int, default=100, help="requests to send (default 100)")
     p.add_argument("--request-rate", default="inf", help="requests per second, or inf (default inf)")
     p.add_argument("--sweep", help="comma-separated request rates to run one after another (overrides --request-rate)")
-    p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    p.add_argument("--max-concurrency", type=positive_int, help="requests in flight at most (default: no limit)")
     p.add_argument("--dataset", default="synthetic", help="'synthetic' (text of --input-len pseudo-words, default), "
                    "'random' (token ids below --vocab-size; lengths may be ranges LO:HI), or a JSON/JSONL file of "
                    '{"prompt": ..., "max_tokens": ...}')
