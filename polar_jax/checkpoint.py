@@ -270,14 +270,18 @@ def load_tokenizer(path: str | Path):
         return None
     import transformers
 
+    # Our config.json is not a transformers config; AutoTokenizer peeks at it and warns, as FutureWarnings and
+    # through its own logger, about fields (rope_scaling) that mean nothing for the tokenizer.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        # Our config.json is not a transformers config; AutoTokenizer peeks at it and warns about fields
-        # (rope_scaling) that mean nothing for the tokenizer.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return transformers.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def load(path: str | Path, dtype=None, *, runnable: bool = True):

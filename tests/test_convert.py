@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -267,6 +269,26 @@ def test_hf_tokenizer_files_are_copied(tmp_path, smollm2):
     _, _, tok2 = read_model(out)
     assert tok2.encode("Hello world, again!") == tok.encode("Hello world, again!")
     assert tok2.chat_template == tok.chat_template
+
+
+def test_tokenizer_loads_quietly_beside_a_llama3_scaled_config(tmp_path):
+    """AutoTokenizer peeks at our config.json beside tokenizer files that save_pretrained wrote, and for a
+    rope_scaling (any LLaMA-3.1 / 3.2) transformers' logger printed two lines at every load."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {c: i for i, c in enumerate(["<unk>", "<s>", "</s>", *"abcdefgh "])}
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")),
+                                                bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path / "tok")
+    cfg = preset("tiny-llama3")
+    assert cfg.rope_scaling is not None
+    out = checkpoint.save(tmp_path / "m", cfg, random_params(cfg, jnp.float32), tokenizer_dir=tmp_path / "tok")
+    # A fresh process: transformers' log handler holds the stderr it found at import, which pytest replaced.
+    code = ("import sys, transformers; from polar_jax.checkpoint import load_tokenizer; "
+            "assert load_tokenizer(sys.argv[1]).convert_tokens_to_ids('c') == 5; "
+            "assert transformers.logging.get_verbosity() == transformers.logging.WARNING")  # left as it was
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout == "" and run.stderr == "", run.stderr
 
 
 def test_checkpoint_save_load_with_routers(tmp_path):
