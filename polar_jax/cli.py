@@ -211,9 +211,15 @@ def cmd_generate(args) -> None:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"prompts file not found: {path}")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path} is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {path} is not UTF-8 text: {e}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE")
     run_generate(Path(args.model), prompts, args)

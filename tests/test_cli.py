@@ -128,6 +128,14 @@ def test_bad_flags_fail_before_the_model_loads(model_dir, capsys, no_weights, fl
     assert err.startswith("polar: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_prompts_file_that_cannot_be_read_is_named(model_dir, tmp_path, capsys, no_weights):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for path, message in ((tmp_path / "latin1.txt", "is not UTF-8 text"), (tmp_path, "is not a file"),
+                          (tmp_path / "missing.txt", "prompts file not found")):
+        rc, out, err = run(capsys, "generate", "--model", model_dir, "--prompts-file", path)
+        assert rc == 2 and message in err and str(path) in err and err.count("\n") == 1, err
+
+
 def test_a_head_size_decoding_does_not_take_is_named_before_the_weights_load(tmp_path, capsys, no_weights):
     """Such a model converts (with a warning) but cannot run; generating it once failed only after the
     weights had loaded, deep in the attention kernel's trace."""
