@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-INT32_MAX = 2**31 - 1  # counts and sizes beyond this overflow the int32 arrays they size
+from polar_jax.engine.sequence import INT32_MAX  # counts and sizes beyond it overflow the int32 arrays they size
 
 
 def _int(text: str, low: int, what: str) -> int:

@@ -17,7 +17,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from polar_jax.argtypes import INT32_MAX
+from polar_jax.engine.sequence import INT32_MAX
 from polar_jax.server.cli import add_commands as add_server_commands
 from polar_jax.tune_cli import add_commands as add_tune_commands
 from training.cli import add_commands as add_training_commands

@@ -6,5 +6,5 @@ from polar_jax.engine.sampling_params import SamplingParams
 from polar_jax.engine.scheduler import PrefillChunk, ScheduledBatch, Scheduler, SchedulerConfig
 from polar_jax.engine.sequence import RequestError, Sequence, SequenceStatus, Timings
 
-__all__ = ["BlockManager", "Detokenizer", "PrefillChunk", "RequestError", "SamplingParams", "ScheduledBatch", "Scheduler",
-           "SchedulerConfig", "Sequence", "SequenceStatus", "Timings"]
+__all__ = ["BlockManager", "Detokenizer", "PrefillChunk", "RequestError", "SamplingParams", "ScheduledBatch",
+           "Scheduler", "SchedulerConfig", "Sequence", "SequenceStatus", "Timings"]

@@ -27,10 +27,10 @@ from polar_jax.engine.sequence import RequestError
 from polar_jax.server import protocol as P
 from polar_jax.server.async_engine import (AsyncEngine, ClientGone, EngineError, QueueFull, Submission,
                                            TooManySequences)
-
-DRAIN_MARGIN_S = 1.0  # DrainingServer ends what is still running this long before uvicorn would cancel it
 from polar_jax.server.metrics import ServerMetrics
 from polar_jax.server.token_bytes import TextOffsets, TokenBytes
+
+DRAIN_MARGIN_S = 1.0  # DrainingServer ends what is still running this long before uvicorn would cancel it
 
 
 class APIError(Exception):
@@ -294,7 +294,8 @@ class _API:
                 if body.echo:
                     lps, toks = list(out.prompt_logprobs) + lps, ids + gen_ids
                     tops = list(out.prompt_top_logprobs) + tops
-                logprobs = self._completion_logprobs(toks, lps, tops, TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens))
+                where = TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens)
+                logprobs = self._completion_logprobs(toks, lps, tops, where)
             echoed = self._text(ids, body.skip_special_tokens) if body.echo else ""
             choices.append(P.CompletionChoice(index=i, text=echoed + text,
                                               logprobs=logprobs,
@@ -346,9 +347,9 @@ class _API:
                     completion_tokens += len(out.new_token_ids)
                 finish = ("length" if echo_only[i] else out.finish_reason) if out.finished else None
                 stop_reason = None if echo_only[i] else out.stop_reason
-                logprobs = self._completion_logprobs(
-                    toks, lps, tops, where.setdefault(i, TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens))) \
-                    if want_lp else None
+                if want_lp and i not in where:
+                    where[i] = TextOffsets(self.token_bytes, body.echo, body.skip_special_tokens)
+                logprobs = self._completion_logprobs(toks, lps, tops, where[i]) if want_lp else None
                 choice = P.CompletionChoice(index=i, text=text, finish_reason=finish, stop_reason=stop_reason,
                                             logprobs=logprobs)
                 yield P.CompletionResponse(id=req_id, created=created, model=self.model_name,

@@ -153,13 +153,15 @@ def add_commands(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("POLAR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $POLAR_API_KEY, else open)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded together (default 64)")
-    p.add_argument("--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the model's "
-                   "context length)")
+    p.add_argument("--max-model-len", type=positive_int,
+                   help="prompt + output tokens per request (default: the model's context length)")
     p.add_argument("--max-queue", type=nonnegative_int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests accepted beyond --max-num-seqs before answering 429 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--num-pages", type=positive_int, help="KV pool size in pages (default: what --kv-memory-fraction holds)")
+    p.add_argument("--num-pages", type=positive_int,
+                   help="KV pool size in pages (default: what --kv-memory-fraction holds)")
     p.add_argument("--page-size", type=positive_int, help="tokens per KV page (default: the engine's)")
-    p.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per sequence per step (default: the engine's)")
+    p.add_argument("--prefill-chunk", type=positive_int,
+                   help="prompt tokens per sequence per step (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=positive_int,
                    help="tokens per step, decode and prefill together (default: the engine's)")
     p.add_argument("--batch-invariant", action="store_true",
